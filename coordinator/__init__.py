@@ -1,0 +1,1 @@
+"""The server side: gRPC servicer, store, ingest, and the operator CLI."""

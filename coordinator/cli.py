@@ -1,0 +1,153 @@
+"""``crowdsft coordinator ...``: the operator's commands."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from crowdsft.cli import echo_json
+from crowdsft.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _config_option(f):
+    return click.option(
+        "--config",
+        "config_path",
+        required=True,
+        envvar="CROWDSFT_CONFIG",
+        show_envvar=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="The coordinator.toml to use.",
+    )(f)
+
+
+@click.group()
+def coordinator() -> None:
+    """Operator commands: set up, serve, inspect."""
+
+
+def init_coordinator(directory: Path, *, listen: str | None = None, force: bool = False) -> Path:
+    """Create a coordinator folder: key (0600), commented config, data folder. Returns the
+    config path. Refuses to touch an existing key or config unless ``force``."""
+    from crowdsft.config import DEFAULT_COORDINATOR_TOML, load_coordinator_config
+    from crowdsft.node.keys import Identity, write_private_key
+
+    directory = directory.resolve()
+    config_path = directory / "coordinator.toml"
+    if config_path.exists() and not force:
+        raise ConfigError(f"{config_path} already exists; refusing to overwrite it (use --force)")
+    directory.mkdir(parents=True, exist_ok=True)
+    text = DEFAULT_COORDINATOR_TOML
+    if listen:
+        text = text.replace('listen = "127.0.0.1:50051"', f'listen = "{listen}"', 1)
+    key_path = directory / "coordinator.key"
+    if not key_path.exists():
+        write_private_key(Identity.generate(), key_path)
+    elif not force:
+        raise ConfigError(f"{key_path} already exists; refusing to overwrite it (use --force)")
+    config_path.write_text(text)
+    config = load_coordinator_config(config_path)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return config_path
+
+
+@coordinator.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--listen", default=None, metavar="HOST:PORT", help="Address to write into the config."
+)
+@click.option(
+    "--force", is_flag=True, help="Overwrite an existing config (an existing key is kept)."
+)
+def init(directory: Path, listen: str | None, force: bool) -> None:
+    """Create DIRECTORY with a coordinator key, a commented coordinator.toml and a data folder."""
+    from crowdsft.config import load_coordinator_config, parse_hostport
+    from crowdsft.coordinator.server import load_identity
+
+    if listen:
+        parse_hostport(listen)
+    config_path = init_coordinator(directory, listen=listen, force=force)
+    config = load_coordinator_config(config_path)
+    identity = load_identity(config)
+    click.echo(f"config:          {config_path}")
+    click.echo(f"key:             {config.key_path} (mode 0600)")
+    click.echo(f"data:            {config.data_dir}")
+    click.echo(f"coordinator key: {identity.public_key.hex()}")
+    click.echo(f"next:            crowdsft coordinator serve --config {config_path}")
+
+
+@coordinator.command()
+@_config_option
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Address to serve on (overrides server.listen in the config).",
+)
+def serve(config_path: Path, listen: str | None) -> None:
+    """Serve nodes until interrupted (SIGINT or SIGTERM shut down cleanly)."""
+    from crowdsft.config import load_coordinator_config, parse_hostport
+    from crowdsft.coordinator.server import Coordinator
+
+    config = load_coordinator_config(config_path)
+    if listen:
+        parse_hostport(listen)
+        config = config.with_listen(listen)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    coord = Coordinator(config).start()
+    click.echo(f"serving on {coord.address}; press Ctrl-C to stop", err=True)
+    try:
+        coord.wait(stop)
+    finally:
+        coord.stop()
+
+
+@coordinator.command()
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def stats(config_path: Path, as_json: bool) -> None:
+    """Nodes, contributions, and examples per node (reads the store; the server may be running)."""
+    from crowdsft.config import load_coordinator_config
+    from crowdsft.coordinator.service import stats as compute
+    from crowdsft.coordinator.store import connect
+
+    config = load_coordinator_config(config_path)
+    if not config.db_path.exists():
+        raise ConfigError(f"no store at {config.db_path}; has this coordinator served yet?")
+    conn = connect(config.db_path, readonly=True)
+    try:
+        data = compute(conn)
+    finally:
+        conn.close()
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(
+        f"nodes: {data['nodes']}   contributions: {data['contributions']}   "
+        f"examples: {data['examples']}"
+    )
+    if data["per_node"]:
+        click.echo(
+            f"{'node id':34}{'name':18}{'contributions':>14}{'examples':>10}{'points':>9}"
+            "  registered"
+        )
+        for n in data["per_node"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(n["registered_at_ms"] / 1000))
+            click.echo(
+                f"{n['node_id']:34}{n['display_name'][:17]:18}{n['contributions']:>14}"
+                f"{n['examples']:>10}{n['points']:>9g}  {when}"
+            )

@@ -1,0 +1,142 @@
+"""The gRPC servicer: a thin adapter that decodes, calls CoordinatorService, and maps domain
+errors to gRPC statuses through one table."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import grpc
+
+from crowdsft.errors import DuplicateContributionError, ProtocolError, RateLimitedError
+from crowdsft.node.envelope import contribution_id
+from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
+
+from .service import CoordinatorService
+
+logger = logging.getLogger(__name__)
+
+RECEIPT_TRAILER = "crowdsft-receipt-bin"
+RETRY_AFTER_TRAILER = "crowdsft-retry-after-ms"
+# Contributions of one upload stream that may wait for their commit at once.
+STREAM_WINDOW = 256
+WRITE_TIMEOUT_S = 60.0
+
+STATUS: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
+
+
+def _status(exc: ProtocolError) -> grpc.StatusCode:
+    return STATUS.get(exc.status_name, grpc.StatusCode.INTERNAL)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, service: CoordinatorService) -> None:
+        self.service = service
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, exc: BaseException):
+        if isinstance(exc, ProtocolError):
+            trailers: list[tuple[str, str | bytes]] = []
+            if isinstance(exc, DuplicateContributionError):
+                trailers.append((RECEIPT_TRAILER, exc.receipt.SerializeToString()))  # type: ignore[attr-defined]
+            if isinstance(exc, RateLimitedError):
+                trailers.append((RETRY_AFTER_TRAILER, str(int(exc.retry_after_s * 1000) + 1)))
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
+            context.abort(_status(exc), str(exc))
+        if isinstance(exc, FutureTimeout):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the store did not commit in time; retry")
+        logger.error("internal error", exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error; see the coordinator log")
+
+    def GetCoordinatorInfo(self, request, context):
+        return self.service.info()
+
+    def RegisterNode(self, request, context):
+        try:
+            return self.service.register(request)
+        except Exception as exc:
+            self._abort(context, exc)
+
+    def GetNodeStatus(self, request, context):
+        try:
+            return self.service.node_status(request)
+        except Exception as exc:
+            self._abort(context, exc)
+
+    def SubmitContribution(self, request, context):
+        try:
+            receipt = self.service.submit(request, timeout=WRITE_TIMEOUT_S)
+        except Exception as exc:
+            self._abort(context, exc)
+        return coordinator_pb2.SubmitContributionResponse(receipt=receipt)
+
+    def SubmitContributions(
+        self, request_iterator: Iterator[envelope_pb2.SignedEnvelope], context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.SubmitResult]:
+        # A reader thread verifies envelopes and queues their writes while this generator sends
+        # the results in order, so one stream keeps many contributions in flight and the store
+        # commits them in groups.
+        pending: queue.Queue[tuple[int, bytes, Future | ProtocolError] | BaseException | None] = (
+            queue.Queue(maxsize=STREAM_WINDOW)
+        )
+
+        def read() -> None:
+            try:
+                for index, envelope in enumerate(request_iterator):
+                    cid = contribution_id(envelope.payload) if envelope.payload else b""
+                    try:
+                        pending.put((index, cid, self.service.submit_async(envelope)))
+                    except ProtocolError as exc:
+                        pending.put((index, cid, exc))
+            except BaseException as exc:  # the client went away or the stream broke
+                pending.put(exc)
+            else:
+                pending.put(None)
+
+        threading.Thread(target=read, name="upload-reader", daemon=True).start()
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                if context.is_active():
+                    logger.info("upload stream ended with an error: %s", item)
+                return
+            index, cid, outcome = item
+            yield self._result(index, cid, outcome)
+
+    @staticmethod
+    def _result(
+        index: int, cid: bytes, outcome: Future | ProtocolError
+    ) -> coordinator_pb2.SubmitResult:
+        result = coordinator_pb2.SubmitResult(index=index, contribution_id=cid)
+        exc: BaseException | None
+        if isinstance(outcome, ProtocolError):
+            exc = outcome
+        else:
+            try:
+                result.receipt.CopyFrom(outcome.result(WRITE_TIMEOUT_S))
+                return result
+            except BaseException as caught:
+                exc = caught
+        if isinstance(exc, ProtocolError):
+            result.code = _status(exc).value[0]
+            result.message = str(exc)
+            if isinstance(exc, DuplicateContributionError):
+                result.receipt.CopyFrom(exc.receipt)  # type: ignore[arg-type]
+            if isinstance(exc, RateLimitedError):
+                result.retry_after_ms = int(exc.retry_after_s * 1000) + 1
+        elif isinstance(exc, FutureTimeout):
+            result.code = grpc.StatusCode.UNAVAILABLE.value[0]
+            result.message = "the store did not commit in time; retry"
+            result.retry_after_ms = 1000
+        else:
+            logger.error("internal error on contribution %s", cid.hex(), exc_info=exc)
+            result.code = grpc.StatusCode.INTERNAL.value[0]
+            result.message = "internal error; see the coordinator log"
+        return result

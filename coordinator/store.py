@@ -1,0 +1,242 @@
+"""The coordinator's durable store: SQLite in WAL mode with ``synchronous=FULL``.
+
+All writes go through one writer thread that commits in groups (group commit): callers hand it
+an operation and get a future that resolves only after the transaction holding that operation
+has been committed to disk. That is what makes "acknowledged" mean "durable" without paying one
+fsync per contribution. Reads use a connection per thread and see committed data only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from crowdsft.errors import CrowdSFTError, ProtocolError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL UNIQUE,
+    display_name TEXT NOT NULL DEFAULT '',
+    registered_at_ms INTEGER NOT NULL,
+    points REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS contributions (
+    seq INTEGER PRIMARY KEY,
+    id BLOB NOT NULL UNIQUE,
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    payload BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    client_ts_ms INTEGER NOT NULL,
+    accepted_at_ms INTEGER NOT NULL,
+    example_count INTEGER NOT NULL,
+    receipt BLOB NOT NULL,
+    receipt_signature BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS contributions_by_node ON contributions(node_id);
+CREATE TABLE IF NOT EXISTS nonces (
+    node_id TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    PRIMARY KEY (node_id, nonce)
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(CrowdSFTError):
+    """The database cannot be opened or has an unexpected schema."""
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=30,
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@dataclass
+class _Request:
+    op: Op
+    future: Future[Any]
+
+
+_STOP = object()
+
+
+class Store:
+    """The database plus its writer thread. Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: Path, *, max_batch: int = 512) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_batch = max_batch
+        try:
+            self._conn = connect(self.path)
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from None
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode})")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(SCHEMA)
+        self._check_schema()
+        self._queue: queue.Queue[_Request | object] = queue.Queue()
+        self._closed = threading.Event()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._writer.start()
+
+    def _check_schema(self) -> None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {row[0]}; this coordinator reads {SCHEMA_VERSION}"
+            )
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def submit(self, op: Op) -> Future[Any]:
+        """Queue ``op`` for the writer; the future resolves after its transaction commits.
+
+        ``op`` runs inside the transaction on the writer's connection. It must check before it
+        writes: a ProtocolError it raises fails only its own future, and it must not have
+        written anything by then. Any other exception rolls back the batch, whose operations
+        are then retried one by one.
+        """
+        fut: Future[Any] = Future()
+        if self._closed.is_set():
+            fut.set_exception(UnavailableError("coordinator store is closed"))
+            return fut
+        self._queue.put(_Request(op, fut))
+        return fut
+
+    def write(self, op: Op, timeout: float | None = 60) -> Any:
+        return self.submit(op).result(timeout)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit_batch(batch)  # type: ignore[arg-type]
+            if stop:
+                break
+        self._drain(UnavailableError("coordinator is shutting down; retry"))
+
+    def _commit_batch(self, batch: list[_Request]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for req in batch:
+                try:
+                    outcomes.append((True, req.op(self._conn)))
+                except ProtocolError as exc:
+                    outcomes.append((False, exc))
+            self._conn.execute("COMMIT")
+        except Exception as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            if len(batch) > 1:
+                logger.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
+                for req in batch:
+                    self._commit_batch([req])
+            else:
+                logger.exception("store write failed")
+                batch[0].future.set_exception(exc)
+            return
+        for req, (ok, value) in zip(batch, outcomes, strict=True):
+            if ok:
+                req.future.set_result(value)
+            else:
+                req.future.set_exception(value)
+
+    def _drain(self, exc: Exception) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Request):
+                item.future.set_exception(exc)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection (sees committed data only)."""
+        if self._closed.is_set():
+            raise UnavailableError("coordinator store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.reader().execute(sql, params).fetchall()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer, close every connection. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._conn.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,87 @@
+"""The ``crowdsft`` command: one entry point, with groups for each role.
+
+Heavy modules are imported inside the commands that use them, so ``crowdsft --help`` and the
+node commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from crowdsft import __version__
+from crowdsft.errors import CrowdSFTError
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    if verbose < 2:
+        logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+@contextmanager
+def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr; yields the function that advances it."""
+    if not enabled:
+        yield lambda n: None
+        return
+    with click.progressbar(
+        length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True
+    ) as bar:
+        yield bar.update
+
+
+class CrowdSFTGroup(click.Group):
+    """Turns CrowdSFTError into a clean one-line message and the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CrowdSFTError as exc:
+            click.secho(f"error: {exc}", err=True, fg="red")
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=CrowdSFTGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="crowdsft")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def main(verbose: int, quiet: bool) -> None:
+    """Crowd-SFT: crowdsourced supervised fine-tuning of LLMs.
+
+    Contributors run `crowdsft node ...` to sign and submit examples; operators run
+    `crowdsft coordinator ...` to collect them and run fine-tuning rounds.
+    """
+    setup_logging(verbose, quiet)
+
+
+def _register_commands() -> None:
+    from crowdsft.coordinator.cli import coordinator
+    from crowdsft.node.cli import node
+    from crowdsft.quickstart import quickstart
+
+    main.add_command(node)
+    main.add_command(coordinator)
+    main.add_command(quickstart)
+
+
+_register_commands()
+
+if __name__ == "__main__":
+    main()

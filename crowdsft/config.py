@@ -1,0 +1,256 @@
+"""Configuration: TOML read with ``tomllib`` into frozen dataclasses.
+
+Unknown keys are an error that names the key (a typo must never be silently ignored), and
+relative paths are resolved against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crowdsft.errors import ConfigError
+from crowdsft.validation import Limits
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6); ConfigError when it is malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"address {value!r} is not HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"address {value!r} has a port that is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"address {value!r} has a port out of range")
+    return host, number
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    max_workers: int = 64
+    max_concurrent_streams: int = 256
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen)
+        if self.max_workers < 4:
+            raise ConfigError("server.max_workers must be at least 4")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: Path = Path("data")
+    # Contributions committed together at most; larger batches trade latency for throughput.
+    max_batch: int = 512
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    key_file: Path = Path("coordinator.key")
+    passphrase_env: str = "CROWDSFT_COORDINATOR_PASSPHRASE"
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    timestamp_window_s: int = 300
+    max_examples_per_contribution: int = 64
+    max_field_bytes: int = 32_768
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.timestamp_window_s < 1:
+            raise ConfigError("protocol.timestamp_window_s must be at least 1")
+        try:
+            self.limits()
+        except ValueError as exc:
+            raise ConfigError(f"protocol: {exc}") from None
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_examples_per_contribution=self.max_examples_per_contribution,
+            max_field_bytes=self.max_field_bytes,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    # Token bucket per node: sustained contributions per second and the burst it may spend at once.
+    contributions_per_s: float = 50.0
+    burst: int = 500
+
+    def __post_init__(self) -> None:
+        if self.contributions_per_s <= 0 or self.burst < 1:
+            raise ConfigError("rate_limit.contributions_per_s must be > 0 and burst >= 1")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    policy: str = "open"
+    # Node ids or hex public keys admitted under policy "allowlist".
+    allowlist: tuple[str, ...] = ()
+    # A file with one node id or hex public key per line ('#' comments), read at start.
+    allowlist_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("open", "allowlist"):
+            raise ConfigError(
+                f"admission.policy must be 'open' or 'allowlist', not {self.policy!r}"
+            )
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    path: Path | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, p: Path) -> Path:
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.storage.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "coordinator.sqlite3"
+
+    @property
+    def key_path(self) -> Path:
+        return self.resolve(self.identity.key_file)
+
+    def with_listen(self, listen: str) -> CoordinatorConfig:
+        return dataclasses.replace(self, server=dataclasses.replace(self.server, listen=listen))
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "identity": IdentityConfig,
+    "protocol": ProtocolConfig,
+    "rate_limit": RateLimitConfig,
+    "admission": AdmissionConfig,
+}
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {where}.{key} (known keys: {known})")
+        default = fields[key].default
+        if isinstance(default, Path) or key.endswith(("_file", "_dir")):
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.{key} must be a path string")
+            value = Path(value) if value else None
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}.{key} must be a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key} must be true or false")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}.{key} must be an integer")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}.{key} must be a number")
+            value = float(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
+    """Read a coordinator TOML file; ConfigError names the file and the offending key."""
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no config file at {path} (create one with: crowdsft coordinator init DIR)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        try:
+            sections[name] = _build(_SECTIONS[name], table, name)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{path}: [{name}]: {exc}") from None
+    return CoordinatorConfig(path=path, **sections)
+
+
+DEFAULT_COORDINATOR_TOML = """\
+# Crowd-SFT coordinator configuration.
+# Relative paths are relative to the folder of this file. Unknown keys are an error.
+
+[server]
+# Address to serve on; `crowdsft coordinator serve --listen HOST:PORT` overrides it.
+# Use 0.0.0.0:50051 to accept nodes from other machines.
+listen = "127.0.0.1:50051"
+# Threads that serve RPCs; each open upload stream holds two.
+max_workers = 64
+max_concurrent_streams = 256
+# Seconds that in-flight calls get to finish on shutdown (SIGINT/SIGTERM).
+grace_s = 5.0
+
+[storage]
+# SQLite database (WAL mode), adapters and other artifacts live here.
+data_dir = "data"
+# Contributions committed in one transaction at most (group commit).
+max_batch = 512
+
+[identity]
+# The coordinator's Ed25519 key (PKCS8 PEM, mode 0600). It signs receipts.
+key_file = "coordinator.key"
+# If the key is encrypted, its passphrase is read from this environment variable.
+passphrase_env = "CROWDSFT_COORDINATOR_PASSPHRASE"
+
+[protocol]
+# Envelopes whose timestamp is further than this from the coordinator clock are rejected.
+timestamp_window_s = 300
+max_examples_per_contribution = 64
+# Largest prompt, response or system text, in UTF-8 bytes.
+max_field_bytes = 32768
+# Largest gRPC message the server accepts or sends.
+max_message_bytes = 4194304
+
+[rate_limit]
+# Per node token bucket: sustained contributions per second, and the burst allowed at once.
+contributions_per_s = 50.0
+burst = 500
+
+[admission]
+# "open": any node with a valid signature; "allowlist": only the nodes listed here.
+policy = "open"
+# Node ids (32 hex characters) or raw public keys (64 hex characters).
+allowlist = []
+# Or a file with one node id or public key per line ('#' starts a comment).
+# allowlist_file = "allowlist.txt"
+"""

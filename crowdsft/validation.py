@@ -1,0 +1,98 @@
+"""Content rules for contributions, shared by the node (checks before sending) and the
+coordinator (checks before storing), so that both sides say the same thing about the same input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from crowdsft.v1 import contribution_pb2
+
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+MAX_LICENSE_CHARS = 256
+MAX_LABELS = 32
+MAX_LABEL_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits on contributions. The coordinator's config sets them; nodes learn them from
+    ``GetCoordinatorInfo``."""
+
+    max_examples_per_contribution: int = 64
+    max_field_bytes: int = 32_768
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_examples_per_contribution", "max_field_bytes", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+def example_problems(
+    prompt: str, response: str, system: str | None, limits: Limits, where: str = ""
+) -> list[str]:
+    """What is wrong with one example, as messages (empty when it is fine)."""
+    problems = []
+    for name, value in (("prompt", prompt), ("response", response), ("system", system)):
+        if value is None:
+            continue
+        if not value.strip():
+            if name != "system":
+                problems.append(f"{where}{name} is empty")
+            continue
+        size = len(value.encode("utf-8"))
+        if size > limits.max_field_bytes:
+            problems.append(
+                f"{where}{name} is {size} bytes; the limit is {limits.max_field_bytes} bytes"
+            )
+    return problems
+
+
+def payload_problems(payload: contribution_pb2.ContributionPayload, limits: Limits) -> list[str]:
+    """What is wrong with a contribution payload (everything but signature, time and nonce
+    reuse), as messages (empty when it is fine)."""
+    problems: list[str] = []
+    n = len(payload.examples)
+    if n == 0:
+        problems.append("contribution has no examples")
+    elif n > limits.max_examples_per_contribution:
+        problems.append(
+            f"contribution has {n} examples; the limit is {limits.max_examples_per_contribution}"
+        )
+    if not MIN_NONCE_BYTES <= len(payload.nonce) <= MAX_NONCE_BYTES:
+        problems.append(
+            f"nonce has {len(payload.nonce)} bytes; it must have {MIN_NONCE_BYTES} to "
+            f"{MAX_NONCE_BYTES}"
+        )
+    if payload.timestamp_ms <= 0:
+        problems.append("timestamp_ms is missing")
+    meta = payload.metadata
+    if len(meta.license) > MAX_LICENSE_CHARS:
+        problems.append(f"metadata.license is longer than {MAX_LICENSE_CHARS} characters")
+    if len(meta.labels) > MAX_LABELS:
+        problems.append(
+            f"metadata.labels has {len(meta.labels)} entries; the limit is {MAX_LABELS}"
+        )
+    for key, value in meta.labels.items():
+        if len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+            problems.append(
+                f"metadata.labels[{key[:40]!r}] is longer than {MAX_LABEL_CHARS} characters"
+            )
+            break
+    for i, ex in enumerate(payload.examples[: limits.max_examples_per_contribution]):
+        system = ex.system if ex.HasField("system") else None
+        problems += example_problems(ex.prompt, ex.response, system, limits, f"examples[{i}].")
+    return problems
+
+
+def examples_to_proto(examples: Sequence[dict[str, str]]) -> list[contribution_pb2.Example]:
+    out = []
+    for ex in examples:
+        msg = contribution_pb2.Example(prompt=ex["prompt"], response=ex["response"])
+        if ex.get("system") is not None:
+            msg.system = ex["system"]
+        out.append(msg)
+    return out

@@ -1,0 +1,1 @@
+"""The contributor side: identity keys, envelope signing, the coordinator client, node CLI."""

@@ -1,0 +1,230 @@
+"""``crowdsft node ...``: the contributor's commands."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from crowdsft.cli import echo_json, progress_bar
+from crowdsft.errors import InputError, KeyFileError
+from crowdsft.node.keys import DEFAULT_PASSPHRASE_ENV
+
+
+def _key_option(f):
+    from crowdsft.node.state import default_key_path
+
+    f = click.option(
+        "--passphrase-env",
+        default=DEFAULT_PASSPHRASE_ENV,
+        show_default=True,
+        metavar="NAME",
+        help="Environment variable holding the key's passphrase (if the key is encrypted).",
+    )(f)
+    return click.option(
+        "--key",
+        "key_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=default_key_path,
+        show_default="$CROWDSFT_HOME/node.key",
+        help="The node's private key (PKCS8 PEM).",
+    )(f)
+
+
+def _coordinator_option(f):
+    return click.option(
+        "--coordinator",
+        "address",
+        required=True,
+        metavar="HOST:PORT",
+        envvar="CROWDSFT_COORDINATOR",
+        show_envvar=True,
+        help="Address of the coordinator.",
+    )(f)
+
+
+def _load(key_path: Path, passphrase_env: str):
+    from crowdsft.node.keys import load_private_key, passphrase_from_env
+
+    return load_private_key(key_path, passphrase_from_env(passphrase_env))
+
+
+@click.group()
+def node() -> None:
+    """Contributor commands: keys, submitting examples, status."""
+
+
+@node.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the key [default: $CROWDSFT_HOME/node.key].",
+)
+@click.option(
+    "--encrypt",
+    is_flag=True,
+    help="Encrypt the key with the passphrase in the --passphrase-env variable.",
+)
+@click.option("--passphrase-env", default=DEFAULT_PASSPHRASE_ENV, show_default=True, metavar="NAME")
+@click.option("--force", is_flag=True, help="Replace an existing key file (its identity is lost).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def keygen(
+    out: Path | None, encrypt: bool, passphrase_env: str, force: bool, as_json: bool
+) -> None:
+    """Create a node identity: an Ed25519 key (mode 0600), and print its node id.
+
+    With --encrypt, or whenever the passphrase variable is set, the key is encrypted.
+    """
+    from crowdsft.node.keys import Identity, passphrase_from_env, write_private_key
+    from crowdsft.node.state import default_key_path
+
+    path = out or default_key_path()
+    passphrase = passphrase_from_env(passphrase_env)
+    if encrypt and not passphrase:
+        raise KeyFileError(f"--encrypt needs a passphrase in ${passphrase_env}")
+    identity = Identity.generate()
+    write_private_key(identity, path, passphrase, overwrite=force)
+    if as_json:
+        echo_json(
+            {
+                "node_id": identity.node_id,
+                "key": str(path),
+                "encrypted": bool(passphrase),
+                "public_key": identity.public_key.hex(),
+            }
+        )
+        return
+    click.echo(f"node id:    {identity.node_id}")
+    click.echo(f"public key: {identity.public_key.hex()}")
+    click.echo(f"key file:   {path} ({'encrypted' if passphrase else 'not encrypted'}, mode 0600)")
+
+
+@node.command()
+@_coordinator_option
+@_key_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--examples-per-contribution",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Examples signed together as one contribution.",
+)
+@click.option("--license", "license_", default="", help="Licence you grant for these examples.")
+@click.option("--consent", is_flag=True, help="Consent to the use of these examples for training.")
+@click.option(
+    "--trust-new-coordinator-key",
+    is_flag=True,
+    help="Accept a coordinator key different from the one pinned for this address.",
+)
+@click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def submit(
+    address: str,
+    key_path: Path,
+    passphrase_env: str,
+    file: Path,
+    examples_per_contribution: int,
+    license_: str,
+    consent: bool,
+    trust_new_coordinator_key: bool,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
+    """Sign and submit the examples in FILE (JSONL) to the coordinator.
+
+    Each line is {"prompt": ..., "response": ...} (optional "system") or {"messages": [...]}
+    in chat format. Every line is checked before anything is sent. Submitting the same file
+    again sends nothing new; an interrupted upload resumes where it stopped.
+    """
+    from crowdsft.node.client import CoordinatorClient
+    from crowdsft.node.records import read_records
+    from crowdsft.node.state import NodeState
+    from crowdsft.node.submit import Metadata, upload
+
+    identity = _load(key_path, passphrase_env)
+    records = read_records(file)
+    chunks = -(-len(records) // examples_per_contribution)
+    with (
+        CoordinatorClient(address) as client,
+        NodeState.for_node(identity.node_id) as state,
+        progress_bar(
+            chunks, f"submitting {file.name}", enabled=not (no_progress or as_json)
+        ) as bar,
+    ):
+        report = upload(
+            client,
+            identity,
+            state,
+            records,
+            source_name=file.name,
+            examples_per_contribution=examples_per_contribution,
+            metadata=Metadata(license=license_, consent=consent),
+            trust_new_key=trust_new_coordinator_key,
+            progress=bar,
+        )
+    if as_json:
+        echo_json(report.as_dict())
+    else:
+        click.echo(
+            f"{report.accepted} accepted, {report.already_submitted} already submitted, "
+            f"{report.acknowledged_again} acknowledged again, {len(report.failures)} failed "
+            f"({report.contributions} contributions, {report.examples} examples; "
+            f"node {identity.node_id})"
+        )
+        for f in report.failures:
+            click.secho(f"  {f.source}: {f.status}: {f.message}", err=True, fg="red")
+    if report.failures:
+        raise InputError(f"{len(report.failures)} contribution(s) were rejected")
+
+
+@node.command()
+@_coordinator_option
+@_key_option
+@click.option("--name", default="", help="A display name the operator sees.")
+def register(address: str, key_path: Path, passphrase_env: str, name: str) -> None:
+    """Register this node with the coordinator (optional: submitting registers too)."""
+    from crowdsft.node.client import CoordinatorClient
+
+    identity = _load(key_path, passphrase_env)
+    with CoordinatorClient(address) as client:
+        resp = client.register(identity, name)
+    state = "registered" if resp.newly_registered else "already registered"
+    click.echo(f"node {resp.node_id} {state} at {address}")
+
+
+@node.command()
+@_coordinator_option
+@_key_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> None:
+    """This node's standing at the coordinator: contributions, examples, points."""
+    from crowdsft.node.client import CoordinatorClient
+    from crowdsft.node.state import NodeState
+
+    identity = _load(key_path, passphrase_env)
+    with CoordinatorClient(address) as client:
+        st = client.status(identity)
+        info = client.info()
+    with NodeState.for_node(identity.node_id) as state:
+        local = len(state.receipts(info.public_key))
+    data = {
+        "node_id": st.node_id,
+        "registered": st.registered,
+        "contributions": st.contributions,
+        "examples": st.examples,
+        "points": st.points,
+        "receipts_held": local,
+        "registered_at": (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.registered_at_ms / 1000))
+            if st.registered
+            else None
+        ),
+    }
+    if as_json:
+        echo_json(data)
+        return
+    for k, v in data.items():
+        click.echo(f"{k + ':':16}{v}")

@@ -1,0 +1,185 @@
+"""The node's local state: pinned coordinator keys, signed contributions waiting for a receipt,
+and the receipts themselves (SQLite, one file per identity).
+
+A contribution is signed once and its exact bytes are kept until a receipt for it arrives, so a
+retry after a crash or a lost answer resends the same bytes and the coordinator answers
+ALREADY_EXISTS with the original receipt: submitting is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from crowdsft.errors import CrowdSFTError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS coordinators (
+    address TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    first_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS submissions (
+    coordinator_key BLOB NOT NULL,
+    chunk_key BLOB NOT NULL,
+    contribution_id BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    example_count INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    receipt BLOB,
+    receipt_signature BLOB,
+    accepted_at_ms INTEGER,
+    PRIMARY KEY (coordinator_key, chunk_key)
+);
+"""
+
+
+def default_home() -> Path:
+    """``$CROWDSFT_HOME``, else ``$XDG_DATA_HOME/crowdsft``, else ``~/.local/share/crowdsft``."""
+    if os.environ.get("CROWDSFT_HOME"):
+        return Path(os.environ["CROWDSFT_HOME"])
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "crowdsft"
+
+
+def default_key_path() -> Path:
+    return default_home() / "node.key"
+
+
+_COLUMNS = (
+    "chunk_key, contribution_id, payload, signature, example_count, source, receipt, "
+    "receipt_signature, accepted_at_ms"
+)
+
+
+@dataclass(frozen=True)
+class Submission:
+    chunk_key: bytes
+    contribution_id: bytes
+    payload: bytes
+    signature: bytes
+    example_count: int
+    source: str
+    receipt: bytes | None = None
+    receipt_signature: bytes | None = None
+    accepted_at_ms: int | None = None
+
+
+class KeyMismatchError(CrowdSFTError):
+    """The coordinator at an address presents another key than the one pinned for it."""
+
+
+class NodeState:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.executescript(SCHEMA)
+
+    @classmethod
+    def for_node(cls, node_id: str, home: Path | None = None) -> NodeState:
+        return cls((home or default_home()) / "nodes" / node_id / "state.sqlite3")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> NodeState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pin_coordinator(self, address: str, public_key: bytes, now_ms: int) -> bool:
+        """Pin the coordinator key on first contact (trust on first use). Returns True when the
+        key is new; raises KeyMismatchError when the address presents a different key."""
+        row = self.conn.execute(
+            "SELECT public_key FROM coordinators WHERE address=?", (address,)
+        ).fetchone()
+        if row is None:
+            self.conn.execute(
+                "INSERT INTO coordinators(address, public_key, first_seen_ms) VALUES (?, ?, ?)",
+                (address, public_key, now_ms),
+            )
+            return True
+        if row[0] != public_key:
+            raise KeyMismatchError(
+                f"the coordinator at {address} presents key {public_key.hex()[:16]}..., but this "
+                f"node pinned {row[0].hex()[:16]}... there; if the operator really changed keys, "
+                f"run with --trust-new-coordinator-key"
+            )
+        return False
+
+    def repin_coordinator(self, address: str, public_key: bytes, now_ms: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO coordinators(address, public_key, first_seen_ms) "
+            "VALUES (?, ?, ?)",
+            (address, public_key, now_ms),
+        )
+
+    def get(self, coordinator_key: bytes, chunk_key: bytes) -> Submission | None:
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM submissions WHERE coordinator_key=? AND chunk_key=?",
+            (coordinator_key, chunk_key),
+        ).fetchone()
+        return Submission(*row) if row else None
+
+    def put_pending(self, coordinator_key: bytes, sub: Submission) -> None:
+        """Store a signed, unsent contribution (replacing an unreceipted one for the same chunk)."""
+        self.conn.execute(
+            "INSERT OR REPLACE INTO submissions(coordinator_key, chunk_key, contribution_id, "
+            "payload, "
+            "signature, example_count, source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                coordinator_key,
+                sub.chunk_key,
+                sub.contribution_id,
+                sub.payload,
+                sub.signature,
+                sub.example_count,
+                sub.source,
+            ),
+        )
+
+    def put_pending_many(self, coordinator_key: bytes, subs: list[Submission]) -> None:
+        with self.transaction():
+            for sub in subs:
+                self.put_pending(coordinator_key, sub)
+
+    def record_receipt(
+        self,
+        coordinator_key: bytes,
+        chunk_key: bytes,
+        receipt: bytes,
+        signature: bytes,
+        accepted_at_ms: int,
+    ) -> None:
+        self.conn.execute(
+            "UPDATE submissions SET receipt=?, receipt_signature=?, accepted_at_ms=? "
+            "WHERE coordinator_key=? AND chunk_key=?",
+            (receipt, signature, accepted_at_ms, coordinator_key, chunk_key),
+        )
+
+    def receipts(self, coordinator_key: bytes) -> list[Submission]:
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM submissions "
+            "WHERE coordinator_key=? AND receipt IS NOT NULL ORDER BY accepted_at_ms",
+            (coordinator_key,),
+        ).fetchall()
+        return [Submission(*r) for r in rows]
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")

@@ -1,0 +1,1 @@
+"""Hookspecs, the plugin manager and the built-in strategies (see the strategies issue)."""
