@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from crowdsft.cli import echo_json
+from crowdsft.console import echo_json
 from crowdsft.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -33,31 +33,6 @@ def coordinator() -> None:
     """Operator commands: set up, serve, inspect."""
 
 
-def init_coordinator(directory: Path, *, listen: str | None = None, force: bool = False) -> Path:
-    """Create a coordinator folder: key (0600), commented config, data folder. Returns the
-    config path. Refuses to touch an existing key or config unless ``force``."""
-    from crowdsft.config import DEFAULT_COORDINATOR_TOML, load_coordinator_config
-    from crowdsft.node.keys import Identity, write_private_key
-
-    directory = directory.resolve()
-    config_path = directory / "coordinator.toml"
-    if config_path.exists() and not force:
-        raise ConfigError(f"{config_path} already exists; refusing to overwrite it (use --force)")
-    directory.mkdir(parents=True, exist_ok=True)
-    text = DEFAULT_COORDINATOR_TOML
-    if listen:
-        text = text.replace('listen = "127.0.0.1:50051"', f'listen = "{listen}"', 1)
-    key_path = directory / "coordinator.key"
-    if not key_path.exists():
-        write_private_key(Identity.generate(), key_path)
-    elif not force:
-        raise ConfigError(f"{key_path} already exists; refusing to overwrite it (use --force)")
-    config_path.write_text(text)
-    config = load_coordinator_config(config_path)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    return config_path
-
-
 @coordinator.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -70,6 +45,7 @@ def init(directory: Path, listen: str | None, force: bool) -> None:
     """Create DIRECTORY with a coordinator key, a commented coordinator.toml and a data folder."""
     from crowdsft.config import load_coordinator_config, parse_hostport
     from crowdsft.coordinator.server import load_identity
+    from crowdsft.coordinator.setup import init_coordinator
 
     if listen:
         parse_hostport(listen)

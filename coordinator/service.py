@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from crowdsft import PROTOCOL, __version__
 from crowdsft.config import CoordinatorConfig
@@ -28,7 +29,7 @@ from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 from crowdsft.validation import MAX_NONCE_BYTES, MIN_NONCE_BYTES, payload_problems
 
 from .admission import Admission, RateLimiter
-from .store import Store
+from .store import BatchOp, Done, Store
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class CoordinatorService:
     @staticmethod
     def _check_nonce_unused(conn: sqlite3.Connection, node_id: str, nonce: bytes) -> None:
         seen = conn.execute(
-            "SELECT 1 FROM nonces WHERE node_id=? AND nonce=?", (node_id, nonce)
+            "SELECT 1 FROM nonces WHERE nonce=? AND node_id=?", (nonce, node_id)
         ).fetchone()
         if seen:
             raise ReplayError(f"nonce {nonce.hex()} was already used by node {node_id} (replay)")
@@ -87,7 +88,7 @@ class CoordinatorService:
     @staticmethod
     def _record_nonce(conn: sqlite3.Connection, node_id: str, nonce: bytes, ts_ms: int) -> None:
         conn.execute(
-            "INSERT INTO nonces(node_id, nonce, ts_ms) VALUES (?, ?, ?)", (node_id, nonce, ts_ms)
+            "INSERT INTO nonces(nonce, node_id, ts_ms) VALUES (?, ?, ?)", (nonce, node_id, ts_ms)
         )
 
     def _use_nonce(self, conn: sqlite3.Connection, node_id: str, nonce: bytes, ts_ms: int) -> None:
@@ -101,10 +102,6 @@ class CoordinatorService:
             "INSERT OR IGNORE INTO nodes(node_id, public_key, registered_at_ms) VALUES (?, ?, ?)",
             (v.node_id, v.public_key, now),
         )
-
-    def _count(self, field: str) -> None:
-        with self._counters_lock:
-            setattr(self.counters, field, getattr(self.counters, field) + 1)
 
     # -- RPCs ---------------------------------------------------------------------------------
 
@@ -130,6 +127,22 @@ class CoordinatorService:
         raises DuplicateContributionError (carrying the original receipt), ReplayError or
         RateLimitedError.
         """
+        return self.store.submit(self.prepare(envelope))
+
+    def submit_with(self, envelope: envelope_pb2.SignedEnvelope, done: Done) -> None:
+        """``submit_async`` with a callback instead of a future: ``done(ok, value)`` runs on the
+        store's writer thread after the commit, also for rejections found before the write."""
+        try:
+            op = self.prepare(envelope)
+        except ProtocolError as exc:
+            # Through the writer all the same, so that results keep the submission order.
+            self.store.submit_with(_Failed(exc), done)
+            return
+        self.store.submit_with(op, done)
+
+    def prepare(self, envelope: envelope_pb2.SignedEnvelope) -> ContributionWrite:
+        """Verify the signature, admission and payload of a contribution (raising
+        ProtocolError); return its durable write, not yet queued."""
         try:
             verified, payload = verify_envelope(envelope, contribution_pb2.ContributionPayload)
             self.admission.check(verified.node_id)
@@ -137,81 +150,18 @@ class CoordinatorService:
             if problems:
                 raise InvalidPayloadError("; ".join(problems))
         except ProtocolError as exc:
-            self._count("rejected")
+            with self._counters_lock:
+                self.counters.rejected += 1
             logger.info("rejected contribution: %s: %s", exc.status_name, exc)
             raise
-        cid = contribution_id(verified.payload_bytes)
-        n_examples = len(payload.examples)
-        nonce = payload.nonce
-        ts = payload.timestamp_ms
-
-        def op(conn: sqlite3.Connection) -> envelope_pb2.SignedReceipt:
-            row = conn.execute(
-                "SELECT receipt, receipt_signature FROM contributions WHERE id=?", (cid,)
-            ).fetchone()
-            if row:
-                raise DuplicateContributionError(
-                    f"contribution {cid.hex()} was already accepted; "
-                    "the original receipt is attached",
-                    envelope_pb2.SignedReceipt(receipt=row[0], signature=row[1]),
-                )
-            now = now_ms()
-            self._check_time(ts, now)
-            self._check_nonce_unused(conn, verified.node_id, nonce)
-            self.rate_limiter.take(verified.node_id)
-            self._record_nonce(conn, verified.node_id, nonce, ts)
-            self._ensure_node(conn, verified, now)
-            receipt = envelope_pb2.Receipt(
-                contribution_id=cid,
-                node_id=verified.node_id,
-                accepted_at_ms=now,
-                example_count=n_examples,
-                coordinator_public_key=self.public_key,
-            )
-            signed = sign_receipt(self.identity, receipt)
-            conn.execute(
-                "INSERT INTO contributions(id, node_id, payload, signature, client_ts_ms, "
-                "accepted_at_ms, example_count, receipt, receipt_signature) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    cid,
-                    verified.node_id,
-                    verified.payload_bytes,
-                    verified.signature,
-                    ts,
-                    now,
-                    n_examples,
-                    signed.receipt,
-                    signed.signature,
-                ),
-            )
-            return signed
-
-        fut = self.store.submit(op)
-        fut.add_done_callback(self._log_outcome(cid, verified.node_id))
-        return fut
-
-    def _log_outcome(self, cid: bytes, node_id: str):
-        def done(fut: Future[envelope_pb2.SignedReceipt]) -> None:
-            exc = fut.exception()
-            if exc is None:
-                self._count("accepted")
-                logger.debug("accepted contribution %s from node %s", cid.hex()[:16], node_id)
-            elif isinstance(exc, DuplicateContributionError):
-                self._count("duplicates")
-                logger.debug("duplicate contribution %s from node %s", cid.hex()[:16], node_id)
-            else:
-                self._count("rejected")
-                status = getattr(exc, "status_name", "INTERNAL")
-                logger.info(
-                    "rejected contribution %s from node %s: %s: %s",
-                    cid.hex()[:16],
-                    node_id,
-                    status,
-                    exc,
-                )
-
-        return done
+        return ContributionWrite(
+            service=self,
+            verified=verified,
+            cid=contribution_id(verified.payload_bytes),
+            n_examples=len(payload.examples),
+            nonce=payload.nonce,
+            ts_ms=payload.timestamp_ms,
+        )
 
     def submit(
         self, envelope: envelope_pb2.SignedEnvelope, timeout: float = 60
@@ -285,6 +235,137 @@ class CoordinatorService:
             status.registered = True
             status.registered_at_ms, status.display_name, status.points = node[0]
         return status
+
+
+@dataclass
+class ContributionWrite(BatchOp):
+    """The durable half of accepting a contribution. The writer runs a whole batch of them with
+    a few set-wise statements: duplicates, nonce reuse, the time window and the rate limit are
+    checked in submission order (seeing earlier items of the batch), then the accepted ones are
+    inserted together."""
+
+    service: CoordinatorService
+    verified: Verified
+    cid: bytes
+    n_examples: int
+    nonce: bytes
+    ts_ms: int
+
+    @classmethod
+    def run_batch(cls, conn: sqlite3.Connection, ops: list[ContributionWrite]) -> list[Any]:
+        service = ops[0].service
+        existing = _lookup(
+            conn,
+            "SELECT id, receipt, receipt_signature FROM contributions WHERE id IN ({})",
+            [op.cid for op in ops],
+        )
+        receipts = {row[0]: (row[1], row[2]) for row in existing}
+        used = {
+            (row[0], row[1])
+            for row in _lookup(
+                conn,
+                "SELECT nonce, node_id FROM nonces WHERE nonce IN ({})",
+                [op.nonce for op in ops],
+            )
+        }
+        now = now_ms()
+        results: list[Any] = []
+        nodes, nonces, rows = [], [], []
+        counters = service.counters
+        for op in ops:
+            node_id = op.verified.node_id
+            try:
+                if op.cid in receipts:
+                    receipt, signature = receipts[op.cid]
+                    raise DuplicateContributionError(
+                        f"contribution {op.cid.hex()} was already accepted; "
+                        "the original receipt is attached",
+                        envelope_pb2.SignedReceipt(receipt=receipt, signature=signature),
+                    )
+                service._check_time(op.ts_ms, now)
+                if (op.nonce, node_id) in used:
+                    raise ReplayError(
+                        f"nonce {op.nonce.hex()} was already used by node {node_id} (replay)"
+                    )
+                service.rate_limiter.take(node_id)
+            except DuplicateContributionError as exc:
+                counters.duplicates += 1
+                results.append(exc)
+                continue
+            except ProtocolError as exc:
+                counters.rejected += 1
+                logger.info(
+                    "rejected contribution %s from node %s: %s: %s",
+                    op.cid.hex()[:16],
+                    node_id,
+                    exc.status_name,
+                    exc,
+                )
+                results.append(exc)
+                continue
+            signed = sign_receipt(
+                service.identity,
+                envelope_pb2.Receipt(
+                    contribution_id=op.cid,
+                    node_id=node_id,
+                    accepted_at_ms=now,
+                    example_count=op.n_examples,
+                    coordinator_public_key=service.public_key,
+                ),
+            )
+            used.add((op.nonce, node_id))
+            receipts[op.cid] = (signed.receipt, signed.signature)
+            nodes.append((node_id, op.verified.public_key, now))
+            nonces.append((op.nonce, node_id, op.ts_ms))
+            rows.append(
+                (
+                    op.cid,
+                    node_id,
+                    op.verified.payload_bytes,
+                    op.verified.signature,
+                    op.ts_ms,
+                    now,
+                    op.n_examples,
+                    signed.receipt,
+                    signed.signature,
+                )
+            )
+            counters.accepted += 1
+            results.append(signed)
+        if rows:
+            conn.executemany(
+                "INSERT OR IGNORE INTO nodes(node_id, public_key, registered_at_ms) "
+                "VALUES (?, ?, ?)",
+                nodes,
+            )
+            conn.executemany("INSERT INTO nonces(nonce, node_id, ts_ms) VALUES (?, ?, ?)", nonces)
+            conn.executemany(
+                "INSERT INTO contributions(id, node_id, payload, signature, client_ts_ms, "
+                "accepted_at_ms, example_count, receipt, receipt_signature) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return results
+
+
+@dataclass
+class _Failed(BatchOp):
+    """A request already rejected, passed through the writer to keep its place in line."""
+
+    error: ProtocolError
+
+    @classmethod
+    def run_batch(cls, conn: sqlite3.Connection, ops: list[_Failed]) -> list[Any]:
+        return [op.error for op in ops]
+
+
+def _lookup(conn: sqlite3.Connection, sql: str, keys: list[bytes]) -> list[tuple[Any, ...]]:
+    """``sql`` (with one ``IN ({})``) over ``keys``, in chunks that SQLite accepts."""
+    out: list[tuple[Any, ...]] = []
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+        out += conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+    return out
 
 
 def prune_nonces(store: Store, window_s: int) -> int:

@@ -3,12 +3,13 @@ errors to gRPC statuses through one table."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 import grpc
 
@@ -17,6 +18,7 @@ from crowdsft.node.envelope import contribution_id
 from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
 
 from .service import CoordinatorService
+from .store import BatchOp
 
 logger = logging.getLogger(__name__)
 
@@ -80,50 +82,51 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> Iterator[coordinator_pb2.SubmitResult]:
         # A reader thread verifies envelopes and queues their writes while this generator sends
         # the results in order, so one stream keeps many contributions in flight and the store
-        # commits them in groups.
-        pending: queue.Queue[tuple[int, bytes, Future | ProtocolError] | BaseException | None] = (
-            queue.Queue(maxsize=STREAM_WINDOW)
+        # commits them in groups. A semaphore bounds what one stream may have in flight.
+        results: queue.SimpleQueue[tuple[int, bytes, bool, Any] | BaseException | None] = (
+            queue.SimpleQueue()
         )
+        window = threading.BoundedSemaphore(STREAM_WINDOW)
+        stopped = threading.Event()
+
+        def answer(index: int, cid: bytes, ok: bool, value: Any) -> None:
+            results.put((index, cid, ok, value))
 
         def read() -> None:
             try:
                 for index, envelope in enumerate(request_iterator):
+                    while not window.acquire(timeout=1.0):
+                        if stopped.is_set():
+                            return
                     cid = contribution_id(envelope.payload) if envelope.payload else b""
-                    try:
-                        pending.put((index, cid, self.service.submit_async(envelope)))
-                    except ProtocolError as exc:
-                        pending.put((index, cid, exc))
+                    self.service.submit_with(envelope, functools.partial(answer, index, cid))
+                # Every queued write has answered once the writer runs this marker.
+                self.service.store.submit_with(_Marker(), lambda ok, value: results.put(None))
             except BaseException as exc:  # the client went away or the stream broke
-                pending.put(exc)
-            else:
-                pending.put(None)
+                results.put(exc)
 
         threading.Thread(target=read, name="upload-reader", daemon=True).start()
-        while True:
-            item = pending.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                if context.is_active():
-                    logger.info("upload stream ended with an error: %s", item)
-                return
-            index, cid, outcome = item
-            yield self._result(index, cid, outcome)
+        try:
+            while True:
+                item = results.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    if context.is_active():
+                        logger.info("upload stream ended with an error: %s", item)
+                    return
+                window.release()
+                yield self._result(*item)
+        finally:
+            stopped.set()
 
     @staticmethod
-    def _result(
-        index: int, cid: bytes, outcome: Future | ProtocolError
-    ) -> coordinator_pb2.SubmitResult:
+    def _result(index: int, cid: bytes, ok: bool, value: Any) -> coordinator_pb2.SubmitResult:
         result = coordinator_pb2.SubmitResult(index=index, contribution_id=cid)
-        exc: BaseException | None
-        if isinstance(outcome, ProtocolError):
-            exc = outcome
-        else:
-            try:
-                result.receipt.CopyFrom(outcome.result(WRITE_TIMEOUT_S))
-                return result
-            except BaseException as caught:
-                exc = caught
+        if ok:
+            result.receipt.CopyFrom(value)
+            return result
+        exc = value
         if isinstance(exc, ProtocolError):
             result.code = _status(exc).value[0]
             result.message = str(exc)
@@ -131,12 +134,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 result.receipt.CopyFrom(exc.receipt)  # type: ignore[arg-type]
             if isinstance(exc, RateLimitedError):
                 result.retry_after_ms = int(exc.retry_after_s * 1000) + 1
-        elif isinstance(exc, FutureTimeout):
-            result.code = grpc.StatusCode.UNAVAILABLE.value[0]
-            result.message = "the store did not commit in time; retry"
-            result.retry_after_ms = 1000
+            if exc.status_name == "UNAVAILABLE":
+                result.retry_after_ms = 1000
         else:
             logger.error("internal error on contribution %s", cid.hex(), exc_info=exc)
             result.code = grpc.StatusCode.INTERNAL.value[0]
             result.message = "internal error; see the coordinator log"
         return result
+
+
+class _Marker(BatchOp):
+    """Writes nothing; its callback tells an upload stream that its writes have all answered."""
+
+    @classmethod
+    def run_batch(cls, conn: Any, ops: list[Any]) -> list[Any]:
+        return [None] * len(ops)

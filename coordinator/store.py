@@ -23,7 +23,6 @@ from crowdsft.errors import CrowdSFTError, ProtocolError, UnavailableError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Op = Callable[[sqlite3.Connection], Any]
 
 SCHEMA_VERSION = 1
 
@@ -53,10 +52,10 @@ CREATE TABLE IF NOT EXISTS contributions (
 );
 CREATE INDEX IF NOT EXISTS contributions_by_node ON contributions(node_id);
 CREATE TABLE IF NOT EXISTS nonces (
-    node_id TEXT NOT NULL,
     nonce BLOB NOT NULL,
+    node_id TEXT NOT NULL,
     ts_ms INTEGER NOT NULL,
-    PRIMARY KEY (node_id, nonce)
+    PRIMARY KEY (nonce, node_id)
 ) WITHOUT ROWID;
 """
 
@@ -81,10 +80,26 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+class BatchOp:
+    """An operation that the writer runs together with the others of its class in a batch:
+    ``run_batch`` gets them in submission order and returns one result (or ProtocolError) per
+    operation. It must see the effects of earlier operations in the same list."""
+
+    @classmethod
+    def run_batch(cls, conn: sqlite3.Connection, ops: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+
+Op = Callable[[sqlite3.Connection], Any] | BatchOp
+
+
+Done = Callable[[bool, Any], None]
+
+
 @dataclass
 class _Request:
     op: Op
-    future: Future[Any]
+    done: Done  # called on the writer thread after the commit: (ok, result or exception)
 
 
 _STOP = object()
@@ -107,8 +122,9 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
         self._check_schema()
-        self._queue: queue.Queue[_Request | object] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._closed = threading.Event()
+        self._submit_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -137,11 +153,24 @@ class Store:
         are then retried one by one.
         """
         fut: Future[Any] = Future()
-        if self._closed.is_set():
-            fut.set_exception(UnavailableError("coordinator store is closed"))
-            return fut
-        self._queue.put(_Request(op, fut))
+
+        def done(ok: bool, value: Any) -> None:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+        self.submit_with(op, done)
         return fut
+
+    def submit_with(self, op: Op, done: Done) -> None:
+        """Like ``submit``, but calls ``done(ok, value)`` on the writer thread after the commit
+        (cheaper than a future on hot paths; ``done`` must be quick and must not block)."""
+        with self._submit_lock:
+            if not self._closed.is_set():
+                self._queue.put(_Request(op, done))
+                return
+        done(False, UnavailableError("coordinator store is closed"))
 
     def write(self, op: Op, timeout: float | None = 60) -> Any:
         return self.submit(op).result(timeout)
@@ -167,15 +196,29 @@ class Store:
                 break
         self._drain(UnavailableError("coordinator is shutting down; retry"))
 
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, batch: list[_Request]) -> list[tuple[bool, Any]]:
+        """Run the batch's operations in order, those of one ``BatchOp`` class together."""
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
+        groups: dict[type[BatchOp], list[int]] = {}
+        for i, req in enumerate(batch):
+            if isinstance(req.op, BatchOp):
+                groups.setdefault(type(req.op), []).append(i)
+                continue
+            try:
+                outcomes[i] = (True, req.op(conn))
+            except ProtocolError as exc:
+                outcomes[i] = (False, exc)
+        for kind, idx in groups.items():
+            results = kind.run_batch(conn, [batch[i].op for i in idx])
+            for i, result in zip(idx, results, strict=True):
+                outcomes[i] = (not isinstance(result, ProtocolError), result)
+        return outcomes
+
     def _commit_batch(self, batch: list[_Request]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
         try:
             self._conn.execute("BEGIN IMMEDIATE")
-            for req in batch:
-                try:
-                    outcomes.append((True, req.op(self._conn)))
-                except ProtocolError as exc:
-                    outcomes.append((False, exc))
+            outcomes = self._apply(self._conn, batch)
             self._conn.execute("COMMIT")
         except Exception as exc:
             if self._conn.in_transaction:
@@ -186,13 +229,10 @@ class Store:
                     self._commit_batch([req])
             else:
                 logger.exception("store write failed")
-                batch[0].future.set_exception(exc)
+                batch[0].done(False, exc)
             return
         for req, (ok, value) in zip(batch, outcomes, strict=True):
-            if ok:
-                req.future.set_result(value)
-            else:
-                req.future.set_exception(value)
+            req.done(ok, value)
 
     def _drain(self, exc: Exception) -> None:
         while True:
@@ -201,7 +241,7 @@ class Store:
             except queue.Empty:
                 return
             if isinstance(item, _Request):
-                item.future.set_exception(exc)
+                item.done(False, exc)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -224,10 +264,11 @@ class Store:
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, close every connection. Idempotent."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._queue.put(_STOP)
+        with self._submit_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            self._queue.put(_STOP)
         self._writer.join()
         self._conn.close()
         with self._readers_lock:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from crowdsft.cli import echo_json
+from crowdsft.console import echo_json
 
 
 def example_file() -> Path:
@@ -36,9 +36,9 @@ def quickstart(workdir: Path | None, as_json: bool) -> None:
 
 def run_quickstart(workdir: Path, as_json: bool) -> dict:
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.cli import init_coordinator
     from crowdsft.coordinator.server import Coordinator
     from crowdsft.coordinator.service import stats
+    from crowdsft.coordinator.setup import init_coordinator
     from crowdsft.node.client import CoordinatorClient
     from crowdsft.node.keys import Identity, write_private_key
     from crowdsft.node.records import read_records

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from crowdsft.cli import echo_json, progress_bar
+from crowdsft.console import echo_json, progress_bar
 from crowdsft.errors import InputError, KeyFileError
 from crowdsft.node.keys import DEFAULT_PASSPHRASE_ENV
 

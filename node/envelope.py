@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cryptography.exceptions import InvalidSignature
 from google.protobuf.message import DecodeError, Message
 
 from crowdsft.errors import AuthenticationError, InvalidPayloadError, ReceiptError
@@ -22,7 +21,7 @@ from crowdsft.node.keys import (
     SIGNATURE_BYTES,
     Identity,
     node_id_from_public_key,
-    public_key_from_bytes,
+    verify_signature,
 )
 from crowdsft.v1 import contribution_pb2, envelope_pb2
 
@@ -91,17 +90,11 @@ def verify_envelope(
             f"signature has {len(envelope.signature)} bytes; an Ed25519 signature has "
             f"{SIGNATURE_BYTES}"
         )
-    try:
-        public_key_from_bytes(pk).verify(
-            envelope.signature, domain_tag(message_type) + envelope.payload
-        )
-    except InvalidSignature:
+    if not verify_signature(pk, envelope.signature, domain_tag(message_type) + envelope.payload):
         raise AuthenticationError(
             f"signature does not verify for this payload and public key "
             f"(expected a {message_type.DESCRIPTOR.full_name} signed by the key's owner)"
-        ) from None
-    except ValueError as exc:  # a point that is not on the curve
-        raise AuthenticationError(f"public_key is not a valid Ed25519 key: {exc}") from None
+        )
     message = message_type()
     try:
         message.ParseFromString(envelope.payload)
@@ -134,14 +127,8 @@ def verify_receipt(
 
     Raises ReceiptError with the precise mismatch.
     """
-    try:
-        public_key_from_bytes(coordinator_public_key).verify(
-            signed.signature, RECEIPT_TAG + signed.receipt
-        )
-    except (InvalidSignature, ValueError):
-        raise ReceiptError(
-            "receipt signature does not verify against the coordinator's key"
-        ) from None
+    if not verify_signature(coordinator_public_key, signed.signature, RECEIPT_TAG + signed.receipt):
+        raise ReceiptError("receipt signature does not verify against the coordinator's key")
     receipt = envelope_pb2.Receipt()
     try:
         receipt.ParseFromString(signed.receipt)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import nacl.bindings
+import nacl.exceptions
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from crowdsft.errors import KeyFileError
 
@@ -30,22 +32,40 @@ def node_id_from_public_key(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:32]
 
 
+def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
+    """Ed25519 verification (RFC 8032, with libsodium's strict checks: canonical signatures,
+    no small-order keys). libsodium releases the GIL and is about twice as fast as OpenSSL
+    here, which matters on the coordinator's ingest path."""
+    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        nacl.bindings.crypto_sign_open(signature + data, public_key)
+    except nacl.exceptions.BadSignatureError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Identity:
-    """A private key with its raw public key and id."""
+    """A private key with its raw public key and id. Key files are handled with
+    ``cryptography`` (PKCS8, encryption); signing uses libsodium with the same key."""
 
     private_key: Ed25519PrivateKey
+    public_key: bytes = field(init=False, repr=False)
+    _secret: bytes = field(init=False, repr=False)
 
-    @property
-    def public_key(self) -> bytes:
-        return self.private_key.public_key().public_bytes_raw()
+    def __post_init__(self) -> None:
+        seed = self.private_key.private_bytes_raw()
+        public, secret = nacl.bindings.crypto_sign_seed_keypair(seed)
+        object.__setattr__(self, "public_key", public)
+        object.__setattr__(self, "_secret", secret)
 
     @property
     def node_id(self) -> str:
         return node_id_from_public_key(self.public_key)
 
     def sign(self, data: bytes) -> bytes:
-        return self.private_key.sign(data)
+        return nacl.bindings.crypto_sign(data, self._secret)[:SIGNATURE_BYTES]
 
     @classmethod
     def generate(cls) -> Identity:
@@ -120,10 +140,3 @@ def passphrase_from_env(name: str = DEFAULT_PASSPHRASE_ENV) -> bytes | None:
     """The passphrase in environment variable ``name``, or None where it is unset or empty."""
     value = os.environ.get(name)
     return value.encode() if value else None
-
-
-def public_key_from_bytes(raw: bytes) -> Ed25519PublicKey:
-    """A public key object from 32 raw bytes; ValueError on any other length."""
-    if len(raw) != PUBLIC_KEY_BYTES:
-        raise ValueError(f"public key has {len(raw)} bytes; an Ed25519 key has {PUBLIC_KEY_BYTES}")
-    return Ed25519PublicKey.from_public_bytes(raw)

@@ -1,0 +1,27 @@
+"""Terminal output helpers shared by the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+@contextmanager
+def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr; yields the function that advances it."""
+    if not enabled:
+        yield lambda n: None
+        return
+    with click.progressbar(
+        length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True
+    ) as bar:
+        yield bar.update

@@ -1,0 +1,117 @@
+"""Shared fixtures: keypairs, an in-process coordinator on port 0, clients."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crowdsft.config import CoordinatorConfig, load_coordinator_config
+from crowdsft.coordinator.server import Coordinator
+from crowdsft.coordinator.setup import init_coordinator
+from crowdsft.node.client import Backoff, CoordinatorClient
+from crowdsft.node.keys import Identity
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node state and default keys go to a per-test folder, never the user's home."""
+    monkeypatch.setenv("CROWDSFT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CROWDSFT_KEY_PASSPHRASE", raising=False)
+    monkeypatch.delenv("CROWDSFT_COORDINATOR", raising=False)
+
+
+@pytest.fixture
+def identity() -> Identity:
+    return Identity.generate()
+
+
+class Harness:
+    """A coordinator in this process, on 127.0.0.1:0, that tests can restart."""
+
+    def __init__(self, root: Path, **overrides: dict[str, Any]) -> None:
+        path = init_coordinator(root, listen="127.0.0.1:0", force=True)
+        config = load_coordinator_config(path)
+        for section, values in overrides.items():
+            config = dataclasses.replace(
+                config, **{section: dataclasses.replace(getattr(config, section), **values)}
+            )
+        self.config: CoordinatorConfig = config
+        self.coordinator: Coordinator | None = None
+        self.start()
+
+    def start(self) -> Coordinator:
+        self.coordinator = Coordinator(self.config).start()
+        return self.coordinator
+
+    def stop(self, grace: float = 0) -> None:
+        if self.coordinator is not None:
+            self.coordinator.stop(grace)
+            self.coordinator = None
+
+    def restart(self, same_port: bool = False) -> Coordinator:
+        if same_port:
+            self.config = self.config.with_listen(self.address)
+        self.stop()
+        return self.start()
+
+    @property
+    def address(self) -> str:
+        assert self.coordinator is not None
+        return self.coordinator.address
+
+    @property
+    def public_key(self) -> bytes:
+        assert self.coordinator is not None
+        return self.coordinator.identity.public_key
+
+    def client(self, **kw: Any) -> CoordinatorClient:
+        kw.setdefault("timeout", 10)
+        kw.setdefault("backoff", Backoff(base=0.01, cap=0.2, attempts=5))
+        return CoordinatorClient(self.address, **kw)
+
+    def contribution_ids(self) -> list[bytes]:
+        from crowdsft.coordinator.store import connect
+
+        conn = connect(self.config.db_path, readonly=True)
+        try:
+            return [r[0] for r in conn.execute("SELECT id FROM contributions")]
+        finally:
+            conn.close()
+
+    def counts(self) -> dict[str, int]:
+        """Rows in every table that a request could write to."""
+        from crowdsft.coordinator.store import connect
+
+        conn = connect(self.config.db_path, readonly=True)
+        try:
+            return {
+                t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("nodes", "contributions", "nonces")
+            }
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def make_coordinator(tmp_path: Path) -> Iterator[Any]:
+    harnesses: list[Harness] = []
+
+    def make(**overrides: dict[str, Any]) -> Harness:
+        h = Harness(tmp_path / f"coordinator{len(harnesses)}", **overrides)
+        harnesses.append(h)
+        return h
+
+    try:
+        yield make
+    finally:
+        for h in harnesses:
+            h.stop()
+
+
+@pytest.fixture
+def coord(make_coordinator: Any) -> Harness:
+    return make_coordinator()

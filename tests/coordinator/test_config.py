@@ -1,0 +1,58 @@
+import pytest
+
+from crowdsft.config import DEFAULT_COORDINATOR_TOML, load_coordinator_config, parse_hostport
+from crowdsft.errors import ConfigError
+
+
+def _cfg(tmp_path, text):
+    p = tmp_path / "coordinator.toml"
+    p.write_text(text)
+    return p
+
+
+def test_default_file_loads_with_defaults(tmp_path):
+    cfg = load_coordinator_config(_cfg(tmp_path, DEFAULT_COORDINATOR_TOML))
+    assert cfg.server.listen == "127.0.0.1:50051"
+    assert cfg.data_dir == tmp_path / "data"
+    assert cfg.key_path == tmp_path / "coordinator.key"
+    assert cfg.protocol.limits().max_examples_per_contribution == 64
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[server]\nlisten = 5", "server.listen must be a string"),
+        ("[server]\nlisen = 'x:1'", "unknown key server.lisen"),
+        ("[srever]\n", r"unknown section \[srever\]"),
+        ("[protocol]\ntimestamp_window_s = 'soon'", "must be an integer"),
+        ("[protocol]\nmax_field_bytes = 0", "max_field_bytes must be at least 1"),
+        ("[admission]\npolicy = 'closed'", "admission.policy must be"),
+        ("[admission]\nallowlist = [1]", "must be a list of strings"),
+        ("[server]\nlisten = 'nohost'", "not HOST:PORT"),
+        ("[rate_limit]\ncontributions_per_s = 0", "must be > 0"),
+        ("not = [toml", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_named(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_coordinator_config(_cfg(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="coordinator init"):
+        load_coordinator_config(tmp_path / "absent.toml")
+
+
+def test_hostport():
+    assert parse_hostport("[::1]:50051") == ("[::1]", 50051)
+    with pytest.raises(ConfigError, match="out of range"):
+        parse_hostport("h:70000")
+
+
+def test_bad_allowlist_entry_is_named(tmp_path):
+    from crowdsft.coordinator.admission import read_allowlist
+
+    f = tmp_path / "allow.txt"
+    f.write_text("# ok\n" + "ab" * 16 + "\nnot-a-key\n")
+    with pytest.raises(ConfigError, match=r"allow.txt:3: 'not-a-key'"):
+        read_allowlist((), f)
