@@ -36,7 +36,7 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
-            ("grpc.so_reuseport", 1),
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.server.max_concurrent_streams,
     )

@@ -305,3 +305,11 @@ def test_status_request_cannot_be_replayed(coord, identity):
         with pytest.raises(grpc.RpcError) as info:
             c.stub.GetNodeStatus(env, timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_second_coordinator_on_a_busy_port_fails_clearly(coord):
+    from crowdsft.coordinator.server import Coordinator
+    from crowdsft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot listen on"):
+        Coordinator(coord.config.with_listen(coord.address))
