@@ -13,4 +13,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 PROTOCOL = "crowdsft.v1"
 
-__all__ = ["PROTOCOL", "__version__"]
+
+def __getattr__(name: str):
+    # ``from crowdsft import hookimpl`` for plugin authors, without importing pluggy's
+    # machinery (or anything else) before it is needed.
+    if name == "hookimpl":
+        from crowdsft.plugins.hookspecs import hookimpl
+
+        return hookimpl
+    raise AttributeError(f"module 'crowdsft' has no attribute {name!r}")
+
+
+__all__ = ["PROTOCOL", "__version__", "hookimpl"]

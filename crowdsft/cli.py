@@ -54,12 +54,17 @@ def main(verbose: int, quiet: bool) -> None:
 
 def _register_commands() -> None:
     from crowdsft.coordinator.cli import coordinator
+    from crowdsft.coordinator.sim_cli import simulate, sweep
     from crowdsft.node.cli import node
+    from crowdsft.plugins.cli import plugins
     from crowdsft.quickstart import quickstart
 
     main.add_command(node)
     main.add_command(coordinator)
     main.add_command(quickstart)
+    main.add_command(simulate)
+    main.add_command(sweep)
+    main.add_command(plugins)
 
 
 _register_commands()
