@@ -25,6 +25,7 @@ from crowdsft.errors import (
 )
 from crowdsft.node.envelope import Verified, contribution_id, now_ms, sign_receipt, verify_envelope
 from crowdsft.node.keys import Identity
+from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 from crowdsft.validation import MAX_NONCE_BYTES, MIN_NONCE_BYTES, payload_problems
 
@@ -46,8 +47,15 @@ class IngestCounters:
 class CoordinatorService:
     """Everything the coordinator does with node requests."""
 
-    def __init__(self, config: CoordinatorConfig, identity: Identity, store: Store) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        identity: Identity,
+        store: Store,
+        plugins: Plugins | None = None,
+    ) -> None:
         self.config = config
+        self.plugins = plugins or get_plugins()
         self.identity = identity
         self.public_key = identity.public_key
         self.store = store
@@ -103,6 +111,19 @@ class CoordinatorService:
             (v.node_id, v.public_key, now),
         )
 
+    def _run_validators(self, node_id: str, payload: contribution_pb2.ContributionPayload) -> None:
+        """Ask the plugins' ``crowdsft_validate_contribution`` hooks (if any plugin has one)."""
+        if not self.plugins.pm.hook.crowdsft_validate_contribution.get_hookimpls():
+            return
+        examples = [
+            {"prompt": e.prompt, "response": e.response}
+            | ({"system": e.system} if e.HasField("system") else {})
+            for e in payload.examples
+        ]
+        reasons = self.plugins.validate_contribution(node_id, examples)
+        if reasons:
+            raise InvalidPayloadError("rejected by a validation plugin: " + "; ".join(reasons))
+
     # -- RPCs ---------------------------------------------------------------------------------
 
     def info(self) -> coordinator_pb2.CoordinatorInfo:
@@ -149,6 +170,7 @@ class CoordinatorService:
             problems = payload_problems(payload, self.limits)
             if problems:
                 raise InvalidPayloadError("; ".join(problems))
+            self._run_validators(verified.node_id, payload)
         except ProtocolError as exc:
             with self._counters_lock:
                 self.counters.rejected += 1

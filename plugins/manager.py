@@ -108,7 +108,9 @@ class Plugins:
 
     def _collect(self, kind: str) -> dict[str, Strategy]:
         found: dict[str, Strategy] = {}
-        hook = getattr(self.pm.hook, f"crowdsft_register_{kind}")
+        hook_name = f"crowdsft_register_{kind}"
+        hook = getattr(self.pm.hook, hook_name)
+        everyone = self.pm.get_plugins()
         for impl in reversed(hook.get_hookimpls()):
 
             def register(name: str, factory: Callable[..., Any], _plugin: str = impl.plugin_name):
@@ -121,7 +123,10 @@ class Plugins:
                     )
                 found[name] = Strategy(kind, name, factory, _plugin)
 
-            impl.function(register=register)
+            # One plugin at a time (so each strategy is credited to its plugin), through the
+            # hook machinery (so tracing and monitoring see the call).
+            others = [p for p in everyone if p is not impl.plugin]
+            self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
         return found
 
     def names(self, kind: str) -> list[str]:

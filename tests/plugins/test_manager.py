@@ -1,0 +1,242 @@
+"""The plugin manager: built-ins, third-party plugins through the entry point, blocking,
+the validation and round hooks, and a meta-test that every hookspec is tested."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from crowdsft import hookimpl
+from crowdsft.cli import main
+from crowdsft.plugins import hookspecs
+from crowdsft.plugins.manager import KINDS, PluginError, Plugins, create_plugin_manager, get_plugins
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "crowdsft-example-reward"
+
+
+@pytest.fixture
+def fresh_plugins():
+    """A fresh process-wide plugin manager for the test, and a clean one after it."""
+    get_plugins.cache_clear()
+    yield get_plugins
+    get_plugins.cache_clear()
+
+
+@pytest.fixture
+def example_installed(tmp_path, monkeypatch, fresh_plugins):
+    """Make the example package importable and visible as an installed distribution with
+    its entry point, exactly as ``pip install`` would (a dist-info on sys.path)."""
+    site = tmp_path / "site"
+    info = site / "crowdsft_example_reward-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: crowdsft-example-reward\nVersion: 0.1.0\n"
+    )
+    ep = re.search(
+        r"\[project\.entry-points\.crowdsft\]\n(.+?)\n", (EXAMPLE / "pyproject.toml").read_text()
+    )
+    line = ep.group(1).replace('"', "")  # TOML string -> entry_points.txt value
+    (info / "entry_points.txt").write_text(f"[crowdsft]\n{line}\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    yield
+    sys.modules.pop("crowdsft_example_reward", None)
+
+
+def test_builtins_by_kind():
+    plugins = Plugins(create_plugin_manager(load_entry_points=False))
+    names = {kind: plugins.names(kind) for kind in KINDS}
+    assert names == {
+        "grouping": ["epsilon-greedy", "interleaved", "random"],
+        "evaluation": ["cosine", "dot", "l1", "l2"],
+        "selection": ["best"],
+        "reward": ["marginal", "rank", "regression"],
+        "influence": ["points-squared", "uniform"],
+        "valuation": ["exact", "kernelshap", "permutation"],
+    }
+    assert plugins.get("reward", "rank").plugin == "crowdsft.plugins.reward"
+    assert plugins.create("grouping", "random", groups=3).groups == 3
+
+
+def test_unknown_names_and_bad_options_are_clear():
+    plugins = Plugins(create_plugin_manager(load_entry_points=False))
+    with pytest.raises(PluginError, match=r"no reward strategy named 'nope' \(registered: "):
+        plugins.get("reward", "nope")
+    with pytest.raises(PluginError, match="unknown strategy kind"):
+        plugins.get("colour", "red")
+    with pytest.raises(PluginError, match="cannot build grouping strategy 'random'"):
+        plugins.create("grouping", "random", colour=1)
+
+
+def test_two_plugins_cannot_claim_one_name():
+    plugins = Plugins(create_plugin_manager(load_entry_points=False))
+
+    class Clash:
+        @hookimpl
+        def crowdsft_register_reward(self, register):
+            register("rank", object)
+
+    plugins.register(Clash(), name="clash")
+    try:
+        with pytest.raises(PluginError, match="registered by both"):
+            plugins.registry()
+    finally:
+        plugins.unregister("clash")
+    assert plugins.get("reward", "rank").plugin == "crowdsft.plugins.reward"
+
+
+def test_every_registry_hook_registers(monkeypatch):
+    """A plugin can add a strategy of every kind through its crowdsft_register_* hook."""
+    plugins = Plugins(create_plugin_manager(load_entry_points=False))
+
+    class Everything:
+        pass
+
+    for kind in KINDS:
+
+        def impl(register, _kind=kind):
+            register(f"custom-{_kind}", dict)
+
+        impl.__name__ = f"crowdsft_register_{kind}"
+        setattr(Everything, impl.__name__, staticmethod(hookimpl(impl)))
+    # hook names this test covers, for the meta-test below:
+    # crowdsft_register_grouping crowdsft_register_evaluation crowdsft_register_selection
+    # crowdsft_register_reward crowdsft_register_influence crowdsft_register_valuation
+    plugins.register(Everything(), name="everything")
+    for kind in KINDS:
+        s = plugins.get(kind, f"custom-{kind}")
+        assert s.plugin == "everything" and plugins.create(kind, s.name, a=1) == {"a": 1}
+
+
+def test_example_plugin_loads_through_its_entry_point(example_installed, fresh_plugins):
+    plugins = fresh_plugins()
+    strategy = plugins.get("reward", "winner-takes-all")
+    assert strategy.plugin == "example_reward"
+    out = CliRunner().invoke(main, ["plugins", "list", "--json"])
+    assert out.exit_code == 0, out.output
+    rewards = {r["name"]: r["plugin"] for r in json.loads(out.output)["reward"]}
+    assert rewards["winner-takes-all"] == "example_reward"
+    sim = CliRunner().invoke(
+        main,
+        [
+            "simulate",
+            "--users",
+            "12",
+            "--groups",
+            "3",
+            "--reward",
+            "winner-takes-all",
+            "--runs",
+            "3",
+            "--rounds",
+            "20",
+            "--valuation",
+            "exact",
+            "--json",
+        ],
+    )
+    assert sim.exit_code == 0, sim.output
+    result = json.loads(sim.output)
+    assert result["reward"] == "winner-takes-all" and result["runs"] == 3
+    assert -1.0 <= result["mean_pearson"] <= 1.0
+
+
+def test_blocking_a_plugin_by_name(example_installed, fresh_plugins, monkeypatch):
+    monkeypatch.setenv("CROWDSFT_DISABLE_PLUGINS", "example_reward, crowdsft.plugins.influence")
+    plugins = fresh_plugins()
+    assert "winner-takes-all" not in plugins.names("reward")
+    assert plugins.names("influence") == []
+    assert "rank" in plugins.names("reward")
+
+
+def test_tracing_logs_hook_calls(monkeypatch, caplog):
+    monkeypatch.setenv("CROWDSFT_TRACE_PLUGINS", "1")
+    plugins = Plugins(create_plugin_manager(load_entry_points=False))
+    with caplog.at_level("DEBUG", logger="crowdsft.plugins.manager"):
+        plugins.registry()
+    assert any("crowdsft_register_reward" in r.getMessage() for r in caplog.records)
+
+
+def test_validate_contribution_hook_rejects_at_the_coordinator(coord, identity):
+    """crowdsft_validate_contribution: any reason rejects with INVALID_ARGUMENT."""
+    from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
+    from crowdsft.v1 import contribution_pb2
+
+    seen = []
+
+    class NoShouting:
+        @hookimpl
+        def crowdsft_validate_contribution(self, node_id, examples):
+            seen.append((node_id, examples))
+            if any(e["response"].isupper() for e in examples):
+                return "responses in capitals are not accepted"
+            return None
+
+    plugins = coord.coordinator.service.plugins
+    plugins.register(NoShouting(), name="no-shouting")
+    try:
+        with coord.client() as c:
+
+            def env(text):
+                return sign_envelope(
+                    identity,
+                    contribution_pb2.ContributionPayload(
+                        examples=[contribution_pb2.Example(prompt="q", response=text, system="s")],
+                        nonce=new_nonce(),
+                        timestamp_ms=now_ms(),
+                    ),
+                )
+
+            c.stub.SubmitContribution(env("fine"), timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                c.stub.SubmitContribution(env("LOUD"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "responses in capitals are not accepted" in info.value.details()
+        assert seen[0] == (identity.node_id, [{"prompt": "q", "response": "fine", "system": "s"}])
+        assert coord.counts()["contributions"] == 1
+    finally:
+        plugins.unregister("no-shouting")
+
+
+def test_round_finished_hook_observes_every_round():
+    from crowdsft.coordinator.engine import RoundEngine, Strategies, VectorSpace
+    from crowdsft.plugins.evaluation import L2
+
+    plugins = Plugins(create_plugin_manager(load_entry_points=False))
+    records = []
+
+    class Observer:
+        @hookimpl
+        def crowdsft_round_finished(self, record):
+            records.append(record)
+
+    plugins.register(Observer(), name="observer")
+    rng = np.random.default_rng(0)
+    space = VectorSpace(rng.uniform(0, 5, (9, 3)), rng.uniform(0, 5, 3), L2())
+    strategies = Strategies(
+        plugins.create("grouping", "random", groups=3),
+        plugins.create("selection", "best"),
+        plugins.create("reward", "rank"),
+        plugins.create("influence", "uniform"),
+    )
+    engine = RoundEngine(space, strategies, rounds=5, on_round=plugins.round_finished)
+    state = engine.start(np.zeros(3))
+    for _ in range(5):
+        state, _, _ = engine.step(state, rng)
+    assert [r.round_index for r in records] == [0, 1, 2, 3, 4]
+
+
+def test_every_hookspec_has_a_test():
+    specs = [name for name in dir(hookspecs) if name.startswith("crowdsft_")]
+    assert len(specs) == 8
+    text = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    missing = [name for name in specs if name not in text.replace(f'"{name}"', "")]
+    assert not missing, f"hookspecs without a test: {missing}"

@@ -1,0 +1,156 @@
+import math
+
+import numpy as np
+import pytest
+
+from crowdsft.plugins.evaluation import L2, Dot
+from crowdsft.plugins.valuation import (
+    CentroidGame,
+    ExactShapley,
+    FunctionGame,
+    KernelSHAP,
+    MaxPermutations,
+    PermutationShapley,
+    Progress,
+    RankStability,
+    StandardErrorBelow,
+)
+
+
+def additive(weights):
+    w = np.asarray(weights, float)
+    return FunctionGame(len(w), lambda m: float(w[m].sum()))
+
+
+def symmetric(n):
+    return FunctionGame(n, lambda m: float(m.sum()) ** 2)
+
+
+def with_null_player():
+    # players 0 and 1 only count together; player 2 never changes anything
+    return FunctionGame(3, lambda m: 10.0 if (m[0] and m[1]) else 0.0)
+
+
+def centroid(n=8, seed=0, f=None):
+    rng = np.random.default_rng(seed)
+    return CentroidGame(rng.uniform(0, 5, (n, 6)), rng.uniform(0, 5, 6), f or L2())
+
+
+def test_exact_additive_game():
+    np.testing.assert_allclose(ExactShapley()(additive([1, -2, 3.5, 0])).values, [1, -2, 3.5, 0])
+
+
+def test_exact_symmetric_game():
+    r = ExactShapley()(symmetric(5))
+    np.testing.assert_allclose(r.values, np.full(5, 25 / 5))
+
+
+def test_exact_null_player_and_symmetry():
+    r = ExactShapley()(with_null_player())
+    np.testing.assert_allclose(r.values, [5.0, 5.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    "game", [additive([1, 2, 3]), symmetric(4), with_null_player(), centroid(), centroid(f=Dot())]
+)
+def test_efficiency(game):
+    phi = ExactShapley()(game).values
+    total = game.values(np.ones((1, game.n), bool))[0] - game.values(np.zeros((1, game.n), bool))[0]
+    assert phi.sum() == pytest.approx(total)
+
+
+def test_exact_refuses_large_games():
+    with pytest.raises(ValueError, match="use 'permutation'"):
+        ExactShapley(max_players=10)(centroid(n=11))
+
+
+def test_centroid_prefix_values_match_the_generic_path():
+    g = centroid(n=6)
+    perms = np.random.default_rng(2).permuted(np.tile(np.arange(6), (5, 1)), axis=1)
+    fast = g.prefix_values(perms)
+    slow = super(CentroidGame, g).prefix_values(perms)
+    np.testing.assert_allclose(fast, slow)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_monte_carlo_converges_to_exact_with_shrinking_error(stratified):
+    g = centroid(n=8, seed=3)
+    exact = ExactShapley()(g).values
+    errors, ses = [], []
+    for n in (128, 2048):
+        r = PermutationShapley(MaxPermutations(n), stratified=stratified)(
+            g, np.random.default_rng(5)
+        )
+        errors.append(np.abs(r.values - exact).max())
+        ses.append(r.stderr.max())
+        assert np.all(np.abs(r.values - exact) <= 5 * r.stderr + 1e-12)
+    assert ses[1] < ses[0] / 2
+    assert errors[1] < errors[0] or errors[1] < 1e-3
+
+
+def test_antithetic_and_truncation_options():
+    g = centroid(n=8, seed=4)
+    exact = ExactShapley()(g).values
+    plain = PermutationShapley(MaxPermutations(4000), antithetic=False, stratified=False)
+    anti = PermutationShapley(MaxPermutations(4000), antithetic=True, stratified=False)
+    a = plain(g, np.random.default_rng(0))
+    b = anti(g, np.random.default_rng(0))
+    assert np.abs(a.values - exact).max() < 0.05 * np.ptp(exact)
+    assert np.abs(b.values - exact).max() < 0.05 * np.ptp(exact)
+    assert b.stderr.mean() < a.stderr.mean()  # antithetic pairs cut the variance here
+    trunc = PermutationShapley(MaxPermutations(2000), truncation=0.001, stratified=False)
+    t = trunc(g, np.random.default_rng(0))
+    assert np.abs(t.values - exact).max() < 0.1 * np.ptp(exact)
+
+
+def test_standard_error_stopping_and_convergence_flag():
+    g = centroid(n=30, seed=1)
+    r = PermutationShapley(StandardErrorBelow(0.01) | MaxPermutations(50_000))(
+        g, np.random.default_rng(0)
+    )
+    assert r.converged and r.stderr.max() <= 0.01 * r.spread
+    capped = PermutationShapley(MaxPermutations(8), batch=8, stratified=False)(
+        g, np.random.default_rng(0)
+    )
+    assert capped.samples == 8 and not capped.converged
+
+
+def test_stopping_criteria_compose():
+    values = np.array([1.0, 2.0, 3.0])
+    p = Progress(100, values, np.full(3, 0.001), [values] * 7)
+    assert (MaxPermutations(50) & StandardErrorBelow(0.01)).done(p)
+    assert not (MaxPermutations(500) & StandardErrorBelow(0.01)).done(p)
+    assert (MaxPermutations(500) | StandardErrorBelow(0.01)).done(p)
+    assert RankStability(checks=5).done(p)
+    moving = Progress(100, values, np.ones(3), [values] * 5 + [values[::-1]] * 2)
+    assert not RankStability(checks=5).done(moving)
+
+
+def test_kernelshap_exact_when_it_can_enumerate():
+    g = centroid(n=8, seed=6)
+    np.testing.assert_allclose(
+        KernelSHAP(samples=10_000)(g, np.random.default_rng(0)).values,
+        ExactShapley()(g).values,
+        atol=1e-9,
+    )
+
+
+def test_kernelshap_close_to_exact_on_small_sampled_games():
+    g = centroid(n=12, seed=7)
+    exact = ExactShapley()(g).values
+    r = KernelSHAP(samples=1500)(g, np.random.default_rng(0))
+    assert r.values.sum() == pytest.approx(exact.sum())  # efficiency holds by construction
+    assert np.corrcoef(r.values, exact)[0, 1] > 0.95
+    assert np.abs(r.values - exact).max() < 0.25 * np.ptp(exact)
+
+
+def test_kernelshap_on_an_additive_game_is_exact_even_when_sampling():
+    w = np.random.default_rng(0).normal(size=14)
+    r = KernelSHAP(samples=600)(additive(w), np.random.default_rng(1))
+    np.testing.assert_allclose(r.values, w, atol=1e-8)
+
+
+def test_single_player():
+    r = KernelSHAP()(additive([2.5]), np.random.default_rng(0))
+    assert r.values.tolist() == [2.5]
+    assert math.isclose(ExactShapley()(additive([2.5])).values[0], 2.5)
