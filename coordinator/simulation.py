@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from crowdsft.errors import InputError
+from crowdsft.errors import CrowdSFTError, InputError
 from crowdsft.plugins.manager import get_plugins
 from crowdsft.plugins.valuation import CentroidGame
 
@@ -367,7 +367,12 @@ def write_summary(results: Sequence[CellResult], path: Path) -> None:
 
 def write_plots(results: Sequence[CellResult], out: Path) -> list[Path]:
     """The sweep's figures as PNG files in ``out``."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise CrowdSFTError(
+            "plots need matplotlib: pip install 'crowd-sft[sim]' (or run the sweep with --no-plots)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
