@@ -115,3 +115,25 @@ def make_coordinator(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def coord(make_coordinator: Any) -> Harness:
     return make_coordinator()
+
+
+@pytest.fixture(scope="session")
+def synthetic_movielens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MovieLens-shaped folder (40 users, 60 movies, 5 genres), seeded, so that
+    simulations can run in tests without the real data set."""
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("movielens")
+    rng = np.random.default_rng(0)
+    genres = ["Action", "Comedy", "Drama", "Horror", "Romance"]
+    lines = ["movieId,title,genres"]
+    for m in range(1, 61):
+        picked = rng.choice(genres, size=rng.integers(1, 3), replace=False)
+        lines.append(f"{m},Movie {m},{'|'.join(picked)}")
+    (d / "movies.csv").write_text("\n".join(lines) + "\n")
+    rows = ["userId,movieId,rating,timestamp"]
+    for u in range(1, 41):
+        for m in rng.choice(np.arange(1, 61), size=15, replace=False):
+            rows.append(f"{u},{m},{rng.integers(1, 11) / 2},0")
+    (d / "ratings.csv").write_text("\n".join(rows) + "\n")
+    return d

@@ -77,16 +77,16 @@ def test_movielens_has_twenty_genres():
     assert ml.vectors.min() >= 0 and ml.vectors.max() <= 5
 
 
-@needs_data
-def test_a_cell_is_seeded_and_paired():
+def test_a_cell_is_seeded_and_paired(synthetic_movielens):
+    data = synthetic_movielens
     cell = Cell(users=15, groups=3, runs=3, rounds=30, valuation="exact")
-    a, b = run_cell(cell, DATA), run_cell(cell, DATA)
+    a, b = run_cell(cell, data), run_cell(cell, data)
     np.testing.assert_array_equal(a.final_distance, b.final_distance)
     np.testing.assert_array_equal(a.pearson, b.pearson)
     assert a.distance_curve[-1] < a.distance_curve[0]
     # Another grouping sees the same experts and starting points: the same initial distance.
     other = run_cell(
-        Cell(users=15, groups=3, runs=3, rounds=30, valuation="exact", grouping="interleaved"), DATA
+        Cell(users=15, groups=3, runs=3, rounds=30, valuation="exact", grouping="interleaved"), data
     )
     assert other.distance_curve[0] == pytest.approx(a.distance_curve[0])
 
@@ -117,8 +117,7 @@ def test_simulate_cli(tmp_path):
     assert bad.exit_code == 2 and "no reward strategy named 'nope'" in bad.output
 
 
-@needs_data
-def test_sweep_on_a_small_grid(tmp_path):
+def test_sweep_on_a_small_grid(tmp_path, synthetic_movielens):
     out_dir = tmp_path / "sweep"
     result = CliRunner().invoke(
         main,
@@ -139,6 +138,8 @@ def test_sweep_on_a_small_grid(tmp_path):
             "--workers",
             "2",
             "--no-progress",
+            "--data",
+            str(synthetic_movielens),
             "--out",
             str(out_dir),
         ],

@@ -116,7 +116,9 @@ def test_every_registry_hook_registers(monkeypatch):
         assert s.plugin == "everything" and plugins.create(kind, s.name, a=1) == {"a": 1}
 
 
-def test_example_plugin_loads_through_its_entry_point(example_installed, fresh_plugins):
+def test_example_plugin_loads_through_its_entry_point(
+    example_installed, fresh_plugins, synthetic_movielens
+):
     plugins = fresh_plugins()
     strategy = plugins.get("reward", "winner-takes-all")
     assert strategy.plugin == "example_reward"
@@ -141,6 +143,8 @@ def test_example_plugin_loads_through_its_entry_point(example_installed, fresh_p
             "--valuation",
             "exact",
             "--json",
+            "--data",
+            str(synthetic_movielens),
         ],
     )
     assert sim.exit_code == 0, sim.output
