@@ -223,6 +223,13 @@ def sweep(
         for rw in reward
         for va in valuation
     ]
+    if not no_plots:
+        try:
+            import matplotlib  # noqa: F401 - checked before hours of work, not after
+        except ImportError:
+            raise click.UsageError(
+                "plots need matplotlib: pip install 'crowd-sft[sim]', or pass --no-plots"
+            ) from None
     bad = [c for c in cells if c.groups > c.users]
     if bad:
         raise click.BadParameter(f"{bad[0].groups} groups cannot be made of {bad[0].users} users")
