@@ -67,6 +67,12 @@ def crowdsft_register_valuation(register: Register) -> None:
 
 
 @hookspec
+def crowdsft_register_embedder(register: Register) -> None:
+    """Register embedders (``plugins.embedding.Embedder`` factories): the text embedding in
+    which an LLM candidate's generations are compared with the target."""
+
+
+@hookspec
 def crowdsft_validate_contribution(node_id: str, examples: Sequence[dict[str, str]]) -> str | None:
     """Check a contribution before it is stored. Return a reason to reject it, or None.
 

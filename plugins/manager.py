@@ -39,8 +39,17 @@ BUILTINS: tuple[str, ...] = (
     "crowdsft.plugins.reward",
     "crowdsft.plugins.influence",
     "crowdsft.plugins.valuation",
+    "crowdsft.plugins.embedding",
 )
-KINDS: tuple[str, ...] = ("grouping", "evaluation", "selection", "reward", "influence", "valuation")
+KINDS: tuple[str, ...] = (
+    "grouping",
+    "evaluation",
+    "selection",
+    "reward",
+    "influence",
+    "valuation",
+    "embedder",
+)
 ENTRY_POINT_GROUP = "crowdsft"
 DISABLE_ENV = "CROWDSFT_DISABLE_PLUGINS"
 TRACE_ENV = "CROWDSFT_TRACE_PLUGINS"

@@ -61,6 +61,7 @@ def test_builtins_by_kind():
         "reward": ["marginal", "rank", "regression"],
         "influence": ["points-squared", "uniform"],
         "valuation": ["exact", "kernelshap", "permutation"],
+        "embedder": ["minilm"],
     }
     assert plugins.get("reward", "rank").plugin == "crowdsft.plugins.reward"
     assert plugins.create("grouping", "random", groups=3).groups == 3
@@ -110,6 +111,7 @@ def test_every_registry_hook_registers(monkeypatch):
     # hook names this test covers, for the meta-test below:
     # crowdsft_register_grouping crowdsft_register_evaluation crowdsft_register_selection
     # crowdsft_register_reward crowdsft_register_influence crowdsft_register_valuation
+    # crowdsft_register_embedder
     plugins.register(Everything(), name="everything")
     for kind in KINDS:
         s = plugins.get(kind, f"custom-{kind}")
@@ -240,7 +242,7 @@ def test_round_finished_hook_observes_every_round():
 
 def test_every_hookspec_has_a_test():
     specs = [name for name in dir(hookspecs) if name.startswith("crowdsft_")]
-    assert len(specs) == 8
+    assert len(specs) == 9
     text = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     missing = [name for name in specs if name not in text.replace(f'"{name}"', "")]
     assert not missing, f"hookspecs without a test: {missing}"
