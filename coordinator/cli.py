@@ -127,3 +127,44 @@ def stats(config_path: Path, as_json: bool) -> None:
                 f"{n['node_id']:34}{n['display_name'][:17]:18}{n['contributions']:>14}"
                 f"{n['examples']:>10}{n['points']:>9g}  {when}"
             )
+
+
+@coordinator.command("round")
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the round's result as JSON.")
+def round_(config_path: Path, as_json: bool) -> None:
+    """Run one fine-tuning round now (or finish an interrupted one).
+
+    Groups the contributors with unconsumed data, fine-tunes one LoRA candidate per group
+    from the current model, scores each against the target, selects the winner, awards
+    points, and records everything in the store.
+    """
+    from crowdsft.config import load_coordinator_config
+    from crowdsft.coordinator.llm_space import build_llm_space
+    from crowdsft.coordinator.rounds import RoundRunner
+    from crowdsft.coordinator.store import Store
+
+    config = load_coordinator_config(config_path)
+
+    def event(kind: str, info: dict) -> None:
+        if not as_json and kind in (
+            "round_planned",
+            "candidate_training",
+            "candidate_scored",
+            "round_resumed",
+        ):
+            detail = ", ".join(f"{k}={v}" for k, v in info.items() if k != "groups")
+            click.echo(f"  {kind.replace('_', ' ')}: {detail}", err=True)
+
+    space = build_llm_space(config, on_event=event)
+    with Store(config.db_path, max_batch=config.storage.max_batch) as store:
+        summary = RoundRunner(config, store, space, on_event=event).run()
+    if as_json:
+        echo_json(summary.as_dict())
+        return
+    click.echo(f"round {summary.round_id}: base score {summary.base_score:.4f}")
+    for g, members in enumerate(summary.groups):
+        mark = " <- winner" if g == summary.winner else ""
+        click.echo(f"  group {g}: {len(members)} contributors, score {summary.scores[g]:.4f}{mark}")
+    if not summary.updated:
+        click.echo("  no candidate beat the current model; nothing changed")

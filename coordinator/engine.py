@@ -93,7 +93,7 @@ class RoundEngine:
 
     def __init__(
         self,
-        space: ModelSpace,
+        space: ModelSpace | None,
         strategies: Strategies,
         rounds: int,
         on_round: Callable[[RoundRecord], None] | None = None,
@@ -104,32 +104,38 @@ class RoundEngine:
         self.on_round = on_round
 
     def start(self, base: Any, initial_points: float = 1.0) -> TournamentState:
+        if self.space is None:
+            raise ValueError("this engine has no model space; it can only plan and decide")
         self.strategies.reward.reset(self.space.n_contributors)
         score = float(self.space.score([base])[0])
         points = np.full(self.space.n_contributors, float(initial_points))
         return TournamentState(base=base, base_score=score, points=points)
 
-    def step(
+    def plan(
         self, state: TournamentState, rng: np.random.Generator
-    ) -> tuple[TournamentState, RoundRecord, list[Any]]:
-        """One round. Returns the new state, the record, and the candidates."""
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Groups for this round and each member's influence weight."""
         s = self.strategies
         groups = s.grouping.group(state.points, state.round_index, self.rounds, rng)
         weights = [s.influence.weights(state.points[g]) for g in groups]
-        candidates = [
-            self.space.propose(state.base, g, w, rng) for g, w in zip(groups, weights, strict=True)
-        ]
-        scores = np.asarray(self.space.score(candidates), dtype=float)
+        return groups, weights
+
+    def decide(
+        self,
+        state: TournamentState,
+        groups: list[np.ndarray],
+        weights: list[np.ndarray],
+        candidates: Sequence[Any],
+        scores: np.ndarray,
+        rng: np.random.Generator,
+    ) -> tuple[TournamentState, RoundRecord]:
+        """Selection (guard, judging error) and reward, given the scored candidates."""
+        s = self.strategies
+        scores = np.asarray(scores, dtype=float)
         ranking = s.selection.select(scores, state.base_score, rng)
+        order = ranking.order if ranking is not None else np.empty(0, dtype=np.int64)
         s.reward.observe(
-            RoundOutcome(
-                state.round_index,
-                groups,
-                scores,
-                state.base_score,
-                ranking.order if ranking is not None else np.empty(0, dtype=np.int64),
-                weights,
-            )
+            RoundOutcome(state.round_index, groups, scores, state.base_score, order, weights)
         )
         if ranking is None:
             record = RoundRecord(
@@ -170,6 +176,20 @@ class RoundEngine:
             )
         if self.on_round is not None:
             self.on_round(record)
+        return new_state, record
+
+    def step(
+        self, state: TournamentState, rng: np.random.Generator
+    ) -> tuple[TournamentState, RoundRecord, list[Any]]:
+        """One round. Returns the new state, the record, and the candidates."""
+        if self.space is None:
+            raise ValueError("this engine has no model space; it can only plan and decide")
+        groups, weights = self.plan(state, rng)
+        candidates = [
+            self.space.propose(state.base, g, w, rng) for g, w in zip(groups, weights, strict=True)
+        ]
+        scores = np.asarray(self.space.score(candidates), dtype=float)
+        new_state, record = self.decide(state, groups, weights, candidates, scores, rng)
         return new_state, record, candidates
 
 

@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from crowdsft.config import TrainingConfig
 from crowdsft.errors import ConfigError
+
+__all__ = ["TrainingConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,36 +40,6 @@ FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """LoRA hyperparameters. ``layers``: put LoRA on the last N transformer layers only (the
-    backward pass then stops there, which is much cheaper on a CPU); None: every layer."""
-
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    layers: int | None = None
-    learning_rate: float = 1e-3
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8
-    max_length: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rank < 1 or self.alpha < 1:
-            raise ConfigError("training.rank and training.alpha must be at least 1")
-        if self.learning_rate <= 0 or self.batch_size < 1 or self.max_length < 8:
-            raise ConfigError(
-                "training.learning_rate must be > 0, batch_size >= 1, max_length >= 8"
-            )
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ConfigError("training.epochs and training.max_steps must be at least 1")
-        if not self.target_modules:
-            raise ConfigError("training.target_modules must name at least one module")
 
 
 def device_and_dtype(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:

@@ -94,6 +94,17 @@ class LLMSpace:
         self.last_generations: dict[tuple[str, ...], list[str]] = {}
         self.train_log: list[dict[str, Any]] = []
 
+    def set_data(self, data: Sequence[Sequence[dict[str, str]]]) -> None:
+        """The contributors' examples for the next round (index = contributor)."""
+        self.data = [list(d) for d in data]
+        self.n_contributors = len(self.data)
+
+    def training_info(self, adapter: str) -> dict[str, Any]:
+        for entry in reversed(self.train_log):
+            if entry["adapter"] == adapter:
+                return {k: v for k, v in entry.items() if k != "adapter"}
+        return {}
+
     # -- the current model ----------------------------------------------------------------
 
     def materialise(self, base: Candidate) -> None:
@@ -170,3 +181,42 @@ class LLMSpace:
         self.last_generations[key] = texts
         self.on_event("scored", {"adapter": model.adapter, "score": score})
         return score
+
+
+def build_llm_space(
+    config: Any, plugins: Any = None, on_event: Callable[[str, dict[str, Any]], None] | None = None
+) -> LLMSpace:
+    """The LLM space that a coordinator's config describes: the base model (loaded once),
+    the embedder, the target file and the evaluation function."""
+    from crowdsft.errors import ConfigError
+    from crowdsft.node.records import read_records
+    from crowdsft.plugins.manager import get_plugins
+
+    plugins = plugins or get_plugins()
+    target = config.target_path
+    if target is None:
+        raise ConfigError(
+            "rounds need a target: set evaluation.target_file in the coordinator config to a "
+            "JSONL file of evaluation prompts with expert responses"
+        )
+    records = read_records(target)
+    device, dtype = llm.device_and_dtype(config.model.device)
+    logger.info("loading base model %s on %s", config.model.base, device)
+    model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
+    embedder = plugins.create("embedder", config.evaluation.embedder)
+    e = config.evaluation
+    return LLMSpace(
+        model,
+        tokenizer,
+        embedder,
+        [],
+        eval_prompts=[
+            {"prompt": r.prompt} | ({"system": r.system} if r.system else {}) for r in records
+        ],
+        target_responses=[r.response for r in records],
+        evaluation=plugins.create("evaluation", e.function),
+        training=config.training,
+        adapter_dir=config.adapter_dir,
+        generation=GenerationConfig(e.max_new_tokens, e.batch_size, e.greedy, e.seed),
+        on_event=on_event,
+    )

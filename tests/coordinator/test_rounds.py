@@ -1,0 +1,181 @@
+"""Rounds in the coordinator over the tiny LM: a round from submitted contributions, and a
+round stopped after every persisted step and resumed, finishing exactly once."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from crowdsft.coordinator import llm
+from crowdsft.coordinator.llm_space import GenerationConfig, LLMSpace
+from crowdsft.coordinator.rounds import (
+    NotEnoughContributors,
+    RoundInterrupted,
+    RoundRunner,
+    round_history,
+)
+from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
+from crowdsft.node.keys import Identity
+from crowdsft.plugins.evaluation import L2
+from crowdsft.v1 import contribution_pb2
+
+TRAIN = llm.TrainingConfig(
+    rank=8,
+    alpha=16,
+    learning_rate=2e-2,
+    epochs=20,
+    batch_size=4,
+    max_length=48,
+    seed=1,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+IDENTITIES = [Identity.generate() for _ in range(4)]
+ANSWERS = ["yes yes yes", "yes yes yes", "no no no", "no no no"]
+STEPS = ["planned", "candidate:0", "trained", "scored"]
+
+
+def submit_all(coord):
+    with coord.client() as c:
+        for ident, answer in zip(IDENTITIES, ANSWERS, strict=True):
+            for prompt in ("say it", "again?"):
+                env = sign_envelope(
+                    ident,
+                    contribution_pb2.ContributionPayload(
+                        examples=[contribution_pb2.Example(prompt=prompt, response=answer)],
+                        nonce=new_nonce(),
+                        timestamp_ms=now_ms(),
+                    ),
+                )
+                c.stub.SubmitContribution(env, timeout=10)
+
+
+def make_runner(coord, tiny, embedder, tmp_path):
+    model, tok = tiny
+    space = LLMSpace(
+        copy.deepcopy(model),
+        tok,
+        embedder,
+        [],
+        eval_prompts=[{"prompt": "say it"}, {"prompt": "again?"}],
+        target_responses=["yes yes yes", "yes yes yes"],
+        evaluation=L2(),
+        training=TRAIN,
+        adapter_dir=coord.config.adapter_dir,
+        generation=GenerationConfig(max_new_tokens=6, batch_size=2),
+    )
+    return RoundRunner(coord.config, coord.coordinator.store, space)
+
+
+@pytest.fixture
+def rounds_coord(make_coordinator):
+    def make():
+        coord = make_coordinator(rounds={"groups": 2, "judging_error": 0.0, "seed": 3})
+        submit_all(coord)
+        return coord
+
+    return make
+
+
+def ledger(coord):
+    return coord.coordinator.store.query(
+        "SELECT round_id, node_id, points_before, points_after FROM points_ledger ORDER BY node_id"
+    )
+
+
+def test_a_round_from_submitted_contributions(rounds_coord, tiny, char_embedder, tmp_path):
+    coord = rounds_coord()
+    runner = make_runner(coord, tiny, char_embedder, tmp_path)
+    summary = runner.run()
+    assert summary.round_id == 1 and summary.updated
+    assert sorted(n for g in summary.groups for n in g) == sorted(i.node_id for i in IDENTITIES)
+    assert summary.scores[summary.winner] == max(summary.scores)
+    # rank reward: G - rank points to every member, exactly once
+    for rank, g in enumerate(summary.ranking):
+        for node in summary.groups[g]:
+            assert summary.points[node] == 2 - rank
+    assert len(ledger(coord)) == 4
+    store = coord.coordinator.store
+    assert store.query("SELECT adapter FROM lineage")[0][0] == summary.adapters[summary.winner]
+    consumed = store.query("SELECT COUNT(*) FROM consumed")[0][0]
+    assert consumed == 2 * len(summary.groups[summary.winner])  # the winners' data retires
+    assert (coord.config.adapter_dir / f"{summary.adapters[0]}.safetensors").is_file()
+    history = round_history(store)
+    assert history[0]["winner"] == summary.winner and len(history[0]["candidates"]) == 2
+    with coord.client() as c:
+        status = c.status(IDENTITIES[0])
+    assert status.points == summary.points[IDENTITIES[0].node_id]
+    # The next round trains on top of the winner, from the data not yet consumed.
+    second = runner.run()
+    assert second.round_id == 2
+    assert set(n for g in second.groups for n in g).isdisjoint(summary.groups[summary.winner])
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_round_stopped_after_each_step_resumes_and_finishes_once(
+    rounds_coord, tiny, char_embedder, tmp_path, step
+):
+    reference_coord = rounds_coord()
+    reference = make_runner(reference_coord, tiny, char_embedder, tmp_path).run()
+
+    coord = rounds_coord()
+    with pytest.raises(RoundInterrupted):
+        make_runner(coord, tiny, char_embedder, tmp_path).run(stop_after=step)
+    status = coord.coordinator.store.query("SELECT status FROM rounds")
+    assert len(status) == 1 and status[0][0] != "finished"
+    coord.restart()  # a new process would see only what was committed
+    resumed = make_runner(coord, tiny, char_embedder, tmp_path).run()
+
+    assert resumed.round_id == 1
+    assert (resumed.winner, resumed.ranking, resumed.groups) == (
+        reference.winner,
+        reference.ranking,
+        reference.groups,
+    )
+    np.testing.assert_allclose(resumed.scores, reference.scores)
+    assert resumed.points == reference.points
+    store = coord.coordinator.store
+    assert store.query("SELECT COUNT(*), MIN(status) FROM rounds")[0] == (1, "finished")
+    assert store.query("SELECT COUNT(*) FROM lineage")[0][0] == 1
+    assert store.query("SELECT COUNT(*) FROM candidates")[0][0] == 2
+    assert len(ledger(coord)) == 4
+    points = dict(store.query("SELECT node_id, points FROM nodes"))
+    assert points == reference.points
+    # Running again starts the next round; it never redoes round 1.
+    assert make_runner(coord, tiny, char_embedder, tmp_path).run().round_id == 2
+
+
+def test_not_enough_contributors(make_coordinator, tiny, char_embedder, tmp_path):
+    coord = make_coordinator(rounds={"groups": 3})
+    with pytest.raises(NotEnoughContributors, match="at least 3 contributors"):
+        make_runner(coord, tiny, char_embedder, tmp_path).run()
+
+
+def test_regression_reward_rebuilds_its_state_after_a_restart(
+    make_coordinator, tiny, char_embedder, tmp_path
+):
+    coord = make_coordinator(
+        rounds={
+            "groups": 2,
+            "judging_error": 0.0,
+            "reward": "regression",
+            "consume": "none",
+            "seed": 5,
+        }
+    )
+    submit_all(coord)
+    first = make_runner(coord, tiny, char_embedder, tmp_path).run()
+    coord.restart()
+    second = make_runner(coord, tiny, char_embedder, tmp_path).run()
+    assert second.round_id == 2
+    stored = json.loads(
+        coord.coordinator.store.query("SELECT strategies FROM rounds WHERE round_id=2")[0][0]
+    )
+    assert stored["reward"] == "regression"
+    assert set(first.points) == set(second.points)
+    assert all(1.0 <= p + 1.0 <= 2.0 + 1e-9 for p in second.points.values())
