@@ -1,0 +1,58 @@
+"""One small round with the real SmolLM2 and the real embedder, from contributions submitted
+over gRPC. Marked slow; CI runs it (the README's test command installs both models)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_round_with_smollm2_and_minilm_through_grpc(make_coordinator, tmp_path):
+    pytest.importorskip("torch")
+    from crowdsft.coordinator.llm import smollm2_location
+    from crowdsft.coordinator.llm_space import build_llm_space
+    from crowdsft.coordinator.rounds import RoundRunner, round_history
+    from crowdsft.node.keys import Identity
+    from crowdsft.node.records import Record
+    from crowdsft.node.state import NodeState
+    from crowdsft.node.submit import upload
+    from crowdsft.plugins.embedding import minilm_path
+
+    smollm2_location()  # fail loudly (not skip) if the model package is missing
+    minilm_path()
+    coord = make_coordinator(rounds={"groups": 2, "judging_error": 0.0})
+    target = coord.config.base_dir / "target.jsonl"
+    topics = ["the sea", "a cat", "coffee"]
+    target.write_text("".join(
+        json.dumps({"prompt": f"Tell me about {t}.",
+                    "response": f"Arr, {t} be a fine thing, matey!"}) + "\n" for t in topics))
+    config = dataclasses.replace(
+        coord.config,
+        evaluation=dataclasses.replace(coord.config.evaluation, target_file=target,
+                                       max_new_tokens=12),
+        training=dataclasses.replace(coord.config.training, layers=2, max_steps=2, batch_size=4,
+                                     max_length=64),
+        model=dataclasses.replace(coord.config.model, device="cpu"),
+    )
+    answers = [
+        "Arr, {t} be grand, matey!", "Arr, {t} be grand, matey!",
+        "{t} is a topic.", "{t} is a topic.",
+    ]
+    with coord.client() as client:
+        for k, answer in enumerate(answers):
+            ident = Identity.generate()
+            records = [Record(i + 1, f"Tell me about {t}.", answer.format(t=t))
+                       for i, t in enumerate(topics)]
+            with NodeState(tmp_path / f"n{k}.sqlite3") as st:
+                assert upload(client, ident, st, records).accepted == 3
+    space = build_llm_space(config)
+    summary = RoundRunner(config, coord.coordinator.store, space).run()
+    assert summary.round_id == 1 and len(summary.scores) == 2
+    assert all(-2.0 <= s <= 0.0 for s in summary.scores)  # L2 between unit vectors
+    history = round_history(coord.coordinator.store)
+    assert history[0]["candidates"][0]["adapter"] == summary.adapters[0]
+    assert (config.adapter_dir / f"{summary.adapters[0]}.safetensors").is_file()
