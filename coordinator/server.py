@@ -26,7 +26,7 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_n
 
 def create_server(
     config: CoordinatorConfig, service: CoordinatorService
-) -> tuple[grpc.Server, int, health.HealthServicer]:
+) -> tuple[grpc.Server, int, health.HealthServicer, CoordinatorServicer]:
     """An unstarted server bound to ``config.server.listen`` and the port it bound."""
     max_bytes = config.protocol.max_message_bytes
     server = grpc.server(
@@ -40,7 +40,8 @@ def create_server(
         ],
         maximum_concurrent_rpcs=config.server.max_concurrent_streams,
     )
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(service), server)
+    servicer = CoordinatorServicer(service)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -49,7 +50,7 @@ def create_server(
         raise ConfigError(f"cannot listen on {config.server.listen}: {exc}") from None
     if port == 0:
         raise ConfigError(f"cannot listen on {config.server.listen} (address in use?)")
-    return server, port, health_servicer
+    return server, port, health_servicer, servicer
 
 
 def load_identity(config: CoordinatorConfig) -> Identity:
@@ -68,7 +69,9 @@ class Coordinator:
             if pruned:
                 logger.info("forgot %d expired nonces", pruned)
             self.service = CoordinatorService(config, self.identity, self.store)
-            self.server, self.port, self._health = create_server(config, self.service)
+            self.server, self.port, self._health, self._servicer = create_server(
+                config, self.service
+            )
         except BaseException:
             self.store.close()
             raise
@@ -97,6 +100,7 @@ class Coordinator:
         self._stopped.set()
         grace = self.config.server.grace_s if grace is None else grace
         self._health.enter_graceful_shutdown()
+        self._servicer.stopping.set()
         self.server.stop(grace).wait()
         self.store.close()
         c = self.service.counters

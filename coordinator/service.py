@@ -7,6 +7,7 @@ status that answers it, and nothing is written for a rejected request.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -256,7 +257,45 @@ class CoordinatorService:
         if node:
             status.registered = True
             status.registered_at_ms, status.display_name, status.points = node[0]
+        for part in participation(self.store, node_id):
+            status.rounds.add(**part)
         return status
+
+    def round_events(self, after_round_id: int) -> list[coordinator_pb2.RoundEvent]:
+        """Events of the rounds after ``after_round_id``: "planned" for each round that exists,
+        "finished" for each finished one, in order."""
+        events = []
+        for rid, status, groups, base_score, updated, winner, started, finished in self.store.query(
+            "SELECT round_id, status, groups, base_score, updated, winner, started_ms, "
+            "finished_ms FROM rounds WHERE round_id > ? ORDER BY round_id",
+            (after_round_id,),
+        ):
+            members = json.loads(groups)
+            common = {
+                "round_id": rid,
+                "groups": len(members),
+                "contributors": sum(len(g) for g in members),
+            }
+            events.append(coordinator_pb2.RoundEvent(kind="planned", time_ms=started, **common))
+            if status == "finished":
+                scores = [
+                    r[0]
+                    for r in self.store.query(
+                        "SELECT score FROM candidates WHERE round_id=? ORDER BY group_index", (rid,)
+                    )
+                ]
+                events.append(
+                    coordinator_pb2.RoundEvent(
+                        kind="finished",
+                        time_ms=finished or 0,
+                        scores=scores,
+                        base_score=base_score or 0.0,
+                        updated=bool(updated),
+                        winner=-1 if winner is None else winner,
+                        **common,
+                    )
+                )
+        return events
 
 
 @dataclass
@@ -387,6 +426,30 @@ def _lookup(conn: sqlite3.Connection, sql: str, keys: list[bytes]) -> list[tuple
     for i in range(0, len(keys), 500):
         chunk = keys[i : i + 500]
         out += conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+    return out
+
+
+def participation(store: Store, node_id: str) -> list[dict[str, Any]]:
+    """The finished rounds a node took part in, with its group, rank and points."""
+    out = []
+    for rid, groups, ranking in store.query(
+        "SELECT round_id, groups, ranking FROM rounds WHERE status='finished' ORDER BY round_id"
+    ):
+        members = json.loads(groups)
+        group = next((g for g, m in enumerate(members) if node_id in m), None)
+        if group is None:
+            continue
+        entry: dict[str, Any] = {"round_id": rid, "group": group}
+        order = json.loads(ranking) if ranking else []
+        if order:
+            entry["rank"] = order.index(group)
+        ledger = store.query(
+            "SELECT points_before, points_after FROM points_ledger WHERE round_id=? AND node_id=?",
+            (rid, node_id),
+        )
+        if ledger:
+            entry["points_before"], entry["points_after"] = ledger[0]
+        out.append(entry)
     return out
 
 

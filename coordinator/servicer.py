@@ -27,6 +27,7 @@ RETRY_AFTER_TRAILER = "crowdsft-retry-after-ms"
 # Contributions of one upload stream that may wait for their commit at once.
 STREAM_WINDOW = 256
 WRITE_TIMEOUT_S = 60.0
+WATCH_POLL_S = 0.5
 
 STATUS: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
 
@@ -38,6 +39,7 @@ def _status(exc: ProtocolError) -> grpc.StatusCode:
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, service: CoordinatorService) -> None:
         self.service = service
+        self.stopping = threading.Event()  # set on shutdown: ends the watch streams
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, exc: BaseException):
@@ -69,6 +71,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             return self.service.node_status(request)
         except Exception as exc:
             self._abort(context, exc)
+
+    def WatchRounds(self, request, context):
+        cursor = {"planned": request.after_round_id, "finished": request.after_round_id}
+        while context.is_active() and not self.stopping.is_set():
+            low = min(cursor.values())
+            for event in self.service.round_events(low):
+                if event.round_id > cursor[event.kind]:
+                    cursor[event.kind] = event.round_id
+                    yield event
+            self.stopping.wait(WATCH_POLL_S)
 
     def SubmitContribution(self, request, context):
         try:

@@ -223,8 +223,97 @@ def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> 
             else None
         ),
     }
+    data["rounds"] = [
+        {
+            "round_id": r.round_id,
+            "group": r.group,
+            "rank": r.rank if r.HasField("rank") else None,
+            "points_before": r.points_before,
+            "points_after": r.points_after,
+        }
+        for r in st.rounds
+    ]
     if as_json:
         echo_json(data)
         return
     for k, v in data.items():
-        click.echo(f"{k + ':':16}{v}")
+        if k != "rounds":
+            click.echo(f"{k + ':':16}{v}")
+    for r in data["rounds"]:
+        rank = (
+            "no update" if r["rank"] is None else ("won" if r["rank"] == 0 else f"rank {r['rank']}")
+        )
+        click.echo(
+            f"  round {r['round_id']}: group {r['group']}, {rank}, points "
+            f"{r['points_before']:g} -> {r['points_after']:g}"
+        )
+
+
+@node.command()
+@_coordinator_option
+@click.option(
+    "--after",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Only rounds after this round id.",
+)
+@click.option(
+    "--count",
+    default=0,
+    type=click.IntRange(0),
+    help="Stop after this many events (0: until interrupted).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+def watch(address: str, after: int, count: int, as_json: bool) -> None:
+    """Follow the coordinator's fine-tuning rounds live."""
+    import json as jsonlib
+
+    import grpc
+
+    from crowdsft.errors import CoordinatorError
+    from crowdsft.node.client import CoordinatorClient
+
+    seen = 0
+    with CoordinatorClient(address) as client:
+        stream = client.watch_rounds(after, timeout=None)
+        try:
+            for ev in stream:
+                info = {
+                    "round_id": ev.round_id,
+                    "kind": ev.kind,
+                    "groups": ev.groups,
+                    "contributors": ev.contributors,
+                }
+                if ev.kind == "finished":
+                    info |= {
+                        "scores": list(ev.scores),
+                        "base_score": ev.base_score,
+                        "updated": ev.updated,
+                        "winner": ev.winner,
+                    }
+                if as_json:
+                    click.echo(jsonlib.dumps(info))
+                elif ev.kind == "planned":
+                    click.echo(
+                        f"round {ev.round_id}: {ev.contributors} contributors in "
+                        f"{ev.groups} groups, training"
+                    )
+                else:
+                    scores = ", ".join(f"{x:.4f}" for x in ev.scores)
+                    result = (
+                        f"group {ev.winner} won"
+                        if ev.updated
+                        else "no candidate beat the current model"
+                    )
+                    click.echo(f"round {ev.round_id}: finished, scores [{scores}], {result}")
+                seen += 1
+                if count and seen >= count:
+                    stream.cancel()
+                    break
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise CoordinatorError(
+                    f"watching {address} failed: {err.code().name}: {err.details()}",
+                    err.code().name,
+                ) from None

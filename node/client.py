@@ -157,3 +157,11 @@ class CoordinatorClient:
     ) -> Iterator[coordinator_pb2.SubmitResult]:
         """One upload stream (no retries here: the caller resends what got no final answer)."""
         return self.stub.SubmitContributions(iter(envelopes), timeout=timeout)
+
+    def watch_rounds(
+        self, after_round_id: int = 0, timeout: float | None = None
+    ) -> Iterator[coordinator_pb2.RoundEvent]:
+        """Round events as they happen (``timeout=None``: until cancelled)."""
+        return self.stub.WatchRounds(
+            coordinator_pb2.WatchRoundsRequest(after_round_id=after_round_id), timeout=timeout
+        )

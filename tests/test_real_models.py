@@ -27,26 +27,38 @@ def test_one_round_with_smollm2_and_minilm_through_grpc(make_coordinator, tmp_pa
     coord = make_coordinator(rounds={"groups": 2, "judging_error": 0.0})
     target = coord.config.base_dir / "target.jsonl"
     topics = ["the sea", "a cat", "coffee"]
-    target.write_text("".join(
-        json.dumps({"prompt": f"Tell me about {t}.",
-                    "response": f"Arr, {t} be a fine thing, matey!"}) + "\n" for t in topics))
+    target.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Tell me about {t}.", "response": f"Arr, {t} be a fine thing, matey!"}
+            )
+            + "\n"
+            for t in topics
+        )
+    )
     config = dataclasses.replace(
         coord.config,
-        evaluation=dataclasses.replace(coord.config.evaluation, target_file=target,
-                                       max_new_tokens=12),
-        training=dataclasses.replace(coord.config.training, layers=2, max_steps=2, batch_size=4,
-                                     max_length=64),
+        evaluation=dataclasses.replace(
+            coord.config.evaluation, target_file=target, max_new_tokens=12
+        ),
+        training=dataclasses.replace(
+            coord.config.training, layers=2, max_steps=2, batch_size=4, max_length=64
+        ),
         model=dataclasses.replace(coord.config.model, device="cpu"),
     )
     answers = [
-        "Arr, {t} be grand, matey!", "Arr, {t} be grand, matey!",
-        "{t} is a topic.", "{t} is a topic.",
+        "Arr, {t} be grand, matey!",
+        "Arr, {t} be grand, matey!",
+        "{t} is a topic.",
+        "{t} is a topic.",
     ]
     with coord.client() as client:
         for k, answer in enumerate(answers):
             ident = Identity.generate()
-            records = [Record(i + 1, f"Tell me about {t}.", answer.format(t=t))
-                       for i, t in enumerate(topics)]
+            records = [
+                Record(i + 1, f"Tell me about {t}.", answer.format(t=t))
+                for i, t in enumerate(topics)
+            ]
             with NodeState(tmp_path / f"n{k}.sqlite3") as st:
                 assert upload(client, ident, st, records).accepted == 3
     space = build_llm_space(config)

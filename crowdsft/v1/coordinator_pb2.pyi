@@ -1,7 +1,8 @@
 from crowdsft.v1 import envelope_pb2 as _envelope_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -62,8 +63,50 @@ class SubmitResult(_message.Message):
     retry_after_ms: int
     def __init__(self, index: _Optional[int] = ..., contribution_id: _Optional[bytes] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., receipt: _Optional[_Union[_envelope_pb2.SignedReceipt, _Mapping]] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
+class RoundParticipation(_message.Message):
+    __slots__ = ("round_id", "group", "rank", "points_before", "points_after")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    POINTS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    POINTS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    group: int
+    rank: int
+    points_before: float
+    points_after: float
+    def __init__(self, round_id: _Optional[int] = ..., group: _Optional[int] = ..., rank: _Optional[int] = ..., points_before: _Optional[float] = ..., points_after: _Optional[float] = ...) -> None: ...
+
+class WatchRoundsRequest(_message.Message):
+    __slots__ = ("after_round_id",)
+    AFTER_ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    after_round_id: int
+    def __init__(self, after_round_id: _Optional[int] = ...) -> None: ...
+
+class RoundEvent(_message.Message):
+    __slots__ = ("round_id", "kind", "groups", "contributors", "scores", "base_score", "updated", "winner", "time_ms")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    BASE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    WINNER_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    kind: str
+    groups: int
+    contributors: int
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    base_score: float
+    updated: bool
+    winner: int
+    time_ms: int
+    def __init__(self, round_id: _Optional[int] = ..., kind: _Optional[str] = ..., groups: _Optional[int] = ..., contributors: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ..., base_score: _Optional[float] = ..., updated: _Optional[bool] = ..., winner: _Optional[int] = ..., time_ms: _Optional[int] = ...) -> None: ...
+
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "registered", "contributions", "examples", "points", "registered_at_ms", "display_name")
+    __slots__ = ("node_id", "registered", "contributions", "examples", "points", "registered_at_ms", "display_name", "rounds")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +114,7 @@ class NodeStatus(_message.Message):
     POINTS_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     registered: bool
     contributions: int
@@ -78,4 +122,5 @@ class NodeStatus(_message.Message):
     points: float
     registered_at_ms: int
     display_name: str
-    def __init__(self, node_id: _Optional[str] = ..., registered: _Optional[bool] = ..., contributions: _Optional[int] = ..., examples: _Optional[int] = ..., points: _Optional[float] = ..., registered_at_ms: _Optional[int] = ..., display_name: _Optional[str] = ...) -> None: ...
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundParticipation]
+    def __init__(self, node_id: _Optional[str] = ..., registered: _Optional[bool] = ..., contributions: _Optional[int] = ..., examples: _Optional[int] = ..., points: _Optional[float] = ..., registered_at_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundParticipation, _Mapping]]] = ...) -> None: ...

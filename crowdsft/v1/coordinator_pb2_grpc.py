@@ -60,6 +60,11 @@ class CoordinatorStub:
                 request_serializer=crowdsft_dot_v1_dot_envelope__pb2.SignedEnvelope.SerializeToString,
                 response_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.WatchRounds = channel.unary_stream(
+                '/crowdsft.v1.Coordinator/WatchRounds',
+                request_serializer=crowdsft_dot_v1_dot_coordinator__pb2.WatchRoundsRequest.SerializeToString,
+                response_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.RoundEvent.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -102,6 +107,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRounds(self, request, context):
+        """Follow the fine-tuning rounds live: one event when a round is planned and one when it
+        finishes, for every round after `after_round_id`, until the caller cancels. Unsigned:
+        rounds are public.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetNodeStatus,
                     request_deserializer=crowdsft_dot_v1_dot_envelope__pb2.SignedEnvelope.FromString,
                     response_serializer=crowdsft_dot_v1_dot_coordinator__pb2.NodeStatus.SerializeToString,
+            ),
+            'WatchRounds': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRounds,
+                    request_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.WatchRoundsRequest.FromString,
+                    response_serializer=crowdsft_dot_v1_dot_coordinator__pb2.RoundEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +285,33 @@ class Coordinator:
             '/crowdsft.v1.Coordinator/GetNodeStatus',
             crowdsft_dot_v1_dot_envelope__pb2.SignedEnvelope.SerializeToString,
             crowdsft_dot_v1_dot_coordinator__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/crowdsft.v1.Coordinator/WatchRounds',
+            crowdsft_dot_v1_dot_coordinator__pb2.WatchRoundsRequest.SerializeToString,
+            crowdsft_dot_v1_dot_coordinator__pb2.RoundEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -109,7 +109,29 @@ def test_a_round_from_submitted_contributions(rounds_coord, tiny, char_embedder,
     assert history[0]["winner"] == summary.winner and len(history[0]["candidates"]) == 2
     with coord.client() as c:
         status = c.status(IDENTITIES[0])
+        events = []
+        for ev in c.watch_rounds(0, timeout=10):
+            events.append(ev)
+            if len(events) == 2:
+                break
     assert status.points == summary.points[IDENTITIES[0].node_id]
+    (part,) = status.rounds
+    group = next(g for g, m in enumerate(summary.groups) if IDENTITIES[0].node_id in m)
+    assert (part.round_id, part.group, part.rank) == (1, group, summary.ranking.index(group))
+    assert part.points_after == summary.points[IDENTITIES[0].node_id]
+    assert [(e.round_id, e.kind) for e in events] == [(1, "planned"), (1, "finished")]
+    assert list(events[1].scores) == pytest.approx(summary.scores)
+    assert events[1].winner == summary.winner
+    from click.testing import CliRunner
+
+    from crowdsft.cli import main
+
+    out = CliRunner().invoke(
+        main, ["node", "watch", "--coordinator", coord.address, "--count", "2", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(x) for x in out.output.splitlines()]
+    assert [x["kind"] for x in lines] == ["planned", "finished"]
     # The next round trains on top of the winner, from the data not yet consumed.
     second = runner.run()
     assert second.round_id == 2
