@@ -168,3 +168,43 @@ def round_(config_path: Path, as_json: bool) -> None:
         click.echo(f"  group {g}: {len(members)} contributors, score {summary.scores[g]:.4f}{mark}")
     if not summary.updated:
         click.echo("  no candidate beat the current model; nothing changed")
+
+
+def export_model(config, out: Path) -> dict:
+    """Merge the current lineage into the base model and save it where
+    ``AutoModelForCausalLM.from_pretrained(out)`` loads it. Returns what was written."""
+    from crowdsft.coordinator import llm
+    from crowdsft.coordinator.store import Store
+
+    with Store(config.db_path) as store:
+        lineage = [r[0] for r in store.query("SELECT adapter FROM lineage ORDER BY position")]
+    device, dtype = llm.device_and_dtype("cpu")
+    model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
+    for digest in lineage:
+        model = llm.merge_adapter(
+            model, llm.load_adapter(config.adapter_dir, digest), config.training
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"out": str(out), "base": config.model.base, "lineage": lineage}
+
+
+@coordinator.command()
+@_config_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the merged model.",
+)
+def export(config_path: Path, out: Path) -> None:
+    """Write the current best model, merged, as a Hugging Face model folder."""
+    from crowdsft.config import load_coordinator_config
+
+    info = export_model(load_coordinator_config(config_path), out)
+    click.echo(
+        f"wrote {info['out']}: {info['base']} with {len(info['lineage'])} winning "
+        "adapter(s) merged in"
+    )
+    click.echo(f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")

@@ -201,3 +201,49 @@ def test_regression_reward_rebuilds_its_state_after_a_restart(
     assert stored["reward"] == "regression"
     assert set(first.points) == set(second.points)
     assert all(1.0 <= p + 1.0 <= 2.0 + 1e-9 for p in second.points.values())
+
+
+def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from crowdsft.coordinator.cli import export_model
+
+    model, tok = tiny
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    coord = make_coordinator(
+        model={"base": str(base_dir), "device": "cpu"}, training=dataclasses_asdict(TRAIN)
+    )
+    adapter = llm.fit(
+        model, tok, [{"prompt": "p", "response": "yes yes yes"}], None, coord.config.training
+    ).adapter
+    digest = llm.save_adapter(adapter, coord.config.adapter_dir)
+    coord.coordinator.store.write(
+        lambda conn: (
+            conn.execute(
+                "INSERT INTO rounds(round_id, status, seed, started_ms, strategies, "
+                "base_lineage, groups, weights) VALUES (1, 'finished', 0, 0, '{}', '[]', "
+                "'[]', '[]')"
+            ),
+            conn.execute(
+                "INSERT INTO lineage(position, adapter, round_id) VALUES (0, ?, 1)", (digest,)
+            ),
+        )
+    )
+    out = tmp_path / "export"
+    info = export_model(coord.config, out)
+    assert info["lineage"] == [digest]
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    batch = llm.encode(tok, [{"prompt": "p", "response": "yes"}])
+    with torch.no_grad(), llm.with_adapter(model, adapter, coord.config.training) as m:
+        expected = m(input_ids=batch.input_ids).logits
+        got = loaded(input_ids=batch.input_ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def dataclasses_asdict(config):
+    import dataclasses
+
+    return dataclasses.asdict(config)
