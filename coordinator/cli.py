@@ -208,3 +208,34 @@ def export(config_path: Path, out: Path) -> None:
         "adapter(s) merged in"
     )
     click.echo(f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+@coordinator.command()
+@_config_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for index.html, report.json and the PNG plots.",
+)
+def report(config_path: Path, out: Path) -> None:
+    """Write an HTML report of the rounds, points and Shapley values, with report.json."""
+    from crowdsft.config import load_coordinator_config
+    from crowdsft.coordinator.report import build_report
+    from crowdsft.coordinator.store import Store
+    from crowdsft.node.records import read_records
+    from crowdsft.plugins.manager import get_plugins
+
+    config = load_coordinator_config(config_path)
+    if config.target_path is None:
+        raise ConfigError("the report needs evaluation.target_file in the config")
+    targets = [r.response for r in read_records(config.target_path)]
+    embedder = get_plugins().create("embedder", config.evaluation.embedder)
+    with Store(config.db_path) as store:
+        data = build_report(config, store, out, embedder, targets)
+    r = data["pearson_points_shapley"]
+    click.echo(
+        f"{len(data['rounds'])} rounds, {len(data['contributors'])} contributors, "
+        f"Pearson(points, Shapley) {'n/a' if r is None else f'{r:.3f}'}"
+    )
+    click.echo(f"wrote {data['report_path']} and {out / 'report.json'}")

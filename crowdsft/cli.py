@@ -54,6 +54,7 @@ def main(verbose: int, quiet: bool) -> None:
 
 def _register_commands() -> None:
     from crowdsft.coordinator.cli import coordinator
+    from crowdsft.coordinator.demo_cli import demo
     from crowdsft.coordinator.sim_cli import simulate, sweep
     from crowdsft.node.cli import node
     from crowdsft.plugins.cli import plugins
@@ -65,6 +66,7 @@ def _register_commands() -> None:
     main.add_command(simulate)
     main.add_command(sweep)
     main.add_command(plugins)
+    main.add_command(demo)
 
 
 _register_commands()

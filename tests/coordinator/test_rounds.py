@@ -247,3 +247,39 @@ def dataclasses_asdict(config):
     import dataclasses
 
     return dataclasses.asdict(config)
+
+
+def test_report_after_rounds(rounds_coord, tiny, char_embedder, tmp_path):
+    from crowdsft.coordinator.report import build_report
+
+    coord = rounds_coord()
+    runner = make_runner(coord, tiny, char_embedder, tmp_path)
+    runner.run()
+    out = tmp_path / "report"
+    data = build_report(
+        coord.config,
+        coord.coordinator.store,
+        out,
+        char_embedder,
+        ["yes yes yes", "yes yes yes"],
+        extra={"note": "test"},
+    )
+    for name in (
+        "index.html",
+        "report.json",
+        "distance_per_round.png",
+        "candidates_per_round.png",
+        "points_per_contributor.png",
+        "points_vs_shapley.png",
+    ):
+        assert (out / name).is_file()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["note"] == "test" and len(saved["rounds"]) == 1
+    assert len(saved["contributors"]) == 4
+    shapley = {c["node_id"]: c["shapley"] for c in saved["contributors"]}
+    yes_nodes = [i.node_id for i, a in zip(IDENTITIES, ANSWERS, strict=True) if a.startswith("yes")]
+    no_nodes = [i.node_id for i, a in zip(IDENTITIES, ANSWERS, strict=True) if a.startswith("no")]
+    assert min(shapley[n] for n in yes_nodes) > max(shapley[n] for n in no_nodes)
+    assert data["pearson_points_shapley"] is not None
+    html = (out / "index.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # self-contained

@@ -1,0 +1,80 @@
+"""``crowdsft demo`` and ``crowdsft experiment``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from crowdsft.console import echo_json
+
+
+@click.command()
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--groups", default=3, show_default=True, type=click.IntRange(2))
+@click.option(
+    "--steps",
+    default=6,
+    show_default=True,
+    type=click.IntRange(1),
+    help="LoRA optimizer steps per candidate.",
+)
+@click.option(
+    "--learning-rate",
+    default=1e-2,
+    show_default=True,
+    type=click.FloatRange(0, None, min_open=True),
+    help="LoRA learning rate.",
+)
+@click.option("--reward", default="rank", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("crowdsft-demo"),
+    show_default=True,
+    help="Folder for the coordinator, the nodes and the report.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final figures as JSON.")
+def demo(
+    rounds: int,
+    groups: int,
+    steps: int,
+    learning_rate: float,
+    reward: str,
+    seed: int,
+    out: Path,
+    as_json: bool,
+) -> None:
+    """The whole system on this machine: a coordinator on loopback, a crowd of contributor
+    nodes of mixed quality submitting signed examples over gRPC, fine-tuning rounds with the
+    real SmolLM2, the single-model baseline, and a report."""
+    from crowdsft.coordinator.demo import DemoSettings, run_demo
+
+    def say(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    settings = DemoSettings(
+        rounds=rounds,
+        groups=groups,
+        steps=steps,
+        reward=reward,
+        seed=seed,
+        learning_rate=learning_rate,
+    )
+    result = run_demo(out, settings, say)
+    if as_json:
+        echo_json(result)
+        return
+    click.echo("")
+    click.echo(f"multi-model (tournament) target distance: {result['multi_model_distance']:.4f}")
+    click.echo(f"single-model baseline target distance:    {result['single_model_distance']:.4f}")
+    click.echo(f"reduction:                                {result['reduction_percent']:.1f}%")
+    pearson = result["pearson_points_shapley"]
+    click.echo(
+        f"Pearson(points, Shapley):                 "
+        f"{'n/a' if pearson is None else f'{pearson:.3f}'}"
+    )
+    kinds = ", ".join(f"{k} {v:g}" for k, v in result["mean_points_by_kind"].items())
+    click.echo(f"mean points by kind of contributor:       {kinds}")
+    click.echo(f"report: {result['report_path']}  ({result['seconds']:.0f}s in all)")
