@@ -85,11 +85,39 @@ def serve(config_path: Path, listen: str | None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     coord = Coordinator(config).start()
+    auto = _auto_rounds(config, coord)
     click.echo(f"serving on {coord.address}; press Ctrl-C to stop", err=True)
     try:
         coord.wait(stop)
     finally:
+        auto.close()
         coord.stop()
+
+
+def _auto_rounds(config, coord):
+    """Automatic rounds in the serving process, when the config asks for them."""
+    from crowdsft.coordinator.autoround import AutoRounds
+
+    state: dict = {}
+
+    def run_round():
+        from crowdsft.coordinator.llm_space import build_llm_space
+        from crowdsft.coordinator.rounds import RoundRunner
+
+        if "runner" not in state:
+            state["runner"] = RoundRunner(config, coord.store, build_llm_space(config))
+        summary = state["runner"].run()
+        logger.info("automatic round %d done", summary.round_id)
+
+    auto = AutoRounds(config, coord.store, run_round).start()
+    if auto.enabled:
+        r = config.rounds
+        logger.info(
+            "automatic rounds: after %s new contributions, every %ss",
+            r.auto_after_contributions or "-",
+            r.auto_interval_s or "-",
+        )
+    return auto
 
 
 @coordinator.command()

@@ -113,7 +113,37 @@ def _spawn_nodes(crowd: list[Contributor], address: str, root: Path) -> dict[str
     return names
 
 
-def run_demo(out: Path, s: DemoSettings, say: Callable[[str], None]) -> dict[str, Any]:
+def _submit_direct(crowd: list[Contributor], coord: Any) -> dict[str, str]:
+    """Sign and store the crowd's contributions in process (no network): for experiments."""
+    from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
+    from crowdsft.node.keys import Identity
+    from crowdsft.v1 import contribution_pb2
+
+    names = {}
+    for c in crowd:
+        ident = Identity.generate()
+        names[ident.node_id] = c.name
+        for ex in c.examples:
+            coord.service.submit(
+                sign_envelope(
+                    ident,
+                    contribution_pb2.ContributionPayload(
+                        examples=[contribution_pb2.Example(**ex)],
+                        nonce=new_nonce(),
+                        timestamp_ms=now_ms(),
+                    ),
+                )
+            )
+    return names
+
+
+def run_demo(
+    out: Path,
+    s: DemoSettings,
+    say: Callable[[str], None],
+    via_grpc: bool = True,
+    space_factory: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
     from crowdsft.coordinator import llm
     from crowdsft.coordinator.llm_space import Candidate, build_llm_space
     from crowdsft.coordinator.report import build_report, distance_of
@@ -134,19 +164,25 @@ def run_demo(out: Path, s: DemoSettings, say: Callable[[str], None]) -> dict[str
     )
     ev = config.evaluation.function
     with Coordinator(config) as coord:
-        say(
-            f"coordinator on {coord.address}; {len(crowd)} contributor nodes signing and "
-            "submitting over gRPC ..."
-        )
-        names = _spawn_nodes(crowd, coord.address, out)
+        if via_grpc:
+            say(
+                f"coordinator on {coord.address}; {len(crowd)} contributor nodes signing and "
+                "submitting over gRPC ..."
+            )
+            names = _spawn_nodes(crowd, coord.address, out)
+        else:
+            names = _submit_direct(crowd, coord)
         kinds = {nid: name.rsplit("-", 1)[0] for nid, name in names.items()}
         n_examples = coord.store.query("SELECT SUM(example_count) FROM contributions")[0][0]
         say(
             f"  {len(names)} nodes, {n_examples} signed examples stored "
             f"({time.perf_counter() - t0:.0f}s)"
         )
-        say(f"loading {config.model.base} and the {config.evaluation.embedder} embedder ...")
-        space = build_llm_space(config)
+        if space_factory is None:
+            say(f"loading {config.model.base} and the {config.evaluation.embedder} embedder ...")
+            space = build_llm_space(config)
+        else:
+            space = space_factory(config)
         say(f"single-model baseline: {s.rounds * s.steps} steps on the whole pool ...")
         pool = [e for c in crowd for e in c.examples]
         single = _single_model(space, pool, config, s, llm)
@@ -248,3 +284,78 @@ def _print_round(summary: Any, names: dict[str, str], ev: str, say: Callable[[st
         say(f"  {mark}{g + 1:<5} {distance_of(summary.scores[g], ev):9.4f}  {rank:>4}  {who}")
     if not summary.updated:
         say("  no candidate beat the current model: nothing changed this round")
+
+
+def run_experiment(
+    seeds: list[int], s: DemoSettings, out: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The paper's LLM experiment on open models: for each seed, a fresh synthetic pool, the
+    multi-model tournament (``s.rounds`` generations of ``s.groups`` candidates, the winner's
+    data retired after each) against one model fine-tuned on the whole pool. The base model
+    is loaded once and copied for every seed."""
+    import copy
+
+    from crowdsft.coordinator.llm_space import LLMSpace, build_llm_space
+    from crowdsft.node.records import read_records
+
+    cache: dict[str, Any] = {}
+
+    def factory(config: Any) -> Any:
+        if "space" not in cache:
+            say(f"loading {config.model.base} and the {config.evaluation.embedder} embedder ...")
+            space = build_llm_space(config)
+            cache["space"], cache["model"] = space, copy.deepcopy(space.model)
+            return space
+        first = cache["space"]
+        records = read_records(config.target_path)
+        return LLMSpace(
+            copy.deepcopy(cache["model"]),
+            first.tokenizer,
+            first.embedder,
+            [],
+            [{"prompt": r.prompt} for r in records],
+            [r.response for r in records],
+            first.evaluation,
+            config.training,
+            config.adapter_dir,
+            first.generation,
+        )
+
+    runs = []
+    for seed in seeds:
+        say(f"seed {seed}:")
+        r = run_demo(
+            out / f"seed-{seed}",
+            dataclasses.replace(s, seed=seed),
+            say,
+            via_grpc=False,
+            space_factory=factory,
+        )
+        runs.append(
+            {
+                k: r[k]
+                for k in (
+                    "multi_model_distance",
+                    "single_model_distance",
+                    "reduction_percent",
+                    "pearson_points_shapley",
+                )
+            }
+            | {"seed": seed}
+        )
+        say(
+            f"  seed {seed}: multi {r['multi_model_distance']:.4f}, single "
+            f"{r['single_model_distance']:.4f}, reduction {r['reduction_percent']:.1f}%"
+        )
+    return {
+        "seeds": runs,
+        "mean_reduction_percent": float(np.mean([r["reduction_percent"] for r in runs])),
+        "mean_multi_model_distance": float(np.mean([r["multi_model_distance"] for r in runs])),
+        "mean_single_model_distance": float(np.mean([r["single_model_distance"] for r in runs])),
+        "budget": (
+            f"each candidate and each generation of the single model trains {s.steps} steps; "
+            f"the single model gets {s.rounds * s.steps} steps on the whole pool, the winning "
+            f"lineage {s.rounds * s.steps} in all; the tournament also trains "
+            f"{s.rounds * (s.groups - 1)} losing candidates"
+        ),
+    }

@@ -78,3 +78,67 @@ def demo(
     kinds = ", ".join(f"{k} {v:g}" for k, v in result["mean_points_by_kind"].items())
     click.echo(f"mean points by kind of contributor:       {kinds}")
     click.echo(f"report: {result['report_path']}  ({result['seconds']:.0f}s in all)")
+
+
+@click.group()
+def experiment() -> None:
+    """Experiments from the paper, on open models."""
+
+
+@experiment.command("single-vs-multi")
+@click.option(
+    "--seeds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="How many seeds (pools) to run: 0, 1, ...",
+)
+@click.option(
+    "--rounds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Generations of the tournament.",
+)
+@click.option(
+    "--groups",
+    default=3,
+    show_default=True,
+    type=click.IntRange(2),
+    help="Candidates per generation.",
+)
+@click.option("--steps", default=6, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("crowdsft-experiment"),
+    show_default=True,
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def single_vs_multi(
+    seeds: int, rounds: int, groups: int, steps: int, out: Path, as_json: bool
+) -> None:
+    """Single-model SFT on the whole pool versus the multi-model tournament, same pool."""
+    from crowdsft.coordinator.demo import DemoSettings, run_experiment
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    result = run_experiment(
+        list(range(seeds)), DemoSettings(rounds=rounds, groups=groups, steps=steps), out, say
+    )
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(f"{'seed':>4} {'single':>9} {'multi':>9} {'reduction':>10}")
+    for r in result["seeds"]:
+        click.echo(
+            f"{r['seed']:>4} {r['single_model_distance']:9.4f} "
+            f"{r['multi_model_distance']:9.4f} {r['reduction_percent']:9.1f}%"
+        )
+    click.echo(
+        f"mean {result['mean_single_model_distance']:9.4f} "
+        f"{result['mean_multi_model_distance']:9.4f} "
+        f"{result['mean_reduction_percent']:9.1f}%"
+    )
+    click.echo(f"budget: {result['budget']}")

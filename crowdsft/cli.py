@@ -54,7 +54,7 @@ def main(verbose: int, quiet: bool) -> None:
 
 def _register_commands() -> None:
     from crowdsft.coordinator.cli import coordinator
-    from crowdsft.coordinator.demo_cli import demo
+    from crowdsft.coordinator.demo_cli import demo, experiment
     from crowdsft.coordinator.sim_cli import simulate, sweep
     from crowdsft.node.cli import node
     from crowdsft.plugins.cli import plugins
@@ -67,6 +67,7 @@ def _register_commands() -> None:
     main.add_command(sweep)
     main.add_command(plugins)
     main.add_command(demo)
+    main.add_command(experiment)
 
 
 _register_commands()

@@ -68,3 +68,35 @@ def test_one_round_with_smollm2_and_minilm_through_grpc(make_coordinator, tmp_pa
     history = round_history(coord.coordinator.store)
     assert history[0]["candidates"][0]["adapter"] == summary.adapters[0]
     assert (config.adapter_dir / f"{summary.adapters[0]}.safetensors").is_file()
+
+
+def test_demo_end_to_end_at_small_scale(tmp_path):
+    """The README's main job, scaled down: node processes over gRPC, a round with SmolLM2,
+    the single-model baseline, the report."""
+    pytest.importorskip("torch")
+    from crowdsft.coordinator.demo import DemoSettings, run_demo
+
+    lines: list[str] = []
+    settings = DemoSettings(
+        rounds=1,
+        groups=2,
+        steps=1,
+        contributors_per_kind=1,
+        examples_each=2,
+        max_new_tokens=6,
+        batch_size=4,
+    )
+    result = run_demo(tmp_path / "demo", settings, lines.append)
+    for key in (
+        "rounds",
+        "multi_model_distance",
+        "single_model_distance",
+        "reduction_percent",
+        "pearson_points_shapley",
+        "report_path",
+    ):
+        assert key in result
+    assert result["rounds"] == 1 and result["contributors"] == 4 and result["examples"] == 8
+    assert (tmp_path / "demo" / "report" / "index.html").is_file()
+    assert any("signing and submitting over gRPC" in line for line in lines)
+    assert any(line.strip().startswith("base") for line in lines)  # the per-round table
