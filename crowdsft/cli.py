@@ -7,7 +7,9 @@ node commands start fast.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -26,6 +28,11 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     )
     if verbose < 2:
         logging.getLogger("grpc").setLevel(logging.WARNING)
+        # Deprecation chatter from inside the ML libraries is not the user's business.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"peft")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class CrowdSFTGroup(click.Group):
