@@ -113,15 +113,22 @@ def _spawn_nodes(crowd: list[Contributor], address: str, root: Path) -> dict[str
     return names
 
 
-def _submit_direct(crowd: list[Contributor], coord: Any) -> dict[str, str]:
-    """Sign and store the crowd's contributions in process (no network): for experiments."""
+def _submit_direct(crowd: list[Contributor], coord: Any, seed: int) -> dict[str, str]:
+    """Sign and store the crowd's contributions in process (no network): for experiments.
+    Keys derive from the seed and the contributor's name, so the node ids (and with them the
+    grouping) are the same on every run."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
     from crowdsft.node.keys import Identity
     from crowdsft.v1 import contribution_pb2
 
     names = {}
     for c in crowd:
-        ident = Identity.generate()
+        secret = hashlib.sha256(f"crowdsft-experiment/{seed}/{c.name}".encode()).digest()
+        ident = Identity(Ed25519PrivateKey.from_private_bytes(secret))
         names[ident.node_id] = c.name
         for ex in c.examples:
             coord.service.submit(
@@ -171,7 +178,7 @@ def run_demo(
             )
             names = _spawn_nodes(crowd, coord.address, out)
         else:
-            names = _submit_direct(crowd, coord)
+            names = _submit_direct(crowd, coord, s.seed)
         kinds = {nid: name.rsplit("-", 1)[0] for nid, name in names.items()}
         n_examples = coord.store.query("SELECT SUM(example_count) FROM contributions")[0][0]
         say(

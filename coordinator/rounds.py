@@ -35,6 +35,7 @@ from crowdsft.config import CoordinatorConfig
 from crowdsft.errors import CrowdSFTError
 from crowdsft.node.envelope import now_ms
 from crowdsft.plugins.manager import Plugins, get_plugins
+from crowdsft.plugins.reward import RoundOutcome
 from crowdsft.v1 import contribution_pb2
 
 from .engine import RoundEngine, Strategies, TournamentState
@@ -347,8 +348,6 @@ class RoundRunner:
                     )
                 ]
             )
-            from crowdsft.plugins.reward import RoundOutcome
-
             order = np.asarray(json.loads(ranking) if ranking else [], dtype=np.int64)
             outcome = RoundOutcome(rid - 1, groups, scores, base_score, order, weights)
             reward.observe(outcome)
