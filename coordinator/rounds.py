@@ -372,8 +372,8 @@ class RoundRunner:
         replayed = self._replay(engine, everyone, round_id)
         awarded = self.points()
         points = np.array([1.0 + awarded.get(n, 0.0) for n in everyone])
-        if r.reward not in ("rank", "marginal"):
-            points = replayed  # stateful rules carry their own view of everyone's points
+        if getattr(engine.strategies.reward, "replaces_points", False):
+            points = replayed  # the rule carries its own view of everyone's points
         groups = [np.array([index[n] for n in g], dtype=np.int64) for g in groups_nodes]
         candidates = [Candidate(base.lineage, a) for a in adapters]
         state = TournamentState(base, base_score, points, round_id - 1)

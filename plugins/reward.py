@@ -34,7 +34,15 @@ class RoundOutcome:
 
 
 class Reward(ABC):
-    """Turns round outcomes into points. Stateful: ``reset`` before a new tournament."""
+    """Turns round outcomes into points. ``reset`` before a new tournament.
+
+    ``replaces_points``: False for rules that add to the points a contributor holds (the
+    coordinator then continues from the points in its ledger); True for rules that compute
+    everyone's points afresh from the history they observed (the coordinator rebuilds that
+    history by replaying the finished rounds before each decision).
+    """
+
+    replaces_points = False
 
     def reset(self, n_contributors: int) -> None:  # noqa: B027 - optional hook
         """Forget everything (a new tournament of ``n_contributors``)."""
@@ -90,6 +98,8 @@ class RegressionReward(Reward):
     depend on the map. The defaults (decay 0.92, scale 2) were chosen on the paper's
     simulation at 100 users and 4 groups (``bench/simulation.py``).
     """
+
+    replaces_points = True
 
     def __init__(
         self,
