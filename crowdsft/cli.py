@@ -33,6 +33,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"peft")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantisation bar; we say more
 
 
 class CrowdSFTGroup(click.Group):
