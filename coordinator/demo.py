@@ -78,20 +78,37 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _spawn_nodes(crowd: list[Contributor], address: str, root: Path) -> dict[str, str]:
-    """One node process per contributor: keygen, then submit its file over gRPC. Returns
-    node id -> contributor name."""
+def seeded_identity(seed: int, name: str) -> Any:
+    """A contributor's key, derived from the seed and its name: the same crowd gets the same
+    node ids (and so the same groups) on every run."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from crowdsft.node.keys import Identity
+
+    secret = hashlib.sha256(f"crowdsft-demo/{seed}/{name}".encode()).digest()
+    return Identity(Ed25519PrivateKey.from_private_bytes(secret))
+
+
+def _spawn_nodes(crowd: list[Contributor], address: str, root: Path, seed: int) -> dict[str, str]:
+    """One node process per contributor, each with its own key (derived from the seed),
+    submitting its file over gRPC. Returns node id -> contributor name."""
+    from crowdsft.node.keys import write_private_key
+
     procs = []
     for c in crowd:
         home = root / "nodes" / c.name
         home.mkdir(parents=True, exist_ok=True)
         data = home / "examples.jsonl"
         _write_jsonl(data, c.examples)
+        ident = seeded_identity(seed, c.name)
+        write_private_key(ident, home / "node.key", overwrite=True)
+        (home / "id.json").write_text(json.dumps({"node_id": ident.node_id}))
         env = os.environ | {"CROWDSFT_HOME": str(home)}
         cli = [sys.executable, "-m", "crowdsft.cli", "-q"]
         script = (
-            f"{' '.join(cli)} node keygen --out {home / 'node.key'} --json > {home / 'id.json'} "
-            f"&& {' '.join(cli)} node submit --coordinator {address} --key {home / 'node.key'} "
+            f"{' '.join(cli)} node submit --coordinator {address} --key {home / 'node.key'} "
             f"--no-progress --json {data} > {home / 'submit.json'}"
         )
         procs.append(
@@ -117,18 +134,12 @@ def _submit_direct(crowd: list[Contributor], coord: Any, seed: int) -> dict[str,
     """Sign and store the crowd's contributions in process (no network): for experiments.
     Keys derive from the seed and the contributor's name, so the node ids (and with them the
     grouping) are the same on every run."""
-    import hashlib
-
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
-    from crowdsft.node.keys import Identity
     from crowdsft.v1 import contribution_pb2
 
     names = {}
     for c in crowd:
-        secret = hashlib.sha256(f"crowdsft-experiment/{seed}/{c.name}".encode()).digest()
-        ident = Identity(Ed25519PrivateKey.from_private_bytes(secret))
+        ident = seeded_identity(seed, c.name)
         names[ident.node_id] = c.name
         for ex in c.examples:
             coord.service.submit(
@@ -176,7 +187,7 @@ def run_demo(
                 f"coordinator on {coord.address}; {len(crowd)} contributor nodes signing and "
                 "submitting over gRPC ..."
             )
-            names = _spawn_nodes(crowd, coord.address, out)
+            names = _spawn_nodes(crowd, coord.address, out, s.seed)
         else:
             names = _submit_direct(crowd, coord, s.seed)
         kinds = {nid: name.rsplit("-", 1)[0] for nid, name in names.items()}
