@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -432,7 +432,3 @@ def _save(fig: Any, path: Path) -> Path:
 
     plt.close(fig)
     return path
-
-
-def cell_dict(cell: Cell) -> dict[str, Any]:
-    return asdict(cell)
