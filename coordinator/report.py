@@ -24,6 +24,7 @@ from crowdsft.config import CoordinatorConfig
 from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.plugins.valuation import CentroidGame
 
+from .plots import pyplot, save
 from .rounds import examples_of, round_history
 from .simulation import pearson, spearman
 from .store import Store
@@ -122,11 +123,7 @@ def build_report(
 
 
 def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths: dict[str, Path] = {}
     rounds = data["distance_per_round"]
     xs = [r["round_id"] for r in rounds]
@@ -149,20 +146,20 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
         title="Target distance per round",
     )
     ax.legend()
-    paths["distance"] = _save(fig, out / "distance_per_round.png")
+    paths["distance"] = save(fig, out / "distance_per_round.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rounds:
         ax.scatter([r["round_id"]] * len(r["candidates"]), r["candidates"], color="tab:blue")
     ax.set(xlabel="round", ylabel="target distance", title="Candidates per round")
-    paths["candidates"] = _save(fig, out / "candidates_per_round.png")
+    paths["candidates"] = save(fig, out / "candidates_per_round.png")
 
     contributors = data["contributors"]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar([c["name"] for c in contributors], [c["points"] for c in contributors])
     ax.set(ylabel="points", title="Points per contributor")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
-    paths["points"] = _save(fig, out / "points_per_contributor.png")
+    paths["points"] = save(fig, out / "points_per_contributor.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     pts = [(c["shapley"], c["points"]) for c in contributors if c["shapley"] is not None]
@@ -176,17 +173,8 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
         if r is not None
         else "Points vs Shapley values",
     )
-    paths["shapley"] = _save(fig, out / "points_vs_shapley.png")
+    paths["shapley"] = save(fig, out / "points_vs_shapley.png")
     return paths
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:

@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from crowdsft.errors import CrowdSFTError, InputError
+from crowdsft.errors import InputError
 from crowdsft.plugins.manager import get_plugins
 from crowdsft.plugins.valuation import CentroidGame
 
 from .engine import RoundEngine, Strategies, VectorSpace
+from .plots import pyplot, save
 
 DEFAULT_DATA = "movielens-latest-small"
 DISTANCE_THRESHOLD = 5.0
@@ -367,15 +368,7 @@ def write_summary(results: Sequence[CellResult], path: Path) -> None:
 
 def write_plots(results: Sequence[CellResult], out: Path) -> list[Path]:
     """The sweep's figures as PNG files in ``out``."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise CrowdSFTError(
-            "plots need matplotlib: pip install 'crowd-sft[sim]' (or run the sweep with --no-plots)"
-        ) from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out.mkdir(parents=True, exist_ok=True)
     combos: dict[str, list[CellResult]] = {}
@@ -393,7 +386,7 @@ def write_plots(results: Sequence[CellResult], out: Path) -> list[Path]:
         title="Distance over rounds per grouping / evaluation",
     )
     ax.legend(fontsize=8)
-    paths.append(_save(fig, out / "distance_over_rounds.png"))
+    paths.append(save(fig, dpi=110, path=out / "distance_over_rounds.png"))
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, rs in sorted(combos.items()):
@@ -406,7 +399,7 @@ def write_plots(results: Sequence[CellResult], out: Path) -> list[Path]:
         ylabel="mean Pearson(points, Shapley)",
         title="Fairness versus convergence, per combination",
     )
-    paths.append(_save(fig, out / "pearson_vs_distance.png"))
+    paths.append(save(fig, dpi=110, path=out / "pearson_vs_distance.png"))
 
     fig, ax = plt.subplots(figsize=(7, 5))
     by_groups: dict[int, dict[int, list[float]]] = {}
@@ -421,14 +414,5 @@ def write_plots(results: Sequence[CellResult], out: Path) -> list[Path]:
         xlabel="users", ylabel="mean Pearson(points, Shapley)", title="Fairness versus crowd size"
     )
     ax.legend()
-    paths.append(_save(fig, out / "pearson_vs_users.png"))
+    paths.append(save(fig, dpi=110, path=out / "pearson_vs_users.png"))
     return paths
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
