@@ -1,62 +1,12 @@
-"""Who may submit: the admission policy and the per-node rate limit."""
+"""The per-node rate limit. (Admission policies are plugins: ``crowdsft.plugins.admission``.)"""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from pathlib import Path
 
-from crowdsft.config import AdmissionConfig, RateLimitConfig
-from crowdsft.errors import ConfigError, NotAdmittedError, RateLimitedError
-from crowdsft.node.keys import node_id_from_public_key
-
-_NODE_ID = re.compile(r"^[0-9a-f]{32}$")
-_PUBLIC_KEY = re.compile(r"^[0-9a-f]{64}$")
-
-
-def read_allowlist(entries: tuple[str, ...], file: Path | None) -> frozenset[str]:
-    """Node ids from config entries and an optional file: node ids or hex public keys."""
-    lines: list[tuple[str, str]] = [(e, "admission.allowlist") for e in entries]
-    if file is not None:
-        try:
-            text = file.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read allowlist file {file}: {exc.strerror}") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            entry = line.split("#", 1)[0].strip()
-            if entry:
-                lines.append((entry, f"{file}:{n}"))
-    ids = set()
-    for entry, where in lines:
-        e = entry.lower()
-        if _NODE_ID.match(e):
-            ids.add(e)
-        elif _PUBLIC_KEY.match(e):
-            ids.add(node_id_from_public_key(bytes.fromhex(e)))
-        else:
-            raise ConfigError(
-                f"{where}: {entry!r} is neither a node id (32 hex) nor a public key (64 hex)"
-            )
-    return frozenset(ids)
-
-
-class Admission:
-    """The admission policy: ``open`` admits every authenticated node, ``allowlist`` only the
-    listed ones."""
-
-    def __init__(self, config: AdmissionConfig, base_dir: Path) -> None:
-        self.policy = config.policy
-        file = config.allowlist_file
-        if file is not None and not file.is_absolute():
-            file = base_dir / file
-        self.allowed = read_allowlist(config.allowlist, file)
-
-    def check(self, node_id: str) -> None:
-        if self.policy == "allowlist" and node_id not in self.allowed:
-            raise NotAdmittedError(
-                f"node {node_id} is not on this coordinator's allowlist; ask the operator to add it"
-            )
+from crowdsft.config import RateLimitConfig
+from crowdsft.errors import RateLimitedError
 
 
 class RateLimiter:

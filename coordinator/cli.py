@@ -41,7 +41,33 @@ def coordinator() -> None:
 @click.option(
     "--force", is_flag=True, help="Overwrite an existing config (an existing key is kept)."
 )
-def init(directory: Path, listen: str | None, force: bool) -> None:
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Create a self-signed TLS certificate and key under DIRECTORY/tls and serve over TLS.",
+)
+@click.option(
+    "--tls-name",
+    "tls_names",
+    multiple=True,
+    metavar="NAME",
+    help="Host name or IP address nodes will connect to (repeatable) "
+    "[default: localhost, 127.0.0.1, ::1 and this host's name].",
+)
+@click.option(
+    "--mtls",
+    is_flag=True,
+    help="Mutual TLS (implies --tls): also create a CA for node client certificates; issue "
+    "them with `crowdsft coordinator client-cert`.",
+)
+def init(
+    directory: Path,
+    listen: str | None,
+    force: bool,
+    tls: bool,
+    tls_names: tuple[str, ...],
+    mtls: bool,
+) -> None:
     """Create DIRECTORY with a coordinator key, a commented coordinator.toml and a data folder."""
     from crowdsft.config import load_coordinator_config, parse_hostport
     from crowdsft.coordinator.server import load_identity
@@ -49,14 +75,111 @@ def init(directory: Path, listen: str | None, force: bool) -> None:
 
     if listen:
         parse_hostport(listen)
-    config_path = init_coordinator(directory, listen=listen, force=force)
+    config_path = init_coordinator(
+        directory, listen=listen, force=force, tls=tls, tls_names=tls_names, mtls=mtls
+    )
     config = load_coordinator_config(config_path)
     identity = load_identity(config)
     click.echo(f"config:          {config_path}")
     click.echo(f"key:             {config.key_path} (mode 0600)")
     click.echo(f"data:            {config.data_dir}")
     click.echo(f"coordinator key: {identity.public_key.hex()}")
+    s = config.server
+    if s.tls_cert_file:
+        from crowdsft.tls import fingerprint
+
+        cert = config.resolve(s.tls_cert_file)
+        click.echo(f"TLS certificate: {cert} (self-signed; give it to nodes for --tls-ca)")
+        click.echo(f"  SHA-256:       {fingerprint(cert.read_bytes())}")
+    if s.tls_client_ca_file:
+        click.echo(f"client CA:       {config.resolve(s.tls_client_ca_file)} (mutual TLS)")
     click.echo(f"next:            crowdsft coordinator serve --config {config_path}")
+
+
+def _duration(text: str) -> float:
+    """Seconds in "90s", "30m", "12h", "7d" or a plain number of seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration (like 90s, 30m, 12h, 7d)") from None
+    if value <= 0:
+        raise click.BadParameter("the duration must be positive")
+    return value
+
+
+@coordinator.command()
+@_config_option
+@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--expires",
+    default="7d",
+    show_default=True,
+    metavar="DURATION",
+    help="How long the tokens stay valid: 90s, 30m, 12h, 7d.",
+)
+@click.option("--note", default="", help="Who the tokens are for (kept with them).")
+@click.option("--json", "as_json", is_flag=True, help="Print the tokens as JSON.")
+def invite(config_path: Path, count: int, expires: str, note: str, as_json: bool) -> None:
+    """Issue single-use invite tokens (for admission policy "invite").
+
+    Each token admits one node, once: `crowdsft node register --invite TOKEN`. Only a hash of
+    each token is stored; the tokens are printed once, here. Works while the coordinator runs.
+    """
+    from crowdsft.config import load_coordinator_config
+    from crowdsft.coordinator.store import Store
+    from crowdsft.plugins.admission import issue_invites
+
+    ttl = _duration(expires)
+    config = load_coordinator_config(config_path)
+    if config.admission.policy != "invite":
+        click.secho(
+            f"note: admission.policy is {config.admission.policy!r}; tokens only matter "
+            'under policy "invite"',
+            err=True,
+            fg="yellow",
+        )
+    with Store(config.db_path) as store:
+        tokens = store.write(lambda conn: issue_invites(conn, count, ttl, note))
+    if as_json:
+        echo_json([{"token": t, "expires_ms": e, "note": note} for t, e in tokens])
+        return
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(tokens[0][1] / 1000))
+    for t, _ in tokens:
+        click.echo(t)
+    click.echo(f"{count} single-use token(s), valid until {when}", err=True)
+
+
+@coordinator.command("client-cert")
+@_config_option
+@click.option("--name", required=True, help="Who the certificate is for (its common name).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for NAME.crt and NAME.key.",
+)
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1))
+def client_cert(config_path: Path, name: str, out: Path, days: int) -> None:
+    """Issue a client certificate for mutual TLS (the CA that `init --mtls` created)."""
+    from crowdsft.config import load_coordinator_config
+    from crowdsft.tls import issue_client
+
+    config = load_coordinator_config(config_path)
+    ca = config.server.tls_client_ca_file
+    if ca is None:
+        raise ConfigError(f"{config_path}: server.tls_client_ca_file is not set (no mutual TLS)")
+    ca_cert = config.resolve(ca)
+    ca_key = ca_cert.with_suffix(".key")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    issue_client(ca_cert, ca_key, out / f"{safe}.crt", out / f"{safe}.key", name, days=days)
+    click.echo(f"wrote {out / (safe + '.crt')} and {out / (safe + '.key')} (mode 0600)")
+    crt, key = out / f"{safe}.crt", out / f"{safe}.key"
+    click.echo(f"node: crowdsft node ... --tls-cert {crt} --tls-key {key}")
 
 
 @coordinator.command()
@@ -201,6 +324,7 @@ def round_(config_path: Path, as_json: bool) -> None:
 def export_model(config, out: Path) -> dict:
     """Merge the current lineage into the base model and save it where
     ``AutoModelForCausalLM.from_pretrained(out)`` loads it. Returns what was written."""
+    from crowdsft import atomic
     from crowdsft.coordinator import llm
     from crowdsft.coordinator.store import Store
 
@@ -212,9 +336,9 @@ def export_model(config, out: Path) -> dict:
         model = llm.merge_adapter(
             model, llm.load_adapter(config.adapter_dir, digest), config.training
         )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with atomic.folder(out) as tmp:  # a half-written export never replaces a whole one
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return {"out": str(out), "base": config.model.base, "lineage": lineage}
 
 

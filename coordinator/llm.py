@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import io
 import logging
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crowdsft import atomic
 from crowdsft.config import TrainingConfig
 from crowdsft.errors import ConfigError
 
@@ -374,19 +374,14 @@ def adapter_bytes(adapter: dict[str, torch.Tensor]) -> bytes:
 
 def save_adapter(adapter: dict[str, torch.Tensor], folder: Path) -> str:
     """Write the adapter as ``<sha256>.safetensors`` in ``folder`` (atomically: a temporary
-    file, fsync, rename) and return the hash. Writing the same adapter twice is a no-op."""
+    file, fsync, rename, fsync of the folder) and return the hash. Writing the same adapter
+    twice is a no-op."""
     data = adapter_bytes(adapter)
     digest = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{digest}.safetensors"
     if path.exists():
         return digest
-    tmp = folder / f".{digest}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, data)
     return digest
 
 

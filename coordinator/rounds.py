@@ -34,11 +34,13 @@ import numpy as np
 from crowdsft.config import CoordinatorConfig
 from crowdsft.errors import CrowdSFTError
 from crowdsft.node.envelope import now_ms
+from crowdsft.node.keys import Identity
 from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.plugins.reward import RoundOutcome
 from crowdsft.v1 import contribution_pb2
 
 from .engine import RoundEngine, Strategies, TournamentState
+from .ledger import append_record
 from .llm_space import Candidate
 from .store import Store
 
@@ -103,8 +105,14 @@ class RoundRunner:
         space: RoundSpace,
         plugins: Plugins | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        identity: Identity | None = None,
     ) -> None:
+        """``identity`` signs the ledger records (the coordinator's key from ``config`` by
+        default)."""
+        from .server import load_identity
+
         self.config = config
+        self.identity = identity or load_identity(config)
         self.store = store
         self.space = space
         self.plugins = plugins or get_plugins()
@@ -389,35 +397,40 @@ class RoundRunner:
         else:
             consumed_nodes = list(groups_nodes[winner]) if winner is not None else []
 
+        ranking = [int(x) for x in record.order] if record.order is not None else []
+        changed = {
+            n: (awarded.get(n, 0.0), after[n])
+            for n in everyone
+            if abs(after[n] - awarded.get(n, 0.0)) > 1e-12
+        }
+
         def op(conn: sqlite3.Connection) -> None:
-            status = conn.execute(
-                "SELECT status FROM rounds WHERE round_id=?", (round_id,)
-            ).fetchone()[0]
+            status, seed, started_ms, strategies = conn.execute(
+                "SELECT status, seed, started_ms, strategies FROM rounds WHERE round_id=?",
+                (round_id,),
+            ).fetchone()
             if status == "finished":  # finished by an earlier attempt: nothing to do twice
                 return
+            finished_ms = now_ms()
             conn.execute(
                 "UPDATE rounds SET status='finished', finished_ms=?, updated=?, ranking=?, "
                 "swapped=?, winner=? WHERE round_id=?",
                 (
-                    now_ms(),
+                    finished_ms,
                     int(record.updated),
-                    json.dumps([int(x) for x in record.order])
-                    if record.order is not None
-                    else None,
+                    json.dumps(ranking) if record.order is not None else None,
                     int(record.swapped),
                     winner,
                     round_id,
                 ),
             )
-            for n in everyone:
-                before = awarded.get(n, 0.0)
-                if abs(after[n] - before) > 1e-12:
-                    conn.execute(
-                        "INSERT INTO points_ledger(round_id, node_id, points_before, "
-                        "points_after) VALUES (?, ?, ?, ?)",
-                        (round_id, n, before, after[n]),
-                    )
-                    conn.execute("UPDATE nodes SET points=? WHERE node_id=?", (after[n], n))
+            for n, (before, now) in changed.items():
+                conn.execute(
+                    "INSERT INTO points_ledger(round_id, node_id, points_before, "
+                    "points_after) VALUES (?, ?, ?, ?)",
+                    (round_id, n, before, now),
+                )
+                conn.execute("UPDATE nodes SET points=? WHERE node_id=?", (now, n))
             if consumed_nodes:
                 conn.execute(
                     f"INSERT INTO consumed(contribution_seq, round_id) "
@@ -432,6 +445,35 @@ class RoundRunner:
                     "INSERT INTO lineage(position, adapter, round_id) VALUES (?, ?, ?)",
                     (position, adapters[winner], round_id),
                 )
+            append_record(
+                conn,
+                self.identity,
+                round_id,
+                {
+                    "seed": seed,
+                    "started_ms": started_ms,
+                    "finished_ms": finished_ms,
+                    "strategies": json.loads(strategies),
+                    "base_lineage": list(base.lineage),
+                    "lineage": [
+                        r[0] for r in conn.execute("SELECT adapter FROM lineage ORDER BY position")
+                    ],
+                    "population": everyone,
+                    "groups": groups_nodes,
+                    "weights": [[float(x) for x in w] for w in weights],
+                    "candidates": [
+                        {"group": g, "adapter": a, "score": float(s)}
+                        for g, (a, s) in enumerate(zip(adapters, scores, strict=True))
+                    ],
+                    "base_score": float(base_score),
+                    "updated": bool(record.updated),
+                    "ranking": ranking,
+                    "swapped": bool(record.swapped),
+                    "winner": winner,
+                    "consumed": {"policy": r.consume, "nodes": sorted(consumed_nodes)},
+                    "points": {n: [b, a] for n, (b, a) in changed.items()},
+                },
+            )
 
         self.store.write(op)
         summary = RoundSummary(

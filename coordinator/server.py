@@ -45,12 +45,37 @@ def create_server(
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(config.server.listen)
+        credentials = server_credentials(config)
+        if credentials is None:
+            port = server.add_insecure_port(config.server.listen)
+        else:
+            port = server.add_secure_port(config.server.listen, credentials)
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {config.server.listen}: {exc}") from None
     if port == 0:
         raise ConfigError(f"cannot listen on {config.server.listen} (address in use?)")
     return server, port, health_servicer, servicer
+
+
+def server_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config (None: plaintext). With a client CA, mutual TLS: every
+    node must present a certificate that CA issued."""
+    s = config.server
+    if s.tls_cert_file is None or s.tls_key_file is None:
+        return None
+
+    def read(p, what: str) -> bytes:
+        path = config.resolve(p)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the TLS {what} {path}: {exc.strerror}") from None
+
+    pair = (read(s.tls_key_file, "key"), read(s.tls_cert_file, "certificate"))
+    client_ca = read(s.tls_client_ca_file, "client CA") if s.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def load_identity(config: CoordinatorConfig) -> Identity:
@@ -83,12 +108,18 @@ class Coordinator:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        s = self.config.server
         logger.info(
-            "coordinator %s serving on %s (store %s, admission %s)",
+            "coordinator %s serving on %s%s (store %s, admission %s)",
             self.identity.node_id,
             self.address,
+            " over mutual TLS"
+            if s.tls_client_ca_file
+            else " over TLS"
+            if s.tls_cert_file
+            else " (plaintext)",
             self.config.db_path,
-            self.service.admission.policy,
+            self.config.admission.policy,
         )
         return self
 

@@ -30,12 +30,15 @@ from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 from crowdsft.validation import MAX_NONCE_BYTES, MIN_NONCE_BYTES, payload_problems
 
-from .admission import Admission, RateLimiter
+from .admission import RateLimiter
+from .ledger import LedgerEntry, inclusion_proofs, ledger_entries
 from .store import BatchOp, Done, Store
 
 logger = logging.getLogger(__name__)
 
 MAX_DISPLAY_NAME = 64
+LEDGER_PAGE = 256
+MAX_PROOF_IDS = 4096
 
 
 @dataclass
@@ -62,7 +65,13 @@ class CoordinatorService:
         self.store = store
         self.limits = config.protocol.limits()
         self.window_ms = config.protocol.timestamp_window_s * 1000
-        self.admission = Admission(config.admission, config.base_dir)
+        self.admission = self.plugins.create(
+            "admission",
+            config.admission.policy,
+            config=config.admission,
+            base_dir=config.base_dir,
+            store=store,
+        )
         self.rate_limiter = RateLimiter(config.rate_limit)
         self.counters = IngestCounters()
         self._counters_lock = threading.Lock()
@@ -132,7 +141,7 @@ class CoordinatorService:
         return coordinator_pb2.CoordinatorInfo(
             public_key=self.public_key,
             protocol=PROTOCOL,
-            admission_policy=self.admission.policy,
+            admission_policy=self.config.admission.policy,
             max_examples_per_contribution=p.max_examples_per_contribution,
             max_field_bytes=p.max_field_bytes,
             max_message_bytes=p.max_message_bytes,
@@ -191,9 +200,12 @@ class CoordinatorService:
     ) -> envelope_pb2.SignedReceipt:
         return self.submit_async(envelope).result(timeout)
 
-    def _authenticated(self, envelope: envelope_pb2.SignedEnvelope, message_type):
+    def _authenticated(
+        self, envelope: envelope_pb2.SignedEnvelope, message_type, check_admission: bool = True
+    ):
         verified, payload = verify_envelope(envelope, message_type)
-        self.admission.check(verified.node_id)
+        if check_admission:
+            self.admission.check(verified.node_id)
         self._check_nonce_shape(payload.nonce)
         self._check_time(payload.timestamp_ms, now_ms())
         return verified, payload
@@ -201,13 +213,19 @@ class CoordinatorService:
     def register(
         self, envelope: envelope_pb2.SignedEnvelope
     ) -> coordinator_pb2.RegisterNodeResponse:
-        verified, payload = self._authenticated(envelope, contribution_pb2.RegisterPayload)
+        # Admission is decided inside the write: a policy may spend an invite token there.
+        verified, payload = self._authenticated(
+            envelope, contribution_pb2.RegisterPayload, check_admission=False
+        )
         name = payload.display_name.strip()
         if len(name) > MAX_DISPLAY_NAME:
             raise InvalidPayloadError(f"display_name is longer than {MAX_DISPLAY_NAME} characters")
 
         def op(conn: sqlite3.Connection) -> coordinator_pb2.RegisterNodeResponse:
-            self._use_nonce(conn, verified.node_id, payload.nonce, payload.timestamp_ms)
+            self._check_nonce_unused(conn, verified.node_id, payload.nonce)
+            # Last check, and it may write (spend a token): nothing is written if it refuses.
+            self.admission.admit_registration(conn, verified.node_id, payload.invite_token)
+            self._record_nonce(conn, verified.node_id, payload.nonce, payload.timestamp_ms)
             row = conn.execute(
                 "SELECT registered_at_ms FROM nodes WHERE node_id=?", (verified.node_id,)
             ).fetchone()
@@ -260,6 +278,25 @@ class CoordinatorService:
         for part in participation(self.store, node_id):
             status.rounds.add(**part)
         return status
+
+    def ledger(self, after_round_id: int) -> list[LedgerEntry]:
+        """The next page of signed round records after ``after_round_id``."""
+        return ledger_entries(self.store, after_round_id, LEDGER_PAGE)
+
+    def inclusion_proofs(self, ids: list[bytes]) -> coordinator_pb2.InclusionProofs:
+        if len(ids) > MAX_PROOF_IDS:
+            raise InvalidPayloadError(
+                f"at most {MAX_PROOF_IDS} contribution ids per request; got {len(ids)}"
+            )
+        bad = [i for i in ids if len(i) != 32]
+        if bad:
+            raise InvalidPayloadError(
+                f"{len(bad)} contribution id(s) are not 32 bytes (SHA-256 of the payload)"
+            )
+        out = coordinator_pb2.InclusionProofs()
+        for p in inclusion_proofs(self.store, ids):
+            out.proofs.add(**p)
+        return out
 
     def round_events(self, after_round_id: int) -> list[coordinator_pb2.RoundEvent]:
         """Events of the rounds after ``after_round_id``: "planned" for each round that exists,

@@ -82,6 +82,27 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     yield event
             self.stopping.wait(WATCH_POLL_S)
 
+    def GetLedger(self, request, context):
+        after = request.after_round_id
+        while True:
+            try:
+                entries = self.service.ledger(after)
+            except Exception as exc:
+                self._abort(context, exc)
+            if not entries:
+                return
+            for e in entries:
+                yield coordinator_pb2.LedgerEntry(
+                    round_id=e.round_id, record=e.record, signature=e.signature
+                )
+            after = entries[-1].round_id
+
+    def GetInclusionProofs(self, request, context):
+        try:
+            return self.service.inclusion_proofs(list(request.contribution_ids))
+        except Exception as exc:
+            self._abort(context, exc)
+
     def SubmitContribution(self, request, context):
         try:
             receipt = self.service.submit(request, timeout=WRITE_TIMEOUT_S)

@@ -96,6 +96,21 @@ CREATE TABLE IF NOT EXISTS lineage (
     adapter TEXT NOT NULL,
     round_id INTEGER NOT NULL REFERENCES rounds(round_id)
 );
+CREATE TABLE IF NOT EXISTS ledger (
+    round_id INTEGER PRIMARY KEY REFERENCES rounds(round_id),
+    record BLOB NOT NULL,  -- canonical JSON (crowdsft.ledger)
+    signature BLOB NOT NULL,  -- the coordinator's Ed25519 signature over the record
+    hash BLOB NOT NULL  -- SHA-256 of the record; the next record names it
+);
+CREATE TABLE IF NOT EXISTS invites (
+    token_hash BLOB PRIMARY KEY,  -- SHA-256 of the token: the token itself is never stored
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    used_by TEXT,
+    used_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS invites_by_node ON invites(used_by);
 CREATE TABLE IF NOT EXISTS nonces (
     nonce BLOB NOT NULL,
     node_id TEXT NOT NULL,

@@ -36,11 +36,20 @@ class ServerConfig:
     max_workers: int = 64
     max_concurrent_streams: int = 256
     grace_s: float = 5.0
+    # TLS: the server's certificate chain and key (PEM). Both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Mutual TLS: nodes must present a client certificate issued by this CA (PEM).
+    tls_client_ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen)
         if self.max_workers < 4:
             raise ConfigError("server.max_workers must be at least 4")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("server.tls_cert_file and server.tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("server.tls_client_ca_file (mutual TLS) needs server TLS as well")
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,8 @@ class AdmissionConfig:
     allowlist_file: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.policy not in ("open", "allowlist"):
-            raise ConfigError(
-                f"admission.policy must be 'open' or 'allowlist', not {self.policy!r}"
-            )
+        if not self.policy:
+            raise ConfigError("admission.policy must name a policy (open, allowlist, invite)")
 
 
 @dataclass(frozen=True)
@@ -321,6 +328,13 @@ max_workers = 64
 max_concurrent_streams = 256
 # Seconds that in-flight calls get to finish on shutdown (SIGINT/SIGTERM).
 grace_s = 5.0
+# TLS (recommended whenever nodes connect over a network): certificate chain and key, PEM.
+# `crowdsft coordinator init --tls` creates a self-signed pair and fills these in; nodes then
+# pass the certificate with --tls-ca.
+# tls_cert_file = "tls/server.crt"
+# tls_key_file = "tls/server.key"
+# Mutual TLS: accept only nodes presenting a client certificate issued by this CA.
+# tls_client_ca_file = "tls/clients-ca.crt"
 
 [storage]
 # SQLite database (WAL mode), adapters and other artifacts live here.
@@ -349,7 +363,9 @@ contributions_per_s = 50.0
 burst = 500
 
 [admission]
-# "open": any node with a valid signature; "allowlist": only the nodes listed here.
+# "open": any node with a valid signature; "allowlist": only the nodes listed here;
+# "invite": nodes that registered with a token from `crowdsft coordinator invite`;
+# or a policy from a plugin (`crowdsft plugins`).
 policy = "open"
 # Node ids (32 hex characters) or raw public keys (64 hex characters).
 allowlist = []

@@ -98,3 +98,15 @@ class CoordinatorError(CrowdSFTError):
     def __init__(self, message: str, status_name: str | None = None) -> None:
         super().__init__(message)
         self.status_name = status_name
+
+
+class VerificationError(CrowdSFTError):
+    """``node verify`` found a mismatch between the ledger and what it implies or holds."""
+
+
+class DuplicateExampleError(ProtocolError):
+    """An example of the contribution is already stored (from this node or another): the
+    earlier submitter keeps the credit. ``FAILED_PRECONDITION``, not ``ALREADY_EXISTS``: the
+    contribution itself is new and has no receipt."""
+
+    status_name = "FAILED_PRECONDITION"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,7 +33,56 @@ def _key_option(f):
     )(f)
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value):
+    ctx.meta[f"crowdsft.{param.name}"] = value
+    return value
+
+
 def _coordinator_option(f):
+    """--coordinator plus the TLS options every command that connects shares (they go to
+    ``ctx.meta``; ``_client`` reads them)."""
+    path = click.Path(exists=True, dir_okay=False, path_type=Path)
+    options: list[tuple[str, dict[str, Any]]] = [
+        (
+            "--tls",
+            dict(
+                is_flag=True,
+                envvar="CROWDSFT_TLS",
+                help="Connect over TLS, trusting the system's CA roots (implied by --tls-ca).",
+            ),
+        ),
+        (
+            "--tls-ca",
+            dict(
+                type=path,
+                envvar="CROWDSFT_TLS_CA",
+                help="Connect over TLS, trusting this certificate (PEM): the coordinator's "
+                "self-signed certificate, or the CA that issued it.",
+            ),
+        ),
+        (
+            "--tls-cert",
+            dict(
+                type=path,
+                envvar="CROWDSFT_TLS_CERT",
+                help="Client certificate (PEM), for coordinators that ask for mutual TLS.",
+            ),
+        ),
+        (
+            "--tls-key",
+            dict(type=path, envvar="CROWDSFT_TLS_KEY", help="The client certificate's key."),
+        ),
+        (
+            "--tls-server-name",
+            dict(
+                metavar="NAME",
+                help="Name to check in the coordinator's certificate, when it differs "
+                "from the host in --coordinator.",
+            ),
+        ),
+    ]
+    for name, kw in reversed(options):
+        f = click.option(name, expose_value=False, callback=_remember, **kw)(f)
     return click.option(
         "--coordinator",
         "address",
@@ -42,6 +92,19 @@ def _coordinator_option(f):
         show_envvar=True,
         help="Address of the coordinator.",
     )(f)
+
+
+def _client(address: str, **kw):
+    """A client for ``address`` with the TLS settings of the current command line."""
+    from crowdsft.node.client import CoordinatorClient, TLSClient
+
+    meta = click.get_current_context().meta
+    ca, cert, key = (meta.get(f"crowdsft.tls_{k}") for k in ("ca", "cert", "key"))
+    server_name = meta.get("crowdsft.tls_server_name")
+    tls = None
+    if meta.get("crowdsft.tls") or ca or cert or key or server_name:
+        tls = TLSClient.from_files(ca, cert, key, server_name)
+    return CoordinatorClient(address, tls=tls, **kw)
 
 
 def _load(key_path: Path, passphrase_env: str):
@@ -139,7 +202,6 @@ def submit(
     in chat format. Every line is checked before anything is sent. Submitting the same file
     again sends nothing new; an interrupted upload resumes where it stopped.
     """
-    from crowdsft.node.client import CoordinatorClient
     from crowdsft.node.records import read_records
     from crowdsft.node.state import NodeState
     from crowdsft.node.submit import Metadata, upload
@@ -148,7 +210,7 @@ def submit(
     records = read_records(file)
     chunks = -(-len(records) // examples_per_contribution)
     with (
-        CoordinatorClient(address) as client,
+        _client(address) as client,
         NodeState.for_node(identity.node_id) as state,
         progress_bar(
             chunks, f"submitting {file.name}", enabled=not (no_progress or as_json)
@@ -184,13 +246,23 @@ def submit(
 @_coordinator_option
 @_key_option
 @click.option("--name", default="", help="A display name the operator sees.")
-def register(address: str, key_path: Path, passphrase_env: str, name: str) -> None:
-    """Register this node with the coordinator (optional: submitting registers too)."""
-    from crowdsft.node.client import CoordinatorClient
+@click.option(
+    "--invite",
+    default="",
+    metavar="TOKEN",
+    envvar="CROWDSFT_INVITE",
+    help="Invite token from the operator (for coordinators admitting by invitation).",
+)
+def register(address: str, key_path: Path, passphrase_env: str, name: str, invite: str) -> None:
+    """Register this node with the coordinator.
+
+    Submitting registers a node too, except where the coordinator admits by invitation:
+    register once with --invite first.
+    """
 
     identity = _load(key_path, passphrase_env)
-    with CoordinatorClient(address) as client:
-        resp = client.register(identity, name)
+    with _client(address) as client:
+        resp = client.register(identity, name, invite.strip())
     state = "registered" if resp.newly_registered else "already registered"
     click.echo(f"node {resp.node_id} {state} at {address}")
 
@@ -201,11 +273,10 @@ def register(address: str, key_path: Path, passphrase_env: str, name: str) -> No
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> None:
     """This node's standing at the coordinator: contributions, examples, points."""
-    from crowdsft.node.client import CoordinatorClient
     from crowdsft.node.state import NodeState
 
     identity = _load(key_path, passphrase_env)
-    with CoordinatorClient(address) as client:
+    with _client(address) as client:
         st = client.status(identity)
         info = client.info()
     with NodeState.for_node(identity.node_id) as state:
@@ -272,10 +343,9 @@ def watch(address: str, after: int, count: int, as_json: bool) -> None:
     import grpc
 
     from crowdsft.errors import CoordinatorError
-    from crowdsft.node.client import CoordinatorClient
 
     seen = 0
-    with CoordinatorClient(address) as client:
+    with _client(address) as client:
         stream = client.watch_rounds(after, timeout=None)
         try:
             for ev in stream:
@@ -317,3 +387,61 @@ def watch(address: str, after: int, count: int, as_json: bool) -> None:
                     f"watching {address} failed: {err.code().name}: {err.details()}",
                     err.code().name,
                 ) from None
+
+
+@node.command()
+@_coordinator_option
+@_key_option
+@click.option(
+    "--trust-new-coordinator-key",
+    is_flag=True,
+    help="Accept a coordinator key different from the one pinned for this address.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def verify(
+    address: str,
+    key_path: Path,
+    passphrase_env: str,
+    trust_new_coordinator_key: bool,
+    as_json: bool,
+) -> None:
+    """Check the coordinator's ledger against this node's receipts.
+
+    Checks every record's signature and hash link, recomputes every points entry with the
+    reward rule the record names, proves each receipted contribution's inclusion in the rounds
+    that used it, and compares the points the coordinator reports. Exits 1 on any mismatch.
+    """
+    from crowdsft.errors import VerificationError
+    from crowdsft.node.envelope import now_ms
+    from crowdsft.node.state import NodeState
+    from crowdsft.node.verify import held_receipts, verify_node
+
+    identity = _load(key_path, passphrase_env)
+    with _client(address) as client, NodeState.for_node(identity.node_id) as state:
+        key = client.info().public_key
+        if trust_new_coordinator_key:
+            state.repin_coordinator(address, key, now_ms())
+        else:
+            state.pin_coordinator(address, key, now_ms())
+        result = verify_node(client, identity, key, held_receipts(state, key))
+    if as_json:
+        echo_json(result.as_dict())
+    else:
+        click.echo(
+            f"ledger: {result.ledger.rounds} round record(s) from coordinator {key.hex()[:16]}…"
+        )
+        click.echo(
+            f"contributions: {result.receipts} receipted, {result.included} used in rounds "
+            f"({result.proofs} inclusion proofs checked), "
+            f"{result.receipts - result.included} not used yet"
+        )
+        click.echo(
+            f"points: {result.points_recomputed:.6g} by the ledger, "
+            f"{result.points_reported:.6g} reported by the coordinator"
+        )
+        for p in result.problems:
+            click.secho(f"  MISMATCH {p}", fg="red", err=True)
+        if result.ok:
+            click.secho("verified: everything checks out", fg="green")
+    if not result.ok:
+        raise VerificationError(f"{len(result.problems)} mismatch(es) found")

@@ -3,15 +3,19 @@ with exponential backoff and jitter."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
-from crowdsft.errors import CoordinatorError
+from crowdsft.errors import ConfigError, CoordinatorError
+from crowdsft.ledger import LedgerEntry
 from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
 from crowdsft.node.keys import Identity
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
@@ -64,17 +68,23 @@ class CoordinatorClient:
         timeout: float = 30.0,
         backoff: Backoff | None = None,
         max_message_bytes: int = 16 * 1024 * 1024,
+        tls: TLSClient | None = None,
     ) -> None:
+        """``tls``: connect over TLS, verifying the coordinator's certificate (None: plaintext,
+        for loopback and trusted networks only)."""
         self.address = address
         self.timeout = timeout
         self.backoff = backoff or Backoff()
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self.channel = grpc.secure_channel(address, tls.credentials(), options=options)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def close(self) -> None:
@@ -114,12 +124,15 @@ class CoordinatorClient:
         )
 
     def register(
-        self, identity: Identity, display_name: str = ""
+        self, identity: Identity, display_name: str = "", invite_token: str = ""
     ) -> coordinator_pb2.RegisterNodeResponse:
         env = sign_envelope(
             identity,
             contribution_pb2.RegisterPayload(
-                nonce=new_nonce(), timestamp_ms=now_ms(), display_name=display_name
+                nonce=new_nonce(),
+                timestamp_ms=now_ms(),
+                display_name=display_name,
+                invite_token=invite_token,
             ),
         )
         return self._retry("registering", lambda: self.stub.RegisterNode(env, timeout=self.timeout))
@@ -164,4 +177,76 @@ class CoordinatorClient:
         """Round events as they happen (``timeout=None``: until cancelled)."""
         return self.stub.WatchRounds(
             coordinator_pb2.WatchRoundsRequest(after_round_id=after_round_id), timeout=timeout
+        )
+
+    def ledger(self, after_round_id: int = 0) -> list[LedgerEntry]:
+        """Every signed round record after ``after_round_id``, in order."""
+
+        def call() -> list[LedgerEntry]:
+            return [
+                LedgerEntry(e.round_id, e.record, e.signature)
+                for e in self.stub.GetLedger(
+                    coordinator_pb2.GetLedgerRequest(after_round_id=after_round_id),
+                    timeout=self.timeout,
+                )
+            ]
+
+        return self._retry("fetching the ledger", call)
+
+    def inclusion_proofs(
+        self, ids: list[bytes], batch: int = 4096
+    ) -> list[coordinator_pb2.InclusionProof]:
+        out: list[coordinator_pb2.InclusionProof] = []
+        for start in range(0, len(ids), batch):
+            request = coordinator_pb2.InclusionProofsRequest(
+                contribution_ids=ids[start : start + batch]
+            )
+            response: coordinator_pb2.InclusionProofs = self._retry(
+                "fetching inclusion proofs",
+                functools.partial(self.stub.GetInclusionProofs, request, timeout=self.timeout),
+            )
+            out += response.proofs
+        return out
+
+
+@dataclass(frozen=True)
+class TLSClient:
+    """How a node checks the coordinator over TLS: ``ca`` is the PEM of the certificate (or
+    CA) to trust (None: the system's roots); ``cert``/``key`` a client certificate for mutual
+    TLS; ``server_name`` overrides the name checked in the certificate."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        server_name: str | None = None,
+    ) -> TLSClient:
+        if (cert is None) != (key is None):
+            raise ConfigError("a client certificate needs its key, and a key its certificate")
+
+        def read(p: Path | None, what: str) -> bytes | None:
+            if p is None:
+                return None
+            try:
+                return Path(p).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the {what} {p}: {exc.strerror}") from None
+
+        return cls(
+            read(ca, "CA certificate"),
+            read(cert, "client certificate"),
+            read(key, "client key"),
+            server_name,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )

@@ -73,6 +73,12 @@ def crowdsft_register_embedder(register: Register) -> None:
 
 
 @hookspec
+def crowdsft_register_admission(register: Register) -> None:
+    """Register admission policies (``plugins.admission.AdmissionPolicy`` factories, built
+    with ``config``, ``base_dir`` and ``store``): who may register and submit."""
+
+
+@hookspec
 def crowdsft_validate_contribution(node_id: str, examples: Sequence[dict[str, str]]) -> str | None:
     """Check a contribution before it is stored. Return a reason to reject it, or None.
 

@@ -40,6 +40,7 @@ BUILTINS: tuple[str, ...] = (
     "crowdsft.plugins.influence",
     "crowdsft.plugins.valuation",
     "crowdsft.plugins.embedding",
+    "crowdsft.plugins.admission",
 )
 KINDS: tuple[str, ...] = (
     "grouping",
@@ -49,6 +50,7 @@ KINDS: tuple[str, ...] = (
     "influence",
     "valuation",
     "embedder",
+    "admission",
 )
 ENTRY_POINT_GROUP = "crowdsft"
 DISABLE_ENV = "CROWDSFT_DISABLE_PLUGINS"

@@ -124,3 +124,45 @@ class NodeStatus(_message.Message):
     display_name: str
     rounds: _containers.RepeatedCompositeFieldContainer[RoundParticipation]
     def __init__(self, node_id: _Optional[str] = ..., registered: _Optional[bool] = ..., contributions: _Optional[int] = ..., examples: _Optional[int] = ..., points: _Optional[float] = ..., registered_at_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundParticipation, _Mapping]]] = ...) -> None: ...
+
+class GetLedgerRequest(_message.Message):
+    __slots__ = ("after_round_id",)
+    AFTER_ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    after_round_id: int
+    def __init__(self, after_round_id: _Optional[int] = ...) -> None: ...
+
+class LedgerEntry(_message.Message):
+    __slots__ = ("round_id", "record", "signature")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    record: bytes
+    signature: bytes
+    def __init__(self, round_id: _Optional[int] = ..., record: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class InclusionProofsRequest(_message.Message):
+    __slots__ = ("contribution_ids",)
+    CONTRIBUTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    contribution_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, contribution_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class InclusionProof(_message.Message):
+    __slots__ = ("contribution_id", "round_id", "leaf_index", "tree_size", "path")
+    CONTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    LEAF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    contribution_id: bytes
+    round_id: int
+    leaf_index: int
+    tree_size: int
+    path: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, contribution_id: _Optional[bytes] = ..., round_id: _Optional[int] = ..., leaf_index: _Optional[int] = ..., tree_size: _Optional[int] = ..., path: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class InclusionProofs(_message.Message):
+    __slots__ = ("proofs",)
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    proofs: _containers.RepeatedCompositeFieldContainer[InclusionProof]
+    def __init__(self, proofs: _Optional[_Iterable[_Union[InclusionProof, _Mapping]]] = ...) -> None: ...

@@ -65,6 +65,16 @@ class CoordinatorStub:
                 request_serializer=crowdsft_dot_v1_dot_coordinator__pb2.WatchRoundsRequest.SerializeToString,
                 response_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.RoundEvent.FromString,
                 _registered_method=True)
+        self.GetLedger = channel.unary_stream(
+                '/crowdsft.v1.Coordinator/GetLedger',
+                request_serializer=crowdsft_dot_v1_dot_coordinator__pb2.GetLedgerRequest.SerializeToString,
+                response_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.LedgerEntry.FromString,
+                _registered_method=True)
+        self.GetInclusionProofs = channel.unary_unary(
+                '/crowdsft.v1.Coordinator/GetInclusionProofs',
+                request_serializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofsRequest.SerializeToString,
+                response_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofs.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -116,6 +126,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLedger(self, request, context):
+        """The verifiable ledger: the signed record of every finished round after `after_round_id`,
+        in order, hash-chained (see crowdsft/ledger.py for the record format). Unsigned: public.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProofs(self, request, context):
+        """Merkle inclusion proofs: for each contribution id asked for, one proof per round that
+        used it, against that round's record. Unsigned: contribution ids reveal no content.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +174,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WatchRounds,
                     request_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.WatchRoundsRequest.FromString,
                     response_serializer=crowdsft_dot_v1_dot_coordinator__pb2.RoundEvent.SerializeToString,
+            ),
+            'GetLedger': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetLedger,
+                    request_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.GetLedgerRequest.FromString,
+                    response_serializer=crowdsft_dot_v1_dot_coordinator__pb2.LedgerEntry.SerializeToString,
+            ),
+            'GetInclusionProofs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProofs,
+                    request_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofsRequest.FromString,
+                    response_serializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofs.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +348,60 @@ class Coordinator:
             '/crowdsft.v1.Coordinator/WatchRounds',
             crowdsft_dot_v1_dot_coordinator__pb2.WatchRoundsRequest.SerializeToString,
             crowdsft_dot_v1_dot_coordinator__pb2.RoundEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/crowdsft.v1.Coordinator/GetLedger',
+            crowdsft_dot_v1_dot_coordinator__pb2.GetLedgerRequest.SerializeToString,
+            crowdsft_dot_v1_dot_coordinator__pb2.LedgerEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProofs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crowdsft.v1.Coordinator/GetInclusionProofs',
+            crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofsRequest.SerializeToString,
+            crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofs.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ def test_default_file_loads_with_defaults(tmp_path):
         ("[srever]\n", r"unknown section \[srever\]"),
         ("[protocol]\ntimestamp_window_s = 'soon'", "must be an integer"),
         ("[protocol]\nmax_field_bytes = 0", "max_field_bytes must be at least 1"),
-        ("[admission]\npolicy = 'closed'", "admission.policy must be"),
+        ("[admission]\npolicy = ''", "admission.policy must name a policy"),
         ("[admission]\nallowlist = [1]", "must be a list of strings"),
         ("[server]\nlisten = 'nohost'", "not HOST:PORT"),
         ("[rate_limit]\ncontributions_per_s = 0", "must be > 0"),
@@ -50,9 +50,16 @@ def test_hostport():
 
 
 def test_bad_allowlist_entry_is_named(tmp_path):
-    from crowdsft.coordinator.admission import read_allowlist
+    from crowdsft.plugins.admission import read_allowlist
 
     f = tmp_path / "allow.txt"
     f.write_text("# ok\n" + "ab" * 16 + "\nnot-a-key\n")
     with pytest.raises(ConfigError, match=r"allow.txt:3: 'not-a-key'"):
         read_allowlist((), f)
+
+
+def test_unknown_admission_policy_is_named_at_start(make_coordinator):
+    from crowdsft.plugins.manager import PluginError
+
+    with pytest.raises(PluginError, match="no admission strategy named 'closed'.*invite"):
+        make_coordinator(admission={"policy": "closed"})

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from crowdsft.node.client import Backoff
 from crowdsft.node.envelope import contribution_id, new_nonce, now_ms, sign_envelope
 from crowdsft.node.keys import Identity
 from crowdsft.node.records import Record
@@ -106,7 +107,9 @@ def test_upload_resumes_after_restart_with_the_same_bytes(make_coordinator, iden
             cut.set()
             threading.Thread(target=coord.restart, kwargs={"same_port": True}).start()
 
-    with NodeState(tmp_path / "state.sqlite3") as state, coord.client() as c:
+    # The restart takes as long as the machine makes it: give the client time to wait it out.
+    patient = Backoff(base=0.05, cap=0.5, attempts=12)
+    with NodeState(tmp_path / "state.sqlite3") as state, coord.client(backoff=patient) as c:
         report = upload(c, identity, state, records, progress=progress)
         assert report.ok
         assert report.accepted + report.acknowledged_again == 1500

@@ -1,0 +1,73 @@
+"""A model space without a model, for tests, benchmarks and fault-injection harnesses.
+
+``StandInSpace`` behaves like ``LLMSpace`` towards the round runner (adapters stored as files
+by content hash, written atomically, checked on read; scores that depend on the data each group
+trained on) but costs microseconds, so that rounds can run by the hundred while a coordinator
+is killed and restarted. It is not a model of fine-tuning: a candidate's score is the mean
+"quality" of its group's examples (responses close to ``target_chars`` long score higher) plus
+a little seeded noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crowdsft import atomic
+
+from .llm_space import Candidate
+
+
+def quality(example: dict[str, str], target_chars: int) -> float:
+    return float(np.exp(-abs(len(example["response"]) - target_chars) / target_chars))
+
+
+class StandInSpace:
+    def __init__(self, adapter_dir: Path, target_chars: int = 40, noise: float = 0.01) -> None:
+        self.adapter_dir = Path(adapter_dir)
+        self.target_chars = target_chars
+        self.noise = noise
+        self.data: list[list[dict[str, str]]] = []
+        self.n_contributors = 0
+
+    def set_data(self, data: Sequence[Sequence[dict[str, str]]]) -> None:
+        self.data = [list(d) for d in data]
+        self.n_contributors = len(self.data)
+
+    def propose(self, base: Candidate, members: np.ndarray, weights: np.ndarray, rng) -> Candidate:
+        w = np.asarray(weights, dtype=float)
+        per_member = np.array(
+            [
+                np.mean([quality(e, self.target_chars) for e in self.data[m]])
+                if self.data[m]
+                else 0.0
+                for m in members
+            ]
+        )
+        q = float(per_member @ w / w.sum()) if w.sum() > 0 else float(per_member.mean())
+        q += float(rng.normal(0.0, self.noise))
+        body = json.dumps({"base": list(base.lineage), "quality": q}, sort_keys=True).encode()
+        digest = hashlib.sha256(body).hexdigest()
+        path = self.adapter_dir / f"{digest}.json"
+        if not path.exists():
+            atomic.write_bytes(path, body)
+        return Candidate(base.lineage, digest)
+
+    def _read(self, digest: str) -> dict[str, Any]:
+        data = (self.adapter_dir / f"{digest}.json").read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"adapter {digest} is corrupt: its bytes no longer match its hash")
+        return json.loads(data)
+
+    def score(self, models: Sequence[Candidate]) -> np.ndarray:
+        return np.array(
+            [self._read(m.lineage[-1])["quality"] if m.lineage else 0.0 for m in models]
+        )
+
+    def training_info(self, adapter: str) -> dict[str, Any]:
+        return {"quality": self._read(adapter)["quality"]}

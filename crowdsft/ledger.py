@@ -1,0 +1,414 @@
+"""The verifiable ledger: one signed record per finished round, chained by hash.
+
+A record is a JSON object serialised canonically (sorted keys, no spaces, UTF-8, no NaN) and
+signed by the coordinator with Ed25519 over ``LEDGER_TAG || record``. Its hash is the SHA-256
+of the record bytes; each record names the hash of the one before it (``prev_hash``; the first
+names 32 zero bytes), so a record cannot be changed, dropped or reordered without breaking
+either a signature or a link.
+
+The contributions a round used are committed to as a Merkle tree over their contribution ids
+in store order (RFC 6962 hashing: a leaf is ``SHA-256(0x00 || id)``, an inner node
+``SHA-256(0x01 || left || right)``, the tree split at the largest power of two below its size),
+so a node can check that its contribution is in a round with a proof of ``log2(n)`` hashes
+without seeing anyone else's.
+
+This module is shared by the coordinator (which writes records) and the node (which checks
+them); ``verify_ledger`` recomputes every points entry from the records with the reward rule
+each record names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from crowdsft.node.keys import verify_signature
+
+LEDGER_TAG = b"crowdsft.v1.LedgerRecord\n"
+RECORD_VERSION = 1
+GENESIS_HASH = bytes(32)
+POINTS_TOLERANCE = 1e-9
+
+
+# -- canonical records -------------------------------------------------------------------------
+
+
+def canonical(obj: Any) -> bytes:
+    """The one byte string of a record: sorted keys, compact, UTF-8, finite numbers only."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def record_hash(record: bytes) -> bytes:
+    return hashlib.sha256(record).digest()
+
+
+# -- Merkle trees (RFC 6962) -------------------------------------------------------------------
+
+
+def leaf_hash(contribution_id: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + contribution_id).digest()
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """The largest power of two strictly below ``n`` (n >= 2)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def _root(leaves: Sequence[bytes]) -> bytes:
+    if len(leaves) == 1:
+        return leaves[0]
+    k = _split(len(leaves))
+    return _node(_root(leaves[:k]), _root(leaves[k:]))
+
+
+def merkle_root(ids: Sequence[bytes]) -> bytes:
+    """The root over contribution ids (the SHA-256 of nothing for an empty list)."""
+    if not ids:
+        return hashlib.sha256(b"").digest()
+    return _root([leaf_hash(i) for i in ids])
+
+
+def _path(leaves: Sequence[bytes], index: int) -> list[bytes]:
+    if len(leaves) == 1:
+        return []
+    k = _split(len(leaves))
+    if index < k:
+        return [*_path(leaves[:k], index), _root(leaves[k:])]
+    return [*_path(leaves[k:], index - k), _root(leaves[:k])]
+
+
+class MerkleTree:
+    """A tree over a round's contribution ids, for many proofs from one build."""
+
+    def __init__(self, ids: Sequence[bytes]) -> None:
+        self.ids = list(ids)
+        self._leaves = [leaf_hash(i) for i in self.ids]
+        self.index = {cid: i for i, cid in enumerate(self.ids)}
+
+    @property
+    def root(self) -> bytes:
+        return _root(self._leaves) if self._leaves else hashlib.sha256(b"").digest()
+
+    def proof(self, index: int) -> list[bytes]:
+        """The audit path of leaf ``index``: sibling hashes from the leaf up."""
+        if not 0 <= index < len(self._leaves):
+            raise IndexError(f"leaf {index} is outside a tree of {len(self._leaves)}")
+        return _path(self._leaves, index)
+
+
+def inclusion_proof(ids: Sequence[bytes], index: int) -> list[bytes]:
+    return MerkleTree(ids).proof(index)
+
+
+def verify_inclusion(
+    contribution_id: bytes, index: int, size: int, path: Sequence[bytes], root: bytes
+) -> bool:
+    """Whether ``path`` proves leaf ``index`` of a tree of ``size`` leaves holds
+    ``contribution_id`` under ``root`` (RFC 6962, section 2.1.1)."""
+    if not 0 <= index < size:
+        return False
+    if any(len(p) != 32 for p in path):
+        return False
+    h = leaf_hash(contribution_id)
+    fn, sn = index, size - 1
+    for p in path:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            h = _node(p, h)
+            if not fn & 1:
+                while fn & 1 == 0 and fn != 0:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            h = _node(h, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and h == root
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A record as published: its exact bytes and the coordinator's signature over them."""
+
+    round_id: int
+    record: bytes
+    signature: bytes
+
+    @property
+    def hash(self) -> bytes:
+        return record_hash(self.record)
+
+    def data(self) -> dict[str, Any]:
+        return json.loads(self.record)
+
+
+def sign_record(sign, record: dict[str, Any]) -> tuple[bytes, bytes]:
+    """Serialise ``record`` canonically and sign it with ``sign`` (bytes -> signature)."""
+    data = canonical(record)
+    return data, sign(LEDGER_TAG + data)
+
+
+@dataclass
+class Problem:
+    """One thing that does not check out, said precisely."""
+
+    round_id: int | None
+    kind: str  # signature, link, format, points, inclusion, receipt, status
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"round_id": self.round_id, "kind": self.kind, "message": self.message}
+
+    def __str__(self) -> str:
+        where = f"round {self.round_id}: " if self.round_id is not None else ""
+        return f"{where}{self.kind}: {self.message}"
+
+
+REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "version": int,
+    "round_id": int,
+    "prev_hash": str,
+    "coordinator": str,
+    "strategies": dict,
+    "population": list,
+    "groups": list,
+    "weights": list,
+    "contributions": dict,
+    "candidates": list,
+    "base_score": (int, float),
+    "updated": bool,
+    "ranking": list,
+    "winner": (int, type(None)),
+    "points": dict,
+}
+
+
+def _format_problems(rid: int, rec: dict[str, Any]) -> list[str]:
+    out = []
+    for key, kind in REQUIRED.items():
+        if key not in rec:
+            out.append(f"field {key!r} is missing")
+        elif not isinstance(rec[key], kind):
+            out.append(f"field {key!r} has the wrong type")
+    if out:
+        return out
+    population = set(rec["population"])
+    for g, members in enumerate(rec["groups"]):
+        for n in members:
+            if n not in population:
+                out.append(f"group {g} names {n}, who is not in the population")
+    if len(rec["groups"]) != len(rec["candidates"]) or len(rec["groups"]) != len(rec["weights"]):
+        out.append("groups, weights and candidates differ in number")
+    if "reward" not in rec["strategies"]:
+        out.append("strategies do not name the reward rule")
+    return out
+
+
+@dataclass
+class LedgerReport:
+    """What ``verify_ledger`` found: problems (empty when everything checks out) and the
+    points it recomputed, per node, after the last record."""
+
+    rounds: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    points: dict[str, float] = field(default_factory=dict)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_ledger(
+    entries: Sequence[LedgerEntry], coordinator_key: bytes, plugins=None
+) -> LedgerReport:
+    """Check every signature and hash link and recompute every points entry.
+
+    Records must come in order from round 1. Points are recomputed with the reward rule each
+    record names, replaying the earlier records exactly as the coordinator does (see
+    ``crowdsft.coordinator.rounds``); a record whose own entry cannot be trusted (bad
+    signature, broken link, bad format) is reported and not used for replay.
+    """
+    from crowdsft.plugins.manager import get_plugins
+
+    plugins = plugins or get_plugins()
+    report = LedgerReport()
+    prev = GENESIS_HASH
+    good: list[dict[str, Any]] = []
+    awarded: dict[str, float] = {}
+    key_hex = coordinator_key.hex()
+    for expected_id, entry in enumerate(entries, 1):
+        rid = entry.round_id
+        report.rounds += 1
+        if not verify_signature(coordinator_key, entry.signature, LEDGER_TAG + entry.record):
+            report.problems.append(
+                Problem(rid, "signature", "the coordinator's signature does not match the record")
+            )
+            prev = entry.hash
+            continue
+        try:
+            rec = entry.data()
+        except ValueError as exc:
+            report.problems.append(Problem(rid, "format", f"the record is not JSON: {exc}"))
+            prev = entry.hash
+            continue
+        if not isinstance(rec, dict):
+            report.problems.append(Problem(rid, "format", "the record is not a JSON object"))
+            prev = entry.hash
+            continue
+        bad = _format_problems(rid, rec)
+        if bad:
+            report.problems += [Problem(rid, "format", m) for m in bad]
+            prev = entry.hash
+            continue
+        if rec["round_id"] != rid or rid != expected_id:
+            report.problems.append(
+                Problem(
+                    rid,
+                    "link",
+                    f"record is for round {rec['round_id']}, listed as round {rid}; "
+                    f"round {expected_id} was expected here",
+                )
+            )
+        if rec["coordinator"] != key_hex:
+            report.problems.append(
+                Problem(rid, "signature", "the record names another coordinator key")
+            )
+        if rec["prev_hash"] != prev.hex():
+            report.problems.append(
+                Problem(
+                    rid,
+                    "link",
+                    f"prev_hash {rec['prev_hash'][:16]}… does not match the hash of the "
+                    f"previous record {prev.hex()[:16]}…",
+                )
+            )
+        prev = entry.hash
+        report.records[rid] = rec
+        report.problems += _check_points(rec, good, awarded, plugins)
+        good.append(rec)
+        for node, (_before, after) in rec["points"].items():
+            awarded[node] = float(after)
+    report.points = dict(awarded)
+    return report
+
+
+def outcome_of(rec: dict[str, Any], index: dict[str, int]):
+    """The reward rule's view of a recorded round, over a population ``index``."""
+    from crowdsft.plugins.reward import RoundOutcome
+
+    groups = [np.array([index[n] for n in g], dtype=np.int64) for g in rec["groups"]]
+    weights = [np.asarray(w, dtype=float) for w in rec["weights"]]
+    scores = np.array([c["score"] for c in rec["candidates"]], dtype=float)
+    order = np.asarray(rec["ranking"] if rec["updated"] else [], dtype=np.int64)
+    return RoundOutcome(
+        rec["round_id"] - 1, groups, scores, float(rec["base_score"]), order, weights
+    )
+
+
+def recompute_points(
+    rec: dict[str, Any],
+    earlier: Sequence[dict[str, Any]],
+    awarded: dict[str, float],
+    reward,
+) -> dict[str, float]:
+    """Everyone's points after ``rec`` (points awarded, i.e. without the initial 1), as the
+    coordinator computes them: replay ``earlier`` rounds through a fresh ``reward`` rule over
+    this round's population, then decide this round."""
+    everyone = list(rec["population"])
+    index = {n: i for i, n in enumerate(everyone)}
+    reward.reset(len(everyone))
+    replayed = np.ones(len(everyone))
+    for old in earlier:
+        if any(n not in index for g in old["groups"] for n in g):
+            raise ValueError(
+                f"round {old['round_id']} names contributors missing from the population "
+                f"of round {rec['round_id']}"
+            )
+        outcome = outcome_of(old, index)
+        reward.observe(outcome)
+        if old["updated"]:
+            replayed = reward.update(replayed, outcome)
+    if getattr(reward, "replaces_points", False):
+        points = replayed
+    else:
+        points = np.array([1.0 + awarded.get(n, 0.0) for n in everyone])
+    outcome = outcome_of(rec, index)
+    reward.observe(outcome)
+    if rec["updated"]:
+        points = reward.update(points, outcome)
+    return {n: float(points[i]) - 1.0 for i, n in enumerate(everyone)}
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=POINTS_TOLERANCE, abs_tol=POINTS_TOLERANCE)
+
+
+def _check_points(
+    rec: dict[str, Any], earlier: Sequence[dict[str, Any]], awarded: dict[str, float], plugins
+) -> list[Problem]:
+    rid = rec["round_id"]
+    name = rec["strategies"]["reward"]
+    try:
+        reward = plugins.create("reward", name)
+    except Exception as exc:  # an unknown rule is a finding, not a crash
+        return [Problem(rid, "points", f"cannot recompute: reward rule {name!r}: {exc}")]
+    try:
+        expected = recompute_points(rec, earlier, awarded, reward)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        return [Problem(rid, "points", f"cannot recompute the points: {exc}")]
+    problems = []
+    listed = rec["points"]
+    for node, value in sorted(expected.items()):
+        before = awarded.get(node, 0.0)
+        entry = listed.get(node)
+        if entry is None:
+            if not _close(value, before):
+                problems.append(
+                    Problem(
+                        rid,
+                        "points",
+                        f"node {node}: the record lists no change, but the {name} rule gives "
+                        f"{value:.6g} (was {before:.6g})",
+                    )
+                )
+            continue
+        b, a = float(entry[0]), float(entry[1])
+        if not _close(b, before):
+            problems.append(
+                Problem(
+                    rid,
+                    "points",
+                    f"node {node}: points before are {b:.6g} in the record, {before:.6g} after "
+                    f"the earlier records",
+                )
+            )
+        if not _close(a, value):
+            problems.append(
+                Problem(
+                    rid,
+                    "points",
+                    f"node {node}: {a:.6g} points in the record, {value:.6g} by the {name} rule",
+                )
+            )
+    for node in sorted(set(listed) - set(expected)):
+        problems.append(
+            Problem(rid, "points", f"node {node} has a points entry but is not in the population")
+        )
+    return problems

@@ -1,0 +1,183 @@
+"""``crowdsft node verify``: check what the coordinator published against what this node holds.
+
+1. Every ledger record's signature (the coordinator key this node pinned) and hash link.
+2. Every points entry, recomputed from the records with the reward rule each record names.
+3. Each of this node's receipted contributions: its receipt's signature, and for each round
+   the coordinator says used it, a Merkle inclusion proof against that round's record, in a
+   round where this node was a contributor.
+4. The points the coordinator reports for this node against the points the records imply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from crowdsft.ledger import LedgerReport, Problem, verify_inclusion, verify_ledger
+from crowdsft.node.envelope import verify_receipt
+from crowdsft.node.keys import Identity
+from crowdsft.v1 import coordinator_pb2, envelope_pb2
+
+POINTS_TOLERANCE = 1e-9
+
+
+@dataclass
+class NodeVerification:
+    node_id: str
+    coordinator_key: bytes
+    ledger: LedgerReport
+    receipts: int = 0
+    included: int = 0  # receipted contributions used in at least one round
+    proofs: int = 0  # inclusion proofs checked
+    points_recomputed: float = 0.0
+    points_reported: float | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "node_id": self.node_id,
+            "coordinator_key": self.coordinator_key.hex(),
+            "rounds": self.ledger.rounds,
+            "receipts": self.receipts,
+            "included": self.included,
+            "pending": self.receipts - self.included,
+            "proofs_checked": self.proofs,
+            "points_recomputed": self.points_recomputed,
+            "points_reported": self.points_reported,
+            "problems": [p.as_dict() for p in self.problems],
+        }
+
+
+def check_inclusion(
+    proofs: list[coordinator_pb2.InclusionProof],
+    receipted: set[bytes],
+    node_id: str,
+    records: dict[int, dict[str, Any]],
+) -> tuple[int, set[bytes], list[Problem]]:
+    """Check proofs for this node's contributions; returns (proofs checked, ids included,
+    problems)."""
+    problems: list[Problem] = []
+    included: set[bytes] = set()
+    checked = 0
+    for p in proofs:
+        cid = bytes(p.contribution_id)
+        short = cid.hex()[:16]
+        if cid not in receipted:
+            problems.append(
+                Problem(p.round_id, "inclusion", f"proof for {short}…, which this node never sent")
+            )
+            continue
+        rec = records.get(p.round_id)
+        if rec is None:
+            problems.append(
+                Problem(
+                    p.round_id,
+                    "inclusion",
+                    f"contribution {short}… is said to be in a round with no valid record",
+                )
+            )
+            continue
+        checked += 1
+        contributions = rec.get("contributions", {})
+        if p.tree_size != contributions.get("count"):
+            problems.append(
+                Problem(
+                    p.round_id,
+                    "inclusion",
+                    f"contribution {short}…: proof over {p.tree_size} leaves, the record "
+                    f"commits to {contributions.get('count')}",
+                )
+            )
+            continue
+        try:
+            root = bytes.fromhex(contributions.get("merkle_root", ""))
+        except ValueError:
+            root = b""
+        if not verify_inclusion(cid, p.leaf_index, p.tree_size, list(p.path), root):
+            problems.append(
+                Problem(
+                    p.round_id,
+                    "inclusion",
+                    f"contribution {short}… is not under the record's Merkle root",
+                )
+            )
+            continue
+        if not any(node_id in g for g in rec.get("groups", [])):
+            problems.append(
+                Problem(
+                    p.round_id,
+                    "inclusion",
+                    f"contribution {short}… was used, but this node is in none of the groups",
+                )
+            )
+            continue
+        included.add(cid)
+    return checked, included, problems
+
+
+def verify_node(client, identity: Identity, coordinator_key: bytes, receipts) -> NodeVerification:
+    """Run every check for ``identity`` against the coordinator at ``client``. ``receipts`` are
+    the signed receipts this node holds (``envelope_pb2.SignedReceipt``)."""
+    node_id = identity.node_id
+    entries = client.ledger()
+    report = verify_ledger(entries, coordinator_key)
+    result = NodeVerification(node_id, coordinator_key, report)
+    result.problems += report.problems
+    receipted: set[bytes] = set()
+    for signed in receipts:
+        try:
+            receipt = verify_receipt(signed, coordinator_key)
+        except Exception as exc:
+            result.problems.append(Problem(None, "receipt", f"a stored receipt is invalid: {exc}"))
+            continue
+        if receipt.node_id != node_id:
+            result.problems.append(
+                Problem(None, "receipt", f"a stored receipt names node {receipt.node_id}")
+            )
+            continue
+        receipted.add(bytes(receipt.contribution_id))
+    result.receipts = len(receipted)
+    proofs = client.inclusion_proofs(sorted(receipted))
+    checked, included, problems = check_inclusion(proofs, receipted, node_id, report.records)
+    result.proofs, result.included = checked, len(included)
+    result.problems += problems
+    # Rounds that used this node's data must list it, and a node listed in a group must have
+    # had data there: a proof for one of its contributions in each such round.
+    proven_rounds = {p.round_id for p in proofs if bytes(p.contribution_id) in included}
+    for rid, rec in sorted(report.records.items()):
+        if any(node_id in g for g in rec["groups"]) and rid not in proven_rounds:
+            result.problems.append(
+                Problem(
+                    rid,
+                    "inclusion",
+                    "this node is in a group, but no contribution of this node it holds a "
+                    "receipt for is proven in the round",
+                )
+            )
+    result.points_recomputed = report.points.get(node_id, 0.0)
+    status = client.status(identity)
+    result.points_reported = status.points
+    if abs(status.points - result.points_recomputed) > POINTS_TOLERANCE * max(
+        1.0, abs(status.points)
+    ):
+        result.problems.append(
+            Problem(
+                None,
+                "status",
+                f"the coordinator reports {status.points:.6g} points for this node; the "
+                f"ledger implies {result.points_recomputed:.6g}",
+            )
+        )
+    return result
+
+
+def held_receipts(state, coordinator_key: bytes) -> list[envelope_pb2.SignedReceipt]:
+    return [
+        envelope_pb2.SignedReceipt(receipt=s.receipt, signature=s.receipt_signature)
+        for s in state.receipts(coordinator_key)
+    ]
