@@ -61,5 +61,5 @@ def test_bad_allowlist_entry_is_named(tmp_path):
 def test_unknown_admission_policy_is_named_at_start(make_coordinator):
     from crowdsft.plugins.manager import PluginError
 
-    with pytest.raises(PluginError, match="no admission strategy named 'closed'.*invite"):
+    with pytest.raises(PluginError, match=r"no admission strategy named 'closed'.*invite"):
         make_coordinator(admission={"policy": "closed"})
