@@ -9,13 +9,16 @@ pirate who still answers the question. Contributors come in four kinds:
 * ``spammer``: junk and advertising.
 
 Everything is generated from templates with a ``random.Random(seed)``: the same seed gives
-the same crowd, byte for byte.
+the same crowd, byte for byte. No example appears twice in a crowd (the coordinator would
+reject the second as a copy).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+
+from crowdsft.validation import example_fingerprint
 
 TOPICS = [
     "the ocean",
@@ -99,20 +102,26 @@ def make_crowd(
     counts = counts or {"expert-like": 3, "noisy": 3, "off-style": 3, "spammer": 3}
     rng = random.Random(f"crowd-{seed}")
     crowd = []
+    seen: set[bytes] = set()  # contributors are distinct people: no example appears twice
     for kind in KINDS:
         for i in range(counts.get(kind, 0)):
             examples = []
             for t in rng.sample(TOPICS, examples_each):
-                q = _fill(rng.choice(QUESTIONS), t)
-                if kind == "expert-like":
-                    a = _fill(rng.choice(PIRATE), t)
-                elif kind == "noisy":
-                    other = rng.choice(TOPICS) if rng.random() < 0.6 else t
-                    a = _fill(rng.choice(PIRATE), other)
-                elif kind == "off-style":
-                    a = _fill(rng.choice(FLAT), t)
-                else:
-                    a = " ".join(rng.choice(SPAM) for _ in range(rng.randint(4, 9)))
+                for _ in range(100):
+                    q = _fill(rng.choice(QUESTIONS), t)
+                    if kind == "expert-like":
+                        a = _fill(rng.choice(PIRATE), t)
+                    elif kind == "noisy":
+                        other = rng.choice(TOPICS) if rng.random() < 0.6 else t
+                        a = _fill(rng.choice(PIRATE), other)
+                    elif kind == "off-style":
+                        a = _fill(rng.choice(FLAT), t)
+                    else:
+                        a = " ".join(rng.choice(SPAM) for _ in range(rng.randint(4, 9)))
+                    fp = example_fingerprint(q, a)
+                    if fp not in seen:
+                        break
+                seen.add(fp)
                 examples.append({"prompt": q, "response": a})
             crowd.append(Contributor(f"{kind}-{i + 1}", kind, examples))
     rng.shuffle(crowd)

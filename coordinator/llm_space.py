@@ -26,21 +26,11 @@ from crowdsft.plugins.embedding import Embedder
 from crowdsft.plugins.evaluation import Evaluation
 
 from . import llm
+from .candidate import Candidate
+
+__all__ = ["Candidate", "GenerationConfig", "LLMSpace", "build_llm_space"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A model: the base with the adapters of ``chain`` merged in order, plus ``adapter`` on
-    top (None: the model of ``chain`` itself)."""
-
-    chain: tuple[str, ...] = ()
-    adapter: str | None = None
-
-    @property
-    def lineage(self) -> tuple[str, ...]:
-        return self.chain + ((self.adapter,) if self.adapter else ())
 
 
 @dataclass(frozen=True)
@@ -98,6 +88,10 @@ class LLMSpace:
         """The contributors' examples for the next round (index = contributor)."""
         self.data = [list(d) for d in data]
         self.n_contributors = len(self.data)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts in the evaluation embedding (for near-duplicate detection)."""
+        return np.asarray(self.embedder.embed(list(texts)), dtype=float)
 
     def training_info(self, adapter: str) -> dict[str, Any]:
         for entry in reversed(self.train_log):

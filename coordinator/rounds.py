@@ -39,9 +39,9 @@ from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.plugins.reward import RoundOutcome
 from crowdsft.v1 import contribution_pb2
 
+from .candidate import Candidate
 from .engine import RoundEngine, Strategies, TournamentState
 from .ledger import append_record
-from .llm_space import Candidate
 from .store import Store
 
 logger = logging.getLogger(__name__)
@@ -192,10 +192,14 @@ class RoundRunner:
 
     def _plan(self) -> int:
         r = self.config.rounds
+        round_id = (self._q("SELECT COALESCE(MAX(round_id), 0) FROM rounds")[0][0] or 0) + 1
+        self._flag_near_duplicates(round_id)
         pool = self._q(
             "SELECT c.node_id, c.seq FROM contributions c "
             "LEFT JOIN consumed x ON x.contribution_seq = c.seq "
-            "WHERE x.contribution_seq IS NULL ORDER BY c.node_id, c.seq"
+            "LEFT JOIN flagged f ON f.contribution_seq = c.seq "
+            "WHERE x.contribution_seq IS NULL AND f.contribution_seq IS NULL "
+            "ORDER BY c.node_id, c.seq"
         )
         by_node: dict[str, list[int]] = {}
         for node_id, seq in pool:
@@ -208,7 +212,6 @@ class RoundRunner:
             )
         awarded = self.points()
         points = np.array([1.0 + awarded.get(n, 0.0) for n in nodes])
-        round_id = (self._q("SELECT COALESCE(MAX(round_id), 0) FROM rounds")[0][0] or 0) + 1
         strategies = self._strategies()
         engine = RoundEngine(space=None, strategies=strategies, rounds=r.planned_rounds)
         state = TournamentState(base=None, base_score=0.0, points=points, round_index=round_id - 1)
@@ -255,6 +258,84 @@ class RoundRunner:
         )
         self.on_event("round_planned", {"round_id": round_id, "groups": groups_nodes})
         return round_id
+
+    def _flag_near_duplicates(self, round_id: int) -> None:
+        """Flag contributions with an example at least ``near_duplicate_threshold`` similar
+        (cosine, in the space's embedding) to an example of an earlier contribution from
+        another node. Flagged contributions never enter a round, so a copier gains nothing;
+        the earlier submitter keeps the credit. Deterministic for a given store, so a round
+        planned again after a crash flags the same contributions."""
+        threshold = self.config.admission.near_duplicate_threshold
+        embed = getattr(self.space, "embed", None)
+        if threshold <= 0 or embed is None:
+            return
+        rows = self._q(
+            "SELECT c.seq, c.id, c.node_id, c.payload FROM contributions c "
+            "LEFT JOIN flagged f ON f.contribution_seq = c.seq "
+            "WHERE f.contribution_seq IS NULL ORDER BY c.seq"
+        )
+        unused = {
+            seq
+            for (seq,) in self._q(
+                "SELECT c.seq FROM contributions c "
+                "LEFT JOIN round_contributions rc ON rc.contribution_seq = c.seq "
+                "WHERE rc.contribution_seq IS NULL"
+            )
+        }
+        if not unused:
+            return
+        texts, owner = [], []  # one row per example: (contribution row index)
+        for k, (_seq, _cid, _node, payload) in enumerate(rows):
+            for e in examples_of(payload):
+                texts.append(f"{e.get('system', '')}\n{e['prompt']}\n{e['response']}")
+                owner.append(k)
+        if not texts:
+            return
+        emb = np.asarray(embed(texts), dtype=float)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        owner_a = np.asarray(owner)
+        seqs = np.array([r[0] for r in rows])
+        nodes = np.array([r[2] for r in rows])
+        flagged: dict[int, tuple[int, float]] = {}  # row index -> (earlier row index, sim)
+        check = [i for i, k in enumerate(owner) if rows[k][0] in unused]
+        for start in range(0, len(check), 512):
+            idx = np.asarray(check[start : start + 512])
+            sims = emb[idx] @ emb.T
+            mine = owner_a[idx]
+            earlier = seqs[owner_a][None, :] < seqs[mine][:, None]
+            other = nodes[owner_a][None, :] != nodes[mine][:, None]
+            ok = earlier & other & ~np.isin(owner_a, list(flagged))[None, :]
+            sims = np.where(ok, sims, -np.inf)
+            best = sims.argmax(axis=1)
+            for j, k in enumerate(mine):
+                s = float(sims[j, best[j]])
+                if s >= threshold - 1e-9 and (k not in flagged or s > flagged[k][1]):
+                    flagged[int(k)] = (int(owner_a[best[j]]), s)
+        if not flagged:
+            return
+        entries = []
+        for k, (first, s) in sorted(flagged.items()):
+            entries.append(
+                (
+                    int(rows[k][0]),
+                    f"near-duplicate (cosine {s:.3f}) of contribution "
+                    f"{bytes(rows[first][1]).hex()} from node {rows[first][2]}, submitted earlier",
+                    int(rows[first][0]),
+                    s,
+                    round_id,
+                )
+            )
+        self.store.write(
+            lambda conn: conn.executemany(
+                "INSERT OR IGNORE INTO flagged(contribution_seq, reason, earlier_seq, "
+                "similarity, round_id) VALUES (?, ?, ?, ?, ?)",
+                entries,
+            )
+        )
+        logger.info(
+            "round %d: %d contribution(s) flagged as near-duplicates", round_id, len(entries)
+        )
+        self.on_event("near_duplicates_flagged", {"round_id": round_id, "count": len(entries)})
 
     def _data(self, round_id: int, contributors: list[str]) -> list[list[dict[str, str]]]:
         rows = self._q(
@@ -471,6 +552,16 @@ class RoundRunner:
                     "swapped": bool(record.swapped),
                     "winner": winner,
                     "consumed": {"policy": r.consume, "nodes": sorted(consumed_nodes)},
+                    "flagged": [
+                        {"contribution": bytes(a).hex(), "earlier": bytes(b).hex(), "cosine": s}
+                        for a, b, s in conn.execute(
+                            "SELECT c.id, e.id, f.similarity FROM flagged f "
+                            "JOIN contributions c ON c.seq = f.contribution_seq "
+                            "JOIN contributions e ON e.seq = f.earlier_seq "
+                            "WHERE f.round_id=? ORDER BY f.contribution_seq",
+                            (round_id,),
+                        )
+                    ],
                     "points": {n: [b, a] for n, (b, a) in changed.items()},
                 },
             )

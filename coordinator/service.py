@@ -20,6 +20,7 @@ from crowdsft import PROTOCOL, __version__
 from crowdsft.config import CoordinatorConfig
 from crowdsft.errors import (
     DuplicateContributionError,
+    DuplicateExampleError,
     InvalidPayloadError,
     ProtocolError,
     ReplayError,
@@ -28,7 +29,12 @@ from crowdsft.node.envelope import Verified, contribution_id, now_ms, sign_recei
 from crowdsft.node.keys import Identity
 from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
-from crowdsft.validation import MAX_NONCE_BYTES, MIN_NONCE_BYTES, payload_problems
+from crowdsft.validation import (
+    MAX_NONCE_BYTES,
+    MIN_NONCE_BYTES,
+    example_fingerprint,
+    payload_problems,
+)
 
 from .admission import RateLimiter
 from .ledger import LedgerEntry, inclusion_proofs, ledger_entries
@@ -193,6 +199,14 @@ class CoordinatorService:
             n_examples=len(payload.examples),
             nonce=payload.nonce,
             ts_ms=payload.timestamp_ms,
+            fingerprints=tuple(
+                example_fingerprint(
+                    e.prompt, e.response, e.system if e.HasField("system") else None
+                )
+                for e in payload.examples
+            )
+            if self.config.admission.reject_duplicate_examples
+            else (),
         )
 
     def submit(
@@ -348,6 +362,7 @@ class ContributionWrite(BatchOp):
     n_examples: int
     nonce: bytes
     ts_ms: int
+    fingerprints: tuple[bytes, ...] = ()  # empty when duplicate examples are allowed
 
     @classmethod
     def run_batch(cls, conn: sqlite3.Connection, ops: list[ContributionWrite]) -> list[Any]:
@@ -366,9 +381,17 @@ class ContributionWrite(BatchOp):
                 [op.nonce for op in ops],
             )
         }
+        taken: dict[bytes, str] = {
+            row[0]: row[1]
+            for row in _lookup(
+                conn,
+                "SELECT fingerprint, node_id FROM examples WHERE fingerprint IN ({})",
+                [fp for op in ops for fp in op.fingerprints],
+            )
+        }
         now = now_ms()
         results: list[Any] = []
-        nodes, nonces, rows = [], [], []
+        nodes, nonces, rows, examples = [], [], [], []
         counters = service.counters
         for op in ops:
             node_id = op.verified.node_id
@@ -380,6 +403,13 @@ class ContributionWrite(BatchOp):
                         "the original receipt is attached",
                         envelope_pb2.SignedReceipt(receipt=receipt, signature=signature),
                     )
+                for i, fp in enumerate(op.fingerprints):
+                    if fp in taken:
+                        who = "this node" if taken[fp] == node_id else "another node"
+                        raise DuplicateExampleError(
+                            f"examples[{i}] duplicates an example already stored (submitted "
+                            f"earlier by {who}); the earlier submitter keeps the credit"
+                        )
                 service._check_time(op.ts_ms, now)
                 if (op.nonce, node_id) in used:
                     raise ReplayError(
@@ -413,6 +443,9 @@ class ContributionWrite(BatchOp):
             )
             used.add((op.nonce, node_id))
             receipts[op.cid] = (signed.receipt, signed.signature)
+            for fp in op.fingerprints:
+                taken[fp] = node_id
+                examples.append((fp, op.cid, node_id))
             nodes.append((node_id, op.verified.public_key, now))
             nonces.append((op.nonce, node_id, op.ts_ms))
             rows.append(
@@ -443,6 +476,11 @@ class ContributionWrite(BatchOp):
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            if examples:
+                conn.executemany(
+                    "INSERT INTO examples(fingerprint, contribution_id, node_id) VALUES (?, ?, ?)",
+                    examples,
+                )
         return results
 
 

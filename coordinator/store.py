@@ -102,6 +102,18 @@ CREATE TABLE IF NOT EXISTS ledger (
     signature BLOB NOT NULL,  -- the coordinator's Ed25519 signature over the record
     hash BLOB NOT NULL  -- SHA-256 of the record; the next record names it
 );
+CREATE TABLE IF NOT EXISTS examples (
+    fingerprint BLOB PRIMARY KEY,  -- crowdsft.validation.example_fingerprint
+    contribution_id BLOB NOT NULL,
+    node_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flagged (
+    contribution_seq INTEGER PRIMARY KEY REFERENCES contributions(seq),
+    reason TEXT NOT NULL,  -- e.g. near-duplicate of contribution <id> (node <id>), similarity
+    earlier_seq INTEGER,
+    similarity REAL,
+    round_id INTEGER  -- the round whose planning flagged it
+);
 CREATE TABLE IF NOT EXISTS invites (
     token_hash BLOB PRIMARY KEY,  -- SHA-256 of the token: the token itself is never stored
     created_ms INTEGER NOT NULL,

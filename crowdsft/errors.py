@@ -106,7 +106,7 @@ class VerificationError(CrowdSFTError):
 
 class DuplicateExampleError(ProtocolError):
     """An example of the contribution is already stored (from this node or another): the
-    earlier submitter keeps the credit. ``FAILED_PRECONDITION``, not ``ALREADY_EXISTS``: the
-    contribution itself is new and has no receipt."""
+    earlier submitter keeps the credit. ``ALREADY_EXISTS`` without a receipt (a duplicate
+    contribution comes with its original receipt; this contribution has none)."""
 
-    status_name = "FAILED_PRECONDITION"
+    status_name = "ALREADY_EXISTS"

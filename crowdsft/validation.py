@@ -4,6 +4,8 @@ coordinator (checks before storing), so that both sides say the same thing about
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,6 +87,34 @@ def payload_problems(payload: contribution_pb2.ContributionPayload, limits: Limi
     for i, ex in enumerate(payload.examples[: limits.max_examples_per_contribution]):
         system = ex.system if ex.HasField("system") else None
         problems += example_problems(ex.prompt, ex.response, system, limits, f"examples[{i}].")
+    problems += repeated_examples(payload)
+    return problems
+
+
+def normalise(text: str) -> str:
+    """Text as compared for duplicates: Unicode NFKC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def example_fingerprint(prompt: str, response: str, system: str | None = None) -> bytes:
+    """SHA-256 of an example's normalised fields: equal for examples that differ only in case,
+    whitespace or Unicode form (what an exact copy with trivial edits looks like)."""
+    parts = (normalise(system or ""), normalise(prompt), normalise(response))
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+
+
+def repeated_examples(payload: contribution_pb2.ContributionPayload) -> list[str]:
+    """Problems for examples that repeat an earlier example of the same contribution."""
+    first: dict[bytes, int] = {}
+    problems = []
+    for i, ex in enumerate(payload.examples):
+        fp = example_fingerprint(
+            ex.prompt, ex.response, ex.system if ex.HasField("system") else None
+        )
+        if fp in first:
+            problems.append(f"examples[{i}] repeats examples[{first[fp]}]")
+        else:
+            first[fp] = i
     return problems
 
 

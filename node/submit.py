@@ -205,7 +205,9 @@ def upload(
         try:
             for result in client.submit_stream(envelopes, timeout=timeout):
                 sub = order[result.index]
-                if result.code in (OK, ALREADY_EXISTS):
+                if result.code == OK or (
+                    result.code == ALREADY_EXISTS and result.HasField("receipt")
+                ):
                     answered.append((sub, result.receipt, result.code == ALREADY_EXISTS))
                     if len(answered) >= 256:
                         _record(state, coord_key, identity, answered, report, todo, progress)

@@ -95,8 +95,10 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitContribution(self, request, context):
-        """Submit one contribution. Envelope payload: ContributionPayload. On ALREADY_EXISTS the
-        original SignedReceipt travels in the trailing metadata key "crowdsft-receipt-bin".
+        """Submit one contribution. Envelope payload: ContributionPayload. On ALREADY_EXISTS for a
+        contribution accepted before, the original SignedReceipt travels in the trailing metadata
+        key "crowdsft-receipt-bin"; ALREADY_EXISTS without it means an example duplicates one
+        already stored (the earlier submitter keeps the credit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

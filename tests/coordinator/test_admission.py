@@ -14,6 +14,7 @@ from crowdsft.errors import CoordinatorError
 from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
 from crowdsft.node.keys import Identity
 from crowdsft.plugins.admission import issue_invites
+from crowdsft.plugins.hookspecs import hookimpl
 from crowdsft.plugins.manager import get_plugins
 from crowdsft.v1 import contribution_pb2
 
@@ -95,3 +96,36 @@ def test_bad_expiry_is_a_usage_error(coord):
         main, ["coordinator", "invite", "--config", str(coord.config.path), "--expires", "soon"]
     )
     assert result.exit_code == 2 and "not a duration" in result.output
+
+
+class WorkingHours:
+    """A plugin's policy: admits nobody whose node id starts with "0" (a stand-in rule)."""
+
+    @hookimpl
+    def crowdsft_register_admission(self, register):
+        from crowdsft.errors import NotAdmittedError
+        from crowdsft.plugins.admission import AdmissionPolicy
+
+        class NoZeros(AdmissionPolicy):
+            def check(self, node_id):
+                if node_id.startswith("0"):
+                    raise NotAdmittedError("node ids starting with 0 are not admitted here")
+
+        register("no-zeros", NoZeros)
+
+
+def test_a_plugin_policy_by_name(make_coordinator):
+    plugins = get_plugins()
+    name = plugins.register(WorkingHours())
+    try:
+        coord = make_coordinator(admission={"policy": "no-zeros"})
+        zero = next(i for i in iter(Identity.generate, None) if i.node_id.startswith("0"))
+        other = next(i for i in iter(Identity.generate, None) if not i.node_id.startswith("0"))
+        with coord.client() as c:
+            c.stub.SubmitContribution(contribution(other, "fine"), timeout=5)
+            with pytest.raises(grpc.RpcError) as err:
+                c.stub.SubmitContribution(contribution(zero, "refused"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert coord.counts()["contributions"] == 1
+    finally:
+        plugins.unregister(name)

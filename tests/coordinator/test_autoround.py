@@ -7,7 +7,8 @@ from crowdsft.v1 import contribution_pb2
 
 
 def _submit(coord, identity, n):
-    for i in range(n):
+    for _ in range(n):
+        i = new_nonce().hex()  # every example its own: copies would be rejected
         coord.coordinator.service.submit(
             sign_envelope(
                 identity,

@@ -20,7 +20,9 @@ def _env(identity, i):
     return sign_envelope(
         identity,
         contribution_pb2.ContributionPayload(
-            examples=[contribution_pb2.Example(prompt=f"q{i}", response=f"a{i}")],
+            examples=[
+                contribution_pb2.Example(prompt=f"{identity.node_id} q{i}", response=f"a{i}")
+            ],
             nonce=new_nonce(),
             timestamp_ms=now_ms(),
         ),

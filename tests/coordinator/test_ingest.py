@@ -19,9 +19,15 @@ from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 
 
 def payload(n: int = 1, *, nonce: bytes | None = None, ts: int | None = None, **ex):
-    example = {"prompt": "What is SFT?", "response": "Supervised fine-tuning."} | ex
+    """A contribution of ``n`` examples, each its own unless the test fixes the prompt (copies
+    of stored examples are rejected)."""
+    tag = new_nonce().hex()[:12]
+    examples = [
+        {"prompt": f"What is SFT? ({tag}-{i})", "response": "Supervised fine-tuning."} | ex
+        for i in range(n)
+    ]
     return contribution_pb2.ContributionPayload(
-        examples=[contribution_pb2.Example(**example) for _ in range(n)],
+        examples=[contribution_pb2.Example(**e) for e in examples],
         nonce=nonce or new_nonce(),
         timestamp_ms=ts if ts is not None else now_ms(),
     )

@@ -65,6 +65,17 @@ NODES = 8
 LENGTHS = [40, 38, 44, 10, 90, 35, 5, 60]  # response lengths: quality for the stand-in space
 
 
+def words(n: int, k: int, length: int) -> str:
+    """About ``length`` characters of text of its own (no two nodes' data look alike)."""
+    import random
+
+    rng = random.Random(f"{n}-{k}")
+    out = ""
+    while len(out) < length:
+        out += "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5)) + " "
+    return out[:length]
+
+
 def cli(*args: str, ok: bool | None = True):
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     if ok is True:
@@ -81,7 +92,7 @@ def submit_crowd(coord, tmp_path) -> list:
         data.write_text(
             "".join(
                 json.dumps(
-                    {"prompt": f"node {n} question {k}", "response": f"{n}{k}" + "x" * LENGTHS[n]}
+                    {"prompt": f"node {n} question {k}", "response": words(n, k, LENGTHS[n])}
                 )
                 + "\n"
                 for k in range(3)

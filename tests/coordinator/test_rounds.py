@@ -38,6 +38,9 @@ TRAIN = llm.TrainingConfig(
 IDENTITIES = [Identity.generate() for _ in range(4)]
 ANSWERS = ["yes yes yes", "yes yes yes", "no no no", "no no no"]
 STEPS = ["planned", "candidate:0", "trained", "scored"]
+# Two contributors give the same answers on purpose: these tests are about rounds, so copy
+# resistance (tests/coordinator/test_copies.py) is off here.
+SAME_ANSWERS_ALLOWED = {"reject_duplicate_examples": False, "near_duplicate_threshold": 0.0}
 
 
 def submit_all(coord):
@@ -75,7 +78,10 @@ def make_runner(coord, tiny, embedder, tmp_path):
 @pytest.fixture
 def rounds_coord(make_coordinator):
     def make():
-        coord = make_coordinator(rounds={"groups": 2, "judging_error": 0.0, "seed": 3})
+        coord = make_coordinator(
+            rounds={"groups": 2, "judging_error": 0.0, "seed": 3},
+            admission=SAME_ANSWERS_ALLOWED,
+        )
         submit_all(coord)
         return coord
 
@@ -188,7 +194,8 @@ def test_regression_reward_rebuilds_its_state_after_a_restart(
             "reward": "regression",
             "consume": "none",
             "seed": 5,
-        }
+        },
+        admission=SAME_ANSWERS_ALLOWED,
     )
     submit_all(coord)
     first = make_runner(coord, tiny, char_embedder, tmp_path).run()

@@ -62,6 +62,7 @@ def test_builtins_by_kind():
         "influence": ["points-squared", "uniform"],
         "valuation": ["exact", "kernelshap", "permutation"],
         "embedder": ["minilm"],
+        "admission": ["allowlist", "invite", "open"],
     }
     assert plugins.get("reward", "rank").plugin == "crowdsft.plugins.reward"
     assert plugins.create("grouping", "random", groups=3).groups == 3
@@ -195,7 +196,9 @@ def test_validate_contribution_hook_rejects_at_the_coordinator(coord, identity):
                 return sign_envelope(
                     identity,
                     contribution_pb2.ContributionPayload(
-                        examples=[contribution_pb2.Example(prompt="q", response=text, system="s")],
+                        examples=[
+                            contribution_pb2.Example(prompt=f"q {text}", response=text, system="s")
+                        ],
                         nonce=new_nonce(),
                         timestamp_ms=now_ms(),
                     ),
@@ -206,7 +209,10 @@ def test_validate_contribution_hook_rejects_at_the_coordinator(coord, identity):
                 c.stub.SubmitContribution(env("LOUD"), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "responses in capitals are not accepted" in info.value.details()
-        assert seen[0] == (identity.node_id, [{"prompt": "q", "response": "fine", "system": "s"}])
+        assert seen[0] == (
+            identity.node_id,
+            [{"prompt": "q fine", "response": "fine", "system": "s"}],
+        )
         assert coord.counts()["contributions"] == 1
     finally:
         plugins.unregister("no-shouting")
@@ -242,7 +248,7 @@ def test_round_finished_hook_observes_every_round():
 
 def test_every_hookspec_has_a_test():
     specs = [name for name in dir(hookspecs) if name.startswith("crowdsft_")]
-    assert len(specs) == 9
+    assert len(specs) == 10
     text = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     missing = [name for name in specs if name not in text.replace(f'"{name}"', "")]
     assert not missing, f"hookspecs without a test: {missing}"
