@@ -433,7 +433,12 @@ def verify(
         click.echo(
             f"contributions: {result.receipts} receipted, {result.included} used in rounds "
             f"({result.proofs} inclusion proofs checked), "
-            f"{result.receipts - result.included} not used yet"
+            f"{result.receipts - result.included - result.flagged} not used yet"
+            + (
+                f", {result.flagged} flagged as near-duplicates of earlier data"
+                if result.flagged
+                else ""
+            )
         )
         click.echo(
             f"points: {result.points_recomputed:.6g} by the ledger, "

@@ -28,6 +28,7 @@ class NodeVerification:
     ledger: LedgerReport
     receipts: int = 0
     included: int = 0  # receipted contributions used in at least one round
+    flagged: int = 0  # receipted contributions a record lists as near-duplicates
     proofs: int = 0  # inclusion proofs checked
     points_recomputed: float = 0.0
     points_reported: float | None = None
@@ -45,7 +46,8 @@ class NodeVerification:
             "rounds": self.ledger.rounds,
             "receipts": self.receipts,
             "included": self.included,
-            "pending": self.receipts - self.included,
+            "pending": self.receipts - self.included - self.flagged,
+            "flagged_near_duplicates": self.flagged,
             "proofs_checked": self.proofs,
             "points_recomputed": self.points_recomputed,
             "points_reported": self.points_reported,
@@ -145,6 +147,12 @@ def verify_node(client, identity: Identity, coordinator_key: bytes, receipts) ->
     proofs = client.inclusion_proofs(sorted(receipted))
     checked, included, problems = check_inclusion(proofs, receipted, node_id, report.records)
     result.proofs, result.included = checked, len(included)
+    flagged = {
+        bytes.fromhex(f.get("contribution", ""))
+        for rec in report.records.values()
+        for f in rec.get("flagged", [])
+    }
+    result.flagged = len((receipted - included) & flagged)
     result.problems += problems
     # Rounds that used this node's data must list it, and a node listed in a group must have
     # had data there: a proof for one of its contributions in each such round.

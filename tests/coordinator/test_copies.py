@@ -15,6 +15,7 @@ from crowdsft.coordinator.testing import StandInSpace
 from crowdsft.ledger import verify_ledger
 from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
 from crowdsft.node.keys import Identity
+from crowdsft.node.verify import verify_node
 from crowdsft.v1 import contribution_pb2
 
 RECEIPT_TRAILER = "crowdsft-receipt-bin"
@@ -118,10 +119,12 @@ def test_a_near_copier_gains_nothing(make_coordinator):
             for pair in originals[ident.node_id]:
                 c.stub.SubmitContribution(envelope(ident, pair), timeout=5)
         # The copier takes the best contributor's data and changes a character in each.
-        for p, r in originals[honest[3].node_id]:
+        copier_receipts = [
             c.stub.SubmitContribution(
                 envelope(copier, (p, r.replace("Because", "Becuase", 1))), timeout=5
-            )
+            ).receipt
+            for p, r in originals[honest[3].node_id]
+        ]
     runner = RoundRunner(
         coord.config, coord.coordinator.store, StandInSpace(coord.config.adapter_dir)
     )
@@ -140,6 +143,10 @@ def test_a_near_copier_gains_nothing(make_coordinator):
         entries = c.ledger()
     assert len(entries[0].data()["flagged"]) == 3
     assert verify_ledger(entries, coord.public_key).ok
+
+    with coord.client() as c:
+        result = verify_node(c, copier, coord.public_key, copier_receipts)
+    assert result.ok and result.flagged == 3 and result.included == 0
 
 
 def test_near_duplicate_detection_can_be_turned_off(make_coordinator):

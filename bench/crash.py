@@ -1,0 +1,60 @@
+"""Crash safety, longer than the test: SIGKILL the coordinator many times at random moments
+while nodes submit and rounds run, then check everything (``crowdsft.coordinator.faults``).
+
+    python bench/crash.py [--kills 100] [--nodes 8] [--contributions 200] [--seed 0] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--contributions", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from crowdsft.coordinator.faults import run_harness
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "coordinator" / "coordinator.log"
+        report = run_harness(
+            Path(tmp) / "coordinator",
+            kills=args.kills,
+            nodes=args.nodes,
+            contributions=args.contributions,
+            pace_s=0.05,
+            seed=args.seed,
+            say=(lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr)),
+        )
+        resumed = log.read_text().count("resuming round") if log.exists() else 0
+    figures = {
+        "kills": report.kills,
+        "acknowledged": report.acknowledged,
+        "rounds": report.rounds,
+        "rounds_resumed_after_a_kill": resumed,
+        "seconds": round(report.seconds, 1),
+        "problems": report.problems,
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print(
+            f"{report.kills} SIGKILLs; {report.acknowledged} contributions acknowledged; "
+            f"{report.rounds} rounds, {resumed} of them resumed after a kill; "
+            f"{report.seconds:.0f} s"
+        )
+        print("all checks passed" if report.ok else "\n".join(report.problems))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
