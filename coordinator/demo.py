@@ -212,6 +212,17 @@ def run_demo(
             summary = runner.run()
             summaries.append(summary)
             _print_round(summary, names, ev, say)
+        verified = None
+        if via_grpc:
+            say("every node checks the ledger against its receipts (crowdsft node verify) ...")
+            verified = _verify_nodes(crowd, coord.address, out)
+            say(
+                f"  {verified['ok']} of {len(crowd)} nodes verified: {verified['rounds']} signed, "
+                f"hash-chained round records, {verified['proofs']} inclusion proofs, "
+                "every points entry recomputed"
+            )
+            for problem in verified["problems"][:5]:
+                say(f"  MISMATCH {problem}")
         lineage = runner.lineage()
         final = Candidate(tuple(lineage))
         multi = distance_of(float(space.score([final])[0]), ev)
@@ -248,8 +259,44 @@ def run_demo(
         "report_path": report["report_path"],
         "seconds": round(time.perf_counter() - t0, 1),
         "winners": [sm.winner for sm in summaries],
+        "nodes_verified_ledger": verified["ok"] if verified else None,
     }
     return result
+
+
+def _verify_nodes(crowd: list[Contributor], address: str, root: Path) -> dict[str, Any]:
+    """Run ``crowdsft node verify`` in every node's home, all at once."""
+    procs = []
+    for c in crowd:
+        home = root / "nodes" / c.name
+        cmd = [
+            sys.executable,
+            "-m",
+            "crowdsft.cli",
+            "-q",
+            "node",
+            "verify",
+            "--coordinator",
+            address,
+            "--key",
+            str(home / "node.key"),
+            "--json",
+        ]
+        env = os.environ | {"CROWDSFT_HOME": str(home)}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    summary: dict[str, Any] = {"ok": 0, "rounds": 0, "proofs": 0, "problems": []}
+    for c, p in zip(crowd, procs, strict=True):
+        out, _ = p.communicate(timeout=300)
+        try:
+            data = json.loads(out)
+        except ValueError:
+            summary["problems"].append(f"{c.name}: node verify printed no report")
+            continue
+        summary["ok"] += bool(data["ok"])
+        summary["rounds"] = max(summary["rounds"], data["rounds"])
+        summary["proofs"] += data["proofs_checked"]
+        summary["problems"] += [f"{c.name}: {p['message']}" for p in data["problems"]]
+    return summary
 
 
 def _single_model(

@@ -77,6 +77,10 @@ def demo(
     )
     kinds = ", ".join(f"{k} {v:g}" for k, v in result["mean_points_by_kind"].items())
     click.echo(f"mean points by kind of contributor:       {kinds}")
+    click.echo(
+        f"ledger verified by each node:             {result['nodes_verified_ledger']} of "
+        f"{result['contributors']} nodes"
+    )
     click.echo(f"report: {result['report_path']}  ({result['seconds']:.0f}s in all)")
 
 

@@ -104,3 +104,4 @@ def test_demo_end_to_end_at_small_scale(tmp_path):
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
     assert any("signing and submitting over gRPC" in line for line in lines)
     assert any(line.strip().startswith("base") for line in lines)  # the per-round table
+    assert result["nodes_verified_ledger"] == 4  # every node's `node verify` passed
