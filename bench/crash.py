@@ -40,7 +40,7 @@ def main() -> int:
         "kills": report.kills,
         "acknowledged": report.acknowledged,
         "rounds": report.rounds,
-        "rounds_resumed_after_a_kill": resumed,
+        "round_resumptions_after_a_kill": resumed,
         "seconds": round(report.seconds, 1),
         "problems": report.problems,
     }
@@ -49,7 +49,7 @@ def main() -> int:
     else:
         print(
             f"{report.kills} SIGKILLs; {report.acknowledged} contributions acknowledged; "
-            f"{report.rounds} rounds, {resumed} of them resumed after a kill; "
+            f"{report.rounds} rounds; an interrupted round was resumed {resumed} times; "
             f"{report.seconds:.0f} s"
         )
         print("all checks passed" if report.ok else "\n".join(report.problems))

@@ -25,6 +25,12 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--per-node", type=int, default=400)
     parser.add_argument("--step-delay", type=float, default=0.5)
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="contributions each node keeps in flight (0: push the whole batch at once)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -46,7 +52,9 @@ def main() -> int:
         try:
             warm = run_load(address, nodes=4, per_node=5, tag="warm-up")  # lets a round start
             time.sleep(1.0)
-            result = run_load(address, nodes=args.nodes, per_node=args.per_node)
+            result = run_load(
+                address, nodes=args.nodes, per_node=args.per_node, window=args.window
+            )
         finally:
             process.terminate(120)
         conn = connect(load_coordinator_config(path).db_path, readonly=True)
@@ -64,7 +72,8 @@ def main() -> int:
         print(json.dumps(figures, indent=2))
     else:
         print(
-            f"{args.nodes} nodes x {args.per_node} contributions: {figures['acknowledged']} "
+            f"{args.nodes} nodes x {args.per_node} contributions, {figures['in_flight_per_node']} "
+            f"in flight per node: {figures['acknowledged']} "
             f"acknowledged in {figures['seconds']} s = {figures['throughput_per_s']}/s; "
             f"ack latency p50 {figures['ack_latency_p50_ms']} ms, "
             f"p99 {figures['ack_latency_p99_ms']} ms"

@@ -47,6 +47,13 @@ from crowdsft.v1 import contribution_pb2, coordinator_pb2_grpc, envelope_pb2
 logger = logging.getLogger(__name__)
 
 
+RECONNECT_FAST = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +63,8 @@ def free_port() -> int:
 # -- the process under test ------------------------------------------------------------------
 
 
-def serve(config_path: Path, step_delay_s: float) -> None:
+def serve(config_path: Path, step_delay_s: float, min_new: int = 5) -> None:
+    from .autoround import new_contributions
     from .rounds import NotEnoughContributors, RoundRunner
     from .server import Coordinator
     from .testing import StandInSpace
@@ -70,6 +78,10 @@ def serve(config_path: Path, step_delay_s: float) -> None:
     runner = RoundRunner(config, coord.store, space)
     try:
         while not stop.is_set():
+            # A round to finish, or enough new data for one (as automatic rounds would).
+            if runner.unfinished() is None and new_contributions(coord.store) < min_new:
+                stop.wait(0.05)
+                continue
             try:
                 summary = runner.run()
                 print(f"ROUND {summary.round_id}", flush=True)
@@ -175,7 +187,8 @@ class Node(threading.Thread):
         self.sent = 0
 
     def run(self) -> None:
-        channel = grpc.insecure_channel(self.address)
+        # Reconnect quickly after a crash (gRPC's default reconnect backoff grows to minutes).
+        channel = grpc.insecure_channel(self.address, options=RECONNECT_FAST)
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         rng = random.Random(self.identity.node_id)
         try:

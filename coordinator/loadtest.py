@@ -24,6 +24,7 @@ from crowdsft.v1 import contribution_pb2, coordinator_pb2_grpc, envelope_pb2
 
 @dataclass
 class LoadResult:
+    window: int
     nodes: int
     per_node: int
     seconds: float
@@ -47,6 +48,7 @@ class LoadResult:
         return {
             "nodes": self.nodes,
             "contributions_per_node": self.per_node,
+            "in_flight_per_node": self.window or "unbounded",
             "acknowledged": len(self.acknowledged),
             "seconds": round(self.seconds, 2),
             "throughput_per_s": round(self.throughput, 1),
@@ -84,7 +86,10 @@ def run_load(
     per_node: int = 400,
     tag: str = "load",
     timeout_s: float = 600,
+    window: int = 16,
 ) -> LoadResult:
+    """``window``: contributions a node keeps in flight at most (0: no limit, the whole batch
+    is pushed at once and latency becomes mostly time spent queued behind it)."""
     identities = [Identity.generate() for _ in range(nodes)]
     batches = [_envelopes(ident, per_node, tag) for ident in identities]
     sent_at: list[dict[int, float]] = [{} for _ in range(nodes)]
@@ -98,9 +103,12 @@ def run_load(
         channel = grpc.insecure_channel(address)
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         envs = batches[k]
+        slots = threading.Semaphore(window) if window > 0 else None
 
         def requests() -> Iterator[envelope_pb2.SignedEnvelope]:
             for i, env in enumerate(envs):
+                if slots is not None:
+                    slots.acquire()
                 sent_at[k][i] = time.perf_counter()
                 yield env
 
@@ -108,6 +116,8 @@ def run_load(
             start.wait()
             for result in stub.SubmitContributions(requests(), timeout=timeout_s):
                 latencies[k].append(time.perf_counter() - sent_at[k][result.index])
+                if slots is not None:
+                    slots.release()
                 codes[k][result.code] = codes[k].get(result.code, 0) + 1
                 if result.code == 0 or (result.code == 6 and result.HasField("receipt")):
                     acked[k].add(contribution_id(envs[result.index].payload))
@@ -129,6 +139,7 @@ def run_load(
         for code, n in c.items():
             merged[code] = merged.get(code, 0) + n
     return LoadResult(
+        window=window,
         nodes=nodes,
         per_node=per_node,
         seconds=seconds,

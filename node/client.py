@@ -78,6 +78,10 @@ class CoordinatorClient:
         options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # A restarted coordinator is found again within seconds (gRPC's default reconnect
+            # backoff grows to two minutes); the retries above pace the calls themselves.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
         if tls is None:
             self.channel = grpc.insecure_channel(address, options=options)
