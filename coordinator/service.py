@@ -79,6 +79,8 @@ class CoordinatorService:
             store=store,
         )
         self.rate_limiter = RateLimiter(config.rate_limit)
+        if config.admission.reject_duplicate_examples:
+            backfill_fingerprints(store)
         self.counters = IngestCounters()
         self._counters_lock = threading.Lock()
 
@@ -502,6 +504,31 @@ def _lookup(conn: sqlite3.Connection, sql: str, keys: list[bytes]) -> list[tuple
         chunk = keys[i : i + 500]
         out += conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
     return out
+
+
+def backfill_fingerprints(store: Store) -> int:
+    """Fingerprint the examples of a store written before copy checks existed (once: only
+    while no example has a fingerprint), so that they are protected too."""
+    if store.query("SELECT 1 FROM examples LIMIT 1"):
+        return 0
+    rows = store.query("SELECT id, node_id, payload FROM contributions ORDER BY seq")
+    entries = []
+    for cid, node_id, payload in rows:
+        for e in contribution_pb2.ContributionPayload.FromString(payload).examples:
+            fp = example_fingerprint(
+                e.prompt, e.response, e.system if e.HasField("system") else None
+            )
+            entries.append((fp, cid, node_id))
+    if entries:
+        store.write(
+            lambda conn: conn.executemany(
+                "INSERT OR IGNORE INTO examples(fingerprint, contribution_id, node_id) "
+                "VALUES (?, ?, ?)",
+                entries,
+            )
+        )
+        logger.info("fingerprinted %d stored examples for copy checks", len(entries))
+    return len(entries)
 
 
 def participation(store: Store, node_id: str) -> list[dict[str, Any]]:

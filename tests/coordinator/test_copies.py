@@ -162,3 +162,14 @@ def test_near_duplicate_detection_can_be_turned_off(make_coordinator):
             )
     RoundRunner(coord.config, coord.coordinator.store, StandInSpace(coord.config.adapter_dir)).run()
     assert coord.coordinator.store.query("SELECT COUNT(*) FROM flagged")[0][0] == 0
+
+
+def test_examples_stored_before_copy_checks_are_fingerprinted_at_start(coord):
+    alice, bob = Identity.generate(), Identity.generate()
+    with coord.client() as c:
+        c.stub.SubmitContribution(envelope(alice, ("old question", "old answer")), timeout=5)
+    coord.coordinator.store.write(lambda conn: conn.execute("DELETE FROM examples"))
+    coord.restart()
+    with coord.client() as c:
+        err = rejected(c.stub, envelope(bob, ("old question", "old answer")))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
