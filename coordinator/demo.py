@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from crowdsft.config import load_coordinator_config
+from crowdsft.errors import ConfigError
 
 from .crowd import Contributor, make_crowd, target_set
 from .setup import init_coordinator
@@ -170,6 +172,7 @@ def run_demo(
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(out, say)
     config_path = init_coordinator(out / "coordinator", listen="127.0.0.1:0", force=True)
     _configure(config_path, s)
     target = target_set(seed=s.seed)
@@ -262,6 +265,25 @@ def run_demo(
         "nodes_verified_ledger": verified["ok"] if verified else None,
     }
     return result
+
+
+DEMO_PARTS = ("coordinator", "nodes", "report")
+
+
+def _clear_previous_run(out: Path, say: Callable[[str], None]) -> None:
+    """A demo starts from nothing: remove what an earlier run left in ``out`` (its coordinator
+    store, node states and report), never anything else there."""
+    old = [out / p for p in DEMO_PARTS if (out / p).exists()]
+    if not old:
+        return
+    if (out / "coordinator").exists() and not (out / "coordinator" / "coordinator.toml").exists():
+        raise ConfigError(
+            f"{out / 'coordinator'} exists but is not a demo's coordinator; "
+            "choose another --out folder"
+        )
+    say(f"replacing the previous run in {out}")
+    for p in old:
+        shutil.rmtree(p)
 
 
 def _verify_nodes(crowd: list[Contributor], address: str, root: Path) -> dict[str, Any]:
