@@ -52,9 +52,7 @@ def main() -> int:
         try:
             warm = run_load(address, nodes=4, per_node=5, tag="warm-up")  # lets a round start
             time.sleep(1.0)
-            result = run_load(
-                address, nodes=args.nodes, per_node=args.per_node, window=args.window
-            )
+            result = run_load(address, nodes=args.nodes, per_node=args.per_node, window=args.window)
         finally:
             process.terminate(120)
         conn = connect(load_coordinator_config(path).db_path, readonly=True)

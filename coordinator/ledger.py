@@ -1,5 +1,10 @@
 """The coordinator's side of the verifiable ledger: writing a round's signed record in the
-transaction that finishes the round, serving the records, and proving inclusion."""
+transaction that finishes the round, serving the records, and proving inclusion.
+
+A record commits to two sets of contribution ids, each as a count and a Merkle root over the
+ids in store order: ``contributions`` (every contribution the round trained on; inclusion
+proofs are against this tree) and ``consumed`` (those the round retired, with the policy and
+the nodes whose data it retired)."""
 
 from __future__ import annotations
 
@@ -36,6 +41,14 @@ def append_record(
     if last is not None and last[0] >= round_id:
         raise RuntimeError(f"ledger already has round {last[0]}; cannot append round {round_id}")
     ids = round_contribution_ids(conn, round_id)
+    consumed = [
+        bytes(r[0])
+        for r in conn.execute(
+            "SELECT c.id FROM consumed x JOIN contributions c ON c.seq = x.contribution_seq "
+            "WHERE x.round_id=? ORDER BY c.seq",
+            (round_id,),
+        )
+    ]
     record = {
         **fields,
         "version": RECORD_VERSION,
@@ -43,6 +56,10 @@ def append_record(
         "prev_hash": (bytes(last[1]) if last else GENESIS_HASH).hex(),
         "coordinator": identity.public_key.hex(),
         "contributions": {"count": len(ids), "merkle_root": MerkleTree(ids).root.hex()},
+    }
+    record["consumed"] = dict(record.get("consumed", {})) | {
+        "count": len(consumed),
+        "merkle_root": MerkleTree(consumed).root.hex(),
     }
     data, signature = sign_record(identity.sign, record)
     entry = LedgerEntry(round_id, data, signature)

@@ -157,6 +157,10 @@ def test_records_verify_and_imply_the_points(make_coordinator, tmp_path, reward)
     assert first["prev_hash"] == "00" * 32
     assert entries[1].data()["prev_hash"] == record_hash(entries[0].record).hex()
     assert first["contributions"]["count"] == NODES * 3
+    consumed = first["consumed"]
+    winners = first["groups"][first["ranking"][0]] if first["updated"] else []
+    assert consumed["count"] == 3 * len(winners) and sorted(consumed["nodes"]) == sorted(winners)
+    assert len(consumed["merkle_root"]) == 64
     assert first["strategies"]["reward"] == reward
 
 
