@@ -226,6 +226,7 @@ class LedgerReport:
     points it recomputed, per node, after the last record."""
 
     rounds: int = 0
+    head: str = GENESIS_HASH.hex()  # hash of the last record: compare it with other nodes
     problems: list[Problem] = field(default_factory=list)
     points: dict[str, float] = field(default_factory=dict)
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -306,6 +307,7 @@ def verify_ledger(
         for node, (_before, after) in rec["points"].items():
             awarded[node] = float(after)
     report.points = dict(awarded)
+    report.head = prev.hex()
     return report
 
 

@@ -428,7 +428,9 @@ def verify(
         echo_json(result.as_dict())
     else:
         click.echo(
-            f"ledger: {result.ledger.rounds} round record(s) from coordinator {key.hex()[:16]}…"
+            f"ledger: {result.ledger.rounds} round record(s) from coordinator "
+            f"{key.hex()[:16]}…, head {result.ledger.head[:16]}… (nodes that see the same "
+            "head see the same history)"
         )
         click.echo(
             f"contributions: {result.receipts} receipted, {result.included} used in rounds "

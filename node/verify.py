@@ -44,6 +44,7 @@ class NodeVerification:
             "node_id": self.node_id,
             "coordinator_key": self.coordinator_key.hex(),
             "rounds": self.ledger.rounds,
+            "ledger_head": self.ledger.head,
             "receipts": self.receipts,
             "included": self.included,
             "pending": self.receipts - self.included - self.flagged,

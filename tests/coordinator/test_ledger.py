@@ -155,6 +155,7 @@ def test_records_verify_and_imply_the_points(make_coordinator, tmp_path, reward)
         assert report.points.get(node, 0.0) == pytest.approx(points, abs=1e-9)
     first = entries[0].data()
     assert first["prev_hash"] == "00" * 32
+    assert report.head == record_hash(entries[-1].record).hex()
     assert entries[1].data()["prev_hash"] == record_hash(entries[0].record).hex()
     assert first["contributions"]["count"] == NODES * 3
     consumed = first["consumed"]
