@@ -73,6 +73,7 @@ class CoordinatorClient:
         """``tls``: connect over TLS, verifying the coordinator's certificate (None: plaintext,
         for loopback and trusted networks only)."""
         self.address = address
+        self.tls = tls
         self.timeout = timeout
         self.backoff = backoff or Backoff()
         options: list[tuple[str, int | str]] = [
@@ -107,8 +108,9 @@ class CoordinatorClient:
             except grpc.RpcError as err:
                 code = err.code()
                 if code not in TRANSIENT or attempt == self.backoff.attempts - 1:
+                    advice = self._hint() if code == grpc.StatusCode.UNAVAILABLE else ""
                     raise CoordinatorError(
-                        f"{what} failed: {code.name}: {err.details()}",
+                        f"{what} failed: {code.name}: {err.details()}{advice}",
                         code.name,
                     ) from None
                 hint = _trailer(err, RETRY_AFTER_TRAILER)
@@ -116,6 +118,17 @@ class CoordinatorClient:
                 logger.info("%s: %s; retrying in %.2fs", what, code.name, wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _hint(self) -> str:
+        if self.tls is None:
+            return (
+                f" (is a coordinator serving at {self.address}? If it serves TLS, pass "
+                "--tls-ca CERT, or --tls for a certificate from a public CA)"
+            )
+        return (
+            f" (is a coordinator serving TLS at {self.address}, with a certificate that "
+            "--tls-ca trusts for this name? --tls-server-name sets the name to check)"
+        )
 
     def info(self) -> coordinator_pb2.CoordinatorInfo:
         return self._retry(
