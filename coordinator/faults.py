@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -42,7 +41,7 @@ from crowdsft.config import CoordinatorConfig, load_coordinator_config
 from crowdsft.ledger import verify_ledger
 from crowdsft.node.envelope import contribution_id, new_nonce, now_ms, sign_envelope
 from crowdsft.node.keys import Identity
-from crowdsft.v1 import contribution_pb2, coordinator_pb2_grpc, envelope_pb2
+from crowdsft.v1 import contribution_pb2, coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +312,7 @@ def check(
     from crowdsft.node.verify import check_inclusion
 
     from .ledger import inclusion_proofs
+    from .server import load_identity
     from .store import Store
 
     problems: list[str] = []
@@ -346,42 +346,42 @@ def check(
             )[0][0]
             if cands != groups:
                 problems.append(f"round {rid}: {cands} scored candidates for {groups} groups")
-        key = load_identity_key(config)
-        report = verify_ledger(entries, key)
+        report = verify_ledger(entries, load_identity(config).public_key)
         problems += [f"ledger: {p}" for p in report.problems]
         stored = dict(q("SELECT node_id, points FROM nodes"))
         for node, points in stored.items():
             implied = report.points.get(node, 0.0)
             if abs(points - implied) > 1e-9:
                 problems.append(f"node {node}: {points} points stored, {implied} by the ledger")
-        ledger_rows = q("SELECT round_id, node_id, points_after FROM points_ledger")
-        for rid, node, after in ledger_rows:
-            rec = report.records.get(rid, {})
-            listed = rec.get("points", {}).get(node)
-            if listed is None or abs(listed[1] - after) > 1e-9:
-                problems.append(f"points_ledger row ({rid}, {node}) differs from the record")
+        rows = {
+            (rid, node): after
+            for rid, node, after in q("SELECT round_id, node_id, points_after FROM points_ledger")
+        }
+        listed = {
+            (rid, node): entry[1]
+            for rid, rec in report.records.items()
+            for node, entry in rec.get("points", {}).items()
+        }
+        if rows.keys() != listed.keys():
+            problems.append(
+                f"points_ledger rows and record entries differ: "
+                f"{sorted(rows.keys() ^ listed.keys())[:5]}"
+            )
+        for key in rows.keys() & listed.keys():
+            if abs(rows[key] - listed[key]) > 1e-9:
+                problems.append(f"points_ledger row {key} differs from the record")
         for ident in identities:
             mine = {
                 cid
                 for cid, r in receipts.items()
                 if envelope_pb2.Receipt.FromString(r.receipt).node_id == ident.node_id
             }
-            proofs = [_proof(p) for p in inclusion_proofs(store, sorted(mine))]
+            proofs = [
+                coordinator_pb2.InclusionProof(**p) for p in inclusion_proofs(store, sorted(mine))
+            ]
             _, _, found = check_inclusion(proofs, mine, ident.node_id, report.records)
             problems += [f"node {ident.node_id}: {p}" for p in found]
     return problems
-
-
-def _proof(p: dict[str, Any]):
-    from crowdsft.v1 import coordinator_pb2
-
-    return coordinator_pb2.InclusionProof(**p)
-
-
-def load_identity_key(config: CoordinatorConfig) -> bytes:
-    from .server import load_identity
-
-    return load_identity(config).public_key
 
 
 def main(argv: list[str] | None = None) -> None:
