@@ -243,8 +243,9 @@ def verify_ledger(
 
     Records must come in order from round 1. Points are recomputed with the reward rule each
     record names, replaying the earlier records exactly as the coordinator does (see
-    ``crowdsft.coordinator.rounds``); a record whose own entry cannot be trusted (bad
-    signature, broken link, bad format) is reported and not used for replay.
+    ``crowdsft.coordinator.rounds``); a record that cannot be trusted or read (bad signature,
+    bad format) is reported and not used for replay; a validly signed record with a broken
+    link is reported and still replayed (its content is the coordinator's word).
     """
     from crowdsft.plugins.manager import get_plugins
 
@@ -273,7 +274,10 @@ def verify_ledger(
             report.problems.append(Problem(rid, "format", "the record is not a JSON object"))
             prev = entry.hash
             continue
-        bad = _format_problems(rid, rec)
+        try:
+            bad = _format_problems(rid, rec)
+        except TypeError as exc:  # e.g. a list where a node id should be
+            bad = [f"unexpected content: {exc}"]
         if bad:
             report.problems += [Problem(rid, "format", m) for m in bad]
             prev = entry.hash
