@@ -265,8 +265,11 @@ def stats(config_path: Path, as_json: bool) -> None:
         return
     click.echo(
         f"nodes: {data['nodes']}   contributions: {data['contributions']}   "
-        f"examples: {data['examples']}"
+        f"examples: {data['examples']}   rounds: {data['rounds_finished']}   "
+        f"flagged: {data['flagged_near_duplicates']}   open invites: {data['invites_open']}"
     )
+    if data["ledger_head"]:
+        click.echo(f"ledger head: {data['ledger_head']}")
     if data["per_node"]:
         click.echo(
             f"{'node id':34}{'name':18}{'contributions':>14}{'examples':>10}{'points':>9}"

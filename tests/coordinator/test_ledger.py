@@ -167,6 +167,10 @@ def test_records_verify_and_imply_the_points(make_coordinator, tmp_path, reward)
 
 def test_every_node_verifies_an_honest_ledger(ledger_coord):
     coord, keys = ledger_coord
+    stats = json.loads(
+        cli("coordinator", "stats", "--config", str(coord.config.path), "--json").output
+    )
+    assert stats["rounds_finished"] == 3 and len(stats["ledger_head"]) == 64
     used = 0
     for key in keys:
         out = verify(coord, key)
