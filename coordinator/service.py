@@ -582,9 +582,14 @@ def stats(conn: sqlite3.Connection) -> dict:
         }
         for r in rows
     ]
-    head = conn.execute(
-        "SELECT round_id, hash FROM ledger ORDER BY round_id DESC LIMIT 1"
-    ).fetchone()
+
+    def one(sql: str, *params: Any) -> Any:
+        try:  # a store from an older version may lack the table until it is served once
+            return conn.execute(sql, params).fetchone()
+        except sqlite3.OperationalError:
+            return None
+
+    head = one("SELECT round_id, hash FROM ledger ORDER BY round_id DESC LIMIT 1")
     now = time.time_ns() // 1_000_000
     return {
         "nodes": len(nodes),
@@ -592,10 +597,11 @@ def stats(conn: sqlite3.Connection) -> dict:
         "examples": sum(n["examples"] for n in nodes),
         "rounds_finished": head[0] if head else 0,
         "ledger_head": bytes(head[1]).hex() if head else None,
-        "flagged_near_duplicates": conn.execute("SELECT COUNT(*) FROM flagged").fetchone()[0],
-        "invites_open": conn.execute(
-            "SELECT COUNT(*) FROM invites WHERE used_by IS NULL AND expires_ms > ?", (now,)
-        ).fetchone()[0],
+        "flagged_near_duplicates": (one("SELECT COUNT(*) FROM flagged") or (0,))[0],
+        "invites_open": (
+            one("SELECT COUNT(*) FROM invites WHERE used_by IS NULL AND expires_ms > ?", now)
+            or (0,)
+        )[0],
         "per_node": nodes,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
