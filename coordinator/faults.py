@@ -35,22 +35,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-
 from crowdsft.config import CoordinatorConfig, load_coordinator_config
 from crowdsft.ledger import verify_ledger
+from crowdsft.node.client import Backoff, CoordinatorClient
 from crowdsft.node.envelope import contribution_id, new_nonce, now_ms, sign_envelope
 from crowdsft.node.keys import Identity
-from crowdsft.v1 import contribution_pb2, coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
+from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 
 logger = logging.getLogger(__name__)
-
-
-RECONNECT_FAST = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 def free_port() -> int:
@@ -165,8 +157,8 @@ class Process:
 
 
 class Node(threading.Thread):
-    """Submits ``count`` one-example contributions, resending the same bytes until a receipt
-    (or a duplicate's original receipt) comes back, through any number of crashes."""
+    """Submits ``count`` one-example contributions with the node client, which resends the
+    same bytes until a receipt (or a duplicate's original receipt) comes back."""
 
     def __init__(
         self,
@@ -186,9 +178,9 @@ class Node(threading.Thread):
         self.sent = 0
 
     def run(self) -> None:
-        # Reconnect quickly after a crash (gRPC's default reconnect backoff grows to minutes).
-        channel = grpc.insecure_channel(self.address, options=RECONNECT_FAST)
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        client = CoordinatorClient(
+            self.address, timeout=5, backoff=Backoff(base=0.05, cap=0.2, attempts=100_000)
+        )
         rng = random.Random(self.identity.node_id)
         try:
             for i in range(self.count):
@@ -211,31 +203,14 @@ class Node(threading.Thread):
                         timestamp_ms=now_ms(),
                     ),
                 )
-                while not self.stop_event.is_set():
-                    try:
-                        receipt = stub.SubmitContribution(env, timeout=5).receipt
-                    except grpc.RpcError as err:
-                        if err.code() == grpc.StatusCode.ALREADY_EXISTS:
-                            raw = dict(err.trailing_metadata() or ()).get("crowdsft-receipt-bin")
-                            if raw is None:
-                                raise
-                            receipt = envelope_pb2.SignedReceipt.FromString(raw)
-                        elif err.code() in (
-                            grpc.StatusCode.UNAVAILABLE,
-                            grpc.StatusCode.DEADLINE_EXCEEDED,
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        ):
-                            time.sleep(0.05)
-                            continue
-                        else:
-                            raise
-                    self.receipts[contribution_id(env.payload)] = receipt
-                    break
+                # Retried through crashes until a receipt (or a duplicate's original) comes.
+                receipt, _ = client.submit_one(env)
+                self.receipts[contribution_id(env.payload)] = receipt
                 self.sent = i + 1
                 if self.stop_event.is_set():
                     return
         finally:
-            channel.close()
+            client.close()
 
 
 def run_harness(

@@ -38,6 +38,7 @@ from crowdsft.node.keys import Identity
 from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.plugins.reward import RoundOutcome
 from crowdsft.v1 import contribution_pb2
+from crowdsft.validation import example_dicts
 
 from .candidate import Candidate
 from .engine import RoundEngine, Strategies, TournamentState
@@ -89,12 +90,7 @@ class RoundSummary:
 
 
 def examples_of(payload: bytes) -> list[dict[str, str]]:
-    msg = contribution_pb2.ContributionPayload.FromString(payload)
-    return [
-        {"prompt": e.prompt, "response": e.response}
-        | ({"system": e.system} if e.HasField("system") else {})
-        for e in msg.examples
-    ]
+    return example_dicts(contribution_pb2.ContributionPayload.FromString(payload))
 
 
 class RoundRunner:
@@ -118,6 +114,7 @@ class RoundRunner:
         self.plugins = plugins or get_plugins()
         self.on_event = on_event or (lambda kind, info: None)
         self._stop_after: str | None = None
+        self._embedded: dict[str, np.ndarray] = {}  # near-duplicate checks: text -> vector
 
     # -- strategies -----------------------------------------------------------------------
 
@@ -291,8 +288,7 @@ class RoundRunner:
                 owner.append(k)
         if not texts:
             return
-        emb = np.asarray(embed(texts), dtype=float)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = self._embeddings(embed, texts)
         owner_a = np.asarray(owner)
         seqs = np.array([r[0] for r in rows])
         nodes = np.array([r[2] for r in rows])
@@ -336,6 +332,17 @@ class RoundRunner:
             "round %d: %d contribution(s) flagged as near-duplicates", round_id, len(entries)
         )
         self.on_event("near_duplicates_flagged", {"round_id": round_id, "count": len(entries)})
+
+    def _embeddings(self, embed: Callable[[list[str]], Any], texts: list[str]) -> np.ndarray:
+        """Unit-length embeddings of ``texts``; each text is embedded once per runner (rounds
+        compare new examples with every earlier one, which would otherwise be re-embedded in
+        every round)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+        if new:
+            vectors = np.asarray(embed(new), dtype=float)
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            self._embedded.update(zip(new, vectors, strict=True))
+        return np.stack([self._embedded[t] for t in texts])
 
     def _data(self, round_id: int, contributors: list[str]) -> list[list[dict[str, str]]]:
         rows = self._q(

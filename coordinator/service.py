@@ -32,7 +32,8 @@ from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 from crowdsft.validation import (
     MAX_NONCE_BYTES,
     MIN_NONCE_BYTES,
-    example_fingerprint,
+    example_dicts,
+    fingerprints,
     payload_problems,
 )
 
@@ -133,12 +134,7 @@ class CoordinatorService:
         """Ask the plugins' ``crowdsft_validate_contribution`` hooks (if any plugin has one)."""
         if not self.plugins.pm.hook.crowdsft_validate_contribution.get_hookimpls():
             return
-        examples = [
-            {"prompt": e.prompt, "response": e.response}
-            | ({"system": e.system} if e.HasField("system") else {})
-            for e in payload.examples
-        ]
-        reasons = self.plugins.validate_contribution(node_id, examples)
+        reasons = self.plugins.validate_contribution(node_id, example_dicts(payload))
         if reasons:
             raise InvalidPayloadError("rejected by a validation plugin: " + "; ".join(reasons))
 
@@ -201,12 +197,7 @@ class CoordinatorService:
             n_examples=len(payload.examples),
             nonce=payload.nonce,
             ts_ms=payload.timestamp_ms,
-            fingerprints=tuple(
-                example_fingerprint(
-                    e.prompt, e.response, e.system if e.HasField("system") else None
-                )
-                for e in payload.examples
-            )
+            fingerprints=tuple(fingerprints(payload))
             if self.config.admission.reject_duplicate_examples
             else (),
         )
@@ -514,11 +505,8 @@ def backfill_fingerprints(store: Store) -> int:
     rows = store.query("SELECT id, node_id, payload FROM contributions ORDER BY seq")
     entries = []
     for cid, node_id, payload in rows:
-        for e in contribution_pb2.ContributionPayload.FromString(payload).examples:
-            fp = example_fingerprint(
-                e.prompt, e.response, e.system if e.HasField("system") else None
-            )
-            entries.append((fp, cid, node_id))
+        msg = contribution_pb2.ContributionPayload.FromString(payload)
+        entries += [(fp, cid, node_id) for fp in fingerprints(msg)]
     if entries:
         store.write(
             lambda conn: conn.executemany(

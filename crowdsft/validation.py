@@ -103,14 +103,28 @@ def example_fingerprint(prompt: str, response: str, system: str | None = None) -
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
 
 
+def fingerprints(payload: contribution_pb2.ContributionPayload) -> list[bytes]:
+    """``example_fingerprint`` of every example of a contribution, in order."""
+    return [
+        example_fingerprint(e.prompt, e.response, e.system if e.HasField("system") else None)
+        for e in payload.examples
+    ]
+
+
+def example_dicts(payload: contribution_pb2.ContributionPayload) -> list[dict[str, str]]:
+    """A contribution's examples as dicts: ``prompt``, ``response`` and ``system`` if given."""
+    return [
+        {"prompt": e.prompt, "response": e.response}
+        | ({"system": e.system} if e.HasField("system") else {})
+        for e in payload.examples
+    ]
+
+
 def repeated_examples(payload: contribution_pb2.ContributionPayload) -> list[str]:
     """Problems for examples that repeat an earlier example of the same contribution."""
     first: dict[bytes, int] = {}
     problems = []
-    for i, ex in enumerate(payload.examples):
-        fp = example_fingerprint(
-            ex.prompt, ex.response, ex.system if ex.HasField("system") else None
-        )
+    for i, fp in enumerate(fingerprints(payload)):
         if fp in first:
             problems.append(f"examples[{i}] repeats examples[{first[fp]}]")
         else:

@@ -419,10 +419,7 @@ def verify(
     identity = _load(key_path, passphrase_env)
     with _client(address) as client, NodeState.for_node(identity.node_id) as state:
         key = client.info().public_key
-        if trust_new_coordinator_key:
-            state.repin_coordinator(address, key, now_ms())
-        else:
-            state.pin_coordinator(address, key, now_ms())
+        state.pin(address, key, now_ms(), trust_new_coordinator_key)
         result = verify_node(client, identity, key, held_receipts(state, key))
     if as_json:
         echo_json(result.as_dict())

@@ -116,6 +116,13 @@ class NodeState:
             )
         return False
 
+    def pin(self, address: str, public_key: bytes, now_ms: int, trust_new: bool) -> None:
+        """``pin_coordinator``, or with ``trust_new`` accept a changed key deliberately."""
+        if trust_new:
+            self.repin_coordinator(address, public_key, now_ms)
+        else:
+            self.pin_coordinator(address, public_key, now_ms)
+
     def repin_coordinator(self, address: str, public_key: bytes, now_ms: int) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO coordinators(address, public_key, first_seen_ms) "

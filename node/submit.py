@@ -156,10 +156,7 @@ def upload(
     metadata = metadata or Metadata()
     info = client.info()
     coord_key = info.public_key
-    if trust_new_key:
-        state.repin_coordinator(client.address, coord_key, now_ms())
-    else:
-        state.pin_coordinator(client.address, coord_key, now_ms())
+    state.pin(client.address, coord_key, now_ms(), trust_new_key)
     limits = limits_of(info)
     check_against(records, limits, source_name)
     k = max(1, min(examples_per_contribution, limits.max_examples_per_contribution))
