@@ -1,5 +1,5 @@
 """Crash safety, longer than the test: SIGKILL the coordinator many times at random moments
-while nodes submit and rounds run, then check everything (``crowdsft.coordinator.faults``).
+while nodes submit and rounds run, then check everything (``crowdsft.testing.crash``).
 
     python bench/crash.py [--kills 100] [--nodes 8] [--contributions 200] [--seed 0] [--json]
 """
@@ -22,7 +22,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from crowdsft.coordinator.faults import run_harness
+    from crowdsft.testing.crash import run_harness
 
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "coordinator" / "coordinator.log"

@@ -28,9 +28,9 @@ def main() -> int:
         print("no CUDA device: skipping the GPU round benchmark")
         return 0
     from crowdsft.config import TrainingConfig
-    from crowdsft.coordinator import llm
-    from crowdsft.coordinator.crowd import make_crowd, target_set
-    from crowdsft.coordinator.llm_space import Candidate, GenerationConfig, LLMSpace
+    from crowdsft.coordinator.training import lora as llm
+    from crowdsft.coordinator.training.space import Candidate, GenerationConfig, LLMSpace
+    from crowdsft.demo.crowd import make_crowd, target_set
     from crowdsft.plugins.manager import get_plugins
 
     device, dtype = llm.device_and_dtype("cuda")

@@ -25,8 +25,8 @@ ECHO_METHOD = "/bench.Echo/Stream"
 
 
 def _payloads(n: int, seed: int):
-    from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
-    from crowdsft.node.keys import Identity
+    from crowdsft.envelope import new_nonce, now_ms, sign_envelope
+    from crowdsft.keys import Identity
     from crowdsft.v1 import contribution_pb2
 
     identity = Identity.generate()
@@ -104,8 +104,8 @@ def _coordinator_server(ready, stop, root: str) -> None:
     import logging
 
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.server import Coordinator
-    from crowdsft.coordinator.setup import init_coordinator
+    from crowdsft.coordinator.server.app import Coordinator
+    from crowdsft.coordinator.server.scaffold import init_coordinator
 
     logging.basicConfig(level=logging.WARNING)
     config = load_coordinator_config(init_coordinator(Path(root), listen="127.0.0.1:0"))
@@ -121,8 +121,8 @@ def _coordinator_server(ready, stop, root: str) -> None:
 
 def _receipt_size() -> int:
     """Bytes of a SubmitResult carrying a signed receipt, as the coordinator sends."""
-    from crowdsft.node.envelope import sign_receipt
-    from crowdsft.node.keys import Identity
+    from crowdsft.envelope import sign_receipt
+    from crowdsft.keys import Identity
     from crowdsft.v1 import coordinator_pb2, envelope_pb2
 
     ident = Identity.generate()
@@ -164,7 +164,7 @@ def run(kind: str, clients: int, per_client: int) -> tuple[float, int]:
         stop.set()
         server.join(60)
         if kind == "coordinator":
-            from crowdsft.coordinator.store import connect
+            from crowdsft.coordinator.store.db import connect
 
             conn = connect(Path(tmp) / "data" / "coordinator.sqlite3", readonly=True)
             stored = conn.execute("SELECT COUNT(*) FROM contributions").fetchone()[0]

@@ -4,7 +4,7 @@ that nothing was lost or duplicated.
 
     python bench/load.py [--nodes 50] [--per-node 400] [--json]
 
-The coordinator is its own process (``python -m crowdsft.coordinator.faults serve``: the real
+The coordinator is its own process (``python -m crowdsft.testing.crash serve``: the real
 server and store, with rounds over the model-free stand-in space, 0.5 s per step, running
 back to back). Nodes are threads of this process, each with its own channel and upload
 stream; every node signs its contributions before the clock starts.
@@ -35,10 +35,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.faults import Process, free_port
-    from crowdsft.coordinator.loadtest import run_load
-    from crowdsft.coordinator.setup import init_coordinator
-    from crowdsft.coordinator.store import connect
+    from crowdsft.coordinator.server.scaffold import init_coordinator
+    from crowdsft.coordinator.store.db import connect
+    from crowdsft.testing.crash import Process, free_port
+    from crowdsft.testing.load import run_load
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "coordinator"

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from crowdsft.coordinator.simulation import (
+from crowdsft.simulation.game import (
     Cell,
     default_data_dir,
     expert_of,
     load_movielens,
-    pearson,
     population,
     run_cell,
     shapley_values,
@@ -40,6 +39,7 @@ from crowdsft.coordinator.simulation import (
     write_plots,
     write_summary,
 )
+from crowdsft.stats import pearson
 
 USERS = (10, 25, 50, 75, 100)
 GROUPS = (2, 3, 4, 5)

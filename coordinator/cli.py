@@ -70,8 +70,8 @@ def init(
 ) -> None:
     """Create DIRECTORY with a coordinator key, a commented coordinator.toml and a data folder."""
     from crowdsft.config import load_coordinator_config, parse_hostport
-    from crowdsft.coordinator.server import load_identity
-    from crowdsft.coordinator.setup import init_coordinator
+    from crowdsft.coordinator.server.app import load_identity
+    from crowdsft.coordinator.server.scaffold import init_coordinator
 
     if listen:
         parse_hostport(listen)
@@ -131,8 +131,8 @@ def invite(config_path: Path, count: int, expires: str, note: str, as_json: bool
     each token is stored; the tokens are printed once, here. Works while the coordinator runs.
     """
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.store import Store
-    from crowdsft.plugins.admission import issue_invites
+    from crowdsft.coordinator.store.db import Store
+    from crowdsft.coordinator.store.invites import issue_invites
 
     ttl = _duration(expires)
     config = load_coordinator_config(config_path)
@@ -193,7 +193,7 @@ def client_cert(config_path: Path, name: str, out: Path, days: int) -> None:
 def serve(config_path: Path, listen: str | None) -> None:
     """Serve nodes until interrupted (SIGINT or SIGTERM shut down cleanly)."""
     from crowdsft.config import load_coordinator_config, parse_hostport
-    from crowdsft.coordinator.server import Coordinator
+    from crowdsft.coordinator.server.app import Coordinator
 
     config = load_coordinator_config(config_path)
     if listen:
@@ -219,13 +219,13 @@ def serve(config_path: Path, listen: str | None) -> None:
 
 def _auto_rounds(config, coord):
     """Automatic rounds in the serving process, when the config asks for them."""
-    from crowdsft.coordinator.autoround import AutoRounds
+    from crowdsft.coordinator.rounds.auto import AutoRounds
 
     state: dict = {}
 
     def run_round():
-        from crowdsft.coordinator.llm_space import build_llm_space
-        from crowdsft.coordinator.rounds import RoundRunner
+        from crowdsft.coordinator.rounds.runner import RoundRunner
+        from crowdsft.coordinator.training.space import build_llm_space
 
         if "runner" not in state:
             state["runner"] = RoundRunner(config, coord.store, build_llm_space(config))
@@ -249,8 +249,8 @@ def _auto_rounds(config, coord):
 def stats(config_path: Path, as_json: bool) -> None:
     """Nodes, contributions, and examples per node (reads the store; the server may be running)."""
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.service import stats as compute
-    from crowdsft.coordinator.store import connect
+    from crowdsft.coordinator.store.db import connect
+    from crowdsft.coordinator.store.queries import stats as compute
 
     config = load_coordinator_config(config_path)
     if not config.db_path.exists():
@@ -294,9 +294,9 @@ def round_(config_path: Path, as_json: bool) -> None:
     points, and records everything in the store.
     """
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.llm_space import build_llm_space
-    from crowdsft.coordinator.rounds import RoundRunner
-    from crowdsft.coordinator.store import Store
+    from crowdsft.coordinator.rounds.runner import RoundRunner
+    from crowdsft.coordinator.store.db import Store
+    from crowdsft.coordinator.training.space import build_llm_space
 
     config = load_coordinator_config(config_path)
 
@@ -328,11 +328,12 @@ def export_model(config, out: Path) -> dict:
     """Merge the current lineage into the base model and save it where
     ``AutoModelForCausalLM.from_pretrained(out)`` loads it. Returns what was written."""
     from crowdsft import atomic
-    from crowdsft.coordinator import llm
-    from crowdsft.coordinator.store import Store
+    from crowdsft.coordinator.store import queries
+    from crowdsft.coordinator.store.db import Store
+    from crowdsft.coordinator.training import lora as llm
 
     with Store(config.db_path) as store:
-        lineage = [r[0] for r in store.query("SELECT adapter FROM lineage ORDER BY position")]
+        lineage = queries.lineage(store)
     device, dtype = llm.device_and_dtype("cpu")
     model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
     for digest in lineage:
@@ -376,9 +377,9 @@ def export(config_path: Path, out: Path) -> None:
 def report(config_path: Path, out: Path) -> None:
     """Write an HTML report of the rounds, points and Shapley values, with report.json."""
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.report import build_report
-    from crowdsft.coordinator.store import Store
-    from crowdsft.node.records import read_records
+    from crowdsft.coordinator.report.build import build_report
+    from crowdsft.coordinator.store.db import Store
+    from crowdsft.datafiles import read_records
     from crowdsft.plugins.manager import get_plugins
 
     config = load_coordinator_config(config_path)

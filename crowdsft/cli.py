@@ -62,11 +62,11 @@ def main(verbose: int, quiet: bool) -> None:
 
 def _register_commands() -> None:
     from crowdsft.coordinator.cli import coordinator
-    from crowdsft.coordinator.demo_cli import demo, experiment
-    from crowdsft.coordinator.sim_cli import simulate, sweep
+    from crowdsft.demo.cli import demo, experiment
     from crowdsft.node.cli import node
     from crowdsft.plugins.cli import plugins
     from crowdsft.quickstart import quickstart
+    from crowdsft.simulation.cli import simulate, sweep
 
     main.add_command(node)
     main.add_command(coordinator)

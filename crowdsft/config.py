@@ -10,10 +10,13 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crowdsft.errors import ConfigError
 from crowdsft.validation import Limits
+
+if TYPE_CHECKING:
+    from crowdsft.tournament import StrategyNames
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -203,6 +206,19 @@ class RoundsConfig:
             raise ConfigError(f"rounds.consume must be winner, all or none, not {self.consume!r}")
         if not 0 <= self.judging_error <= 1:
             raise ConfigError("rounds.judging_error must lie in [0, 1]")
+
+    def names(self) -> StrategyNames:
+        """The round strategies by name, as the tournament builds them."""
+        from crowdsft.tournament import StrategyNames
+
+        return StrategyNames(
+            grouping=self.grouping,
+            groups=self.groups,
+            selection=self.selection,
+            judging_error=self.judging_error,
+            reward=self.reward,
+            influence=self.influence,
+        )
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from crowdsft.node.keys import verify_signature
+from crowdsft.keys import verify_signature
+from crowdsft.tournament import DecidedRound, award, replay_points
 
 LEDGER_TAG = b"crowdsft.v1.LedgerRecord\n"
 RECORD_VERSION = 1
@@ -66,46 +65,51 @@ def _split(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 
 
-def _root(leaves: Sequence[bytes]) -> bytes:
-    if len(leaves) == 1:
-        return leaves[0]
-    k = _split(len(leaves))
-    return _node(_root(leaves[:k]), _root(leaves[k:]))
-
-
 def merkle_root(ids: Sequence[bytes]) -> bytes:
     """The root over contribution ids (the SHA-256 of nothing for an empty list)."""
-    if not ids:
-        return hashlib.sha256(b"").digest()
-    return _root([leaf_hash(i) for i in ids])
-
-
-def _path(leaves: Sequence[bytes], index: int) -> list[bytes]:
-    if len(leaves) == 1:
-        return []
-    k = _split(len(leaves))
-    if index < k:
-        return [*_path(leaves[:k], index), _root(leaves[k:])]
-    return [*_path(leaves[k:], index - k), _root(leaves[:k])]
+    return MerkleTree(ids).root
 
 
 class MerkleTree:
-    """A tree over a round's contribution ids, for many proofs from one build."""
+    """A tree over a round's contribution ids, for many proofs from one build: every subtree
+    hash is computed once and kept, so a root costs ``n - 1`` inner hashes and each proof
+    ``log2(n)`` look-ups."""
 
     def __init__(self, ids: Sequence[bytes]) -> None:
         self.ids = list(ids)
         self._leaves = [leaf_hash(i) for i in self.ids]
         self.index = {cid: i for i, cid in enumerate(self.ids)}
+        self._inner: dict[tuple[int, int], bytes] = {}
+
+    def _hash(self, lo: int, hi: int) -> bytes:
+        """The hash of the subtree over leaves ``lo`` to ``hi - 1``."""
+        if hi - lo == 1:
+            return self._leaves[lo]
+        h = self._inner.get((lo, hi))
+        if h is None:
+            k = lo + _split(hi - lo)
+            h = _node(self._hash(lo, k), self._hash(k, hi))
+            self._inner[(lo, hi)] = h
+        return h
 
     @property
     def root(self) -> bytes:
-        return _root(self._leaves) if self._leaves else hashlib.sha256(b"").digest()
+        return self._hash(0, len(self._leaves)) if self._leaves else hashlib.sha256(b"").digest()
 
     def proof(self, index: int) -> list[bytes]:
         """The audit path of leaf ``index``: sibling hashes from the leaf up."""
         if not 0 <= index < len(self._leaves):
             raise IndexError(f"leaf {index} is outside a tree of {len(self._leaves)}")
-        return _path(self._leaves, index)
+        lo, hi, path = 0, len(self._leaves), []
+        while hi - lo > 1:
+            k = lo + _split(hi - lo)
+            if index < k:
+                path.append(self._hash(k, hi))
+                hi = k
+            else:
+                path.append(self._hash(lo, k))
+                lo = k
+        return path[::-1]
 
 
 def inclusion_proof(ids: Sequence[bytes], index: int) -> list[bytes]:
@@ -243,7 +247,7 @@ def verify_ledger(
 
     Records must come in order from round 1. Points are recomputed with the reward rule each
     record names, replaying the earlier records exactly as the coordinator does (see
-    ``crowdsft.coordinator.rounds``); a record that cannot be trusted or read (bad signature,
+    ``crowdsft.coordinator.rounds.runner``); a record that cannot be trusted or read (bad signature,
     bad format) is reported and not used for replay; a validly signed record with a broken
     link is reported and still replayed (its content is the coordinator's word).
     """
@@ -315,19 +319,6 @@ def verify_ledger(
     return report
 
 
-def outcome_of(rec: dict[str, Any], index: dict[str, int]):
-    """The reward rule's view of a recorded round, over a population ``index``."""
-    from crowdsft.plugins.reward import RoundOutcome
-
-    groups = [np.array([index[n] for n in g], dtype=np.int64) for g in rec["groups"]]
-    weights = [np.asarray(w, dtype=float) for w in rec["weights"]]
-    scores = np.array([c["score"] for c in rec["candidates"]], dtype=float)
-    order = np.asarray(rec["ranking"] if rec["updated"] else [], dtype=np.int64)
-    return RoundOutcome(
-        rec["round_id"] - 1, groups, scores, float(rec["base_score"]), order, weights
-    )
-
-
 def recompute_points(
     rec: dict[str, Any],
     earlier: Sequence[dict[str, Any]],
@@ -335,30 +326,15 @@ def recompute_points(
     reward,
 ) -> dict[str, float]:
     """Everyone's points after ``rec`` (points awarded, i.e. without the initial 1), as the
-    coordinator computes them: replay ``earlier`` rounds through a fresh ``reward`` rule over
-    this round's population, then decide this round."""
+    coordinator computes them: ``tournament.replay_points`` over this round's population
+    with a fresh ``reward`` rule, then this round's recorded outcome."""
     everyone = list(rec["population"])
+    points = replay_points(
+        reward, everyone, [DecidedRound.from_record(r) for r in earlier], awarded
+    )
+    this = DecidedRound.from_record(rec)
     index = {n: i for i, n in enumerate(everyone)}
-    reward.reset(len(everyone))
-    replayed = np.ones(len(everyone))
-    for old in earlier:
-        if any(n not in index for g in old["groups"] for n in g):
-            raise ValueError(
-                f"round {old['round_id']} names contributors missing from the population "
-                f"of round {rec['round_id']}"
-            )
-        outcome = outcome_of(old, index)
-        reward.observe(outcome)
-        if old["updated"]:
-            replayed = reward.update(replayed, outcome)
-    if getattr(reward, "replaces_points", False):
-        points = replayed
-    else:
-        points = np.array([1.0 + awarded.get(n, 0.0) for n in everyone])
-    outcome = outcome_of(rec, index)
-    reward.observe(outcome)
-    if rec["updated"]:
-        points = reward.update(points, outcome)
+    points = award(reward, points, this.outcome(index), this.updated)
     return {n: float(points[i]) - 1.0 for i, n in enumerate(everyone)}
 
 

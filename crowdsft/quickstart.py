@@ -36,12 +36,12 @@ def quickstart(workdir: Path | None, as_json: bool) -> None:
 
 def run_quickstart(workdir: Path, as_json: bool) -> dict:
     from crowdsft.config import load_coordinator_config
-    from crowdsft.coordinator.server import Coordinator
-    from crowdsft.coordinator.service import stats
-    from crowdsft.coordinator.setup import init_coordinator
+    from crowdsft.coordinator.server.app import Coordinator
+    from crowdsft.coordinator.server.scaffold import init_coordinator
+    from crowdsft.coordinator.store.queries import stats
+    from crowdsft.datafiles import read_records
+    from crowdsft.keys import Identity, write_private_key
     from crowdsft.node.client import CoordinatorClient
-    from crowdsft.node.keys import Identity, write_private_key
-    from crowdsft.node.records import read_records
     from crowdsft.node.state import NodeState
     from crowdsft.node.submit import upload
 

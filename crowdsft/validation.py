@@ -140,3 +140,8 @@ def examples_to_proto(examples: Sequence[dict[str, str]]) -> list[contribution_p
             msg.system = ex["system"]
         out.append(msg)
     return out
+
+
+def payload_examples(payload: bytes) -> list[dict[str, str]]:
+    """The examples of a stored (signed) contribution payload, as dicts."""
+    return example_dicts(contribution_pb2.ContributionPayload.FromString(payload))

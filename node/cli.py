@@ -10,7 +10,7 @@ import click
 
 from crowdsft.console import echo_json, progress_bar
 from crowdsft.errors import InputError, KeyFileError
-from crowdsft.node.keys import DEFAULT_PASSPHRASE_ENV
+from crowdsft.keys import DEFAULT_PASSPHRASE_ENV
 
 
 def _key_option(f):
@@ -108,7 +108,7 @@ def _client(address: str, **kw):
 
 
 def _load(key_path: Path, passphrase_env: str):
-    from crowdsft.node.keys import load_private_key, passphrase_from_env
+    from crowdsft.keys import load_private_key, passphrase_from_env
 
     return load_private_key(key_path, passphrase_from_env(passphrase_env))
 
@@ -140,7 +140,7 @@ def keygen(
 
     With --encrypt, or whenever the passphrase variable is set, the key is encrypted.
     """
-    from crowdsft.node.keys import Identity, passphrase_from_env, write_private_key
+    from crowdsft.keys import Identity, passphrase_from_env, write_private_key
     from crowdsft.node.state import default_key_path
 
     path = out or default_key_path()
@@ -202,7 +202,7 @@ def submit(
     in chat format. Every line is checked before anything is sent. Submitting the same file
     again sends nothing new; an interrupted upload resumes where it stopped.
     """
-    from crowdsft.node.records import read_records
+    from crowdsft.datafiles import read_records
     from crowdsft.node.state import NodeState
     from crowdsft.node.submit import Metadata, upload
 
@@ -411,8 +411,8 @@ def verify(
     reward rule the record names, proves each receipted contribution's inclusion in the rounds
     that used it, and compares the points the coordinator reports. Exits 1 on any mismatch.
     """
+    from crowdsft.envelope import now_ms
     from crowdsft.errors import VerificationError
-    from crowdsft.node.envelope import now_ms
     from crowdsft.node.state import NodeState
     from crowdsft.node.verify import held_receipts, verify_node
 

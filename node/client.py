@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import grpc
 
+from crowdsft.envelope import new_nonce, now_ms, sign_envelope
 from crowdsft.errors import ConfigError, CoordinatorError
+from crowdsft.keys import Identity
 from crowdsft.ledger import LedgerEntry
-from crowdsft.node.envelope import new_nonce, now_ms, sign_envelope
-from crowdsft.node.keys import Identity
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
 
 logger = logging.getLogger(__name__)

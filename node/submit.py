@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from crowdsft.datafiles import Record
+from crowdsft.envelope import contribution_id, new_nonce, now_ms, sign_envelope, verify_receipt
 from crowdsft.errors import CoordinatorError, InputError, ReceiptError
+from crowdsft.keys import Identity
 from crowdsft.node.client import CODE_NAMES, TRANSIENT, CoordinatorClient
-from crowdsft.node.envelope import contribution_id, new_nonce, now_ms, sign_envelope, verify_receipt
-from crowdsft.node.keys import Identity
-from crowdsft.node.records import Record
 from crowdsft.node.state import NodeState, Submission
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 from crowdsft.validation import Limits, example_problems, examples_to_proto

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from crowdsft.envelope import verify_receipt
+from crowdsft.keys import Identity
 from crowdsft.ledger import LedgerReport, Problem, verify_inclusion, verify_ledger
-from crowdsft.node.envelope import verify_receipt
-from crowdsft.node.keys import Identity
 from crowdsft.v1 import coordinator_pb2, envelope_pb2
 
 POINTS_TOLERANCE = 1e-9

@@ -5,25 +5,25 @@
 * ``invite``: nodes that registered with an invite token the operator issued
   (``crowdsft coordinator invite``); a token admits one node, once, until it expires.
 
-A policy is built with ``factory(config=AdmissionConfig, base_dir=Path, store=Store)``. The
-coordinator calls ``check(node_id)`` before it serves a node's request, and
-``admit_registration(conn, node_id, invite_token)`` inside the transaction that registers a
-node; both raise ``NotAdmittedError`` (PERMISSION_DENIED) with a reason the node can act on.
+A policy is built with ``factory(config=AdmissionConfig, base_dir=Path, invites=Invites)``.
+The coordinator calls ``check(node_id)`` before it serves a node's request, and
+``admit_registration(invites, node_id, invite_token)`` inside the transaction that registers a
+node, with an ``Invites`` bound to that transaction; both raise ``NotAdmittedError``
+(PERMISSION_DENIED) with a reason the node can act on. A policy never sees the database: the
+invite table reaches it only through the narrow ``Invites`` interface.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import secrets
-import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from crowdsft.errors import ConfigError, NotAdmittedError
-from crowdsft.node.keys import node_id_from_public_key
+from crowdsft.keys import node_id_from_public_key
 
 from .hookspecs import Register, hookimpl
 
@@ -32,19 +32,38 @@ _PUBLIC_KEY = re.compile(r"^[0-9a-f]{64}$")
 TOKEN_PREFIX = "csft-"
 
 
+class Invites(Protocol):
+    """The coordinator's invite tokens, as a policy may use them (by their SHA-256)."""
+
+    def admitted(self, node_id: str) -> bool:
+        """Whether ``node_id`` registered with a token before."""
+        ...
+
+    def lookup(self, digest: bytes) -> tuple[int, str | None] | None:
+        """``(expires_ms, used_by)`` of the token with this hash, or None."""
+        ...
+
+    def spend(self, digest: bytes, node_id: str, now_ms: int) -> None:
+        """Mark the token used by ``node_id`` (only inside a registration)."""
+        ...
+
+
 class AdmissionPolicy:
     """Admits every node; subclasses narrow it down."""
 
-    def __init__(self, config: Any = None, base_dir: Path | None = None, store: Any = None):
+    def __init__(
+        self, config: Any = None, base_dir: Path | None = None, invites: Invites | None = None
+    ):
         self.config = config
         self.base_dir = base_dir or Path.cwd()
-        self.store = store
+        self.invites = invites
 
     def check(self, node_id: str) -> None:
         """Raise NotAdmittedError unless ``node_id`` may be served."""
 
-    def admit_registration(self, conn: sqlite3.Connection, node_id: str, invite_token: str) -> None:
-        """Decide a registration, inside its transaction (may write, e.g. spend a token)."""
+    def admit_registration(self, invites: Invites, node_id: str, invite_token: str) -> None:
+        """Decide a registration, inside its transaction (``invites`` is bound to it and may
+        write, e.g. spend a token)."""
         self.check(node_id)
 
 
@@ -81,8 +100,10 @@ def read_allowlist(entries: tuple[str, ...], file: Path | None) -> frozenset[str
 class AllowlistAdmission(AdmissionPolicy):
     """Only the node ids or public keys in admission.allowlist / admission.allowlist_file."""
 
-    def __init__(self, config: Any = None, base_dir: Path | None = None, store: Any = None):
-        super().__init__(config, base_dir, store)
+    def __init__(
+        self, config: Any = None, base_dir: Path | None = None, invites: Invites | None = None
+    ):
+        super().__init__(config, base_dir, invites)
         entries = tuple(getattr(config, "allowlist", ()) or ())
         file = getattr(config, "allowlist_file", None)
         if file is not None and not file.is_absolute():
@@ -100,31 +121,16 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.strip().encode()).digest()
 
 
-def issue_invites(
-    conn: sqlite3.Connection, count: int, ttl_s: float, note: str = "", now_ms: int | None = None
-) -> list[tuple[str, int]]:
-    """Create ``count`` single-use tokens valid for ``ttl_s`` seconds; returns (token,
-    expires_ms) pairs. Only their hashes are stored."""
-    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-    expires = now + int(ttl_s * 1000)
-    out = []
-    for _ in range(count):
-        token = TOKEN_PREFIX + secrets.token_urlsafe(24)
-        conn.execute(
-            "INSERT INTO invites(token_hash, created_ms, expires_ms, note) VALUES (?, ?, ?, ?)",
-            (token_hash(token), now, expires, note),
-        )
-        out.append((token, expires))
-    return out
-
-
 class InviteAdmission(AdmissionPolicy):
     """Nodes that registered with a single-use, expiring invite token from the operator."""
 
-    def __init__(self, config: Any = None, base_dir: Path | None = None, store: Any = None):
-        super().__init__(config, base_dir, store)
-        if store is None:
-            raise ConfigError("the invite admission policy needs the coordinator's store")
+    def __init__(
+        self, config: Any = None, base_dir: Path | None = None, invites: Invites | None = None
+    ):
+        super().__init__(config, base_dir, invites)
+        if invites is None:
+            raise ConfigError("the invite admission policy needs the coordinator's invites")
+        self.book: Invites = invites
         self._admitted: set[str] = set()
         self._lock = threading.Lock()
 
@@ -132,11 +138,11 @@ class InviteAdmission(AdmissionPolicy):
         with self._lock:
             if node_id in self._admitted:
                 return True
-        rows = self.store.query("SELECT 1 FROM invites WHERE used_by=? LIMIT 1", (node_id,))
-        if rows:
+        admitted = self.book.admitted(node_id)
+        if admitted:
             with self._lock:
                 self._admitted.add(node_id)
-        return bool(rows)
+        return admitted
 
     def check(self, node_id: str) -> None:
         if not self._is_admitted(node_id):
@@ -145,18 +151,16 @@ class InviteAdmission(AdmissionPolicy):
                 f"register once with `crowdsft node register --invite TOKEN`"
             )
 
-    def admit_registration(self, conn: sqlite3.Connection, node_id: str, invite_token: str) -> None:
-        if conn.execute("SELECT 1 FROM invites WHERE used_by=? LIMIT 1", (node_id,)).fetchone():
+    def admit_registration(self, invites: Invites, node_id: str, invite_token: str) -> None:
+        if invites.admitted(node_id):
             return  # admitted before: re-registering needs no new token
         if not invite_token.strip():
             raise NotAdmittedError(
                 "this coordinator admits by invitation; register with --invite TOKEN "
                 "(ask the operator for a token)"
             )
-        row = conn.execute(
-            "SELECT expires_ms, used_by FROM invites WHERE token_hash=?",
-            (token_hash(invite_token),),
-        ).fetchone()
+        digest = token_hash(invite_token)
+        row = invites.lookup(digest)
         if row is None:
             raise NotAdmittedError("the invite token is not valid for this coordinator")
         expires_ms, used_by = row
@@ -166,10 +170,7 @@ class InviteAdmission(AdmissionPolicy):
         if now >= expires_ms:
             when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires_ms / 1000))
             raise NotAdmittedError(f"the invite token expired at {when}; ask for a new one")
-        conn.execute(
-            "UPDATE invites SET used_by=?, used_ms=? WHERE token_hash=? AND used_by IS NULL",
-            (node_id, now, token_hash(invite_token)),
-        )
+        invites.spend(digest, node_id, now)
 
 
 @hookimpl

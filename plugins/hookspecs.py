@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from crowdsft.coordinator.engine import RoundRecord
+    from crowdsft.tournament import RoundRecord
 
 hookspec = pluggy.HookspecMarker("crowdsft")
 hookimpl = pluggy.HookimplMarker("crowdsft")

@@ -28,7 +28,7 @@ from crowdsft.errors import CrowdSFTError
 from . import hookspecs
 
 if TYPE_CHECKING:
-    from crowdsft.coordinator.engine import RoundRecord
+    from crowdsft.tournament import RoundRecord
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from crowdsft.config import CoordinatorConfig, load_coordinator_config
-from crowdsft.coordinator.server import Coordinator
-from crowdsft.coordinator.setup import init_coordinator
+from crowdsft.coordinator.server.app import Coordinator
+from crowdsft.coordinator.server.scaffold import init_coordinator
+from crowdsft.keys import Identity
 from crowdsft.node.client import Backoff, CoordinatorClient
-from crowdsft.node.keys import Identity
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ class Harness:
         return CoordinatorClient(self.address, **kw)
 
     def contribution_ids(self) -> list[bytes]:
-        from crowdsft.coordinator.store import connect
+        from crowdsft.coordinator.store.db import connect
 
         conn = connect(self.config.db_path, readonly=True)
         try:
@@ -84,7 +84,7 @@ class Harness:
 
     def counts(self) -> dict[str, int]:
         """Rows in every table that a request could write to."""
-        from crowdsft.coordinator.store import connect
+        from crowdsft.coordinator.store.db import connect
 
         conn = connect(self.config.db_path, readonly=True)
         try:

@@ -13,7 +13,7 @@ import sys
 from click.testing import CliRunner
 
 from crowdsft.cli import main
-from crowdsft.coordinator.server import wait_ready
+from crowdsft.coordinator.server.app import wait_ready
 
 
 def run(*args: str, env: dict[str, str] | None = None, ok: bool = True):

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.slow
 
 def test_one_round_with_smollm2_and_minilm_through_grpc(make_coordinator, tmp_path):
     pytest.importorskip("torch")
-    from crowdsft.coordinator.llm import smollm2_location
-    from crowdsft.coordinator.llm_space import build_llm_space
-    from crowdsft.coordinator.rounds import RoundRunner, round_history
-    from crowdsft.node.keys import Identity
-    from crowdsft.node.records import Record
+    from crowdsft.coordinator.rounds.runner import RoundRunner, round_history
+    from crowdsft.coordinator.training.lora import smollm2_location
+    from crowdsft.coordinator.training.space import build_llm_space
+    from crowdsft.datafiles import Record
+    from crowdsft.keys import Identity
     from crowdsft.node.state import NodeState
     from crowdsft.node.submit import upload
     from crowdsft.plugins.embedding import minilm_path
@@ -78,7 +78,7 @@ def test_demo_end_to_end_at_small_scale(tmp_path):
     """The README's main job, scaled down: node processes over gRPC, a round with SmolLM2,
     the single-model baseline, the report."""
     pytest.importorskip("torch")
-    from crowdsft.coordinator.demo import DemoSettings, run_demo
+    from crowdsft.demo.run import DemoSettings, run_demo
 
     lines: list[str] = []
     settings = DemoSettings(

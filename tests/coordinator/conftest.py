@@ -39,7 +39,7 @@ def tiny():
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>"
     )
-    from crowdsft.coordinator import llm
+    from crowdsft.coordinator.training import lora as llm
 
     llm.prepare_tokenizer(tokenizer)
     torch.manual_seed(0)

@@ -1,0 +1,1 @@
+"""The HTML report of a coordinator's rounds, with its plots."""

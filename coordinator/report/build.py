@@ -1,0 +1,220 @@
+"""The coordinator's report: rounds, candidates, points, and how points track Shapley values
+in the embedding game, as a self-contained HTML page (PNGs embedded, and also written
+beside it) and a ``report.json``.
+
+The embedding game (PAPER.md's utility, in the LLM space): each contributor is the mean
+embedding of the responses it contributed; the target is the mean embedding of the expert
+responses; ``v(S) = f(mean of the members' vectors, target)`` with the configured
+evaluation function, and ``v(∅) = f(0, target)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crowdsft.config import CoordinatorConfig
+from crowdsft.plots import pyplot, save
+from crowdsft.plugins.manager import Plugins, get_plugins
+from crowdsft.plugins.valuation import CentroidGame
+from crowdsft.stats import pearson, spearman
+from crowdsft.validation import payload_examples
+
+from ..store import queries
+from ..store.db import Store
+
+
+def distance_of(score: float, evaluation: str) -> float:
+    """A score as a distance where the evaluation is a negated distance (l2, l1)."""
+    return -score if evaluation in ("l2", "l1") else score
+
+
+def contributor_vectors(store: Store, embedder: Any) -> tuple[list[str], np.ndarray]:
+    """Each node's mean response embedding, over everything it contributed."""
+    texts: dict[str, list[str]] = {}
+    for row in queries.all_contributions(store):
+        texts.setdefault(row.node_id, []).extend(
+            e["response"] for e in payload_examples(row.payload)
+        )
+    nodes = sorted(texts)
+    vectors = (
+        np.stack([embedder.embed(texts[n]).mean(axis=0) for n in nodes])
+        if nodes
+        else (np.zeros((0, 0)))
+    )
+    return nodes, vectors
+
+
+def shapley_of_contributors(
+    config: CoordinatorConfig,
+    store: Store,
+    embedder: Any,
+    target_texts: Sequence[str],
+    plugins: Plugins | None = None,
+) -> dict[str, float]:
+    plugins = plugins or get_plugins()
+    nodes, vectors = contributor_vectors(store, embedder)
+    if len(nodes) < 2:
+        return {n: 0.0 for n in nodes}
+    target = embedder.embed(list(target_texts)).mean(axis=0)
+    game = CentroidGame(vectors, target, plugins.create("evaluation", config.evaluation.function))
+    method = plugins.create("valuation", config.rounds.valuation)
+    values = method(game, np.random.default_rng([config.rounds.seed, 99])).values
+    return {n: float(v) for n, v in zip(nodes, values, strict=True)}
+
+
+def build_report(
+    config: CoordinatorConfig,
+    store: Store,
+    out: Path,
+    embedder: Any,
+    target_texts: Sequence[str],
+    names: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``out/index.html``, ``out/report.json`` and the PNG plots; return the data."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = names or {}
+    ev = config.evaluation.function
+    history = [r.as_dict() for r in queries.finished_rounds(store)]
+    points = queries.awarded_points(store)
+    shapley = shapley_of_contributors(config, store, embedder, target_texts)
+    common = sorted(set(points) & set(shapley))
+    p_vec = np.array([points[n] for n in common])
+    s_vec = np.array([shapley[n] for n in common])
+    corr = pearson(p_vec, s_vec) if len(common) > 2 else math.nan
+    rho = spearman(p_vec, s_vec) if len(common) > 2 else math.nan
+    data: dict[str, Any] = {
+        "evaluation": ev,
+        "rounds": history,
+        "distance_per_round": [
+            {
+                "round_id": r["round_id"],
+                "base": distance_of(r["base_score"], ev),
+                "winner": distance_of(
+                    r["candidates"][r["winner"]]["score"] if r["updated"] else r["base_score"], ev
+                ),
+                "candidates": [distance_of(c["score"], ev) for c in r["candidates"]],
+            }
+            for r in history
+        ],
+        "contributors": [
+            {
+                "node_id": n,
+                "name": names.get(n, n[:8]),
+                "points": points.get(n, 0.0),
+                "shapley": shapley.get(n),
+            }
+            for n in sorted(points, key=lambda n: -points.get(n, 0.0))
+        ],
+        "pearson_points_shapley": None if math.isnan(corr) else corr,
+        "spearman_points_shapley": None if math.isnan(rho) else rho,
+        **(extra or {}),
+    }
+    (out / "report.json").write_text(json.dumps(data, indent=2))
+    pngs = _plots(data, out)
+    (out / "index.html").write_text(_html(data, pngs))
+    data["report_path"] = str(out / "index.html")
+    return data
+
+
+def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
+    plt = pyplot()
+    paths: dict[str, Path] = {}
+    rounds = data["distance_per_round"]
+    xs = [r["round_id"] for r in rounds]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if rounds:
+        ax.plot(
+            [0, *xs],
+            [rounds[0]["base"], *[r["winner"] for r in rounds]],
+            marker="o",
+            label="current model",
+        )
+        if "single_model_distance" in data:
+            ax.axhline(
+                data["single_model_distance"], color="grey", ls="--", label="single-model baseline"
+            )
+    ax.set(
+        xlabel="round",
+        ylabel="target distance (lower is better)",
+        title="Target distance per round",
+    )
+    ax.legend()
+    paths["distance"] = save(fig, out / "distance_per_round.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rounds:
+        ax.scatter([r["round_id"]] * len(r["candidates"]), r["candidates"], color="tab:blue")
+    ax.set(xlabel="round", ylabel="target distance", title="Candidates per round")
+    paths["candidates"] = save(fig, out / "candidates_per_round.png")
+
+    contributors = data["contributors"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([c["name"] for c in contributors], [c["points"] for c in contributors])
+    ax.set(ylabel="points", title="Points per contributor")
+    ax.tick_params(axis="x", rotation=60, labelsize=7)
+    paths["points"] = save(fig, out / "points_per_contributor.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(c["shapley"], c["points"]) for c in contributors if c["shapley"] is not None]
+    if pts:
+        ax.scatter(*zip(*pts, strict=True))
+    r = data["pearson_points_shapley"]
+    ax.set(
+        xlabel="Shapley value (embedding game)",
+        ylabel="points",
+        title=f"Points vs Shapley values (Pearson {r:.2f})"
+        if r is not None
+        else "Points vs Shapley values",
+    )
+    paths["shapley"] = save(fig, out / "points_vs_shapley.png")
+    return paths
+
+
+def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
+    def img(key: str) -> str:
+        b64 = base64.b64encode(pngs[key].read_bytes()).decode()
+        return f'<img alt="{key}" src="data:image/png;base64,{b64}">'
+
+    rows = "".join(
+        f"<tr><td>{r['round_id']}</td><td>{r['base']:.4f}</td>"
+        f"<td>{', '.join(f'{c:.4f}' for c in r['candidates'])}</td><td>{r['winner']:.4f}</td></tr>"
+        for r in data["distance_per_round"]
+    )
+
+    def shap(c: dict[str, Any]) -> str:
+        return "" if c["shapley"] is None else f"{c['shapley']:.4f}"
+
+    people = "".join(
+        f"<tr><td>{html.escape(c['name'])}</td><td><code>{c['node_id'][:12]}</code></td>"
+        f"<td>{c['points']:g}</td><td>{shap(c)}</td></tr>"
+        for c in data["contributors"]
+    )
+    summary = "".join(
+        f"<li>{html.escape(k.replace('_', ' '))}: {html.escape(str(v))}</li>"
+        for k, v in data.items()
+        if isinstance(v, int | float | str) and k != "evaluation"
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Crowd-SFT report</title>
+<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+img{{max-width:48%;margin:1%}}</style></head><body>
+<h1>Crowd-SFT report</h1>
+<ul>{summary}<li>Pearson(points, Shapley): {data["pearson_points_shapley"]}</li></ul>
+{img("distance")}{img("candidates")}{img("points")}{img("shapley")}
+<h2>Rounds (target distance, {html.escape(data["evaluation"])})</h2>
+<table><tr><th>round</th><th>base</th><th>candidates</th><th>after</th></tr>{rows}</table>
+<h2>Contributors</h2>
+<table><tr><th>name</th><th>node</th><th>points</th><th>Shapley</th></tr>{people}</table>
+</body></html>
+"""

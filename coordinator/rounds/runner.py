@@ -1,0 +1,402 @@
+"""Fine-tuning rounds in the coordinator: the round engine over the contributions in the
+store, persisted step by step so that a coordinator stopped at any point resumes the round
+and finishes it exactly once.
+
+A round moves through these states, each committed before the next begins:
+
+``planned``
+    the contributors (nodes with contributions not yet consumed), their groups, influence
+    weights, the round's seed and the base model's lineage are fixed;
+``trained``
+    every group's candidate adapter is trained and stored by content hash (one commit per
+    candidate: a restart retrains only the candidates that were not stored);
+``scored``
+    the base model and every candidate are scored against the target (one commit each);
+``finished``
+    selection, reward, the points ledger, the consumed contributions and the new model
+    lineage, all in one transaction.
+
+All randomness derives from ``(rounds.seed, round_id)``, so a resumed round makes the same
+decisions it would have made without the interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from crowdsft.config import CoordinatorConfig
+from crowdsft.envelope import now_ms
+from crowdsft.errors import CrowdSFTError
+from crowdsft.keys import Identity
+from crowdsft.plugins.manager import Plugins, get_plugins
+from crowdsft.tournament import Strategies, Tournament, replay_points
+from crowdsft.validation import payload_examples
+
+from ..store import queries
+from ..store.chain import append_record, decided_rounds
+from ..store.db import Store
+from . import copies
+from .space import Candidate, RoundSpace
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("planned", "trained", "scored", "finished")
+
+
+class NotEnoughContributors(CrowdSFTError):
+    """There are fewer contributors with unconsumed data than groups."""
+
+
+class RoundInterrupted(CrowdSFTError):
+    """Raised on purpose after a persisted step (``stop_after``), as a crash would."""
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round_id: int
+    groups: list[list[str]]  # node ids
+    scores: list[float]
+    base_score: float
+    updated: bool
+    winner: int | None
+    ranking: list[int]
+    swapped: bool
+    points: dict[str, float]  # node id -> points after the round
+    adapters: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class RoundRunner:
+    """Runs (or resumes) one round at a time over the store: plan, train, score, decide,
+    commit. Each step is persisted before the next begins."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: Store,
+        space: RoundSpace,
+        plugins: Plugins | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        """``identity`` signs the ledger records (the coordinator's key from ``config`` by
+        default)."""
+        from ..server.app import load_identity
+
+        self.config = config
+        self.identity = identity or load_identity(config)
+        self.store = store
+        self.space = space
+        self.plugins = plugins or get_plugins()
+        self.on_event = on_event or (lambda kind, info: None)
+        self._stop_after: str | None = None
+        embed = getattr(space, "embed", None)
+        self._embeddings = copies.EmbeddingCache(embed) if embed is not None else None
+
+    def _tournament(self) -> Tournament:
+        return Tournament(self._strategies(), self.config.rounds.planned_rounds)
+
+    def _strategies(self) -> Strategies:
+        return self.config.rounds.names().build(self.plugins)
+
+    def _rng(self, round_id: int, stream: int, *more: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.rounds.seed, round_id, stream, *more])
+
+    def _write(self, op: Callable[..., Any], *args: Any) -> Any:
+        """``op(conn, *args)`` in its own committed transaction."""
+        return self.store.write(lambda conn: op(conn, *args))
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def unfinished(self) -> int | None:
+        return queries.unfinished_round(self.store)
+
+    def lineage(self) -> list[str]:
+        return queries.lineage(self.store)
+
+    def points(self) -> dict[str, float]:
+        """Points awarded so far, per node (0 for nodes never in a finished round)."""
+        return queries.awarded_points(self.store)
+
+    # -- the round ------------------------------------------------------------------------
+
+    def run(self, stop_after: str | None = None) -> RoundSummary:
+        """Run (or resume) one round to its end. ``stop_after`` names a step after which to
+        stop by raising RoundInterrupted (for tests of resumption)."""
+        self._stop_after = stop_after
+        round_id = self.unfinished()
+        if round_id is None:
+            round_id = self._plan()
+            self._maybe_stop(stop_after, "planned")
+        else:
+            logger.info("resuming round %d", round_id)
+            self.on_event("round_resumed", {"round_id": round_id})
+        row = queries.round_row(self.store, round_id)
+        weights = [np.asarray(w, dtype=float) for w in row.weights]
+        base = Candidate(tuple(row.base_lineage))
+        contributors = [n for g in row.groups for n in g]
+        index = {n: i for i, n in enumerate(contributors)}
+        self.space.set_data(self._data(round_id, contributors))
+        groups = [np.array([index[n] for n in g], dtype=np.int64) for g in row.groups]
+
+        adapters = self._train(round_id, base, groups, weights)
+        self._maybe_stop(stop_after, "trained")
+        base_score, scores = self._score(round_id, base, adapters)
+        self._maybe_stop(stop_after, "scored")
+        return self._finish(round_id, row.groups, weights, adapters, scores, base_score, base)
+
+    @staticmethod
+    def _maybe_stop(stop_after: str | None, step: str) -> None:
+        if stop_after == step:
+            raise RoundInterrupted(f"stopped after step {step!r} on request")
+
+    # -- plan -------------------------------------------------------------------------------
+
+    def _plan(self) -> int:
+        r = self.config.rounds
+        round_id = queries.next_round_id(self.store)
+        self._flag_near_duplicates(round_id)
+        by_node = queries.unconsumed_pool(self.store)
+        nodes = sorted(by_node)
+        if len(nodes) < r.groups:
+            raise NotEnoughContributors(
+                f"a round needs at least {r.groups} contributors with unconsumed data; "
+                f"there are {len(nodes)}"
+            )
+        awarded = self.points()
+        points = np.array([1.0 + awarded.get(n, 0.0) for n in nodes])
+        groups, weights = self._tournament().plan(points, round_id - 1, self._rng(round_id, 0))
+        groups_nodes = [[nodes[i] for i in g] for g in groups]
+        strategies = r.names().as_dict() | {
+            "consume": r.consume,
+            "evaluation": self.config.evaluation.function,
+            "embedder": self.config.evaluation.embedder,
+            "seed": r.seed,
+        }
+        self.store.write(
+            lambda conn: queries.insert_planned_round(
+                conn,
+                round_id,
+                seed=r.seed,
+                started_ms=now_ms(),
+                strategies=strategies,
+                base_lineage=self.lineage(),
+                groups=groups_nodes,
+                weights=[w.tolist() for w in weights],
+                contribution_seqs=[seq for n in nodes for seq in by_node[n]],
+            )
+        )
+        logger.info(
+            "round %d planned: %d contributors in %d groups", round_id, len(nodes), len(groups)
+        )
+        self.on_event("round_planned", {"round_id": round_id, "groups": groups_nodes})
+        return round_id
+
+    def _flag_near_duplicates(self, round_id: int) -> None:
+        """Flag contributions that copy an earlier contribution of another node (see
+        ``copies``); flagged contributions never enter a round."""
+        threshold = self.config.admission.near_duplicate_threshold
+        if threshold <= 0 or self._embeddings is None:
+            return
+        found = copies.flag_rows(
+            queries.unflagged_contributions(self.store),
+            queries.never_used_seqs(self.store),
+            self._embeddings,
+            threshold,
+        )
+        if not found:
+            return
+        entries = [
+            (
+                copy.seq,
+                f"near-duplicate (cosine {s:.3f}) of contribution {first.id.hex()} "
+                f"from node {first.node_id}, submitted earlier",
+                first.seq,
+                s,
+                round_id,
+            )
+            for copy, first, s in found
+        ]
+        self._write(queries.insert_flags, entries)
+        logger.info(
+            "round %d: %d contribution(s) flagged as near-duplicates", round_id, len(entries)
+        )
+        self.on_event("near_duplicates_flagged", {"round_id": round_id, "count": len(entries)})
+
+    def _data(self, round_id: int, contributors: list[str]) -> list[list[dict[str, str]]]:
+        data: dict[str, list[dict[str, str]]] = {n: [] for n in contributors}
+        for node_id, payload in queries.round_payloads(self.store, round_id):
+            data[node_id] += payload_examples(payload)
+        return [data[n] for n in contributors]
+
+    # -- train and score ---------------------------------------------------------------------
+
+    def _train(
+        self, round_id: int, base: Candidate, groups: list[np.ndarray], weights: list[np.ndarray]
+    ) -> list[str]:
+        row = queries.round_row(self.store, round_id)
+        done = {c.group: c.adapter for c in row.candidates}
+        for g, (members, w) in enumerate(zip(groups, weights, strict=True)):
+            if g in done:
+                continue
+            self.on_event(
+                "candidate_training", {"round_id": round_id, "group": g, "members": len(members)}
+            )
+            cand = self.space.propose(base, members, w, self._rng(round_id, 1, g))
+            assert cand.adapter is not None
+            info = self.space.training_info(cand.adapter)
+            self._write(queries.insert_candidate, round_id, g, cand.adapter, info)
+            done[g] = cand.adapter
+            self.on_event(
+                "candidate_trained", {"round_id": round_id, "group": g, "adapter": cand.adapter}
+            )
+            self._maybe_stop(self._stop_after, f"candidate:{g}")
+        self._write(queries.advance_status, round_id, "planned", "trained")
+        return [done[g] for g in range(len(groups))]
+
+    def _score(
+        self, round_id: int, base: Candidate, adapters: list[str]
+    ) -> tuple[float, list[float]]:
+        row = queries.round_row(self.store, round_id)
+        base_score = row.base_score
+        if base_score is None:
+            base_score = float(self.space.score([base])[0])
+            self._write(queries.set_base_score, round_id, base_score)
+        stored = {c.group: c.score for c in row.candidates}
+        scores = []
+        for g, adapter in enumerate(adapters):
+            s = stored.get(g)
+            if s is None:
+                s = float(self.space.score([Candidate(base.lineage, adapter)])[0])
+                self._write(queries.set_candidate_score, round_id, g, s)
+                self.on_event("candidate_scored", {"round_id": round_id, "group": g, "score": s})
+            scores.append(s)
+        self._write(queries.advance_status, round_id, "trained", "scored")
+        return base_score, scores
+
+    # -- decide and commit --------------------------------------------------------------------
+
+    def _finish(
+        self,
+        round_id: int,
+        groups_nodes: list[list[str]],
+        weights: list[np.ndarray],
+        adapters: list[str],
+        scores: list[float],
+        base_score: float,
+        base: Candidate,
+    ) -> RoundSummary:
+        r = self.config.rounds
+        everyone = queries.node_ids(self.store)
+        index = {n: i for i, n in enumerate(everyone)}
+        awarded = self.points()
+        tournament = self._tournament()
+        # The same replay that node verification runs over the ledger records.
+        points = replay_points(
+            tournament.strategies.reward,
+            everyone,
+            decided_rounds(self.store, round_id),
+            awarded,
+        )
+        groups = [np.array([index[n] for n in g], dtype=np.int64) for g in groups_nodes]
+        record = tournament.decide(
+            round_id - 1,
+            groups,
+            weights,
+            np.asarray(scores),
+            base_score,
+            points,
+            self._rng(round_id, 2),
+            population=everyone,
+        )
+        after = {n: float(record.points_after[i]) - 1.0 for i, n in enumerate(everyone)}
+        winner = record.winner
+        if not record.updated or r.consume == "none":
+            consumed_nodes: list[str] = []
+        elif r.consume == "all":
+            consumed_nodes = [n for g in groups_nodes for n in g]
+        else:
+            consumed_nodes = list(groups_nodes[winner]) if winner is not None else []
+        ranking = [int(x) for x in record.order] if record.order is not None else []
+        write = queries.FinishWrite(
+            round_id=round_id,
+            updated=record.updated,
+            ranking=ranking,
+            swapped=record.swapped,
+            winner=winner,
+            winner_adapter=adapters[winner] if winner is not None else None,
+            points={
+                n: (awarded.get(n, 0.0), after[n])
+                for n in everyone
+                if abs(after[n] - awarded.get(n, 0.0)) > 1e-12
+            },
+            consumed_nodes=consumed_nodes,
+        )
+
+        def commit(conn) -> None:
+            finished_ms = now_ms()
+            stored = queries.finish_round(conn, write, finished_ms)
+            if stored is None:  # finished by an earlier attempt: nothing to do twice
+                return
+            append_record(
+                conn,
+                self.identity,
+                round_id,
+                {
+                    "seed": stored.seed,
+                    "started_ms": stored.started_ms,
+                    "finished_ms": finished_ms,
+                    "strategies": stored.strategies,
+                    "base_lineage": list(base.lineage),
+                    "lineage": queries.lineage_in(conn),
+                    "population": everyone,
+                    "groups": groups_nodes,
+                    "weights": [[float(x) for x in w] for w in weights],
+                    "candidates": [
+                        {"group": g, "adapter": a, "score": float(s)}
+                        for g, (a, s) in enumerate(zip(adapters, scores, strict=True))
+                    ],
+                    "base_score": float(base_score),
+                    "updated": bool(record.updated),
+                    "ranking": ranking,
+                    "swapped": bool(record.swapped),
+                    "winner": winner,
+                    "consumed": {"policy": r.consume, "nodes": sorted(consumed_nodes)},
+                    "flagged": queries.flags_of_round(conn, round_id),
+                    "points": {n: [b, a] for n, (b, a) in write.points.items()},
+                },
+            )
+
+        self.store.write(commit)
+        summary = RoundSummary(
+            round_id=round_id,
+            groups=groups_nodes,
+            scores=list(scores),
+            base_score=base_score,
+            updated=record.updated,
+            winner=winner,
+            ranking=ranking,
+            swapped=record.swapped,
+            points=after,
+            adapters=adapters,
+        )
+        logger.info(
+            "round %d finished: %s",
+            round_id,
+            f"group {winner} won" if record.updated else "no candidate improved",
+        )
+        self.plugins.round_finished(record)
+        self.on_event("round_finished", summary.as_dict())
+        return summary
+
+
+def round_history(store: Store) -> list[dict[str, Any]]:
+    """Every finished round with its candidates, for reports and node status."""
+    return [r.as_dict() for r in queries.finished_rounds(store)]

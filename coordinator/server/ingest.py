@@ -1,0 +1,308 @@
+"""Accepting contributions: verify and validate on the calling thread (cheap rejections
+first, nothing written), then a batched durable write on the store's writer thread that checks
+what needs the store (duplicates, nonce reuse, the time window, the rate limit) in submission
+order and inserts the accepted ones together. A receipt is signed only for what is stored."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from crowdsft.config import CoordinatorConfig
+from crowdsft.envelope import Verified, contribution_id, now_ms, sign_receipt, verify_envelope
+from crowdsft.errors import (
+    DuplicateContributionError,
+    DuplicateExampleError,
+    InvalidPayloadError,
+    ProtocolError,
+    ReplayError,
+)
+from crowdsft.keys import Identity
+from crowdsft.plugins.manager import Plugins
+from crowdsft.v1 import contribution_pb2, envelope_pb2
+from crowdsft.validation import example_dicts, fingerprints, payload_problems
+
+from ..store import queries
+from ..store.db import BatchOp, Done, Store
+from .ratelimit import RateLimiter
+
+logger = logging.getLogger(__name__)
+
+# Contributions of one upload stream that may wait for their commit at once.
+STREAM_WINDOW = 256
+
+
+@dataclass
+class IngestCounters:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+
+
+class Ingest:
+    """The contribution path of the coordinator."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        identity: Identity,
+        store: Store,
+        plugins: Plugins,
+        admission: Any,
+        check_time,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.public_key = identity.public_key
+        self.store = store
+        self.plugins = plugins
+        self.admission = admission
+        self.check_time = check_time
+        self.limits = config.protocol.limits()
+        self.rate_limiter = RateLimiter(config.rate_limit)
+        self.copy_checks = config.admission.reject_duplicate_examples
+        if self.copy_checks:
+            backfill_fingerprints(store)
+        self.counters = IngestCounters()
+        self._counters_lock = threading.Lock()
+
+    def _run_validators(self, node_id: str, payload: contribution_pb2.ContributionPayload) -> None:
+        """Ask the plugins' ``crowdsft_validate_contribution`` hooks (if any plugin has one)."""
+        if not self.plugins.pm.hook.crowdsft_validate_contribution.get_hookimpls():
+            return
+        reasons = self.plugins.validate_contribution(node_id, example_dicts(payload))
+        if reasons:
+            raise InvalidPayloadError("rejected by a validation plugin: " + "; ".join(reasons))
+
+    def prepare(self, envelope: envelope_pb2.SignedEnvelope) -> ContributionWrite:
+        """Verify the signature, admission and payload of a contribution (raising
+        ProtocolError); return its durable write, not yet queued."""
+        try:
+            verified, payload = verify_envelope(envelope, contribution_pb2.ContributionPayload)
+            self.admission.check(verified.node_id)
+            problems = payload_problems(payload, self.limits)
+            if problems:
+                raise InvalidPayloadError("; ".join(problems))
+            self._run_validators(verified.node_id, payload)
+        except ProtocolError as exc:
+            with self._counters_lock:
+                self.counters.rejected += 1
+            logger.info("rejected contribution: %s: %s", exc.status_name, exc)
+            raise
+        return ContributionWrite(
+            ingest=self,
+            verified=verified,
+            cid=contribution_id(verified.payload_bytes),
+            n_examples=len(payload.examples),
+            nonce=payload.nonce,
+            ts_ms=payload.timestamp_ms,
+            fingerprints=tuple(fingerprints(payload)) if self.copy_checks else (),
+        )
+
+    def submit_with(self, envelope: envelope_pb2.SignedEnvelope, done: Done) -> None:
+        """Verify now, then queue the durable write; ``done(ok, value)`` runs on the store's
+        writer thread after the commit, also for rejections found before the write (through
+        the writer all the same, so that results keep the submission order)."""
+        try:
+            op = self.prepare(envelope)
+        except ProtocolError as exc:
+            self.store.submit_with(_Failed(exc), done)
+            return
+        self.store.submit_with(op, done)
+
+    def stream(
+        self, envelopes: Iterable[envelope_pb2.SignedEnvelope], window: int = STREAM_WINDOW
+    ) -> Iterator[tuple[int, bytes, bool, Any]]:
+        """One upload stream: ``(index, contribution id, ok, receipt or error)`` per envelope,
+        in order. A reader thread verifies envelopes and queues their writes while this
+        generator yields the results, so one stream keeps up to ``window`` contributions in
+        flight and the store commits them in groups. Ends when the input ends and every
+        write has answered, or when the input breaks (the client went away)."""
+        results: queue.SimpleQueue[tuple[int, bytes, bool, Any] | BaseException | None] = (
+            queue.SimpleQueue()
+        )
+        slots = threading.BoundedSemaphore(window)
+        stopped = threading.Event()
+
+        def answer(index: int, cid: bytes, ok: bool, value: Any) -> None:
+            results.put((index, cid, ok, value))
+
+        def read() -> None:
+            try:
+                for index, envelope in enumerate(envelopes):
+                    while not slots.acquire(timeout=1.0):
+                        if stopped.is_set():
+                            return
+                    cid = contribution_id(envelope.payload) if envelope.payload else b""
+                    self.submit_with(envelope, functools.partial(answer, index, cid))
+                # Every queued write has answered once the writer runs this marker.
+                self.store.submit_with(_Marker(), lambda ok, value: results.put(None))
+            except BaseException as exc:  # the client went away or the stream broke
+                results.put(exc)
+
+        threading.Thread(target=read, name="upload-reader", daemon=True).start()
+        try:
+            while True:
+                item = results.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    logger.info("upload stream ended with an error: %s", item)
+                    return
+                slots.release()
+                yield item
+        finally:
+            stopped.set()
+
+    def _sign(self, op: ContributionWrite, now: int) -> envelope_pb2.SignedReceipt:
+        return sign_receipt(
+            self.identity,
+            envelope_pb2.Receipt(
+                contribution_id=op.cid,
+                node_id=op.verified.node_id,
+                accepted_at_ms=now,
+                example_count=op.n_examples,
+                coordinator_public_key=self.public_key,
+            ),
+        )
+
+
+@dataclass
+class ContributionWrite(BatchOp):
+    """The durable half of accepting a contribution. The writer runs a whole batch of them:
+    every check sees the earlier items of the batch, then the accepted ones are inserted
+    together."""
+
+    ingest: Ingest
+    verified: Verified
+    cid: bytes
+    n_examples: int
+    nonce: bytes
+    ts_ms: int
+    fingerprints: tuple[bytes, ...] = ()  # empty when duplicate examples are allowed
+
+    def check(
+        self,
+        receipts: dict[bytes, tuple[bytes, bytes]],
+        used: set[tuple[bytes, str]],
+        taken: dict[bytes, str],
+        now: int,
+    ) -> None:
+        """Raise the ProtocolError that rejects this contribution, given what the store and
+        the earlier items of the batch hold."""
+        node_id = self.verified.node_id
+        if self.cid in receipts:
+            receipt, signature = receipts[self.cid]
+            raise DuplicateContributionError(
+                f"contribution {self.cid.hex()} was already accepted; "
+                "the original receipt is attached",
+                envelope_pb2.SignedReceipt(receipt=receipt, signature=signature),
+            )
+        for i, fp in enumerate(self.fingerprints):
+            if fp in taken:
+                who = "this node" if taken[fp] == node_id else "another node"
+                raise DuplicateExampleError(
+                    f"examples[{i}] duplicates an example already stored (submitted "
+                    f"earlier by {who}); the earlier submitter keeps the credit"
+                )
+        self.ingest.check_time(self.ts_ms, now)
+        if (self.nonce, node_id) in used:
+            raise ReplayError(
+                f"nonce {self.nonce.hex()} was already used by node {node_id} (replay)"
+            )
+        self.ingest.rate_limiter.take(node_id)
+
+    @classmethod
+    def run_batch(cls, conn: sqlite3.Connection, ops: list[ContributionWrite]) -> list[Any]:
+        ingest = ops[0].ingest
+        receipts = queries.stored_receipts(conn, [op.cid for op in ops])
+        used = queries.used_nonces(conn, [op.nonce for op in ops])
+        taken = queries.fingerprint_owners(conn, [fp for op in ops for fp in op.fingerprints])
+        now = now_ms()
+        results: list[Any] = []
+        accepted = queries.AcceptedBatch()
+        counters = ingest.counters
+        for op in ops:
+            node_id = op.verified.node_id
+            try:
+                op.check(receipts, used, taken, now)
+            except DuplicateContributionError as exc:
+                counters.duplicates += 1
+                results.append(exc)
+                continue
+            except ProtocolError as exc:
+                counters.rejected += 1
+                logger.info(
+                    "rejected contribution %s from node %s: %s: %s",
+                    op.cid.hex()[:16],
+                    node_id,
+                    exc.status_name,
+                    exc,
+                )
+                results.append(exc)
+                continue
+            signed = ingest._sign(op, now)
+            used.add((op.nonce, node_id))
+            receipts[op.cid] = (signed.receipt, signed.signature)
+            for fp in op.fingerprints:
+                taken[fp] = node_id
+                accepted.examples.append((fp, op.cid, node_id))
+            accepted.nodes.append((node_id, op.verified.public_key, now))
+            accepted.nonces.append((op.nonce, node_id, op.ts_ms))
+            accepted.contributions.append(
+                (
+                    op.cid,
+                    node_id,
+                    op.verified.payload_bytes,
+                    op.verified.signature,
+                    op.ts_ms,
+                    now,
+                    op.n_examples,
+                    signed.receipt,
+                    signed.signature,
+                )
+            )
+            counters.accepted += 1
+            results.append(signed)
+        queries.insert_accepted(conn, accepted)
+        return results
+
+
+@dataclass
+class _Failed(BatchOp):
+    """A request already rejected, passed through the writer to keep its place in line."""
+
+    error: ProtocolError
+
+    @classmethod
+    def run_batch(cls, conn: sqlite3.Connection, ops: list[_Failed]) -> list[Any]:
+        return [op.error for op in ops]
+
+
+class _Marker(BatchOp):
+    """Writes nothing; its callback tells an upload stream that its writes have all answered."""
+
+    @classmethod
+    def run_batch(cls, conn: Any, ops: list[Any]) -> list[Any]:
+        return [None] * len(ops)
+
+
+def backfill_fingerprints(store: Store) -> int:
+    """Fingerprint the examples of a store written before copy checks existed (once: only
+    while no example has a fingerprint), so that they are protected too."""
+    if queries.has_fingerprints(store):
+        return 0
+    entries = []
+    for row in queries.all_contributions(store):
+        msg = contribution_pb2.ContributionPayload.FromString(row.payload)
+        entries += [(fp, row.id, row.node_id) for fp in fingerprints(msg)]
+    if entries:
+        queries.insert_fingerprints(store, entries)
+        logger.info("fingerprinted %d stored examples for copy checks", len(entries))
+    return len(entries)

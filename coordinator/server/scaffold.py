@@ -1,0 +1,61 @@
+"""Creating a coordinator folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crowdsft.errors import ConfigError
+
+TLS_CERT = "tls/server.crt"
+TLS_KEY = "tls/server.key"
+CLIENT_CA = "tls/clients-ca.crt"
+CLIENT_CA_KEY = "tls/clients-ca.key"
+
+
+def init_coordinator(
+    directory: Path,
+    *,
+    listen: str | None = None,
+    force: bool = False,
+    tls: bool = False,
+    tls_names: tuple[str, ...] = (),
+    mtls: bool = False,
+) -> Path:
+    """Create a coordinator folder: key (0600), commented config, data folder; with ``tls``
+    a self-signed server certificate for ``tls_names`` (default: localhost, loopback and this
+    host's name); with ``mtls`` also a CA for client certificates. Returns the config path.
+    Refuses to touch an existing key or config unless ``force``."""
+    from crowdsft.config import DEFAULT_COORDINATOR_TOML, load_coordinator_config
+    from crowdsft.keys import Identity, write_private_key
+
+    directory = directory.resolve()
+    config_path = directory / "coordinator.toml"
+    if config_path.exists() and not force:
+        raise ConfigError(f"{config_path} already exists; refusing to overwrite it (use --force)")
+    directory.mkdir(parents=True, exist_ok=True)
+    text = DEFAULT_COORDINATOR_TOML
+    if listen:
+        text = text.replace('listen = "127.0.0.1:50051"', f'listen = "{listen}"', 1)
+    if tls or mtls:
+        from crowdsft import tls as tlslib
+
+        names = list(tls_names) or tlslib.default_names()
+        tlslib.self_signed_server(directory / TLS_CERT, directory / TLS_KEY, names, force=force)
+        text = text.replace(f'# tls_cert_file = "{TLS_CERT}"', f'tls_cert_file = "{TLS_CERT}"')
+        text = text.replace(f'# tls_key_file = "{TLS_KEY}"', f'tls_key_file = "{TLS_KEY}"')
+        if mtls:
+            tlslib.new_ca(
+                directory / CLIENT_CA, directory / CLIENT_CA_KEY, "crowdsft node CA", force=force
+            )
+            text = text.replace(
+                '# tls_client_ca_file = "tls/clients-ca.crt"', f'tls_client_ca_file = "{CLIENT_CA}"'
+            )
+    key_path = directory / "coordinator.key"
+    if not key_path.exists():
+        write_private_key(Identity.generate(), key_path)
+    elif not force:
+        raise ConfigError(f"{key_path} already exists; refusing to overwrite it (use --force)")
+    config_path.write_text(text)
+    config = load_coordinator_config(config_path)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return config_path

@@ -1,0 +1,215 @@
+"""The LLM model space for the round engine: a candidate is a LoRA fine-tune of the current
+model on its group's examples; its score is how close its generations on the evaluation
+prompts come to the expert responses in an embedding space.
+
+**Per-prompt, not centroid.** The target is a set of evaluation prompts with an expert
+response each, so a candidate's distance is the mean over prompts of the distance between
+the embedding of its answer and the embedding of the expert's answer *to the same prompt*
+(with the configured evaluation function, L2 by default). A centroid (mean embedding of all
+answers against the mean of all expert answers) would forget which answer belongs to which
+prompt: a model that answered every prompt with the same average-sounding text would score
+well. The paper's LLM experiment used a single prompt, where the two coincide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crowdsft.coordinator.rounds.space import Candidate
+from crowdsft.coordinator.training import lora as llm
+from crowdsft.plugins.embedding import Embedder
+from crowdsft.plugins.evaluation import Evaluation
+
+__all__ = ["Candidate", "GenerationConfig", "LLMSpace", "build_llm_space"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    greedy: bool = True
+    seed: int = 0
+
+
+def per_prompt_scores(
+    evaluation: Evaluation, generated: np.ndarray, target: np.ndarray
+) -> np.ndarray:
+    """The evaluation of each generated embedding against the target of its own prompt."""
+    return np.array([evaluation(g[None, :], t)[0] for g, t in zip(generated, target, strict=True)])
+
+
+class LLMSpace:
+    """Implements ``engine.ModelSpace`` over a causal LM held in memory."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        embedder: Embedder,
+        data: Sequence[Sequence[dict[str, str]]],
+        eval_prompts: Sequence[dict[str, str]],
+        target_responses: Sequence[str],
+        evaluation: Evaluation,
+        training: llm.TrainingConfig,
+        adapter_dir: Path,
+        generation: GenerationConfig | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        if len(eval_prompts) != len(target_responses) or not eval_prompts:
+            raise ValueError("need one expert response per evaluation prompt, and at least one")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.embedder = embedder
+        self.data = [list(d) for d in data]
+        self.eval_prompts = list(eval_prompts)
+        self.target = embedder.embed(list(target_responses))
+        self.evaluation = evaluation
+        self.training = training
+        self.generation = generation or GenerationConfig()
+        self.adapter_dir = Path(adapter_dir)
+        self.chain: tuple[str, ...] = ()
+        self.n_contributors = len(self.data)
+        self.on_event = on_event or (lambda kind, info: None)
+        self._scores: dict[tuple[str, ...], float] = {}
+        self.last_generations: dict[tuple[str, ...], list[str]] = {}
+        self.train_log: list[dict[str, Any]] = []
+
+    def set_data(self, data: Sequence[Sequence[dict[str, str]]]) -> None:
+        """The contributors' examples for the next round (index = contributor)."""
+        self.data = [list(d) for d in data]
+        self.n_contributors = len(self.data)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts in the evaluation embedding (for near-duplicate detection)."""
+        return np.asarray(self.embedder.embed(list(texts)), dtype=float)
+
+    def training_info(self, adapter: str) -> dict[str, Any]:
+        for entry in reversed(self.train_log):
+            if entry["adapter"] == adapter:
+                return {k: v for k, v in entry.items() if k != "adapter"}
+        return {}
+
+    # -- the current model ----------------------------------------------------------------
+
+    def materialise(self, base: Candidate) -> None:
+        """Make the in-memory model the model of ``base.lineage`` (merging a new winner)."""
+        lineage = base.lineage
+        if lineage == self.chain:
+            return
+        if lineage[: len(self.chain)] != self.chain:
+            raise ValueError(
+                "the in-memory model cannot go back to an earlier lineage; reload the base"
+            )
+        for digest in lineage[len(self.chain) :]:
+            adapter = llm.load_adapter(self.adapter_dir, digest)
+            self.model = llm.merge_adapter(self.model, adapter, self.training)
+        self.chain = lineage
+
+    # -- ModelSpace ---------------------------------------------------------------------------
+
+    def propose(self, base: Candidate, members: np.ndarray, weights: np.ndarray, rng) -> Candidate:
+        self.materialise(base)
+        examples: list[dict[str, str]] = []
+        example_weights: list[float] = []
+        for m, w in zip(members, weights, strict=True):
+            examples += self.data[int(m)]
+            example_weights += [float(w)] * len(self.data[int(m)])
+        seed = int(rng.integers(2**31 - 1))
+        config = dataclasses.replace(self.training, seed=seed)
+        self.on_event("train_start", {"members": len(members), "examples": len(examples)})
+        result = llm.fit(self.model, self.tokenizer, examples, example_weights, config)
+        digest = llm.save_adapter(result.adapter, self.adapter_dir)
+        self.train_log.append(
+            {
+                "adapter": digest,
+                "steps": result.steps,
+                "tokens": result.tokens,
+                "losses": result.losses,
+                "seed": seed,
+            }
+        )
+        self.on_event(
+            "train_end",
+            {
+                "adapter": digest,
+                "steps": result.steps,
+                "loss": result.losses[-1] if result.losses else None,
+            },
+        )
+        return Candidate(self.chain, digest)
+
+    def score(self, models: Sequence[Candidate]) -> np.ndarray:
+        return np.array([self._score(m) for m in models])
+
+    def _score(self, model: Candidate) -> float:
+        key = model.lineage
+        if key in self._scores:
+            return self._scores[key]
+        if model.chain != self.chain:
+            self.materialise(Candidate(model.chain))
+        adapter = llm.load_adapter(self.adapter_dir, model.adapter) if model.adapter else None
+        g = self.generation
+        with llm.with_adapter(self.model, adapter, self.training) as m:
+            texts = llm.generate(
+                m,
+                self.tokenizer,
+                self.eval_prompts,
+                g.max_new_tokens,
+                g.batch_size,
+                g.greedy,
+                g.seed,
+            )
+        emb = self.embedder.embed(texts)
+        score = float(np.mean(per_prompt_scores(self.evaluation, emb, self.target)))
+        self._scores[key] = score
+        self.last_generations[key] = texts
+        self.on_event("scored", {"adapter": model.adapter, "score": score})
+        return score
+
+
+def build_llm_space(
+    config: Any, plugins: Any = None, on_event: Callable[[str, dict[str, Any]], None] | None = None
+) -> LLMSpace:
+    """The LLM space that a coordinator's config describes: the base model (loaded once),
+    the embedder, the target file and the evaluation function."""
+    from crowdsft.datafiles import read_records
+    from crowdsft.errors import ConfigError
+    from crowdsft.plugins.manager import get_plugins
+
+    plugins = plugins or get_plugins()
+    target = config.target_path
+    if target is None:
+        raise ConfigError(
+            "rounds need a target: set evaluation.target_file in the coordinator config to a "
+            "JSONL file of evaluation prompts with expert responses"
+        )
+    records = read_records(target)
+    device, dtype = llm.device_and_dtype(config.model.device)
+    logger.info("loading base model %s on %s", config.model.base, device)
+    model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
+    embedder = plugins.create("embedder", config.evaluation.embedder)
+    e = config.evaluation
+    return LLMSpace(
+        model,
+        tokenizer,
+        embedder,
+        [],
+        eval_prompts=[
+            {"prompt": r.prompt} | ({"system": r.system} if r.system else {}) for r in records
+        ],
+        target_responses=[r.response for r in records],
+        evaluation=plugins.create("evaluation", e.function),
+        training=config.training,
+        adapter_dir=config.adapter_dir,
+        generation=GenerationConfig(e.max_new_tokens, e.batch_size, e.greedy, e.seed),
+        on_event=on_event,
+    )

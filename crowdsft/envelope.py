@@ -1,0 +1,146 @@
+"""Signing and verifying envelopes and receipts.
+
+Every signature covers a domain tag that names the message type, followed by the exact bytes
+that travel. The verifier checks those bytes before it parses them and never re-serialises a
+message to verify it (protobuf serialisation is not canonical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from crowdsft.errors import AuthenticationError, InvalidPayloadError, ReceiptError
+from crowdsft.keys import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    Identity,
+    node_id_from_public_key,
+    verify_signature,
+)
+from crowdsft.v1 import contribution_pb2, envelope_pb2
+
+M = TypeVar("M", bound=Message)
+
+NONCE_BYTES = 16
+
+
+def domain_tag(message_type: type[Message]) -> bytes:
+    """The domain tag for a message type, e.g. ``b"crowdsft.v1.ContributionPayload\\n"``."""
+    return message_type.DESCRIPTOR.full_name.encode() + b"\n"
+
+
+CONTRIBUTION_TAG = domain_tag(contribution_pb2.ContributionPayload)
+RECEIPT_TAG = domain_tag(envelope_pb2.Receipt)
+
+
+def contribution_id(payload: bytes) -> bytes:
+    """The contribution id: SHA-256 of the payload bytes."""
+    return hashlib.sha256(payload).digest()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def sign_envelope(identity: Identity, payload: Message) -> envelope_pb2.SignedEnvelope:
+    """Serialise ``payload`` once and sign those bytes under the payload type's domain tag."""
+    data = payload.SerializeToString()
+    return envelope_pb2.SignedEnvelope(
+        payload=data,
+        signature=identity.sign(domain_tag(type(payload)) + data),
+        public_key=identity.public_key,
+    )
+
+
+@dataclass(frozen=True)
+class Verified:
+    """An envelope whose signature checked out, with its parsed payload."""
+
+    node_id: str
+    public_key: bytes
+    payload_bytes: bytes
+    signature: bytes
+
+
+def verify_envelope(
+    envelope: envelope_pb2.SignedEnvelope, message_type: type[M]
+) -> tuple[Verified, M]:
+    """Verify the signature over the exact payload bytes, then (and only then) parse them.
+
+    Raises AuthenticationError for a missing or wrong-length key or a bad signature, and
+    InvalidPayloadError for bytes that do not parse as ``message_type``.
+    """
+    pk = envelope.public_key
+    if len(pk) != PUBLIC_KEY_BYTES:
+        raise AuthenticationError(
+            f"public_key has {len(pk)} bytes; an Ed25519 public key has {PUBLIC_KEY_BYTES}"
+        )
+    if len(envelope.signature) != SIGNATURE_BYTES:
+        raise AuthenticationError(
+            f"signature has {len(envelope.signature)} bytes; an Ed25519 signature has "
+            f"{SIGNATURE_BYTES}"
+        )
+    if not verify_signature(pk, envelope.signature, domain_tag(message_type) + envelope.payload):
+        raise AuthenticationError(
+            f"signature does not verify for this payload and public key "
+            f"(expected a {message_type.DESCRIPTOR.full_name} signed by the key's owner)"
+        )
+    message = message_type()
+    try:
+        message.ParseFromString(envelope.payload)
+    except DecodeError as exc:
+        raise InvalidPayloadError(
+            f"payload is not a valid {message_type.DESCRIPTOR.full_name}: {exc}"
+        ) from None
+    verified = Verified(
+        node_id=node_id_from_public_key(pk),
+        public_key=pk,
+        payload_bytes=envelope.payload,
+        signature=envelope.signature,
+    )
+    return verified, message
+
+
+def sign_receipt(identity: Identity, receipt: envelope_pb2.Receipt) -> envelope_pb2.SignedReceipt:
+    data = receipt.SerializeToString()
+    return envelope_pb2.SignedReceipt(receipt=data, signature=identity.sign(RECEIPT_TAG + data))
+
+
+def verify_receipt(
+    signed: envelope_pb2.SignedReceipt,
+    coordinator_public_key: bytes,
+    *,
+    expected_contribution_id: bytes | None = None,
+    expected_node_id: str | None = None,
+) -> envelope_pb2.Receipt:
+    """Check a receipt's signature against the coordinator key and what the node sent.
+
+    Raises ReceiptError with the precise mismatch.
+    """
+    if not verify_signature(coordinator_public_key, signed.signature, RECEIPT_TAG + signed.receipt):
+        raise ReceiptError("receipt signature does not verify against the coordinator's key")
+    receipt = envelope_pb2.Receipt()
+    try:
+        receipt.ParseFromString(signed.receipt)
+    except DecodeError:
+        raise ReceiptError("receipt bytes do not parse") from None
+    if receipt.coordinator_public_key != coordinator_public_key:
+        raise ReceiptError("receipt names a different coordinator key than the one that signed it")
+    if expected_contribution_id is not None and receipt.contribution_id != expected_contribution_id:
+        raise ReceiptError(
+            f"receipt is for contribution {receipt.contribution_id.hex()}, "
+            f"not {expected_contribution_id.hex()}"
+        )
+    if expected_node_id is not None and receipt.node_id != expected_node_id:
+        raise ReceiptError(f"receipt is for node {receipt.node_id}, not {expected_node_id}")
+    return receipt

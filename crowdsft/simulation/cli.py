@@ -1,0 +1,248 @@
+"""``crowdsft simulate`` and ``crowdsft sweep``: the paper's vector-space game."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import click
+
+from crowdsft.console import echo_json, progress_bar
+
+
+def _csv(kind: str):
+    def convert(ctx: click.Context, param: click.Parameter, value: str) -> list:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            raise click.BadParameter("give at least one value")
+        if kind == "int":
+            try:
+                return [int(v) for v in items]
+            except ValueError:
+                raise click.BadParameter(
+                    f"{value!r} is not a comma-separated list of integers"
+                ) from None
+        return items
+
+    return convert
+
+
+def _check_names(kind: str, names: list[str]) -> None:
+    from crowdsft.plugins.manager import get_plugins
+
+    plugins = get_plugins()
+    for name in names:
+        plugins.get(kind, name)  # PluginError names the registered ones
+
+
+def _data_option(f):
+    return click.option(
+        "--data",
+        "data_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="MovieLens ml-latest-small folder [default: ../shared/data/movielens-latest-small, "
+        "or $CROWDSFT_DATA].",
+    )(f)
+
+
+def _fmt(v: float, spec: str = ".3f") -> str:
+    return "n/a" if isinstance(v, float) and math.isnan(v) else format(v, spec)
+
+
+@click.command()
+@click.option("--users", default=50, show_default=True, type=click.IntRange(2))
+@click.option("--groups", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--grouping", default="random", show_default=True)
+@click.option("--evaluation", default="l2", show_default=True)
+@click.option("--reward", default="rank", show_default=True)
+@click.option("--valuation", default="permutation", show_default=True)
+@click.option("--influence", default="points-squared", show_default=True)
+@click.option(
+    "--error",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Judging-error probability of the selection.",
+)
+@click.option("--rounds", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@_data_option
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def simulate(
+    users,
+    groups,
+    grouping,
+    evaluation,
+    reward,
+    valuation,
+    influence,
+    error,
+    rounds,
+    runs,
+    seed,
+    data_dir,
+    as_json,
+) -> None:
+    """Run the paper's MovieLens game for one strategy combination.
+
+    Prints the mean final distance to the expert, the mean number of rounds until the
+    distance first drops to 5 or below (over the runs that get there), and the mean Pearson
+    and Spearman correlations of the final points with Shapley values.
+    """
+    import numpy as np
+
+    from crowdsft.simulation.game import Cell, default_data_dir, run_cell
+
+    for kind, name in (
+        ("grouping", grouping),
+        ("evaluation", evaluation),
+        ("reward", reward),
+        ("valuation", valuation),
+        ("influence", influence),
+    ):
+        _check_names(kind, [name])
+    cell = Cell(
+        users=users,
+        groups=groups,
+        grouping=grouping,
+        evaluation=evaluation,
+        reward=reward,
+        valuation=valuation,
+        influence=influence,
+        error=error,
+        rounds=rounds,
+        runs=runs,
+        seed=seed,
+    )
+    t0 = time.perf_counter()
+    result = run_cell(cell, data_dir or default_data_dir())
+    summary = result.summary()
+    summary["runs_reaching_5"] = int(np.count_nonzero(~np.isnan(result.rounds_to_5)))
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(
+        f"{users} users, {groups} groups, {grouping} grouping, {evaluation} evaluation, "
+        f"{reward} reward, {valuation} Shapley values; {runs} runs of {rounds} rounds"
+    )
+    click.echo(f"mean final distance: {_fmt(summary['mean_final_distance'])}")
+    click.echo(
+        f"mean rounds to 5:    {_fmt(summary['mean_rounds_to_5'], '.1f')} "
+        f"({summary['runs_reaching_5']} of {runs} runs got there)"
+    )
+    click.echo(f"mean Pearson:        {_fmt(summary['mean_pearson'])}")
+    click.echo(f"mean Spearman:       {_fmt(summary['mean_spearman'])}")
+
+
+@click.command()
+@click.option("--users", default="10,25,50,75,100", show_default=True, callback=_csv("int"))
+@click.option("--groups", default="2,3,4,5", show_default=True, callback=_csv("int"))
+@click.option(
+    "--grouping",
+    default="random,epsilon-greedy,interleaved",
+    show_default=True,
+    callback=_csv("str"),
+)
+@click.option("--evaluation", default="l2,l1,dot", show_default=True, callback=_csv("str"))
+@click.option("--reward", default="rank", show_default=True, callback=_csv("str"))
+@click.option("--valuation", default="permutation", show_default=True, callback=_csv("str"))
+@click.option("--rounds", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--workers", default=0, type=click.IntRange(0), help="Processes to use [default: one per CPU]."
+)
+@click.option("--no-plots", is_flag=True, help="Write summary.csv only.")
+@click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
+@_data_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for summary.csv and the plots.",
+)
+def sweep(
+    users,
+    groups,
+    grouping,
+    evaluation,
+    reward,
+    valuation,
+    rounds,
+    runs,
+    seed,
+    workers,
+    no_plots,
+    no_progress,
+    data_dir,
+    out,
+) -> None:
+    """Run the paper's grid of simulations and write DIR/summary.csv and PNG plots.
+
+    Every comma-separated value of every option is crossed with all the others. Shapley
+    values are computed once per distinct game and shared by all combinations.
+    """
+    from crowdsft.simulation.game import (
+        Cell,
+        default_data_dir,
+        work_units,
+        write_plots,
+        write_summary,
+    )
+    from crowdsft.simulation.game import (
+        sweep as run_sweep,
+    )
+
+    for kind, names in (
+        ("grouping", grouping),
+        ("evaluation", evaluation),
+        ("reward", reward),
+        ("valuation", valuation),
+    ):
+        _check_names(kind, names)
+    cells = [
+        Cell(
+            users=u,
+            groups=g,
+            grouping=gr,
+            evaluation=ev,
+            reward=rw,
+            valuation=va,
+            rounds=rounds,
+            runs=runs,
+            seed=seed,
+        )
+        for u in users
+        for g in groups
+        for gr in grouping
+        for ev in evaluation
+        for rw in reward
+        for va in valuation
+    ]
+    if not no_plots:
+        try:
+            import matplotlib  # noqa: F401 - checked before hours of work, not after
+        except ImportError:
+            raise click.UsageError(
+                "plots need matplotlib: pip install 'crowd-sft[sim]', or pass --no-plots"
+            ) from None
+    bad = [c for c in cells if c.groups > c.users]
+    if bad:
+        raise click.BadParameter(f"{bad[0].groups} groups cannot be made of {bad[0].users} users")
+    t0 = time.perf_counter()
+    with progress_bar(work_units(cells), f"{len(cells)} cells", enabled=not no_progress) as bar:
+        results = run_sweep(
+            cells, data_dir or default_data_dir(), workers=workers or None, progress=bar
+        )
+    elapsed = time.perf_counter() - t0
+    write_summary(results, out / "summary.csv")
+    written = [out / "summary.csv"]
+    if not no_plots:
+        written += write_plots(results, out)
+    click.echo(f"{len(cells)} cells x {runs} runs x {rounds} rounds in {elapsed:.1f}s")
+    for p in written:
+        click.echo(f"wrote {p}")

@@ -1,0 +1,375 @@
+"""Crash-safety harness: a coordinator in its own process, killed with SIGKILL at random
+moments while nodes submit and rounds run, restarted each time; then everything is checked.
+
+``python -m crowdsft.testing.crash serve CONFIG`` is the process under test: the real
+coordinator (gRPC server, store, admission, ledger) plus a loop that runs a round whenever
+enough contributors have unconsumed data, over ``StandInSpace`` (model-free, with a delay per
+step so that kills land inside rounds as well as between them).
+
+``run_harness`` drives it: node threads submit signed contributions and keep every receipt;
+a killer SIGKILLs the process at random moments and restarts it; at the end the process is
+started once more to finish any interrupted round, and ``check`` verifies that
+
+* every acknowledged (receipted) contribution is stored, exactly once;
+* every round finished exactly once: consecutive ids, one ledger record each, no round left
+  unfinished, each contribution consumed at most once;
+* the points in the store equal what the ledger records imply (recomputed with the reward rule);
+* the ledger verifies, and every node's ``node verify`` checks pass.
+
+Used by ``tests/coordinator/test_crash.py`` (20 kills) and ``bench/crash.py`` (longer runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from crowdsft.config import CoordinatorConfig, load_coordinator_config
+from crowdsft.envelope import contribution_id, new_nonce, now_ms, sign_envelope
+from crowdsft.keys import Identity
+from crowdsft.ledger import verify_ledger
+from crowdsft.node.client import Backoff, CoordinatorClient
+from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the process under test ------------------------------------------------------------------
+
+
+def serve(config_path: Path, step_delay_s: float, min_new: int = 5) -> None:
+    from crowdsft.coordinator.rounds.auto import new_contributions
+    from crowdsft.coordinator.rounds.runner import NotEnoughContributors, RoundRunner
+    from crowdsft.coordinator.server.app import Coordinator
+    from crowdsft.testing.standin import StandInSpace
+
+    config = load_coordinator_config(config_path)
+    coord = Coordinator(config).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"READY {coord.address}", flush=True)
+    space = StandInSpace(config.adapter_dir, delay_s=step_delay_s)
+    runner = RoundRunner(config, coord.store, space)
+    try:
+        while not stop.is_set():
+            # A round to finish, or enough new data for one (as automatic rounds would).
+            if runner.unfinished() is None and new_contributions(coord.store) < min_new:
+                stop.wait(0.05)
+                continue
+            try:
+                summary = runner.run()
+                print(f"ROUND {summary.round_id}", flush=True)
+            except NotEnoughContributors:
+                stop.wait(0.1)
+    finally:
+        coord.stop(1)
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HarnessReport:
+    kills: int
+    acknowledged: int
+    rounds: int
+    seconds: float
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Process:
+    def __init__(self, config_path: Path, step_delay_s: float, log: Path) -> None:
+        self.config_path = config_path
+        self.step_delay_s = step_delay_s
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "crowdsft.testing.crash",
+                "serve",
+                str(self.config_path),
+                "--step-delay",
+                str(self.step_delay_s),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if line.startswith("READY"):
+                self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
+                self._drainer.start()
+                return
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"coordinator exited with {self.proc.returncode}; see {self.log}"
+                )
+        raise RuntimeError(f"coordinator did not start in {timeout}s; see {self.log}")
+
+    @staticmethod
+    def _drain(proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for _ in proc.stdout:
+            pass
+
+    def _reap(self, sig: int, timeout: float | None) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout)
+        self._drainer.join(10)
+        self.proc.stdout.close()
+
+    def kill(self) -> None:
+        self._reap(signal.SIGKILL, None)
+
+    def terminate(self, timeout: float = 30) -> None:
+        self._reap(signal.SIGTERM, timeout)
+
+
+class Node(threading.Thread):
+    """Submits ``count`` one-example contributions with the node client, which resends the
+    same bytes until a receipt (or a duplicate's original receipt) comes back."""
+
+    def __init__(
+        self,
+        address: str,
+        identity: Identity,
+        count: int,
+        stop: threading.Event,
+        pace_s: float = 0.0,
+    ):
+        super().__init__(daemon=True)
+        self.pace_s = pace_s
+        self.address = address
+        self.identity = identity
+        self.count = count
+        self.stop_event = stop
+        self.receipts: dict[bytes, envelope_pb2.SignedReceipt] = {}
+        self.sent = 0
+
+    def run(self) -> None:
+        client = CoordinatorClient(
+            self.address, timeout=5, backoff=Backoff(base=0.05, cap=0.2, attempts=100_000)
+        )
+        rng = random.Random(self.identity.node_id)
+        try:
+            for i in range(self.count):
+                if self.pace_s:
+                    time.sleep(rng.uniform(0, 2 * self.pace_s))
+                words = [
+                    "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+                    for _ in range(rng.randint(2, 25))
+                ]
+                env = sign_envelope(
+                    self.identity,
+                    contribution_pb2.ContributionPayload(
+                        examples=[
+                            contribution_pb2.Example(
+                                prompt=f"{self.identity.node_id} question {i}",
+                                response=" ".join(words),
+                            )
+                        ],
+                        nonce=new_nonce(),
+                        timestamp_ms=now_ms(),
+                    ),
+                )
+                # Retried through crashes until a receipt (or a duplicate's original) comes.
+                receipt, _ = client.submit_one(env)
+                self.receipts[contribution_id(env.payload)] = receipt
+                self.sent = i + 1
+                if self.stop_event.is_set():
+                    return
+        finally:
+            client.close()
+
+
+def run_harness(
+    root: Path,
+    *,
+    kills: int = 20,
+    nodes: int = 6,
+    contributions: int = 60,
+    interval_s: tuple[float, float] = (0.2, 1.2),
+    pace_s: float = 0.1,
+    step_delay_s: float = 0.05,
+    seed: int = 0,
+    say: Callable[[str], None] = lambda s: None,
+) -> HarnessReport:
+    """Kill and restart a coordinator ``kills`` times while ``nodes`` node threads submit
+    ``contributions`` each and rounds run; then check everything (see the module doc)."""
+    from crowdsft.coordinator.server.scaffold import init_coordinator
+
+    started = time.monotonic()
+    rng = random.Random(seed)
+    address = f"127.0.0.1:{free_port()}"
+    config_path = init_coordinator(root, listen=address, force=True)
+    text = config_path.read_text()
+    text = text.replace("groups = 3", "groups = 2")
+    text = text.replace("judging_error = 0.05", "judging_error = 0.0")
+    text = text.replace("contributions_per_s = 50.0", "contributions_per_s = 100000.0")
+    config_path.write_text(text)
+    process = Process(config_path, step_delay_s, root / "coordinator.log")
+    process.start()
+    stop = threading.Event()
+    identities = [Identity.generate() for _ in range(nodes)]
+    threads = [Node(address, ident, contributions, stop, pace_s) for ident in identities]
+    for t in threads:
+        t.start()
+    done = 0
+    try:
+        for k in range(kills):
+            time.sleep(rng.uniform(*interval_s))
+            process.kill()
+            done += 1
+            acked = sum(len(t.receipts) for t in threads)
+            say(f"kill {k + 1}/{kills}: {acked} contributions acknowledged so far")
+            process.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        stop.set()
+    # Let the last process finish the round it may be in, then stop it cleanly.
+    time.sleep(max(1.0, 20 * step_delay_s))
+    process.terminate()
+    receipts = {cid: r for t in threads for cid, r in t.receipts.items()}
+    problems = check(load_coordinator_config(config_path), receipts, identities)
+    rounds = _rounds(load_coordinator_config(config_path))
+    return HarnessReport(done, len(receipts), rounds, time.monotonic() - started, problems)
+
+
+def _rounds(config: CoordinatorConfig) -> int:
+    from crowdsft.coordinator.store.db import connect
+
+    conn = connect(config.db_path, readonly=True)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def check(
+    config: CoordinatorConfig,
+    receipts: dict[bytes, envelope_pb2.SignedReceipt],
+    identities: list[Identity],
+) -> list[str]:
+    """Everything that must hold after any sequence of crashes (see the module doc)."""
+    from crowdsft.coordinator.server.app import load_identity
+    from crowdsft.coordinator.store.chain import inclusion_proofs
+    from crowdsft.coordinator.store.db import Store
+    from crowdsft.ledger import LedgerEntry
+    from crowdsft.node.verify import check_inclusion
+
+    problems: list[str] = []
+    with Store(config.db_path) as store:
+        q = store.query
+        for cid in receipts:
+            n = q("SELECT COUNT(*) FROM contributions WHERE id=?", (cid,))[0][0]
+            if n != 1:
+                problems.append(f"acknowledged contribution {cid.hex()[:16]} stored {n} times")
+        statuses = q("SELECT round_id, status FROM rounds ORDER BY round_id")
+        ids = [r[0] for r in statuses]
+        if ids != list(range(1, len(ids) + 1)):
+            problems.append(f"round ids are not consecutive: {ids}")
+        unfinished = [r for r, s in statuses if s != "finished"]
+        if unfinished:
+            problems.append(f"rounds left unfinished: {unfinished}")
+        entries = [
+            LedgerEntry(r, bytes(rec), bytes(sig))
+            for r, rec, sig in q("SELECT round_id, record, signature FROM ledger ORDER BY round_id")
+        ]
+        finished = [r for r, s in statuses if s == "finished"]
+        if [e.round_id for e in entries] != finished:
+            problems.append(
+                f"ledger has records for rounds {[e.round_id for e in entries]}, "
+                f"finished rounds are {finished}"
+            )
+        for rid in finished:
+            groups = len(json.loads(q("SELECT groups FROM rounds WHERE round_id=?", (rid,))[0][0]))
+            cands = q(
+                "SELECT COUNT(*) FROM candidates WHERE round_id=? AND score IS NOT NULL", (rid,)
+            )[0][0]
+            if cands != groups:
+                problems.append(f"round {rid}: {cands} scored candidates for {groups} groups")
+        report = verify_ledger(entries, load_identity(config).public_key)
+        problems += [f"ledger: {p}" for p in report.problems]
+        stored = dict(q("SELECT node_id, points FROM nodes"))
+        for node, points in stored.items():
+            implied = report.points.get(node, 0.0)
+            if abs(points - implied) > 1e-9:
+                problems.append(f"node {node}: {points} points stored, {implied} by the ledger")
+        rows = {
+            (rid, node): after
+            for rid, node, after in q("SELECT round_id, node_id, points_after FROM points_ledger")
+        }
+        listed = {
+            (rid, node): entry[1]
+            for rid, rec in report.records.items()
+            for node, entry in rec.get("points", {}).items()
+        }
+        if rows.keys() != listed.keys():
+            problems.append(
+                f"points_ledger rows and record entries differ: "
+                f"{sorted(rows.keys() ^ listed.keys())[:5]}"
+            )
+        for key in rows.keys() & listed.keys():
+            if abs(rows[key] - listed[key]) > 1e-9:
+                problems.append(f"points_ledger row {key} differs from the record")
+        for ident in identities:
+            mine = {
+                cid
+                for cid, r in receipts.items()
+                if envelope_pb2.Receipt.FromString(r.receipt).node_id == ident.node_id
+            }
+            proofs = [
+                coordinator_pb2.InclusionProof(**p) for p in inclusion_proofs(store, sorted(mine))
+            ]
+            _, _, found = check_inclusion(proofs, mine, ident.node_id, report.records)
+            problems += [f"node {ident.node_id}: {p}" for p in found]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m crowdsft.testing.crash")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="the coordinator process under test")
+    s.add_argument("config", type=Path)
+    s.add_argument("--step-delay", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve(args.config, args.step_delay)
+
+
+if __name__ == "__main__":
+    main()

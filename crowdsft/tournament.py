@@ -1,0 +1,335 @@
+"""The tournament: pure, seeded round logic, shared by every side.
+
+One round::
+
+    base -> group contributors -> one candidate per group -> score candidates and base
+         -> select a winner (improvement guard, judging error) -> award points
+         -> record the round -> the winner is the next base
+
+``Tournament`` plans a round (groups and influence weights) and decides it (selection and
+reward) without knowing what a model is. Whoever trains and scores candidates drives it:
+
+* the paper's simulation passes a ``ModelSpace`` to ``start``/``step``, which propose and
+  score candidates in one process;
+* the coordinator's round runner plans, trains and scores in persisted steps, then decides;
+* ``node verify`` never trains anything: it replays the points of recorded rounds.
+
+The points rule is replayed in one place, ``replay_points``, which the round runner and
+ledger verification both call, so the coordinator and every verifier agree by construction.
+All randomness comes from the ``numpy.random.Generator`` passed in. Never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from crowdsft.plugins.reward import Reward, RoundOutcome
+
+if TYPE_CHECKING:
+    from crowdsft.plugins.grouping import Grouping
+    from crowdsft.plugins.influence import Influence
+    from crowdsft.plugins.manager import Plugins
+    from crowdsft.plugins.selection import Selection
+
+
+class ModelSpace(Protocol):
+    """Where candidates live: the simulation's vectors, the coordinator's LoRA adapters."""
+
+    n_contributors: int
+
+    def propose(
+        self, base: Any, members: np.ndarray, weights: np.ndarray, rng: np.random.Generator
+    ) -> Any:
+        """A candidate trained from ``base`` on the data of ``members`` (their influence
+        ``weights`` given)."""
+        ...
+
+    def score(self, models: Sequence[Any]) -> np.ndarray:
+        """Scores of ``models`` against the target; higher is better."""
+        ...
+
+
+# -- strategies ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Strategies:
+    grouping: Grouping
+    selection: Selection
+    reward: Reward
+    influence: Influence
+
+
+@dataclass(frozen=True)
+class StrategyNames:
+    """The strategies of a tournament by name, with their settings: the one place that turns
+    names into ``Strategies`` (the coordinator's ``[rounds]``, the simulation's cells and
+    their tests all build through it). ``options`` holds extra keyword options per kind
+    (``{"reward": {...}}``)."""
+
+    grouping: str = "random"
+    groups: int = 3
+    selection: str = "best"
+    judging_error: float = 0.05
+    reward: str = "rank"
+    influence: str = "points-squared"
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def build(self, plugins: Plugins | None = None) -> Strategies:
+        from crowdsft.plugins.manager import get_plugins
+
+        p = plugins or get_plugins()
+        o = self.options
+        return Strategies(
+            grouping=p.create(
+                "grouping", self.grouping, groups=self.groups, **o.get("grouping", {})
+            ),
+            selection=p.create(
+                "selection", self.selection, error=self.judging_error, **o.get("selection", {})
+            ),
+            reward=p.create("reward", self.reward, **o.get("reward", {})),
+            influence=p.create("influence", self.influence, **o.get("influence", {})),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The names and settings as a ledger record lists them."""
+        return {
+            "grouping": self.grouping,
+            "groups": self.groups,
+            "selection": self.selection,
+            "judging_error": self.judging_error,
+            "reward": self.reward,
+            "influence": self.influence,
+        }
+
+
+# -- what a round decided -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """Everything a round decided: the reward rule's view of it (``outcome``) plus the
+    decision and the points. ``population`` names the contributors the group indices point
+    into (node ids in the coordinator; ``"0"``, ``"1"``, ... in the simulation)."""
+
+    outcome: RoundOutcome
+    updated: bool  # False when the improvement guard kept the old model
+    swapped: bool  # a judging error struck
+    points_before: np.ndarray
+    points_after: np.ndarray
+    population: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def round_index(self) -> int:
+        return self.outcome.round_index
+
+    @property
+    def groups(self) -> Sequence[np.ndarray]:
+        return self.outcome.groups
+
+    @property
+    def weights(self) -> Sequence[np.ndarray] | None:
+        return self.outcome.weights
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.outcome.scores
+
+    @property
+    def base_score(self) -> float:
+        return self.outcome.base_score
+
+    @property
+    def order(self) -> np.ndarray | None:
+        """Groups best first after any judging error; None when nothing was updated."""
+        return self.outcome.order if self.updated else None
+
+    @property
+    def group_nodes(self) -> list[list[str]]:
+        """The members of each group, by name (node ids in the coordinator)."""
+        return [[self.population[int(i)] for i in g] for g in self.outcome.groups]
+
+    @property
+    def winner(self) -> int | None:
+        return int(self.outcome.order[0]) if self.updated else None
+
+    @property
+    def winner_score(self) -> float:
+        w = self.winner
+        return float(self.scores[w]) if w is not None else self.base_score
+
+
+@dataclass
+class TournamentState:
+    base: Any
+    base_score: float
+    points: np.ndarray
+    round_index: int = 0
+
+
+def award(reward: Reward, points: np.ndarray, outcome: RoundOutcome, updated: bool) -> np.ndarray:
+    """The reward rule's step for one decided round: it observes every round, and changes
+    points only when the round updated the model."""
+    reward.observe(outcome)
+    return reward.update(points, outcome) if updated else points
+
+
+@dataclass(frozen=True)
+class DecidedRound:
+    """A finished round as the points rule replays it, in node ids (from a ledger record)."""
+
+    round_id: int
+    groups: list[list[str]]
+    weights: list[list[float]]
+    scores: list[float]
+    base_score: float
+    updated: bool
+    ranking: list[int]
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> DecidedRound:
+        return cls(
+            round_id=int(rec["round_id"]),
+            groups=[list(g) for g in rec["groups"]],
+            weights=[[float(x) for x in w] for w in rec["weights"]],
+            scores=[float(c["score"]) for c in rec["candidates"]],
+            base_score=float(rec["base_score"]),
+            updated=bool(rec["updated"]),
+            ranking=[int(x) for x in rec["ranking"]] if rec["updated"] else [],
+        )
+
+    def outcome(self, index: Mapping[str, int]) -> RoundOutcome:
+        """The reward rule's view of this round over a population ``index`` (node -> position)."""
+        missing = sorted({n for g in self.groups for n in g if n not in index})
+        if missing:
+            raise ValueError(
+                f"round {self.round_id} names contributors missing from the population: "
+                + ", ".join(missing[:3])
+            )
+        return RoundOutcome(
+            self.round_id - 1,
+            [np.array([index[n] for n in g], dtype=np.int64) for g in self.groups],
+            np.asarray(self.scores, dtype=float),
+            self.base_score,
+            np.asarray(self.ranking if self.updated else [], dtype=np.int64),
+            [np.asarray(w, dtype=float) for w in self.weights],
+        )
+
+
+def replay_points(
+    reward: Reward,
+    population: Sequence[str],
+    earlier: Sequence[DecidedRound],
+    awarded: Mapping[str, float],
+) -> np.ndarray:
+    """The points (1 + points awarded so far) over ``population`` from which the next round
+    is decided, with ``reward``'s state rebuilt from the ``earlier`` finished rounds.
+
+    Every contributor starts at 1. A rule that adds to what contributors hold continues from
+    ``awarded``; a rule that ``replaces_points`` computes everyone's points afresh from the
+    history it has observed. The coordinator's round runner and ledger verification both
+    decide through this function.
+    """
+    index = {n: i for i, n in enumerate(population)}
+    reward.reset(len(population))
+    replayed = np.ones(len(population))
+    for old in earlier:
+        replayed = award(reward, replayed, old.outcome(index), old.updated)
+    if getattr(reward, "replaces_points", False):
+        return replayed
+    return np.array([1.0 + awarded.get(n, 0.0) for n in population])
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+class Tournament:
+    """Plans and decides rounds with ``strategies``; ``rounds`` is the schedule length that
+    grouping strategies may assume (epsilon-greedy anneals over it)."""
+
+    def __init__(
+        self,
+        strategies: Strategies,
+        rounds: int,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        self.strategies = strategies
+        self.rounds = rounds
+        self.on_round = on_round
+
+    def plan(
+        self, points: np.ndarray, round_index: int, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Groups for this round and each member's influence weight."""
+        s = self.strategies
+        groups = s.grouping.group(points, round_index, self.rounds, rng)
+        weights = [s.influence.weights(points[g]) for g in groups]
+        return groups, weights
+
+    def decide(
+        self,
+        round_index: int,
+        groups: list[np.ndarray],
+        weights: list[np.ndarray],
+        scores: np.ndarray,
+        base_score: float,
+        points: np.ndarray,
+        rng: np.random.Generator,
+        population: Sequence[str] = (),
+    ) -> RoundRecord:
+        """Selection (guard, judging error) and reward, given the scored candidates."""
+        s = self.strategies
+        scores = np.asarray(scores, dtype=float)
+        ranking = s.selection.select(scores, base_score, rng)
+        order = ranking.order if ranking is not None else np.empty(0, dtype=np.int64)
+        outcome = RoundOutcome(round_index, groups, scores, base_score, order, weights)
+        after = award(s.reward, points, outcome, ranking is not None)
+        names = tuple(population) or tuple(str(i) for i in range(len(points)))
+        record = RoundRecord(
+            outcome,
+            updated=ranking is not None,
+            swapped=bool(ranking.swapped) if ranking is not None else False,
+            points_before=points,
+            points_after=after,
+            population=names,
+        )
+        if self.on_round is not None:
+            self.on_round(record)
+        return record
+
+    # -- driving a whole tournament in one process, over a model space ------------------------
+
+    def start(self, space: ModelSpace, base: Any, initial_points: float = 1.0) -> TournamentState:
+        self.strategies.reward.reset(space.n_contributors)
+        score = float(space.score([base])[0])
+        points = np.full(space.n_contributors, float(initial_points))
+        return TournamentState(base=base, base_score=score, points=points)
+
+    def step(
+        self, space: ModelSpace, state: TournamentState, rng: np.random.Generator
+    ) -> tuple[TournamentState, RoundRecord, list[Any]]:
+        """One round. Returns the new state, the record, and the candidates."""
+        groups, weights = self.plan(state.points, state.round_index, rng)
+        candidates = [
+            space.propose(state.base, g, w, rng) for g, w in zip(groups, weights, strict=True)
+        ]
+        scores = np.asarray(space.score(candidates), dtype=float)
+        record = self.decide(
+            state.round_index, groups, weights, scores, state.base_score, state.points, rng
+        )
+        if record.updated:
+            w = record.winner
+            assert w is not None
+            new = TournamentState(
+                candidates[w], float(scores[w]), record.points_after, state.round_index + 1
+            )
+        else:
+            new = TournamentState(
+                state.base, state.base_score, record.points_after, state.round_index + 1
+            )
+        return new, record, candidates

@@ -1,0 +1,292 @@
+"""Rounds in the coordinator over the tiny LM: a round from submitted contributions, and a
+round stopped after every persisted step and resumed, finishing exactly once."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from crowdsft.coordinator.rounds.runner import (
+    NotEnoughContributors,
+    RoundInterrupted,
+    RoundRunner,
+    round_history,
+)
+from crowdsft.coordinator.training import lora as llm
+from crowdsft.coordinator.training.space import GenerationConfig, LLMSpace
+from crowdsft.envelope import new_nonce, now_ms, sign_envelope
+from crowdsft.keys import Identity
+from crowdsft.plugins.evaluation import L2
+from crowdsft.v1 import contribution_pb2
+
+TRAIN = llm.TrainingConfig(
+    rank=8,
+    alpha=16,
+    learning_rate=2e-2,
+    epochs=20,
+    batch_size=4,
+    max_length=48,
+    seed=1,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+IDENTITIES = [Identity.generate() for _ in range(4)]
+ANSWERS = ["yes yes yes", "yes yes yes", "no no no", "no no no"]
+STEPS = ["planned", "candidate:0", "trained", "scored"]
+# Two contributors give the same answers on purpose: these tests are about rounds, so copy
+# resistance (tests/coordinator/test_copies.py) is off here.
+SAME_ANSWERS_ALLOWED = {"reject_duplicate_examples": False, "near_duplicate_threshold": 0.0}
+
+
+def submit_all(coord):
+    with coord.client() as c:
+        for ident, answer in zip(IDENTITIES, ANSWERS, strict=True):
+            for prompt in ("say it", "again?"):
+                env = sign_envelope(
+                    ident,
+                    contribution_pb2.ContributionPayload(
+                        examples=[contribution_pb2.Example(prompt=prompt, response=answer)],
+                        nonce=new_nonce(),
+                        timestamp_ms=now_ms(),
+                    ),
+                )
+                c.stub.SubmitContribution(env, timeout=10)
+
+
+def make_runner(coord, tiny, embedder, tmp_path):
+    model, tok = tiny
+    space = LLMSpace(
+        copy.deepcopy(model),
+        tok,
+        embedder,
+        [],
+        eval_prompts=[{"prompt": "say it"}, {"prompt": "again?"}],
+        target_responses=["yes yes yes", "yes yes yes"],
+        evaluation=L2(),
+        training=TRAIN,
+        adapter_dir=coord.config.adapter_dir,
+        generation=GenerationConfig(max_new_tokens=6, batch_size=2),
+    )
+    return RoundRunner(coord.config, coord.coordinator.store, space)
+
+
+@pytest.fixture
+def rounds_coord(make_coordinator):
+    def make():
+        coord = make_coordinator(
+            rounds={"groups": 2, "judging_error": 0.0, "seed": 3},
+            admission=SAME_ANSWERS_ALLOWED,
+        )
+        submit_all(coord)
+        return coord
+
+    return make
+
+
+def ledger(coord):
+    return coord.coordinator.store.query(
+        "SELECT round_id, node_id, points_before, points_after FROM points_ledger ORDER BY node_id"
+    )
+
+
+def test_a_round_from_submitted_contributions(rounds_coord, tiny, char_embedder, tmp_path):
+    coord = rounds_coord()
+    runner = make_runner(coord, tiny, char_embedder, tmp_path)
+    summary = runner.run()
+    assert summary.round_id == 1 and summary.updated
+    assert sorted(n for g in summary.groups for n in g) == sorted(i.node_id for i in IDENTITIES)
+    assert summary.scores[summary.winner] == max(summary.scores)
+    # rank reward: G - rank points to every member, exactly once
+    for rank, g in enumerate(summary.ranking):
+        for node in summary.groups[g]:
+            assert summary.points[node] == 2 - rank
+    assert len(ledger(coord)) == 4
+    store = coord.coordinator.store
+    assert store.query("SELECT adapter FROM lineage")[0][0] == summary.adapters[summary.winner]
+    consumed = store.query("SELECT COUNT(*) FROM consumed")[0][0]
+    assert consumed == 2 * len(summary.groups[summary.winner])  # the winners' data retires
+    assert (coord.config.adapter_dir / f"{summary.adapters[0]}.safetensors").is_file()
+    history = round_history(store)
+    assert history[0]["winner"] == summary.winner and len(history[0]["candidates"]) == 2
+    with coord.client() as c:
+        status = c.status(IDENTITIES[0])
+        events = []
+        for ev in c.watch_rounds(0, timeout=10):
+            events.append(ev)
+            if len(events) == 2:
+                break
+    assert status.points == summary.points[IDENTITIES[0].node_id]
+    (part,) = status.rounds
+    group = next(g for g, m in enumerate(summary.groups) if IDENTITIES[0].node_id in m)
+    assert (part.round_id, part.group, part.rank) == (1, group, summary.ranking.index(group))
+    assert part.points_after == summary.points[IDENTITIES[0].node_id]
+    assert [(e.round_id, e.kind) for e in events] == [(1, "planned"), (1, "finished")]
+    assert list(events[1].scores) == pytest.approx(summary.scores)
+    assert events[1].winner == summary.winner
+    from click.testing import CliRunner
+
+    from crowdsft.cli import main
+
+    out = CliRunner().invoke(
+        main, ["node", "watch", "--coordinator", coord.address, "--count", "2", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(x) for x in out.output.splitlines()]
+    assert [x["kind"] for x in lines] == ["planned", "finished"]
+    # The next round trains on top of the winner, from the data not yet consumed.
+    second = runner.run()
+    assert second.round_id == 2
+    assert set(n for g in second.groups for n in g).isdisjoint(summary.groups[summary.winner])
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_round_stopped_after_each_step_resumes_and_finishes_once(
+    rounds_coord, tiny, char_embedder, tmp_path, step
+):
+    reference_coord = rounds_coord()
+    reference = make_runner(reference_coord, tiny, char_embedder, tmp_path).run()
+
+    coord = rounds_coord()
+    with pytest.raises(RoundInterrupted):
+        make_runner(coord, tiny, char_embedder, tmp_path).run(stop_after=step)
+    status = coord.coordinator.store.query("SELECT status FROM rounds")
+    assert len(status) == 1 and status[0][0] != "finished"
+    coord.restart()  # a new process would see only what was committed
+    resumed = make_runner(coord, tiny, char_embedder, tmp_path).run()
+
+    assert resumed.round_id == 1
+    assert (resumed.winner, resumed.ranking, resumed.groups) == (
+        reference.winner,
+        reference.ranking,
+        reference.groups,
+    )
+    np.testing.assert_allclose(resumed.scores, reference.scores)
+    assert resumed.points == reference.points
+    store = coord.coordinator.store
+    assert store.query("SELECT COUNT(*), MIN(status) FROM rounds")[0] == (1, "finished")
+    assert store.query("SELECT COUNT(*) FROM lineage")[0][0] == 1
+    assert store.query("SELECT COUNT(*) FROM candidates")[0][0] == 2
+    assert len(ledger(coord)) == 4
+    points = dict(store.query("SELECT node_id, points FROM nodes"))
+    assert points == reference.points
+    # Running again starts the next round; it never redoes round 1.
+    assert make_runner(coord, tiny, char_embedder, tmp_path).run().round_id == 2
+
+
+def test_not_enough_contributors(make_coordinator, tiny, char_embedder, tmp_path):
+    coord = make_coordinator(rounds={"groups": 3})
+    with pytest.raises(NotEnoughContributors, match="at least 3 contributors"):
+        make_runner(coord, tiny, char_embedder, tmp_path).run()
+
+
+def test_regression_reward_rebuilds_its_state_after_a_restart(
+    make_coordinator, tiny, char_embedder, tmp_path
+):
+    coord = make_coordinator(
+        rounds={
+            "groups": 2,
+            "judging_error": 0.0,
+            "reward": "regression",
+            "consume": "none",
+            "seed": 5,
+        },
+        admission=SAME_ANSWERS_ALLOWED,
+    )
+    submit_all(coord)
+    first = make_runner(coord, tiny, char_embedder, tmp_path).run()
+    coord.restart()
+    second = make_runner(coord, tiny, char_embedder, tmp_path).run()
+    assert second.round_id == 2
+    stored = json.loads(
+        coord.coordinator.store.query("SELECT strategies FROM rounds WHERE round_id=2")[0][0]
+    )
+    assert stored["reward"] == "regression"
+    assert set(first.points) == set(second.points)
+    assert all(1.0 <= p + 1.0 <= 2.0 + 1e-9 for p in second.points.values())
+
+
+def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from crowdsft.coordinator.cli import export_model
+
+    model, tok = tiny
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    coord = make_coordinator(
+        model={"base": str(base_dir), "device": "cpu"}, training=dataclasses_asdict(TRAIN)
+    )
+    adapter = llm.fit(
+        model, tok, [{"prompt": "p", "response": "yes yes yes"}], None, coord.config.training
+    ).adapter
+    digest = llm.save_adapter(adapter, coord.config.adapter_dir)
+    coord.coordinator.store.write(
+        lambda conn: (
+            conn.execute(
+                "INSERT INTO rounds(round_id, status, seed, started_ms, strategies, "
+                "base_lineage, groups, weights) VALUES (1, 'finished', 0, 0, '{}', '[]', "
+                "'[]', '[]')"
+            ),
+            conn.execute(
+                "INSERT INTO lineage(position, adapter, round_id) VALUES (0, ?, 1)", (digest,)
+            ),
+        )
+    )
+    out = tmp_path / "export"
+    info = export_model(coord.config, out)
+    assert info["lineage"] == [digest]
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    batch = llm.encode(tok, [{"prompt": "p", "response": "yes"}])
+    with torch.no_grad(), llm.with_adapter(model, adapter, coord.config.training) as m:
+        expected = m(input_ids=batch.input_ids).logits
+        got = loaded(input_ids=batch.input_ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def dataclasses_asdict(config):
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def test_report_after_rounds(rounds_coord, tiny, char_embedder, tmp_path):
+    from crowdsft.coordinator.report.build import build_report
+
+    coord = rounds_coord()
+    runner = make_runner(coord, tiny, char_embedder, tmp_path)
+    runner.run()
+    out = tmp_path / "report"
+    data = build_report(
+        coord.config,
+        coord.coordinator.store,
+        out,
+        char_embedder,
+        ["yes yes yes", "yes yes yes"],
+        extra={"note": "test"},
+    )
+    for name in (
+        "index.html",
+        "report.json",
+        "distance_per_round.png",
+        "candidates_per_round.png",
+        "points_per_contributor.png",
+        "points_vs_shapley.png",
+    ):
+        assert (out / name).is_file()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["note"] == "test" and len(saved["rounds"]) == 1
+    assert len(saved["contributors"]) == 4
+    shapley = {c["node_id"]: c["shapley"] for c in saved["contributors"]}
+    yes_nodes = [i.node_id for i, a in zip(IDENTITIES, ANSWERS, strict=True) if a.startswith("yes")]
+    no_nodes = [i.node_id for i, a in zip(IDENTITIES, ANSWERS, strict=True) if a.startswith("no")]
+    assert min(shapley[n] for n in yes_nodes) > max(shapley[n] for n in no_nodes)
+    assert data["pearson_points_shapley"] is not None
+    html = (out / "index.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # self-contained

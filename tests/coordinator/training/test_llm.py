@@ -1,0 +1,180 @@
+"""The trainer and the LLM space on a tiny random causal LM built from a config (no
+downloads): training lowers the loss, only response tokens carry loss, weights change the
+loss, an adapter round-trips through its file, and a round picks the closest candidate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from crowdsft.coordinator.training import lora as llm  # noqa: E402
+from crowdsft.coordinator.training.space import Candidate, GenerationConfig, LLMSpace  # noqa: E402
+from crowdsft.plugins.evaluation import L2  # noqa: E402
+from crowdsft.plugins.grouping import RandomGrouping  # noqa: E402
+from crowdsft.plugins.influence import Uniform  # noqa: E402
+from crowdsft.plugins.reward import RankReward  # noqa: E402
+from crowdsft.plugins.selection import BestWithGuard  # noqa: E402
+from crowdsft.tournament import Strategies, Tournament  # noqa: E402
+
+TRAIN = llm.TrainingConfig(
+    rank=8,
+    alpha=16,
+    learning_rate=2e-2,
+    epochs=30,
+    batch_size=4,
+    max_length=64,
+    seed=1,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+)
+EXAMPLES = [
+    {"prompt": "say yes", "response": "yes yes yes"},
+    {"prompt": "agree?", "response": "yes yes yes"},
+    {"prompt": "what is two plus two", "response": "four", "system": "be brief"},
+]
+
+
+def test_labels_cover_the_response_only(tiny):
+    _, tok = tiny
+    batch = llm.encode(tok, EXAMPLES, max_length=64)
+    for i, ex in enumerate(EXAMPLES):
+        labelled = [t for t in batch.labels[i].tolist() if t != -100]
+        text = tok.decode(labelled)
+        assert text.startswith(ex["response"])
+        prompt_len = len(tok(llm.prompt_text(tok, ex), add_special_tokens=False)["input_ids"])
+        assert (batch.labels[i, :prompt_len] == -100).all()
+        assert batch.attention_mask[i].sum() > prompt_len
+
+
+def test_only_response_tokens_carry_loss(tiny):
+    model, tok = tiny
+    batch = llm.encode(tok, EXAMPLES, max_length=64)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    base = llm.weighted_loss(logits, batch.labels, batch.weights)
+    # Scramble the logits wherever the next token is not a response token: same loss.
+    next_is_label = torch.zeros_like(batch.labels, dtype=torch.bool)
+    next_is_label[:, :-1] = batch.labels[:, 1:] != -100
+    noisy = torch.where(next_is_label.unsqueeze(-1), logits, torch.randn_like(logits) * 50)
+    assert llm.weighted_loss(noisy, batch.labels, batch.weights) == pytest.approx(float(base))
+    # ... and scrambling a response position changes it.
+    changed = logits.clone()
+    pos = int(next_is_label[0].nonzero()[0])
+    changed[0, pos] = torch.randn_like(changed[0, pos]) * 50
+    assert float(llm.weighted_loss(changed, batch.labels, batch.weights)) != pytest.approx(
+        float(base)
+    )
+
+
+def test_weights_change_the_loss(tiny):
+    model, tok = tiny
+    batch = llm.encode(tok, EXAMPLES, max_length=64)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    equal = llm.weighted_loss(logits, batch.labels, torch.tensor([1.0, 1.0, 1.0]))
+    skewed = llm.weighted_loss(logits, batch.labels, torch.tensor([10.0, 1.0, 1.0]))
+    only_last = llm.weighted_loss(logits, batch.labels, torch.tensor([0.0, 0.0, 1.0]))
+    alone = llm.encode(tok, EXAMPLES[2:], max_length=64)
+    with torch.no_grad():
+        alone_logits = model(input_ids=alone.input_ids, attention_mask=alone.attention_mask).logits
+    assert float(equal) != pytest.approx(float(skewed))
+    assert float(only_last) == pytest.approx(
+        float(llm.weighted_loss(alone_logits, alone.labels, alone.weights)), rel=1e-4
+    )
+
+
+def test_training_lowers_the_loss_and_leaves_the_base_alone(tiny):
+    model, tok = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_before = llm.example_losses(model, tok, EXAMPLES)
+    result = llm.fit(model, tok, EXAMPLES, None, TRAIN)
+    assert result.steps == 30 and result.losses[-1] < result.losses[0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with llm.with_adapter(model, result.adapter, TRAIN) as tuned:
+        loss_after = llm.example_losses(tuned, tok, EXAMPLES)
+    assert loss_after < 0.5 * loss_before
+    assert llm.example_losses(model, tok, EXAMPLES) == pytest.approx(loss_before)
+
+
+def test_fit_is_seeded(tiny):
+    model, tok = tiny
+    cfg = dataclasses.replace(TRAIN, epochs=2)
+    a = llm.fit(model, tok, EXAMPLES, None, cfg)
+    b = llm.fit(model, tok, EXAMPLES, None, cfg)
+    assert a.losses == b.losses
+    assert all(torch.equal(a.adapter[k], b.adapter[k]) for k in a.adapter)
+
+
+def test_adapter_file_round_trip(tiny, tmp_path):
+    model, tok = tiny
+    result = llm.fit(model, tok, EXAMPLES, None, dataclasses.replace(TRAIN, epochs=3))
+    digest = llm.save_adapter(result.adapter, tmp_path)
+    assert (tmp_path / f"{digest}.safetensors").is_file()
+    assert llm.save_adapter(result.adapter, tmp_path) == digest  # content-addressed
+    loaded = llm.load_adapter(tmp_path, digest)
+    batch = llm.encode(tok, EXAMPLES, max_length=64)
+    with torch.no_grad():
+        with llm.with_adapter(model, result.adapter, TRAIN) as m:
+            a = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        with llm.with_adapter(model, loaded, TRAIN) as m:
+            b = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert torch.equal(a, b)
+    path = tmp_path / f"{digest}.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ValueError, match="corrupt"):
+        llm.load_adapter(tmp_path, digest)
+
+
+def test_generation_is_batched_and_deterministic(tiny):
+    model, tok = tiny
+    prompts = [{"prompt": "say yes"}, {"prompt": "what is two plus two", "system": "be brief"}]
+    a = llm.generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    b = llm.generate(model, tok, prompts, max_new_tokens=8, batch_size=1)
+    assert a == b and len(a) == 2
+    s1 = llm.generate(model, tok, prompts, max_new_tokens=8, greedy=False, seed=3)
+    s2 = llm.generate(model, tok, prompts, max_new_tokens=8, greedy=False, seed=3)
+    assert s1 == s2
+
+
+def test_a_round_picks_the_candidate_closest_to_the_target(tiny, tmp_path, char_embedder):
+    model, tok = tiny
+    yes = [{"prompt": p, "response": "yes yes yes"} for p in ("say yes", "agree?", "ok?")]
+    no = [{"prompt": p, "response": "no no no"} for p in ("say no", "refuse?", "nope?")]
+    data = [yes, yes, no, no]  # contributors 0, 1 agree with the expert; 2, 3 do not
+    space = LLMSpace(
+        model,
+        tok,
+        char_embedder,
+        data,
+        eval_prompts=[{"prompt": "say yes"}, {"prompt": "agree?"}],
+        target_responses=["yes yes yes", "yes yes yes"],
+        evaluation=L2(),
+        training=TRAIN,
+        adapter_dir=tmp_path,
+        generation=GenerationConfig(max_new_tokens=6, batch_size=2),
+    )
+
+    class Fixed(RandomGrouping):
+        def group(self, points, round_index, rounds, rng):
+            return [np.array([2, 3]), np.array([0, 1])]
+
+    engine = Tournament(
+        Strategies(Fixed(2), BestWithGuard(error=0.0), RankReward(), Uniform()), rounds=1
+    )
+    state = engine.start(space, Candidate())
+    new, record, candidates = engine.step(space, state, np.random.default_rng(0))
+    assert record.updated and record.winner == 1  # the group that trained on "yes yes yes"
+    assert record.scores[1] > record.scores[0]
+    assert record.scores[1] == pytest.approx(max(record.scores))
+    assert new.base == candidates[1] and new.base.adapter is not None
+    assert new.points.tolist() == [3.0, 3.0, 2.0, 2.0]
+    texts = space.last_generations[candidates[1].lineage]
+    assert all("yes" in t for t in texts)
+    # The winner becomes the next base: the next round trains on top of it.
+    space.materialise(new.base)
+    assert space.chain == (candidates[1].adapter,)

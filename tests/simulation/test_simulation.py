@@ -1,0 +1,167 @@
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from crowdsft.cli import main
+from crowdsft.simulation.game import (
+    SUMMARY_COLUMNS,
+    Cell,
+    default_data_dir,
+    load_movielens,
+    population,
+    run_cell,
+)
+from crowdsft.stats import pearson, rankdata, spearman
+
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"MovieLens data not at {DATA}")
+
+
+@pytest.fixture
+def tiny_movielens(tmp_path):
+    d = tmp_path / "ml"
+    d.mkdir()
+    (d / "movies.csv").write_text(
+        "movieId,title,genres\n1,A,Comedy|Drama\n2,B,Drama\n3,C,(no genres listed)\n"
+    )
+    (d / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n"
+        "1,1,4.0,0\n1,2,2.0,0\n2,3,5.0,0\n2,1,1.0,0\n3,2,3.5,0\n4,1,2.0,0\n4,3,1.0,0\n"
+    )
+    return d
+
+
+def test_preprocessing_mean_rating_per_genre(tiny_movielens):
+    ml = load_movielens(tiny_movielens)
+    assert ml.genres == ("(no genres listed)", "Comedy", "Drama")
+    assert ml.user_ids.tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        ml.vectors,
+        [[0.0, 4.0, 3.0], [5.0, 1.0, 1.0], [0.0, 0.0, 3.5], [1.0, 2.0, 2.0]],
+    )
+
+
+def test_population_is_the_first_users_shuffled_with_seed_42(tiny_movielens):
+    ml = load_movielens(tiny_movielens)
+    pop = population(ml, 2)
+    order = np.random.RandomState(42).permutation(3)
+    np.testing.assert_array_equal(pop, ml.vectors[:3][order])
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    from crowdsft.errors import InputError
+
+    with pytest.raises(InputError, match=r"movies\.csv not found"):
+        load_movielens(tmp_path)
+
+
+def test_correlations():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    assert rankdata(np.array([10, 20, 20, 5])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    assert spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
+
+
+@needs_data
+def test_movielens_has_twenty_genres():
+    ml = load_movielens(DATA)
+    assert len(ml.genres) == 20 and "(no genres listed)" in ml.genres
+    assert ml.vectors.shape == (610, 20)
+    assert ml.vectors.min() >= 0 and ml.vectors.max() <= 5
+
+
+def test_a_cell_is_seeded_and_paired(synthetic_movielens):
+    data = synthetic_movielens
+    cell = Cell(users=15, groups=3, runs=3, rounds=30, valuation="exact")
+    a, b = run_cell(cell, data), run_cell(cell, data)
+    np.testing.assert_array_equal(a.final_distance, b.final_distance)
+    np.testing.assert_array_equal(a.pearson, b.pearson)
+    assert a.distance_curve[-1] < a.distance_curve[0]
+    # Another grouping sees the same experts and starting points: the same initial distance.
+    other = run_cell(
+        Cell(users=15, groups=3, runs=3, rounds=30, valuation="exact", grouping="interleaved"), data
+    )
+    assert other.distance_curve[0] == pytest.approx(a.distance_curve[0])
+
+
+@needs_data
+def test_simulate_cli(tmp_path):
+    out = CliRunner().invoke(
+        main,
+        [
+            "simulate",
+            "--users",
+            "10",
+            "--groups",
+            "2",
+            "--runs",
+            "2",
+            "--rounds",
+            "20",
+            "--valuation",
+            "exact",
+            "--json",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    r = json.loads(out.output)
+    assert set(SUMMARY_COLUMNS) <= set(r)
+    bad = CliRunner().invoke(main, ["simulate", "--reward", "nope"])
+    assert bad.exit_code == 2 and "no reward strategy named 'nope'" in bad.output
+
+
+def test_sweep_on_a_small_grid(tmp_path, synthetic_movielens):
+    out_dir = tmp_path / "sweep"
+    result = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "--users",
+            "10,12",
+            "--groups",
+            "2,3",
+            "--grouping",
+            "random,interleaved",
+            "--evaluation",
+            "l2,dot",
+            "--runs",
+            "2",
+            "--rounds",
+            "15",
+            "--workers",
+            "2",
+            "--no-progress",
+            "--data",
+            str(synthetic_movielens),
+            "--out",
+            str(out_dir),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with (out_dir / "summary.csv").open() as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == SUMMARY_COLUMNS
+    assert len(rows) == 2 * 2 * 2 * 2
+    assert {(r["users"], r["groups"]) for r in rows} == {
+        ("10", "2"),
+        ("10", "3"),
+        ("12", "2"),
+        ("12", "3"),
+    }
+    for r in rows:
+        assert r["runs"] == "2" and float(r["mean_final_distance"]) > 0
+        assert -1 <= float(r["mean_pearson"]) <= 1
+    for name in ("distance_over_rounds.png", "pearson_vs_distance.png", "pearson_vs_users.png"):
+        data = (out_dir / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CROWDSFT_DATA", str(tmp_path))
+    assert default_data_dir() == Path(tmp_path)
