@@ -25,27 +25,25 @@ ECHO_METHOD = "/bench.Echo/Stream"
 
 
 def _payloads(n: int, seed: int):
-    from crowdsft.envelope import new_nonce, now_ms, sign_envelope
+    from crowdsft.envelope import sign_contribution
     from crowdsft.keys import Identity
-    from crowdsft.v1 import contribution_pb2
 
     identity = Identity.generate()
-    out = []
-    for i in range(n):
-        ex = contribution_pb2.Example(
-            prompt=f"Question {seed}-{i}: how does a LoRA adapter change a model's behaviour?",
-            response=f"Answer {seed}-{i}: it adds a trained low-rank update to selected weight "
-            "matrices while the pretrained weights stay frozen, so the change is small and cheap.",
+    return [
+        sign_contribution(
+            identity,
+            [
+                {
+                    "prompt": f"Question {seed}-{i}: how does a LoRA adapter change a model's "
+                    "behaviour?",
+                    "response": f"Answer {seed}-{i}: it adds a trained low-rank update to "
+                    "selected weight matrices while the pretrained weights stay frozen, so the "
+                    "change is small and cheap.",
+                }
+            ],
         )
-        out.append(
-            sign_envelope(
-                identity,
-                contribution_pb2.ContributionPayload(
-                    examples=[ex], nonce=new_nonce(), timestamp_ms=now_ms()
-                ),
-            )
-        )
-    return out
+        for i in range(n)
+    ]
 
 
 def _client(kind: str, address: str, n: int, seed: int, barrier, results) -> None:

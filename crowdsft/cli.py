@@ -63,9 +63,9 @@ def main(verbose: int, quiet: bool) -> None:
 def _register_commands() -> None:
     from crowdsft.coordinator.cli import coordinator
     from crowdsft.demo.cli import demo, experiment
+    from crowdsft.demo.quickstart import quickstart
     from crowdsft.node.cli import node
     from crowdsft.plugins.cli import plugins
-    from crowdsft.quickstart import quickstart
     from crowdsft.simulation.cli import simulate, sweep
 
     main.add_command(node)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -60,6 +61,24 @@ def sign_envelope(identity: Identity, payload: Message) -> envelope_pb2.SignedEn
         signature=identity.sign(domain_tag(type(payload)) + data),
         public_key=identity.public_key,
     )
+
+
+def sign_contribution(
+    identity: Identity,
+    examples: Sequence[Mapping[str, str]],
+    metadata: contribution_pb2.ContributionMetadata | None = None,
+) -> envelope_pb2.SignedEnvelope:
+    """A signed contribution of ``examples`` (dicts with ``prompt``, ``response`` and
+    optionally ``system``), with a fresh nonce and the current time: the one way every sender
+    (the node, the demo, the load test, the crash harness, the benchmarks) builds one."""
+    from crowdsft.validation import examples_to_proto
+
+    payload = contribution_pb2.ContributionPayload(
+        examples=examples_to_proto(examples), nonce=new_nonce(), timestamp_ms=now_ms()
+    )
+    if metadata is not None:
+        payload.metadata.CopyFrom(metadata)
+    return sign_envelope(identity, payload)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from crowdsft.v1 import contribution_pb2
@@ -132,7 +132,7 @@ def repeated_examples(payload: contribution_pb2.ContributionPayload) -> list[str
     return problems
 
 
-def examples_to_proto(examples: Sequence[dict[str, str]]) -> list[contribution_pb2.Example]:
+def examples_to_proto(examples: Sequence[Mapping[str, str]]) -> list[contribution_pb2.Example]:
     out = []
     for ex in examples:
         msg = contribution_pb2.Example(prompt=ex["prompt"], response=ex["response"])

@@ -143,16 +143,22 @@ class CoordinatorClient:
     def register(
         self, identity: Identity, display_name: str = "", invite_token: str = ""
     ) -> coordinator_pb2.RegisterNodeResponse:
-        env = sign_envelope(
-            identity,
-            contribution_pb2.RegisterPayload(
-                nonce=new_nonce(),
-                timestamp_ms=now_ms(),
-                display_name=display_name,
-                invite_token=invite_token,
-            ),
-        )
-        return self._retry("registering", lambda: self.stub.RegisterNode(env, timeout=self.timeout))
+        """Register (idempotent). Every attempt is signed afresh: a retry after a lost reply
+        must not resend a nonce the coordinator has already spent."""
+
+        def call() -> coordinator_pb2.RegisterNodeResponse:
+            env = sign_envelope(
+                identity,
+                contribution_pb2.RegisterPayload(
+                    nonce=new_nonce(),
+                    timestamp_ms=now_ms(),
+                    display_name=display_name,
+                    invite_token=invite_token,
+                ),
+            )
+            return self.stub.RegisterNode(env, timeout=self.timeout)
+
+        return self._retry("registering", call)
 
     def status(self, identity: Identity) -> coordinator_pb2.NodeStatus:
         def call() -> coordinator_pb2.NodeStatus:

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from crowdsft.datafiles import Record
-from crowdsft.envelope import contribution_id, new_nonce, now_ms, sign_envelope, verify_receipt
+from crowdsft.envelope import contribution_id, now_ms, sign_contribution, verify_receipt
 from crowdsft.errors import CoordinatorError, InputError, ReceiptError
 from crowdsft.keys import Identity
 from crowdsft.node.client import CODE_NAMES, TRANSIENT, CoordinatorClient
 from crowdsft.node.state import NodeState, Submission
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
-from crowdsft.validation import Limits, example_problems, examples_to_proto
+from crowdsft.validation import Limits, example_problems
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,7 @@ def _source(records: Sequence[Record], name: str) -> str:
 def _sign(
     identity: Identity, records: Sequence[Record], metadata: Metadata, key: bytes, source: str
 ) -> Submission:
-    payload = contribution_pb2.ContributionPayload(
-        examples=examples_to_proto([r.as_dict() for r in records]),
-        nonce=new_nonce(),
-        timestamp_ms=now_ms(),
-        metadata=metadata.to_proto(),
-    )
-    env = sign_envelope(identity, payload)
+    env = sign_contribution(identity, [r.as_dict() for r in records], metadata.to_proto())
     return Submission(
         chunk_key=key,
         contribution_id=contribution_id(env.payload),

@@ -89,4 +89,5 @@ def crowdsft_validate_contribution(node_id: str, examples: Sequence[dict[str, st
 
 @hookspec
 def crowdsft_round_finished(record: RoundRecord) -> None:
-    """Observe a finished round (its groups, scores, winner and points)."""
+    """Observe a finished round: its groups (``record.group_nodes``: node ids per group in
+    the coordinator), scores, winner and everyone's points before and after."""

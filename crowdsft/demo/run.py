@@ -135,24 +135,14 @@ def _submit_direct(crowd: list[Contributor], coord: Any, seed: int) -> dict[str,
     """Sign and store the crowd's contributions in process (no network): for experiments.
     Keys derive from the seed and the contributor's name, so the node ids (and with them the
     grouping) are the same on every run."""
-    from crowdsft.envelope import new_nonce, now_ms, sign_envelope
-    from crowdsft.v1 import contribution_pb2
+    from crowdsft.envelope import sign_contribution
 
     names = {}
     for c in crowd:
         ident = seeded_identity(seed, c.name)
         names[ident.node_id] = c.name
         for ex in c.examples:
-            coord.service.submit(
-                sign_envelope(
-                    ident,
-                    contribution_pb2.ContributionPayload(
-                        examples=[contribution_pb2.Example(**ex)],
-                        nonce=new_nonce(),
-                        timestamp_ms=now_ms(),
-                    ),
-                )
-            )
+            coord.service.submit(sign_contribution(ident, [ex]))
     return names
 
 

@@ -22,7 +22,6 @@ Used by ``tests/coordinator/test_crash.py`` (20 kills) and ``bench/crash.py`` (l
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -36,11 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crowdsft.config import CoordinatorConfig, load_coordinator_config
-from crowdsft.envelope import contribution_id, new_nonce, now_ms, sign_envelope
+from crowdsft.envelope import contribution_id, sign_contribution
 from crowdsft.keys import Identity
 from crowdsft.ledger import verify_ledger
 from crowdsft.node.client import Backoff, CoordinatorClient
-from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
+from crowdsft.v1 import coordinator_pb2, envelope_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -190,18 +189,14 @@ class Node(threading.Thread):
                     "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
                     for _ in range(rng.randint(2, 25))
                 ]
-                env = sign_envelope(
+                env = sign_contribution(
                     self.identity,
-                    contribution_pb2.ContributionPayload(
-                        examples=[
-                            contribution_pb2.Example(
-                                prompt=f"{self.identity.node_id} question {i}",
-                                response=" ".join(words),
-                            )
-                        ],
-                        nonce=new_nonce(),
-                        timestamp_ms=now_ms(),
-                    ),
+                    [
+                        {
+                            "prompt": f"{self.identity.node_id} question {i}",
+                            "response": " ".join(words),
+                        }
+                    ],
                 )
                 # Retried through crashes until a receipt (or a duplicate's original) comes.
                 receipt, _ = client.submit_one(env)
@@ -284,9 +279,9 @@ def check(
 ) -> list[str]:
     """Everything that must hold after any sequence of crashes (see the module doc)."""
     from crowdsft.coordinator.server.app import load_identity
-    from crowdsft.coordinator.store.chain import inclusion_proofs
+    from crowdsft.coordinator.store import queries
+    from crowdsft.coordinator.store.chain import inclusion_proofs, ledger_entries
     from crowdsft.coordinator.store.db import Store
-    from crowdsft.ledger import LedgerEntry
     from crowdsft.node.verify import check_inclusion
 
     problems: list[str] = []
@@ -296,30 +291,27 @@ def check(
             n = q("SELECT COUNT(*) FROM contributions WHERE id=?", (cid,))[0][0]
             if n != 1:
                 problems.append(f"acknowledged contribution {cid.hex()[:16]} stored {n} times")
-        statuses = q("SELECT round_id, status FROM rounds ORDER BY round_id")
+        all_rounds = queries.rounds(store)
+        statuses = [(r.round_id, r.status) for r in all_rounds]
         ids = [r[0] for r in statuses]
         if ids != list(range(1, len(ids) + 1)):
             problems.append(f"round ids are not consecutive: {ids}")
         unfinished = [r for r, s in statuses if s != "finished"]
         if unfinished:
             problems.append(f"rounds left unfinished: {unfinished}")
-        entries = [
-            LedgerEntry(r, bytes(rec), bytes(sig))
-            for r, rec, sig in q("SELECT round_id, record, signature FROM ledger ORDER BY round_id")
-        ]
+        entries = ledger_entries(store, 0, 1 << 62)
         finished = [r for r, s in statuses if s == "finished"]
         if [e.round_id for e in entries] != finished:
             problems.append(
                 f"ledger has records for rounds {[e.round_id for e in entries]}, "
                 f"finished rounds are {finished}"
             )
-        for rid in finished:
-            groups = len(json.loads(q("SELECT groups FROM rounds WHERE round_id=?", (rid,))[0][0]))
-            cands = q(
-                "SELECT COUNT(*) FROM candidates WHERE round_id=? AND score IS NOT NULL", (rid,)
-            )[0][0]
-            if cands != groups:
-                problems.append(f"round {rid}: {cands} scored candidates for {groups} groups")
+        for r in all_rounds:
+            scored = sum(c.score is not None for c in r.candidates)
+            if r.finished and scored != len(r.groups):
+                problems.append(
+                    f"round {r.round_id}: {scored} scored candidates for {len(r.groups)} groups"
+                )
         report = verify_ledger(entries, load_identity(config).public_key)
         problems += [f"ledger: {p}" for p in report.problems]
         stored = dict(q("SELECT node_id, points FROM nodes"))

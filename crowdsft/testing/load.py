@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from crowdsft.envelope import contribution_id, new_nonce, now_ms, sign_envelope
+from crowdsft.envelope import contribution_id, sign_contribution
 from crowdsft.keys import Identity
-from crowdsft.v1 import contribution_pb2, coordinator_pb2_grpc, envelope_pb2
+from crowdsft.v1 import coordinator_pb2_grpc, envelope_pb2
 
 
 @dataclass
@@ -61,20 +61,16 @@ class LoadResult:
 
 def _envelopes(identity: Identity, n: int, tag: str) -> list[envelope_pb2.SignedEnvelope]:
     return [
-        sign_envelope(
+        sign_contribution(
             identity,
-            contribution_pb2.ContributionPayload(
-                examples=[
-                    contribution_pb2.Example(
-                        prompt=f"[{tag}] {identity.node_id} asks question {i}: what changes "
-                        "when a model is fine-tuned on examples like this one?",
-                        response=f"Answer {i} from {identity.node_id[:8]}: the weights move "
-                        "towards responses like this one, a little per step.",
-                    )
-                ],
-                nonce=new_nonce(),
-                timestamp_ms=now_ms(),
-            ),
+            [
+                {
+                    "prompt": f"[{tag}] {identity.node_id} asks question {i}: what changes "
+                    "when a model is fine-tuned on examples like this one?",
+                    "response": f"Answer {i} from {identity.node_id[:8]}: the weights move "
+                    "towards responses like this one, a little per step.",
+                }
+            ],
         )
         for i in range(n)
     ]

@@ -1,0 +1,151 @@
+"""Node verification against a hand-made ledger, with a fake coordinator client: no server,
+every check driven by what the records, proofs, receipts and status say."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pytest
+
+from crowdsft.envelope import sign_receipt
+from crowdsft.keys import Identity
+from crowdsft.ledger import GENESIS_HASH, LedgerEntry, MerkleTree, sign_record
+from crowdsft.node.verify import check_inclusion, verify_node
+from crowdsft.v1 import coordinator_pb2, envelope_pb2
+
+COORD = Identity.generate()
+ME, OTHER, THIRD = Identity.generate(), Identity.generate(), Identity.generate()
+MINE = [hashlib.sha256(f"mine {i}".encode()).digest() for i in range(3)]
+THEIRS = [hashlib.sha256(f"theirs {i}".encode()).digest() for i in range(4)]
+
+
+def record(ids: list[bytes], points: dict[str, list[float]]) -> dict:
+    """Round 1: three groups, my group ranked first under the rank rule (3 points)."""
+    return {
+        "version": 1,
+        "round_id": 1,
+        "prev_hash": GENESIS_HASH.hex(),
+        "coordinator": COORD.public_key.hex(),
+        "strategies": {"reward": "rank"},
+        "population": sorted([ME.node_id, OTHER.node_id, THIRD.node_id]),
+        "groups": [[OTHER.node_id], [ME.node_id], [THIRD.node_id]],
+        "weights": [[1.0], [1.0], [1.0]],
+        "contributions": {"count": len(ids), "merkle_root": MerkleTree(ids).root.hex()},
+        "candidates": [
+            {"group": g, "adapter": f"a{g}", "score": s} for g, s in enumerate([-2.0, -1.0, -3.0])
+        ],
+        "base_score": -4.0,
+        "updated": True,
+        "ranking": [1, 0, 2],
+        "winner": 1,
+        "points": points,
+    }
+
+
+POINTS = {OTHER.node_id: [0.0, 2.0], ME.node_id: [0.0, 3.0], THIRD.node_id: [0.0, 1.0]}
+
+
+def entry(rec: dict) -> LedgerEntry:
+    data, sig = sign_record(COORD.sign, rec)
+    return LedgerEntry(rec["round_id"], data, sig)
+
+
+def receipt(cid: bytes, node: Identity = ME) -> envelope_pb2.SignedReceipt:
+    return sign_receipt(
+        COORD,
+        envelope_pb2.Receipt(
+            contribution_id=cid,
+            node_id=node.node_id,
+            accepted_at_ms=1,
+            example_count=1,
+            coordinator_public_key=COORD.public_key,
+        ),
+    )
+
+
+def proofs_for(ids: list[bytes], wanted: list[bytes]) -> list[coordinator_pb2.InclusionProof]:
+    tree = MerkleTree(ids)
+    return [
+        coordinator_pb2.InclusionProof(
+            contribution_id=c,
+            round_id=1,
+            leaf_index=tree.index[c],
+            tree_size=len(ids),
+            path=tree.proof(tree.index[c]),
+        )
+        for c in wanted
+    ]
+
+
+@dataclass
+class FakeClient:
+    entries: list[LedgerEntry]
+    proofs: list[coordinator_pb2.InclusionProof]
+    points: float
+
+    def ledger(self):
+        return self.entries
+
+    def inclusion_proofs(self, ids):
+        return [p for p in self.proofs if bytes(p.contribution_id) in set(ids)]
+
+    def status(self, identity):
+        return coordinator_pb2.NodeStatus(node_id=identity.node_id, points=self.points)
+
+
+IDS = THEIRS[:2] + MINE[:2] + THEIRS[2:]  # my two used contributions sit in the middle
+
+
+def test_an_honest_coordinator_checks_out():
+    client = FakeClient([entry(record(IDS, POINTS))], proofs_for(IDS, MINE[:2]), 3.0)
+    result = verify_node(client, ME, COORD.public_key, [receipt(c) for c in MINE])
+    assert result.ok, [str(p) for p in result.problems]
+    d = result.as_dict()
+    assert (d["receipts"], d["included"], d["pending"], d["proofs_checked"]) == (3, 2, 1, 2)
+    assert result.points_recomputed == pytest.approx(3.0)
+
+
+def test_reported_points_that_the_ledger_does_not_imply_are_a_problem():
+    client = FakeClient([entry(record(IDS, POINTS))], proofs_for(IDS, MINE[:2]), 5.0)
+    result = verify_node(client, ME, COORD.public_key, [receipt(c) for c in MINE])
+    assert [p.kind for p in result.problems] == ["status"]
+
+
+def test_a_round_that_lists_me_without_proving_my_data_is_a_problem():
+    client = FakeClient([entry(record(IDS, POINTS))], [], 3.0)
+    result = verify_node(client, ME, COORD.public_key, [receipt(c) for c in MINE])
+    assert any(p.kind == "inclusion" and p.round_id == 1 for p in result.problems)
+
+
+def test_a_receipt_for_another_node_is_reported():
+    client = FakeClient([entry(record(IDS, POINTS))], proofs_for(IDS, MINE[:2]), 3.0)
+    receipts = [receipt(c) for c in MINE[:2]] + [receipt(MINE[2], OTHER)]
+    result = verify_node(client, ME, COORD.public_key, receipts)
+    assert [p.kind for p in result.problems] == ["receipt"]
+
+
+def test_inclusion_checks_each_way_a_proof_can_be_wrong():
+    rec = record(IDS, POINTS)
+    good = proofs_for(IDS, MINE[:1])
+    checked, included, problems = check_inclusion(good, set(MINE), ME.node_id, {1: rec})
+    assert (checked, included, problems) == (1, {MINE[0]}, [])
+
+    not_sent = proofs_for(IDS, THEIRS[:1])
+    assert "never sent" in check_inclusion(not_sent, set(MINE), ME.node_id, {1: rec})[2][0].message
+
+    wrong_size = proofs_for(IDS[:-1], MINE[:1])
+    msg = check_inclusion(wrong_size, set(MINE), ME.node_id, {1: rec})[2][0].message
+    assert "leaves" in msg
+
+    other_tree = [*IDS[:-1], hashlib.sha256(b"swapped").digest()]
+    bad_root = proofs_for(other_tree, MINE[:1])
+    msg = check_inclusion(bad_root, set(MINE), ME.node_id, {1: rec})[2][0].message
+    assert "Merkle root" in msg
+
+    not_grouped = dict(rec, groups=[[OTHER.node_id], [THIRD.node_id], []])
+    msg = check_inclusion(good, set(MINE), ME.node_id, {1: not_grouped})[2][0].message
+    assert "none of the groups" in msg
+
+    msg = check_inclusion(good, set(MINE), ME.node_id, {})[2][0].message
+    assert "no valid record" in msg
