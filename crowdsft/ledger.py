@@ -246,10 +246,10 @@ def verify_ledger(
     """Check every signature and hash link and recompute every points entry.
 
     Records must come in order from round 1. Points are recomputed with the reward rule each
-    record names, replaying the earlier records exactly as the coordinator does (see
-    ``crowdsft.coordinator.rounds.runner``); a record that cannot be trusted or read (bad signature,
-    bad format) is reported and not used for replay; a validly signed record with a broken
-    link is reported and still replayed (its content is the coordinator's word).
+    record names, replaying the earlier records with the function the coordinator decides
+    with (``crowdsft.tournament.replay_points``); a record that cannot be trusted or read (bad
+    signature, bad format) is reported and not used for replay; a validly signed record with a
+    broken link is reported and still replayed (its content is the coordinator's word).
     """
     from crowdsft.plugins.manager import get_plugins
 

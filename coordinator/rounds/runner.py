@@ -180,14 +180,15 @@ class RoundRunner:
             "embedder": self.config.evaluation.embedder,
             "seed": r.seed,
         }
+        started_ms, base_lineage = now_ms(), self.lineage()
         self.store.write(
             lambda conn: queries.insert_planned_round(
                 conn,
                 round_id,
                 seed=r.seed,
-                started_ms=now_ms(),
+                started_ms=started_ms,
                 strategies=strategies,
-                base_lineage=self.lineage(),
+                base_lineage=base_lineage,
                 groups=groups_nodes,
                 weights=[w.tolist() for w in weights],
                 contribution_seqs=[seq for n in nodes for seq in by_node[n]],

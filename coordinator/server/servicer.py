@@ -40,7 +40,8 @@ UNAVAILABLE_RETRY_MS = 1000
 Code = grpc.StatusCode
 
 # The one table from domain errors to gRPC statuses. The most specific class wins (a lookup
-# along the exception's MRO); anything not here is INTERNAL and logged.
+# along the exception's MRO); a ProtocolError subclass defined elsewhere (a plugin's) answers
+# with its own ``status_name``; anything else is INTERNAL and logged.
 ERROR_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     ProtocolError: Code.INVALID_ARGUMENT,
     AuthenticationError: Code.UNAUTHENTICATED,
@@ -78,6 +79,8 @@ class Answer:
 def answer(exc: BaseException) -> Answer:
     """The answer to a failed call, by ``ERROR_TABLE``."""
     code = next((ERROR_TABLE[c] for c in type(exc).__mro__ if c in ERROR_TABLE), None)
+    if isinstance(exc, ProtocolError) and type(exc) not in ERROR_TABLE:
+        code = getattr(Code, exc.status_name, code)
     if code is None:
         logger.error("internal error", exc_info=exc)
         return Answer(Code.INTERNAL, INTERNAL_MESSAGE)

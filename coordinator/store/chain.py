@@ -17,7 +17,7 @@ from crowdsft.keys import Identity
 from crowdsft.ledger import GENESIS_HASH, RECORD_VERSION, LedgerEntry, MerkleTree, sign_record
 from crowdsft.tournament import DecidedRound
 
-from .db import Store
+from .db import Store, StoreError
 from .queries import _lookup
 
 
@@ -120,9 +120,21 @@ def ledger_json(store: Store) -> list[dict[str, Any]]:
 
 def decided_rounds(store: Store, before_round_id: int) -> list[DecidedRound]:
     """The finished rounds before ``before_round_id``, as the points rule replays them: read
-    from their signed ledger records, exactly as a verifying node reads them."""
-    return [
-        DecidedRound.from_record(json.loads(e.record))
-        for e in ledger_entries(store, 0, 1 << 62)
-        if e.round_id < before_round_id
+    from their signed ledger records, exactly as a verifying node reads them. Every finished
+    round must have its record (a round is finished in the transaction that writes it)."""
+    entries = [e for e in ledger_entries(store, 0, 1 << 62) if e.round_id < before_round_id]
+    finished = [
+        r[0]
+        for r in store.query(
+            "SELECT round_id FROM rounds WHERE status='finished' AND round_id < ? "
+            "ORDER BY round_id",
+            (before_round_id,),
+        )
     ]
+    if [e.round_id for e in entries] != finished:
+        missing = sorted(set(finished) - {e.round_id for e in entries})
+        raise StoreError(
+            f"{store.path}: finished rounds {missing[:5]} have no ledger record, so their points "
+            "cannot be replayed (a store from before the ledger existed: start a new one)"
+        )
+    return [DecidedRound.from_record(json.loads(e.record)) for e in entries]

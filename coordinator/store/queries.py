@@ -148,7 +148,9 @@ def lineage(store: Store) -> list[str]:
 
 def awarded_points(store: Store) -> dict[str, float]:
     """Points awarded so far, per node (0 for nodes never in a finished round)."""
-    return {r[0]: float(r[1]) for r in store.query("SELECT node_id, points FROM nodes")}
+    return {
+        r[0]: float(r[1]) for r in store.query("SELECT node_id, points FROM nodes ORDER BY node_id")
+    }
 
 
 def node_ids(store: Store) -> list[str]:

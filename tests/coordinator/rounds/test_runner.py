@@ -11,6 +11,7 @@ from crowdsft import hookimpl, ledger, tournament
 from crowdsft.coordinator.rounds import runner as runner_module
 from crowdsft.coordinator.rounds.runner import RoundRunner
 from crowdsft.coordinator.store.chain import ledger_entries
+from crowdsft.coordinator.store.db import StoreError
 from crowdsft.demo.run import seeded_identity
 from crowdsft.envelope import sign_contribution
 from crowdsft.ledger import LedgerEntry, sign_record, verify_ledger
@@ -98,3 +99,15 @@ def test_round_finished_hook_gets_the_node_ids_of_each_group(make_runner):
     assert sorted(n for g in record.group_nodes for n in g) == sorted(i.node_id for i in NODES)
     assert record.updated == summary.updated and record.winner == summary.winner
     assert list(record.scores) == pytest.approx(summary.scores)
+
+
+def test_a_finished_round_without_its_ledger_record_stops_the_next_decision(make_runner):
+    """Points are replayed from the signed records; a store whose finished rounds lack them
+    (older than the ledger) is refused with a clear error, never replayed in part."""
+    coord, runner = make_runner("regression")
+    fill(coord, 0)
+    runner.run()
+    coord.coordinator.store.write(lambda conn: conn.execute("DELETE FROM ledger"))
+    fill(coord, 1)
+    with pytest.raises(StoreError, match=r"rounds \[1\] have no ledger record"):
+        runner.run()

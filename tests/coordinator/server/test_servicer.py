@@ -121,3 +121,11 @@ def test_anything_else_is_internal_and_says_nothing_of_it(caplog):
     streamed = result(0, b"", False, secret)
     assert streamed.code == grpc.StatusCode.INTERNAL.value[0] and "secret" not in streamed.message
     assert any("internal error" in r.getMessage() for r in caplog.records)
+
+
+def test_a_plugins_own_protocol_error_answers_with_its_own_status():
+    class Gone(errors.NotAdmittedError):
+        status_name = "NOT_FOUND"
+
+    assert answer(Gone("no such invite")).code == grpc.StatusCode.NOT_FOUND
+    assert result(0, b"", False, Gone("x")).code == grpc.StatusCode.NOT_FOUND.value[0]
