@@ -96,10 +96,34 @@ class RateLimitConfig:
     # Token bucket per node: sustained contributions per second and the burst it may spend at once.
     contributions_per_s: float = 50.0
     burst: int = 500
+    # ... and bytes of signed payload per node.
+    bytes_per_s: float = 1_048_576.0
+    burst_bytes: int = 16 * 1_048_576
+    # Registration and status calls per node.
+    node_calls_per_s: float = 1.0
+    node_calls_burst: int = 20
+    # Per peer address, before any signature is checked: requests and bytes per second ...
+    peer_requests_per_s: float = 2000.0
+    peer_burst: int = 10_000
+    peer_bytes_per_s: float = 8 * 1_048_576.0
+    peer_burst_bytes: int = 64 * 1_048_576
+    # ... and requests with a bad signature: past this allowance the peer is refused before
+    # verification until it refills.
+    peer_bad_signatures_per_s: float = 1.0
+    peer_bad_signature_burst: int = 50
 
     def __post_init__(self) -> None:
         if self.contributions_per_s <= 0 or self.burst < 1:
             raise ConfigError("rate_limit.contributions_per_s must be > 0 and burst >= 1")
+        for rate, burst in (
+            ("bytes_per_s", "burst_bytes"),
+            ("node_calls_per_s", "node_calls_burst"),
+            ("peer_requests_per_s", "peer_burst"),
+            ("peer_bytes_per_s", "peer_burst_bytes"),
+            ("peer_bad_signatures_per_s", "peer_bad_signature_burst"),
+        ):
+            if getattr(self, rate) <= 0 or getattr(self, burst) < 1:
+                raise ConfigError(f"rate_limit.{rate} must be > 0 and {burst} >= 1")
 
 
 @dataclass(frozen=True)
@@ -385,6 +409,21 @@ max_message_bytes = 4194304
 # Per node token bucket: sustained contributions per second, and the burst allowed at once.
 contributions_per_s = 50.0
 burst = 500
+# Per node: bytes of signed contributions per second, and the burst (16 MiB).
+bytes_per_s = 1048576.0
+burst_bytes = 16777216
+# Per node: registration and status calls per second, and the burst.
+node_calls_per_s = 1.0
+node_calls_burst = 20
+# Per peer address, checked before any signature: requests per second and their burst,
+# bytes per second and their burst (64 MiB), and requests with bad signatures allowed before
+# the peer is refused unverified until the allowance refills.
+peer_requests_per_s = 2000.0
+peer_burst = 10000
+peer_bytes_per_s = 8388608.0
+peer_burst_bytes = 67108864
+peer_bad_signatures_per_s = 1.0
+peer_bad_signature_burst = 50
 
 [admission]
 # "open": any node with a valid signature; "allowlist": only the nodes listed here;

@@ -110,3 +110,11 @@ class DuplicateExampleError(ProtocolError):
     contribution comes with its original receipt; this contribution has none)."""
 
     status_name = "ALREADY_EXISTS"
+
+
+class StorageFullError(ProtocolError):
+    """The coordinator's disk is full: nothing was stored; retry later (``RESOURCE_EXHAUSTED``
+    with a retry hint, and the health service reports NOT_SERVING until writes succeed)."""
+
+    status_name = "RESOURCE_EXHAUSTED"
+    retry_after_s = 5.0

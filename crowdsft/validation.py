@@ -4,10 +4,16 @@ coordinator (checks before storing), so that both sides say the same thing about
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
+import sys
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from crowdsft.v1 import contribution_pb2
 
@@ -16,6 +22,85 @@ MAX_NONCE_BYTES = 64
 MAX_LICENSE_CHARS = 256
 MAX_LABELS = 32
 MAX_LABEL_CHARS = 256
+# Unicode's stream-safe text format allows at most 30 non-starters (combining marks) in a row.
+# Longer runs make normalisation quadratic (canonical reordering sorts each run), so they are
+# refused before anything is normalised.
+MAX_COMBINING_RUN = 30
+# What an error message lists at most: a few problems, and a bounded length.
+MAX_LISTED_PROBLEMS = 5
+MAX_MESSAGE_CHARS = 1024
+
+
+@functools.cache
+def _combining_run() -> re.Pattern[str]:
+    """A pattern for more than ``MAX_COMBINING_RUN`` non-starters in a row (built once, on
+    first use, from this Python's Unicode database)."""
+    ranges: list[tuple[int, int]] = []
+    for cp in range(sys.maxunicode + 1):
+        if unicodedata.combining(chr(cp)):
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1] = (ranges[-1][0], cp)
+            else:
+                ranges.append((cp, cp))
+    cls = "".join(
+        re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+        for a, b in ranges
+    )
+    return re.compile(f"[{cls}]{{{MAX_COMBINING_RUN + 1},}}")
+
+
+def has_long_combining_run(text: str) -> bool:
+    """Whether ``text`` holds more than ``MAX_COMBINING_RUN`` combining marks in a row."""
+    return _combining_run().search(text) is not None
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe for a log line or a table cell: control and format characters (newlines,
+    escape codes, bidirectional overrides) escaped, and cut at ``limit`` characters."""
+    out = "".join(
+        ch
+        if ch == " " or unicodedata.category(ch)[0] not in "CZ"
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text[:limit]
+    )
+    return out + ("…" if len(text) > limit else "")
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds control or format characters or line/paragraph separators."""
+    return any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text)
+
+
+def summarise(problems: Sequence[str], what: str = "") -> str:
+    """Problems as one message of bounded size: the first few, and how many more."""
+    shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    if more > 0:
+        shown += f"; and {more} more problem{'s' if more > 1 else ''}"
+    text = f"{what}{shown}"
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+    return text
+
+
+def unknown_fields(message: Message, where: str = "payload") -> list[str]:
+    """Fields the schema does not know, in ``message`` and the messages inside it (stored
+    verbatim, they would escape every limit)."""
+    found = []
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        numbers = sorted({unknown[i].field_number for i in range(len(unknown))})
+        found.append(f"{where} has fields this protocol does not define (numbers {numbers[:5]})")
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        repeated = field.is_repeated
+        for i, item in enumerate(value if repeated else [value]):
+            name = f"{where}.{field.name}" + (f"[{i}]" if repeated else "")
+            found += unknown_fields(item, name)
+            if len(found) > MAX_LISTED_PROBLEMS:
+                return found
+    return found
 
 
 @dataclass(frozen=True)
@@ -50,12 +135,30 @@ def example_problems(
             problems.append(
                 f"{where}{name} is {size} bytes; the limit is {limits.max_field_bytes} bytes"
             )
+        elif has_long_combining_run(value):
+            problems.append(
+                f"{where}{name} has more than {MAX_COMBINING_RUN} combining marks in a row "
+                "(Unicode's stream-safe limit)"
+            )
     return problems
 
 
 def payload_problems(payload: contribution_pb2.ContributionPayload, limits: Limits) -> list[str]:
     """What is wrong with a contribution payload (everything but signature, time and nonce
     reuse), as messages (empty when it is fine)."""
+    return check_payload(payload, limits).problems
+
+
+@dataclass(frozen=True)
+class CheckedPayload:
+    problems: list[str]
+    fingerprints: list[bytes]  # one per example; empty when there are problems
+
+
+def check_payload(payload: contribution_pb2.ContributionPayload, limits: Limits) -> CheckedPayload:
+    """Check a contribution payload, cheapest checks first: counts and sizes, then combining
+    marks, and only for a payload that passed those, normalisation (each example once: its
+    fingerprint serves the repeat check here and the coordinator's copy check)."""
     problems: list[str] = []
     n = len(payload.examples)
     if n == 0:
@@ -64,6 +167,7 @@ def payload_problems(payload: contribution_pb2.ContributionPayload, limits: Limi
         problems.append(
             f"contribution has {n} examples; the limit is {limits.max_examples_per_contribution}"
         )
+        return CheckedPayload(problems, [])  # nothing per example is looked at
     if not MIN_NONCE_BYTES <= len(payload.nonce) <= MAX_NONCE_BYTES:
         problems.append(
             f"nonce has {len(payload.nonce)} bytes; it must have {MIN_NONCE_BYTES} to "
@@ -78,17 +182,28 @@ def payload_problems(payload: contribution_pb2.ContributionPayload, limits: Limi
         problems.append(
             f"metadata.labels has {len(meta.labels)} entries; the limit is {MAX_LABELS}"
         )
-    for key, value in meta.labels.items():
-        if len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
-            problems.append(
-                f"metadata.labels[{key[:40]!r}] is longer than {MAX_LABEL_CHARS} characters"
-            )
-            break
-    for i, ex in enumerate(payload.examples[: limits.max_examples_per_contribution]):
+    else:
+        for key, value in meta.labels.items():
+            if len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+                problems.append(
+                    f"metadata.labels[{key[:40]!r}] is longer than {MAX_LABEL_CHARS} characters"
+                )
+                break
+    for i, ex in enumerate(payload.examples):
         system = ex.system if ex.HasField("system") else None
         problems += example_problems(ex.prompt, ex.response, system, limits, f"examples[{i}].")
-    problems += repeated_examples(payload)
-    return problems
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            break  # enough to say what is wrong; the rest is not worth the work
+    if problems:
+        return CheckedPayload(problems, [])
+    fps = fingerprints(payload)
+    first: dict[bytes, int] = {}
+    for i, fp in enumerate(fps):
+        if fp in first:
+            problems.append(f"examples[{i}] repeats examples[{first[fp]}]")
+        else:
+            first[fp] = i
+    return CheckedPayload(problems, [] if problems else fps)
 
 
 def normalise(text: str) -> str:
@@ -118,18 +233,6 @@ def example_dicts(payload: contribution_pb2.ContributionPayload) -> list[dict[st
         | ({"system": e.system} if e.HasField("system") else {})
         for e in payload.examples
     ]
-
-
-def repeated_examples(payload: contribution_pb2.ContributionPayload) -> list[str]:
-    """Problems for examples that repeat an earlier example of the same contribution."""
-    first: dict[bytes, int] = {}
-    problems = []
-    for i, fp in enumerate(fingerprints(payload)):
-        if fp in first:
-            problems.append(f"examples[{i}] repeats examples[{first[fp]}]")
-        else:
-            first[fp] = i
-    return problems
 
 
 def examples_to_proto(examples: Sequence[Mapping[str, str]]) -> list[contribution_pb2.Example]:

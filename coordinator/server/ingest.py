@@ -1,7 +1,8 @@
 """Accepting contributions: verify and validate on the calling thread (cheap rejections
-first, nothing written), then a batched durable write on the store's writer thread that checks
-what needs the store (duplicates, nonce reuse, the time window, the rate limit) in submission
-order and inserts the accepted ones together. A receipt is signed only for what is stored."""
+first, nothing written: see ``Ingest.prepare``), then a batched durable write on the store's
+writer thread that checks what needs the store (duplicates, copies, the time window, nonce
+reuse) in submission order and inserts the accepted ones together. A receipt is signed only
+for what is stored, and the counters count what was committed."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from crowdsft.config import CoordinatorConfig
 from crowdsft.envelope import Verified, contribution_id, now_ms, sign_receipt, verify_envelope
 from crowdsft.errors import (
+    AuthenticationError,
     DuplicateContributionError,
     DuplicateExampleError,
     InvalidPayloadError,
@@ -26,11 +29,18 @@ from crowdsft.errors import (
 from crowdsft.keys import Identity
 from crowdsft.plugins.manager import Plugins
 from crowdsft.v1 import contribution_pb2, envelope_pb2
-from crowdsft.validation import example_dicts, fingerprints, payload_problems
+from crowdsft.validation import (
+    check_payload,
+    example_dicts,
+    fingerprints,
+    printable,
+    summarise,
+    unknown_fields,
+)
 
 from ..store import queries
 from ..store.db import BatchOp, Done, Store
-from .ratelimit import RateLimiter
+from .ratelimit import PeerLimiter, RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,7 @@ class Ingest:
         self.check_time = check_time
         self.limits = config.protocol.limits()
         self.rate_limiter = RateLimiter(config.rate_limit)
+        self.peers = PeerLimiter(config.rate_limit)
         self.copy_checks = config.admission.reject_duplicate_examples
         if self.copy_checks:
             backfill_fingerprints(store)
@@ -80,20 +91,37 @@ class Ingest:
         if reasons:
             raise InvalidPayloadError("rejected by a validation plugin: " + "; ".join(reasons))
 
-    def prepare(self, envelope: envelope_pb2.SignedEnvelope) -> ContributionWrite:
-        """Verify the signature, admission and payload of a contribution (raising
-        ProtocolError); return its durable write, not yet queued."""
+    def prepare(self, envelope: envelope_pb2.SignedEnvelope, peer: str = "") -> ContributionWrite:
+        """Check a contribution, cheapest first, and return its durable write, not yet
+        queued; raise ProtocolError (nothing written) at the first check that fails:
+
+        1. the peer's own limits (requests, bytes, bad signatures), before any verification;
+        2. the signature (a bad one counts against the peer);
+        3. admission and the node's rate and byte limits (only now is the key proven, so
+           nobody can spend another node's budget);
+        4. unknown fields, counts and sizes, combining marks, then normalisation (once per
+           example) for repeats and copies; the validation plugins last.
+        """
         try:
-            verified, payload = verify_envelope(envelope, contribution_pb2.ContributionPayload)
+            if peer:
+                self.peers.admit(peer, envelope.ByteSize())
+            try:
+                verified, payload = verify_envelope(envelope, contribution_pb2.ContributionPayload)
+            except AuthenticationError:
+                if peer:
+                    self.peers.bad_signature(peer)
+                raise
             self.admission.check(verified.node_id)
-            problems = payload_problems(payload, self.limits)
-            if problems:
-                raise InvalidPayloadError("; ".join(problems))
+            self.rate_limiter.take(verified.node_id, len(verified.payload_bytes))
+            unknown = unknown_fields(payload)
+            if unknown:
+                raise InvalidPayloadError(summarise(unknown))
+            checked = check_payload(payload, self.limits)
+            if checked.problems:
+                raise InvalidPayloadError(summarise(checked.problems))
             self._run_validators(verified.node_id, payload)
         except ProtocolError as exc:
-            with self._counters_lock:
-                self.counters.rejected += 1
-            logger.info("rejected contribution: %s: %s", exc.status_name, exc)
+            logger.info("rejected contribution: %s: %s", exc.status_name, printable(str(exc)))
             raise
         return ContributionWrite(
             ingest=self,
@@ -102,19 +130,50 @@ class Ingest:
             n_examples=len(payload.examples),
             nonce=payload.nonce,
             ts_ms=payload.timestamp_ms,
-            fingerprints=tuple(fingerprints(payload)) if self.copy_checks else (),
+            fingerprints=tuple(checked.fingerprints) if self.copy_checks else (),
         )
 
-    def submit_with(self, envelope: envelope_pb2.SignedEnvelope, done: Done) -> None:
+    def _count(self, ok: bool, value: Any) -> None:
+        """Count what the store committed (called after the commit)."""
+        with self._counters_lock:
+            if ok:
+                self.counters.accepted += 1
+            elif isinstance(value, DuplicateContributionError):
+                self.counters.duplicates += 1
+            else:
+                self.counters.rejected += 1
+
+    def submit_with(
+        self, envelope: envelope_pb2.SignedEnvelope, done: Done, peer: str = ""
+    ) -> None:
         """Verify now, then queue the durable write; ``done(ok, value)`` runs on the store's
         writer thread after the commit, also for rejections found before the write (through
         the writer all the same, so that results keep the submission order)."""
+
+        def counted(ok: bool, value: Any) -> None:
+            self._count(ok, value)
+            done(ok, value)
+
         try:
-            op = self.prepare(envelope)
+            op: BatchOp = self.prepare(envelope, peer)
         except ProtocolError as exc:
-            self.store.submit_with(_Failed(exc), done)
-            return
-        self.store.submit_with(op, done)
+            op = _Failed(exc)
+        self.store.submit_with(op, counted)
+
+    def submit_future(
+        self, envelope: envelope_pb2.SignedEnvelope, peer: str = ""
+    ) -> Future[envelope_pb2.SignedReceipt]:
+        """``submit_with`` as a future: the receipt once committed, or the rejection."""
+        fut: Future[envelope_pb2.SignedReceipt] = Future()
+
+        def done(ok: bool, value: Any) -> None:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+        self.submit_with(envelope, done, peer)
+        return fut
 
     def stream(
         self, envelopes: Iterable[envelope_pb2.SignedEnvelope], window: int = STREAM_WINDOW
@@ -216,7 +275,6 @@ class ContributionWrite(BatchOp):
             raise ReplayError(
                 f"nonce {self.nonce.hex()} was already used by node {node_id} (replay)"
             )
-        self.ingest.rate_limiter.take(node_id)
 
     @classmethod
     def run_batch(cls, conn: sqlite3.Connection, ops: list[ContributionWrite]) -> list[Any]:
@@ -227,17 +285,14 @@ class ContributionWrite(BatchOp):
         now = now_ms()
         results: list[Any] = []
         accepted = queries.AcceptedBatch()
-        counters = ingest.counters
         for op in ops:
             node_id = op.verified.node_id
             try:
                 op.check(receipts, used, taken, now)
             except DuplicateContributionError as exc:
-                counters.duplicates += 1
                 results.append(exc)
                 continue
             except ProtocolError as exc:
-                counters.rejected += 1
                 logger.info(
                     "rejected contribution %s from node %s: %s: %s",
                     op.cid.hex()[:16],
@@ -268,7 +323,6 @@ class ContributionWrite(BatchOp):
                     signed.signature,
                 )
             )
-            counters.accepted += 1
             results.append(signed)
         queries.insert_accepted(conn, accepted)
         return results

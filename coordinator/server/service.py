@@ -16,12 +16,19 @@ from typing import Any
 from crowdsft import PROTOCOL, __version__
 from crowdsft.config import CoordinatorConfig
 from crowdsft.envelope import now_ms, verify_envelope
-from crowdsft.errors import InvalidPayloadError, ReplayError
+from crowdsft.errors import AuthenticationError, InvalidPayloadError, ReplayError
 from crowdsft.keys import Identity
 from crowdsft.ledger import LedgerEntry
 from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
-from crowdsft.validation import MAX_NONCE_BYTES, MIN_NONCE_BYTES
+from crowdsft.validation import (
+    MAX_NONCE_BYTES,
+    MIN_NONCE_BYTES,
+    has_control_characters,
+    printable,
+    summarise,
+    unknown_fields,
+)
 
 from ..store import queries
 from ..store.chain import inclusion_proofs, ledger_entries
@@ -95,11 +102,30 @@ class CoordinatorService:
         queries.record_nonce(conn, node_id, nonce, ts_ms)
 
     def _authenticated(
-        self, envelope: envelope_pb2.SignedEnvelope, message_type, check_admission: bool = True
+        self,
+        envelope: envelope_pb2.SignedEnvelope,
+        message_type,
+        peer: str = "",
+        check_admission: bool = True,
     ):
-        verified, payload = verify_envelope(envelope, message_type)
+        """A signed request other than a contribution: the peer's limits first, then the
+        signature (a bad one counts against the peer), then the node's own call budget,
+        admission, unknown fields, the nonce's shape and the time."""
+        peers = self.ingest.peers
+        if peer:
+            peers.admit(peer, envelope.ByteSize())
+        try:
+            verified, payload = verify_envelope(envelope, message_type)
+        except AuthenticationError:
+            if peer:
+                peers.bad_signature(peer)
+            raise
+        self.ingest.rate_limiter.take_call(verified.node_id)
         if check_admission:
             self.admission.check(verified.node_id)
+        unknown = unknown_fields(payload)
+        if unknown:
+            raise InvalidPayloadError(summarise(unknown))
         self._check_nonce_shape(payload.nonce)
         self._check_time(payload.timestamp_ms, now_ms())
         return verified, payload
@@ -119,38 +145,41 @@ class CoordinatorService:
             server_version=__version__,
         )
 
-    def prepare(self, envelope: envelope_pb2.SignedEnvelope) -> ContributionWrite:
-        return self.ingest.prepare(envelope)
+    def prepare(self, envelope: envelope_pb2.SignedEnvelope, peer: str = "") -> ContributionWrite:
+        return self.ingest.prepare(envelope, peer)
 
-    def submit_with(self, envelope: envelope_pb2.SignedEnvelope, done: Done) -> None:
-        self.ingest.submit_with(envelope, done)
+    def submit_with(
+        self, envelope: envelope_pb2.SignedEnvelope, done: Done, peer: str = ""
+    ) -> None:
+        self.ingest.submit_with(envelope, done, peer)
 
     def submit_async(
-        self, envelope: envelope_pb2.SignedEnvelope
+        self, envelope: envelope_pb2.SignedEnvelope, peer: str = ""
     ) -> Future[envelope_pb2.SignedReceipt]:
-        """Verify and validate now (raising ProtocolError), then queue the durable write.
-
-        The returned future yields the signed receipt once the contribution is committed, or
-        raises DuplicateContributionError (carrying the original receipt), ReplayError or
-        RateLimitedError.
-        """
-        return self.store.submit(self.ingest.prepare(envelope))
+        """Verify and validate, then queue the durable write. The returned future yields the
+        signed receipt once the contribution is committed, or raises the ProtocolError that
+        rejected it (DuplicateContributionError carries the original receipt)."""
+        return self.ingest.submit_future(envelope, peer)
 
     def submit(
-        self, envelope: envelope_pb2.SignedEnvelope, timeout: float = 60
+        self, envelope: envelope_pb2.SignedEnvelope, timeout: float = 60, peer: str = ""
     ) -> envelope_pb2.SignedReceipt:
-        return self.submit_async(envelope).result(timeout)
+        return self.submit_async(envelope, peer).result(timeout)
 
     def register(
-        self, envelope: envelope_pb2.SignedEnvelope
+        self, envelope: envelope_pb2.SignedEnvelope, peer: str = ""
     ) -> coordinator_pb2.RegisterNodeResponse:
         # Admission is decided inside the write: a policy may spend an invite token there.
         verified, payload = self._authenticated(
-            envelope, contribution_pb2.RegisterPayload, check_admission=False
+            envelope, contribution_pb2.RegisterPayload, peer, check_admission=False
         )
         name = payload.display_name.strip()
         if len(name) > MAX_DISPLAY_NAME:
             raise InvalidPayloadError(f"display_name is longer than {MAX_DISPLAY_NAME} characters")
+        if has_control_characters(name):
+            raise InvalidPayloadError(
+                "display_name has control characters (line breaks, escape codes); use plain text"
+            )
         node_id = verified.node_id
 
         def op(conn: sqlite3.Connection) -> coordinator_pb2.RegisterNodeResponse:
@@ -169,17 +198,21 @@ class CoordinatorService:
                 )
             now = now_ms()
             queries.insert_node(conn, node_id, verified.public_key, name, now)
-            logger.info("registered node %s%s", node_id, f" ({name})" if name else "")
+            logger.info("registered node %s%s", node_id, f" ({printable(name)})" if name else "")
             return coordinator_pb2.RegisterNodeResponse(
                 node_id=node_id, registered_at_ms=now, newly_registered=True
             )
 
         return self.store.write(op)
 
-    def node_status(self, envelope: envelope_pb2.SignedEnvelope) -> coordinator_pb2.NodeStatus:
+    def node_status(
+        self, envelope: envelope_pb2.SignedEnvelope, peer: str = ""
+    ) -> coordinator_pb2.NodeStatus:
         """A node's standing. The request is signed and its nonce is spent, so that a status
         request cannot be replayed to watch another node's standing."""
-        verified, payload = self._authenticated(envelope, contribution_pb2.StatusRequestPayload)
+        verified, payload = self._authenticated(
+            envelope, contribution_pb2.StatusRequestPayload, peer
+        )
         self.store.write(
             lambda conn: self._use_nonce(
                 conn, verified.node_id, payload.nonce, payload.timestamp_ms

@@ -23,6 +23,7 @@ from crowdsft.errors import (
     ProtocolError,
     RateLimitedError,
     ReplayError,
+    StorageFullError,
     UnavailableError,
 )
 from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
@@ -50,6 +51,7 @@ ERROR_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     DuplicateContributionError: Code.ALREADY_EXISTS,
     DuplicateExampleError: Code.ALREADY_EXISTS,
     RateLimitedError: Code.RESOURCE_EXHAUSTED,
+    StorageFullError: Code.RESOURCE_EXHAUSTED,
     NotAdmittedError: Code.PERMISSION_DENIED,
     UnavailableError: Code.UNAVAILABLE,
     FutureTimeout: Code.UNAVAILABLE,  # the store did not commit in time
@@ -89,8 +91,9 @@ def answer(exc: BaseException) -> Answer:
     else:
         message = str(exc)
     receipt = exc.receipt if isinstance(exc, DuplicateContributionError) else None
-    if isinstance(exc, RateLimitedError):
-        retry = int(exc.retry_after_s * 1000) + 1
+    hint = getattr(exc, "retry_after_s", None)
+    if hint is not None:
+        retry = int(hint * 1000) + 1
     else:
         retry = UNAVAILABLE_RETRY_MS if code == Code.UNAVAILABLE else 0
     return Answer(code, message, receipt, retry)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ fsync per contribution. Reads use a connection per thread and see committed data
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import sqlite3
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from crowdsft.errors import CrowdSFTError, ProtocolError, UnavailableError
+from crowdsft.errors import CrowdSFTError, ProtocolError, StorageFullError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +178,21 @@ class _Request:
 _STOP = object()
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL (the disk, or the database's size limit) or the OS's ENOSPC."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
 class Store:
     """The database plus its writer thread. Use as a context manager or call ``close()``."""
 
     def __init__(self, path: Path, *, max_batch: int = 512) -> None:
+        """``on_writable(ok)`` may be set to hear when writes start failing because the disk
+        is full (False) and when they succeed again (True)."""
+        self.on_writable: Callable[[bool], None] | None = None
+        self.full = False
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_batch = max_batch
@@ -287,6 +299,17 @@ class Store:
                 outcomes[i] = (not isinstance(result, ProtocolError), result)
         return outcomes
 
+    def _writable(self, ok: bool) -> None:
+        if ok == (not self.full):
+            return
+        self.full = not ok
+        if ok:
+            logger.warning("the store accepts writes again")
+        else:
+            logger.error("the disk under %s is full: writes fail until space is freed", self.path)
+        if self.on_writable is not None:
+            self.on_writable(ok)
+
     def _commit_batch(self, batch: list[_Request]) -> None:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -295,6 +318,14 @@ class Store:
         except Exception as exc:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
+            if _disk_full(exc):
+                self._writable(False)
+                exc = StorageFullError(
+                    "the coordinator's disk is full; nothing was stored; retry later"
+                )
+                for req in batch:
+                    req.done(False, exc)
+                return
             if len(batch) > 1:
                 logger.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
                 for req in batch:
@@ -303,6 +334,7 @@ class Store:
                 logger.exception("store write failed")
                 batch[0].done(False, exc)
             return
+        self._writable(True)
         for req, (ok, value) in zip(batch, outcomes, strict=True):
             req.done(ok, value)
 
