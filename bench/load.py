@@ -46,7 +46,12 @@ def main() -> int:
         path = init_coordinator(root, listen=address)
         text = path.read_text().replace("groups = 3", "groups = 2")
         text = text.replace("contributions_per_s = 50.0", "contributions_per_s = 100000.0")
-        path.write_text(text.replace("burst = 500", "burst = 100000"))
+        text = text.replace("burst = 500", "burst = 100000")
+        # Every node runs on this machine's one address: lift the per-address limits, which
+        # are for a crowd spread over many.
+        text = text.replace("max_streams_per_peer = 32", "max_streams_per_peer = 1024")
+        text = text.replace("peer_requests_per_s = 2000.0", "peer_requests_per_s = 1000000.0")
+        path.write_text(text.replace("peer_burst = 10000", "peer_burst = 1000000"))
         process = Process(path, args.step_delay, root / "coordinator.log")
         process.start()
         try:

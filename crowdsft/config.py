@@ -36,8 +36,23 @@ def parse_hostport(value: str) -> tuple[str, int]:
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
-    max_workers: int = 64
-    max_concurrent_streams: int = 256
+    # Worker threads for store and signature work; waiting on clients holds none.
+    max_workers: int = 16
+    # Calls served at once in all (beyond it: RESOURCE_EXHAUSTED).
+    max_concurrent_streams: int = 1024
+    # Streams of each kind at once, in all and per peer address.
+    max_upload_streams: int = 512
+    max_watch_streams: int = 512
+    max_ledger_streams: int = 64
+    max_streams_per_peer: int = 32
+    # An upload stream must send its first message within first_message_s, and then a
+    # message (or wait for answers) at least every idle_s.
+    first_message_s: float = 10.0
+    idle_s: float = 60.0
+    # Connections: keepalive pings, and how long an idle or old connection lives.
+    keepalive_s: float = 60.0
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float = 3600.0
     grace_s: float = 5.0
     # TLS: the server's certificate chain and key (PEM). Both or neither.
     tls_cert_file: Path | None = None
@@ -49,6 +64,24 @@ class ServerConfig:
         parse_hostport(self.listen)
         if self.max_workers < 4:
             raise ConfigError("server.max_workers must be at least 4")
+        for name in (
+            "max_concurrent_streams",
+            "max_upload_streams",
+            "max_watch_streams",
+            "max_ledger_streams",
+            "max_streams_per_peer",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server.{name} must be at least 1")
+        for name in (
+            "first_message_s",
+            "idle_s",
+            "keepalive_s",
+            "max_connection_idle_s",
+            "max_connection_age_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"server.{name} must be > 0")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("server.tls_cert_file and server.tls_key_file go together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -371,9 +404,23 @@ DEFAULT_COORDINATOR_TOML = """\
 # Address to serve on; `crowdsft coordinator serve --listen HOST:PORT` overrides it.
 # Use 0.0.0.0:50051 to accept nodes from other machines.
 listen = "127.0.0.1:50051"
-# Threads that serve RPCs; each open upload stream holds two.
-max_workers = 64
-max_concurrent_streams = 256
+# Worker threads for store and signature work; a client that waits or idles holds none.
+max_workers = 16
+# Calls served at once in all; streams of each kind at once, in all and per peer address.
+max_concurrent_streams = 1024
+max_upload_streams = 512
+max_watch_streams = 512
+max_ledger_streams = 64
+max_streams_per_peer = 32
+# An upload stream must send its first message within first_message_s seconds, then keep
+# sending (or waiting for its answers) at least every idle_s seconds.
+first_message_s = 10.0
+idle_s = 60.0
+# Keepalive pings every keepalive_s; idle connections close after max_connection_idle_s and
+# every connection after max_connection_age_s (clients reconnect).
+keepalive_s = 60.0
+max_connection_idle_s = 300.0
+max_connection_age_s = 3600.0
 # Seconds that in-flight calls get to finish on shutdown (SIGINT/SIGTERM).
 grace_s = 5.0
 # TLS (recommended whenever nodes connect over a network): certificate chain and key, PEM.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from concurrent import futures
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crowdsft.config import CoordinatorConfig
 from crowdsft.errors import ConfigError
@@ -24,37 +27,23 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
-def create_server(
-    config: CoordinatorConfig, service: CoordinatorService
-) -> tuple[grpc.Server, int, health.HealthServicer, CoordinatorServicer]:
-    """An unstarted server bound to ``config.server.listen`` and the port it bound."""
+def server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
+    """Message limits, keepalive and connection lifetimes for the gRPC server."""
+    s = config.server
     max_bytes = config.protocol.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=config.server.max_workers, thread_name_prefix="grpc-worker"
-        ),
-        options=[
-            ("grpc.max_receive_message_length", max_bytes),
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-        maximum_concurrent_rpcs=config.server.max_concurrent_streams,
-    )
-    servicer = CoordinatorServicer(service)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        credentials = server_credentials(config)
-        if credentials is None:
-            port = server.add_insecure_port(config.server.listen)
-        else:
-            port = server.add_secure_port(config.server.listen, credentials)
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot listen on {config.server.listen}: {exc}") from None
-    if port == 0:
-        raise ConfigError(f"cannot listen on {config.server.listen} (address in use?)")
-    return server, port, health_servicer, servicer
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    return [
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", ms(s.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", ms(min(20.0, s.keepalive_s))),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(min(10.0, s.keepalive_s))),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(s.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(s.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(60.0)),
+    ]
 
 
 def server_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None:
@@ -83,31 +72,99 @@ def load_identity(config: CoordinatorConfig) -> Identity:
 
 
 class Coordinator:
-    """A running coordinator. ``start()`` serves; ``stop()`` drains calls and closes the store."""
+    """A running coordinator: the store, the service, and a ``grpc.aio`` server on an event
+    loop of its own thread, so that ``start()``/``stop()`` are plain calls. Waiting on clients
+    costs no thread; store and signature work runs on a pool of ``server.max_workers``."""
 
     def __init__(self, config: CoordinatorConfig, identity: Identity | None = None) -> None:
         self.config = config
         self.identity = identity or load_identity(config)
         self.store = Store(config.db_path, max_batch=config.storage.max_batch)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="coordinator-loop", daemon=True
+        )
+        self._thread.start()
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=config.server.max_workers, thread_name_prefix="coordinator-worker"
+        )
         try:
             pruned = prune_nonces(self.store, config.protocol.timestamp_window_s)
             if pruned:
                 logger.info("forgot %d expired nonces", pruned)
             self.service = CoordinatorService(config, self.identity, self.store)
-            self.server, self.port, self._health, self._servicer = create_server(
-                config, self.service
-            )
+            self.port = self._in_loop(self._build())
         except BaseException:
+            self._shutdown_loop()
             self.store.close()
             raise
         host = config.server.listen.rpartition(":")[0]
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.store.on_writable = self._writable
+
+    def _in_loop(self, coro: Any, timeout: float | None = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _build(self) -> int:
+        config = self.config
+        self.server = grpc.aio.server(
+            options=server_options(config),
+            maximum_concurrent_rpcs=config.server.max_concurrent_streams,
+        )
+        self._servicer = CoordinatorServicer(self.service, config.server, self._executor)
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self._servicer, self.server)
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        try:
+            credentials = server_credentials(config)
+            if credentials is None:
+                port = self.server.add_insecure_port(config.server.listen)
+            else:
+                port = self.server.add_secure_port(config.server.listen, credentials)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {config.server.listen}: {exc}") from None
+        if port == 0:
+            raise ConfigError(f"cannot listen on {config.server.listen} (address in use?)")
+        return port
+
+    async def _start(self) -> None:
+        await self.server.start()
+        await self._set_health(True)
+        self._tasks.append(asyncio.ensure_future(self._prune_nonces()))
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    def _writable(self, ok: bool) -> None:
+        """From the store's writer: a full disk turns health NOT_SERVING until writes succeed."""
+        if not self._stopped.is_set():
+            asyncio.run_coroutine_threadsafe(self._set_health(ok), self._loop)
+
+    async def _prune_nonces(self) -> None:
+        """Forget expired nonces while serving (they would be rejected by their time anyway)."""
+        window = self.config.protocol.timestamp_window_s
+        while True:
+            await asyncio.sleep(max(0.5, window / 2))
+            try:
+                pruned = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, prune_nonces, self.store, window
+                )
+            except Exception as exc:  # the store is closing
+                logger.debug("nonce pruning: %s", exc)
+                continue
+            if pruned:
+                logger.debug("forgot %d expired nonces", pruned)
 
     def start(self) -> Coordinator:
-        self.server.start()
-        for name in ("", SERVICE_NAME):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._in_loop(self._start())
         s = self.config.server
         logger.info(
             "coordinator %s serving on %s%s (store %s, admission %s)",
@@ -123,6 +180,13 @@ class Coordinator:
         )
         return self
 
+    async def _stop(self, grace: float) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self._health.enter_graceful_shutdown()
+        self._servicer.stopping.set()
+        await self.server.stop(grace)
+
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish within ``grace`` seconds, commit what is
         queued, close the store. Idempotent."""
@@ -130,10 +194,12 @@ class Coordinator:
             return
         self._stopped.set()
         grace = self.config.server.grace_s if grace is None else grace
-        self._health.enter_graceful_shutdown()
-        self._servicer.stopping.set()
-        self.server.stop(grace).wait()
-        self.store.close()
+        try:
+            self._in_loop(self._stop(grace), timeout=grace + 30)
+        finally:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self.store.close()  # answers what is queued while the loop can still hear it
+            self._shutdown_loop()
         c = self.service.counters
         logger.info(
             "coordinator stopped (accepted %d, duplicates %d, rejected %d this run)",
@@ -141,6 +207,12 @@ class Coordinator:
             c.duplicates,
             c.rejected,
         )
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def wait(self, stop: threading.Event, report_every_s: float = 30.0) -> None:
         """Block until ``stop`` is set, logging ingest activity now and then."""

@@ -6,12 +6,9 @@ for what is stored, and the counters count what was committed."""
 
 from __future__ import annotations
 
-import functools
 import logging
-import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +40,6 @@ from ..store.db import BatchOp, Done, Store
 from .ratelimit import PeerLimiter, RateLimiter
 
 logger = logging.getLogger(__name__)
-
-# Contributions of one upload stream that may wait for their commit at once.
-STREAM_WINDOW = 256
 
 
 @dataclass
@@ -175,50 +169,6 @@ class Ingest:
         self.submit_with(envelope, done, peer)
         return fut
 
-    def stream(
-        self, envelopes: Iterable[envelope_pb2.SignedEnvelope], window: int = STREAM_WINDOW
-    ) -> Iterator[tuple[int, bytes, bool, Any]]:
-        """One upload stream: ``(index, contribution id, ok, receipt or error)`` per envelope,
-        in order. A reader thread verifies envelopes and queues their writes while this
-        generator yields the results, so one stream keeps up to ``window`` contributions in
-        flight and the store commits them in groups. Ends when the input ends and every
-        write has answered, or when the input breaks (the client went away)."""
-        results: queue.SimpleQueue[tuple[int, bytes, bool, Any] | BaseException | None] = (
-            queue.SimpleQueue()
-        )
-        slots = threading.BoundedSemaphore(window)
-        stopped = threading.Event()
-
-        def answer(index: int, cid: bytes, ok: bool, value: Any) -> None:
-            results.put((index, cid, ok, value))
-
-        def read() -> None:
-            try:
-                for index, envelope in enumerate(envelopes):
-                    while not slots.acquire(timeout=1.0):
-                        if stopped.is_set():
-                            return
-                    cid = contribution_id(envelope.payload) if envelope.payload else b""
-                    self.submit_with(envelope, functools.partial(answer, index, cid))
-                # Every queued write has answered once the writer runs this marker.
-                self.store.submit_with(_Marker(), lambda ok, value: results.put(None))
-            except BaseException as exc:  # the client went away or the stream broke
-                results.put(exc)
-
-        threading.Thread(target=read, name="upload-reader", daemon=True).start()
-        try:
-            while True:
-                item = results.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    logger.info("upload stream ended with an error: %s", item)
-                    return
-                slots.release()
-                yield item
-        finally:
-            stopped.set()
-
     def _sign(self, op: ContributionWrite, now: int) -> envelope_pb2.SignedReceipt:
         return sign_receipt(
             self.identity,
@@ -337,14 +287,6 @@ class _Failed(BatchOp):
     @classmethod
     def run_batch(cls, conn: sqlite3.Connection, ops: list[_Failed]) -> list[Any]:
         return [op.error for op in ops]
-
-
-class _Marker(BatchOp):
-    """Writes nothing; its callback tells an upload stream that its writes have all answered."""
-
-    @classmethod
-    def run_batch(cls, conn: Any, ops: list[Any]) -> list[Any]:
-        return [None] * len(ops)
 
 
 def backfill_fingerprints(store: Store) -> int:

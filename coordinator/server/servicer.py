@@ -1,19 +1,30 @@
-"""The gRPC servicer: a thin adapter that decodes requests, calls ``CoordinatorService``, and
-answers every domain error through one table (``ERROR_TABLE`` and ``answer``), for unary and
-streaming calls alike."""
+"""The gRPC servicer (``grpc.aio``): a thin adapter that decodes requests, runs
+``CoordinatorService`` calls on a bounded thread pool, and answers every domain error through
+one table (``ERROR_TABLE`` and ``answer``), for unary and streaming calls alike.
+
+Nothing here holds a thread while it waits on a client: idle or slow callers cost a coroutine,
+not a worker, so they cannot starve honest nodes or the health service. Streams are bounded:
+an upload must send its first message within ``first_message_s`` and then keep sending (or
+wait for its answers) within ``idle_s``; it keeps at most ``STREAM_WINDOW`` contributions and
+``STREAM_BYTES`` bytes in flight; watch and ledger streams are capped per peer address and in
+total (``StreamSlots``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
+from crowdsft.config import ServerConfig
+from crowdsft.envelope import contribution_id
 from crowdsft.errors import (
     AuthenticationError,
     DuplicateContributionError,
@@ -28,6 +39,7 @@ from crowdsft.errors import (
 )
 from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
 
+from .ratelimit import peer_host
 from .service import CoordinatorService
 
 logger = logging.getLogger(__name__)
@@ -37,6 +49,9 @@ RETRY_AFTER_TRAILER = "crowdsft-retry-after-ms"
 WRITE_TIMEOUT_S = 60.0
 WATCH_POLL_S = 0.5
 UNAVAILABLE_RETRY_MS = 1000
+# Contributions, and bytes of them, that one upload stream may have waiting for their commit.
+STREAM_WINDOW = 256
+STREAM_BYTES = 16 * 1024 * 1024
 
 Code = grpc.StatusCode
 
@@ -54,7 +69,7 @@ ERROR_TABLE: dict[type[BaseException], grpc.StatusCode] = {
     StorageFullError: Code.RESOURCE_EXHAUSTED,
     NotAdmittedError: Code.PERMISSION_DENIED,
     UnavailableError: Code.UNAVAILABLE,
-    FutureTimeout: Code.UNAVAILABLE,  # the store did not commit in time
+    TimeoutError: Code.UNAVAILABLE,  # the store did not commit in time
 }
 INTERNAL_MESSAGE = "internal error; see the coordinator log"
 
@@ -86,7 +101,7 @@ def answer(exc: BaseException) -> Answer:
     if code is None:
         logger.error("internal error", exc_info=exc)
         return Answer(Code.INTERNAL, INTERNAL_MESSAGE)
-    if isinstance(exc, FutureTimeout):
+    if isinstance(exc, TimeoutError):
         message = "the store did not commit in time; retry"
     else:
         message = str(exc)
@@ -99,83 +114,291 @@ def answer(exc: BaseException) -> Answer:
     return Answer(code, message, receipt, retry)  # type: ignore[arg-type]
 
 
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    a = answer(exc)
+    if a.trailers():
+        context.set_trailing_metadata(a.trailers())
+    await context.abort(a.code, a.message)
+
+
 T = TypeVar("T")
 
 
-def unary(method: Callable[..., T]) -> Callable[..., T]:
+def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     """A unary RPC whose domain errors are answered through ``answer``."""
 
     @functools.wraps(method)
-    def call(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> T:
+    async def call(self: CoordinatorServicer, request: Any, context: Any) -> Any:
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except Exception as exc:
-            a = answer(exc)
-            if a.trailers():
-                context.set_trailing_metadata(a.trailers())
-            context.abort(a.code, a.message)
-            raise  # unreachable: abort raises
+            await _abort(context, exc)
 
     return call
 
 
-class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, service: CoordinatorService) -> None:
+class StreamSlots:
+    """Concurrent streams of one kind, capped per peer address and in total."""
+
+    def __init__(self, kind: str, total: int, per_peer: int) -> None:
+        self.kind, self.total, self.per_peer = kind, total, per_peer
+        self._open: dict[str, int] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, peer: str) -> str:
+        host = peer_host(peer)
+        with self._lock:
+            if self._count >= self.total:
+                raise RateLimitedError(
+                    f"the coordinator serves {self.total} {self.kind} streams at most; retry later",
+                    retry_after_s=5.0,
+                )
+            if self._open.get(host, 0) >= self.per_peer:
+                raise RateLimitedError(
+                    f"peer {host} has {self.per_peer} {self.kind} streams open already, the "
+                    "most one address may hold; close one first",
+                    retry_after_s=5.0,
+                )
+            self._open[host] = self._open.get(host, 0) + 1
+            self._count += 1
+        return host
+
+    def release(self, host: str) -> None:
+        with self._lock:
+            self._count -= 1
+            left = self._open[host] - 1
+            if left:
+                self._open[host] = left
+            else:
+                del self._open[host]
+
+
+class RoundFeed:
+    """Round events, polled from the store by one task for every watcher (a thousand
+    watchers cost one query per poll, not a thousand)."""
+
+    def __init__(self, service: CoordinatorService, run: Callable[..., Any]) -> None:
         self.service = service
-        self.stopping = threading.Event()  # set on shutdown: ends the watch streams
+        self._run = run
+        self.events: list[coordinator_pb2.RoundEvent] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._watchers = 0
+
+    async def _poll(self) -> None:
+        seen: list[bytes] = []
+        while self._watchers:
+            try:
+                events = await self._run(self.service.round_events, 0)
+            except Exception as exc:  # the store is closing: the watchers end with the server
+                logger.debug("round feed: %s", exc)
+                events = self.events
+            marks = [e.SerializeToString() for e in events]
+            if marks != seen:
+                seen, self.events = marks, events
+                self._changed.set()
+                self._changed = asyncio.Event()
+            await asyncio.sleep(WATCH_POLL_S)
+        self._task = None
+
+    async def watch(self, after: int, stopping: asyncio.Event) -> AsyncIterator[Any]:
+        self._watchers += 1
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._poll())
+        cursor = {"planned": after, "finished": after}
+        try:
+            while not stopping.is_set():
+                changed = self._changed
+                for event in self.events:
+                    if event.round_id > cursor[event.kind]:
+                        cursor[event.kind] = event.round_id
+                        yield event
+                waiter = asyncio.ensure_future(changed.wait())
+                stop = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stop.cancel()
+        finally:
+            self._watchers -= 1
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self, service: CoordinatorService, config: ServerConfig, executor: Executor
+    ) -> None:
+        self.service = service
+        self.config = config
+        self.executor = executor
+        self.stopping = asyncio.Event()  # set on shutdown: ends the watch streams
+        self.watch_slots = StreamSlots(
+            "watch", config.max_watch_streams, config.max_streams_per_peer
+        )
+        self.ledger_slots = StreamSlots(
+            "ledger", config.max_ledger_streams, config.max_streams_per_peer
+        )
+        self.upload_slots = StreamSlots(
+            "upload", config.max_upload_streams, config.max_streams_per_peer
+        )
+        self.feed = RoundFeed(service, self._run)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the worker pool (store reads and writes, signature checks)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(fn, *args)
+        )
+
+    def _admit(self, context: Any, request: Any) -> None:
+        """The peer's request budget, for calls that carry no signature to check."""
+        self.service.ingest.peers.admit(context.peer(), request.ByteSize())
 
     @unary
-    def GetCoordinatorInfo(self, request, context):
+    async def GetCoordinatorInfo(self, request, context):
+        self._admit(context, request)
         return self.service.info()
 
     @unary
-    def RegisterNode(self, request, context):
-        return self.service.register(request)
+    async def RegisterNode(self, request, context):
+        return await self._run(self.service.register, request, context.peer())
 
     @unary
-    def GetNodeStatus(self, request, context):
-        return self.service.node_status(request)
+    async def GetNodeStatus(self, request, context):
+        return await self._run(self.service.node_status, request, context.peer())
 
     @unary
-    def GetInclusionProofs(self, request, context):
-        return self.service.inclusion_proofs(list(request.contribution_ids))
+    async def GetInclusionProofs(self, request, context):
+        self._admit(context, request)
+        return await self._run(self.service.inclusion_proofs, list(request.contribution_ids))
 
     @unary
-    def SubmitContribution(self, request, context):
-        receipt = self.service.submit(request, timeout=WRITE_TIMEOUT_S)
+    async def SubmitContribution(self, request, context):
+        future = await self._run(self.service.submit_async, request, context.peer())
+        receipt = await asyncio.wait_for(asyncio.wrap_future(future), WRITE_TIMEOUT_S)
         return coordinator_pb2.SubmitContributionResponse(receipt=receipt)
 
-    def WatchRounds(self, request, context):
-        cursor = {"planned": request.after_round_id, "finished": request.after_round_id}
-        while context.is_active() and not self.stopping.is_set():
-            low = min(cursor.values())
-            for event in self.service.round_events(low):
-                if event.round_id > cursor[event.kind]:
-                    cursor[event.kind] = event.round_id
-                    yield event
-            self.stopping.wait(WATCH_POLL_S)
+    async def WatchRounds(self, request, context):
+        try:
+            self._admit(context, request)
+            host = self.watch_slots.acquire(context.peer())
+        except ProtocolError as exc:
+            await _abort(context, exc)
+        try:
+            async for event in self.feed.watch(request.after_round_id, self.stopping):
+                yield event
+        finally:
+            self.watch_slots.release(host)
 
-    def GetLedger(self, request, context):
-        after = request.after_round_id
-        while True:
+    async def GetLedger(self, request, context):
+        try:
+            self._admit(context, request)
+            host = self.ledger_slots.acquire(context.peer())
+        except ProtocolError as exc:
+            await _abort(context, exc)
+        try:
+            after = request.after_round_id
+            while True:
+                try:
+                    entries = await self._run(self.service.ledger, after)
+                except Exception as exc:
+                    await _abort(context, exc)
+                if not entries:
+                    return
+                for e in entries:
+                    yield coordinator_pb2.LedgerEntry(
+                        round_id=e.round_id, record=e.record, signature=e.signature
+                    )
+                after = entries[-1].round_id
+        finally:
+            self.ledger_slots.release(host)
+
+    async def SubmitContributions(self, request_iterator, context):
+        peer = context.peer()
+        try:
+            host = self.upload_slots.acquire(peer)
+        except ProtocolError as exc:
+            await _abort(context, exc)
+        try:
+            async for item in self._upload(context, peer):
+                yield item
+        finally:
+            self.upload_slots.release(host)
+
+    async def _upload(self, context: Any, peer: str) -> AsyncIterator[coordinator_pb2.SubmitResult]:
+        """Read envelopes (with deadlines), hand each to ingest on the worker pool, and yield
+        the results in order as the store commits them."""
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[Any] = asyncio.Queue()
+        budget = asyncio.Condition()
+        in_flight = {"count": 0, "bytes": 0}
+        ended: dict[str, Any] = {}
+
+        def room(size: int) -> bool:
+            """Whether the window and the byte budget admit one more envelope of ``size``."""
+            if in_flight["count"] >= STREAM_WINDOW:
+                return False
+            return in_flight["bytes"] + size <= STREAM_BYTES or not in_flight["bytes"]
+
+        def done(index: int, cid: bytes, size: int, ok: bool, value: Any) -> None:
+            if not loop.is_closed():  # after shutdown nobody is listening
+                loop.call_soon_threadsafe(results.put_nowait, (index, cid, size, ok, value))
+
+        async def read() -> None:
+            index = 0
             try:
-                entries = self.service.ledger(after)
-            except Exception as exc:
-                a = answer(exc)
-                context.abort(a.code, a.message)
-            if not entries:
-                return
-            for e in entries:
-                yield coordinator_pb2.LedgerEntry(
-                    round_id=e.round_id, record=e.record, signature=e.signature
-                )
-            after = entries[-1].round_id
+                while True:
+                    limit = self.config.first_message_s if index == 0 else self.config.idle_s
+                    try:
+                        envelope = await asyncio.wait_for(context.read(), limit)
+                    except TimeoutError:
+                        which = "first message" if index == 0 else "next message"
+                        ended["error"] = (
+                            Code.DEADLINE_EXCEEDED,
+                            f"no {which} within {limit:g}s; the upload stream was closed",
+                        )
+                        return
+                    if envelope is grpc.aio.EOF:
+                        return
+                    size = envelope.ByteSize()
+                    async with budget:
+                        await budget.wait_for(functools.partial(room, size))
+                        in_flight["count"] += 1
+                        in_flight["bytes"] += size
+                    cid = contribution_id(envelope.payload) if envelope.payload else b""
+                    await self._run(
+                        self.service.submit_with,
+                        envelope,
+                        functools.partial(done, index, cid, size),
+                        peer,
+                    )
+                    index += 1
+            except Exception as exc:  # the client went away or the stream broke
+                logger.info("upload stream from %s ended: %s", peer_host(peer), exc)
+            finally:
+                ended["sent"] = index
+                loop.call_soon_threadsafe(results.put_nowait, None)
 
-    def SubmitContributions(
-        self, request_iterator: Iterator[envelope_pb2.SignedEnvelope], context: grpc.ServicerContext
-    ) -> Iterator[coordinator_pb2.SubmitResult]:
-        for index, cid, ok, value in self.service.ingest.stream(request_iterator):
-            yield result(index, cid, ok, value)
+        reader = asyncio.ensure_future(read())
+        answered = 0
+        try:
+            while True:
+                item = await results.get()
+                if item is None:
+                    if answered >= ended.get("sent", 0):
+                        break
+                    continue  # the reader is done; its last writes are still committing
+                index, cid, size, ok, value = item
+                answered += 1
+                async with budget:
+                    in_flight["count"] -= 1
+                    in_flight["bytes"] -= size
+                    budget.notify_all()
+                yield result(index, cid, ok, value)
+                if "sent" in ended and answered >= ended["sent"]:
+                    break
+        finally:
+            reader.cancel()
+        if "error" in ended:
+            await context.abort(*ended["error"])
 
 
 def result(index: int, cid: bytes, ok: bool, value: Any) -> coordinator_pb2.SubmitResult:

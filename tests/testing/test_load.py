@@ -22,6 +22,9 @@ def test_fifty_nodes_while_a_round_runs(make_coordinator):
         rounds={"groups": 2, "judging_error": 0.0},
         rate_limit={"contributions_per_s": 10_000.0, "burst": 10_000},
         admission={"near_duplicate_threshold": 0.0},
+        # Fifty nodes, all on this machine's one address: the per-address stream cap is
+        # for a crowd spread over many.
+        server={"max_streams_per_peer": 64},
     )
     early = [Identity.generate() for _ in range(4)]
     with coord.client() as c:

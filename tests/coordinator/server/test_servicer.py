@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from types import SimpleNamespace
 
@@ -11,6 +13,7 @@ import grpc
 import pytest
 
 from crowdsft import errors
+from crowdsft.config import ServerConfig
 from crowdsft.coordinator.server import servicer as servicer_module
 from crowdsft.coordinator.server.servicer import (
     ERROR_TABLE,
@@ -45,18 +48,25 @@ class Aborted(Exception):
 
 
 class Context:
+    """What an aio servicer method sees of a call; ``abort`` raises, as grpc's does."""
+
     trailers: tuple = ()
+
+    def peer(self):
+        return "ipv4:127.0.0.1:5000"
 
     def set_trailing_metadata(self, md):
         self.trailers = md
 
-    def abort(self, code, details):
+    async def abort(self, code, details):
         self.code, self.details = code, details
         raise Aborted
 
 
 class Raising:
-    """A service whose every call raises ``exc``."""
+    """A service whose every call raises ``exc`` (its peer limits admit everything)."""
+
+    ingest = SimpleNamespace(peers=SimpleNamespace(admit=lambda peer, size: None))
 
     def __init__(self, exc):
         self.exc = exc
@@ -83,10 +93,15 @@ def test_every_protocol_error_is_in_the_table_with_its_own_status():
 def test_unary_and_stream_answers_agree(exc, method):
     expected = answer(exc)
     ctx = Context()
-    servicer = CoordinatorServicer(Raising(exc))  # type: ignore[arg-type]
-    request = SimpleNamespace(contribution_ids=[])  # the service is a stand-in anyway
+    request = SimpleNamespace(contribution_ids=[], ByteSize=lambda: 0)  # a stand-in service
+
+    async def call():
+        with ThreadPoolExecutor(1) as pool:
+            servicer = CoordinatorServicer(Raising(exc), ServerConfig(), pool)  # type: ignore[arg-type]
+            await getattr(servicer, method)(request, ctx)
+
     with pytest.raises(Aborted):
-        getattr(servicer, method)(request, ctx)
+        asyncio.run(call())
     assert (ctx.code, ctx.details) == (expected.code, expected.message)
     trailers = dict(ctx.trailers)
 
