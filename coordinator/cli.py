@@ -251,6 +251,7 @@ def stats(config_path: Path, as_json: bool) -> None:
     from crowdsft.config import load_coordinator_config
     from crowdsft.coordinator.store.db import connect
     from crowdsft.coordinator.store.queries import stats as compute
+    from crowdsft.validation import printable
 
     config = load_coordinator_config(config_path)
     if not config.db_path.exists():
@@ -278,7 +279,7 @@ def stats(config_path: Path, as_json: bool) -> None:
         for n in data["per_node"]:
             when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(n["registered_at_ms"] / 1000))
             click.echo(
-                f"{n['node_id']:34}{n['display_name'][:17]:18}{n['contributions']:>14}"
+                f"{n['node_id']:34}{printable(n['display_name'], 16):18}{n['contributions']:>14}"
                 f"{n['examples']:>10}{n['points']:>9g}  {when}"
             )
 

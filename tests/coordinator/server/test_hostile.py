@@ -1,0 +1,295 @@
+"""One client must not freeze the coordinator for honest nodes: each defect found by probing
+the server as an attacker would, as a test (on loopback, bounded in count and time)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crowdsft.coordinator.server.app import SERVICE_NAME
+from crowdsft.coordinator.store.queries import stats
+from crowdsft.envelope import new_nonce, now_ms, sign_contribution, sign_envelope
+from crowdsft.keys import Identity
+from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
+
+
+def example(tag: str = "") -> dict[str, str]:
+    return {"prompt": f"question {tag} {new_nonce().hex()}", "response": "an answer"}
+
+
+def status_code(call, *args, **kwargs) -> grpc.StatusCode:
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def health(coord) -> int:
+    with grpc.insecure_channel(coord.address) as ch:
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+            .status
+        )
+
+
+def test_idle_streams_do_not_stop_an_honest_submit(make_coordinator, identity):
+    """Before: 64 idle calls took every worker thread, and health checks, info and every
+    submit timed out. Now waiting clients hold no thread."""
+    coord = make_coordinator(server={"max_streams_per_peer": 1000})
+    release = threading.Event()
+
+    def silent():
+        release.wait(30)
+        return
+        yield  # an upload stream that never sends
+
+    attacker = grpc.insecure_channel(coord.address)
+    stub = coordinator_pb2_grpc_stub(attacker)
+    watches = [stub.WatchRounds(coordinator_pb2.WatchRoundsRequest()) for _ in range(150)]
+    uploads = [stub.SubmitContributions(silent()) for _ in range(50)]
+    try:
+        time.sleep(0.5)  # let them all open
+        with coord.client(timeout=5) as c:
+            receipt, _ = c.submit_one(sign_contribution(identity, [example()]))
+            assert receipt.receipt
+            assert c.info().public_key == coord.public_key
+        assert health(coord) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        release.set()
+        for call in watches + uploads:
+            call.cancel()
+        attacker.close()
+
+
+def coordinator_pb2_grpc_stub(channel):
+    from crowdsft.v1 import coordinator_pb2_grpc
+
+    return coordinator_pb2_grpc.CoordinatorStub(channel)
+
+
+def test_streams_are_capped_per_peer(make_coordinator):
+    coord = make_coordinator(server={"max_streams_per_peer": 2})
+    with grpc.insecure_channel(coord.address) as ch:
+        stub = coordinator_pb2_grpc_stub(ch)
+        open_ = [stub.WatchRounds(coordinator_pb2.WatchRoundsRequest()) for _ in range(2)]
+        time.sleep(0.3)
+        third = stub.WatchRounds(coordinator_pb2.WatchRoundsRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(third))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 watch streams open" in err.value.details()
+        for call in open_:
+            call.cancel()
+
+
+def test_an_upload_stream_that_sends_nothing_is_closed(make_coordinator):
+    coord = make_coordinator(server={"first_message_s": 0.5})
+    release = threading.Event()
+
+    def silent():
+        release.wait(30)
+        return
+        yield
+
+    with grpc.insecure_channel(coord.address) as ch:
+        call = coordinator_pb2_grpc_stub(ch).SubmitContributions(silent(), timeout=20)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        release.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no first message within 0.5s" in err.value.details()
+
+
+def test_a_long_run_of_combining_marks_is_refused_before_any_normalisation(
+    coord, identity, monkeypatch
+):
+    """Before: normalising long runs of alternating combining marks was quadratic under the
+    interpreter lock (one 200 KB envelope froze every thread for 8 s)."""
+    import crowdsft.validation as validation
+
+    def forbidden(text):
+        raise AssertionError("normalised a text that should have been refused first")
+
+    monkeypatch.setattr(validation, "normalise", forbidden)
+    marks = "\u0301\u0316" * 5000  # 20 KB: under the size limit, far over the run limit
+    big = "e" + "\u0301\u0316" * 100_000  # 400 KB: over the size limit too
+    with coord.client(timeout=10) as c:
+        for text in (marks, big):
+            env = sign_contribution(identity, [{"prompt": "p", "response": text}])
+            with pytest.raises(grpc.RpcError) as err:
+                c.stub.SubmitContribution(env, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "combining marks" in err.value.details() or "bytes" in err.value.details()
+    assert coord.counts()["contributions"] == 0
+
+
+def test_error_messages_are_capped(coord, identity):
+    """Before: an envelope of 520k identical examples produced a 19.6 MB error message."""
+    many = contribution_pb2.ContributionPayload(
+        examples=[contribution_pb2.Example(prompt="a", response="b")] * 100_000,
+        nonce=new_nonce(),
+        timestamp_ms=now_ms(),
+    )
+    empty = contribution_pb2.ContributionPayload(
+        examples=[contribution_pb2.Example(prompt=" ", response=" ")] * 64,
+        nonce=new_nonce(),
+        timestamp_ms=now_ms(),
+    )
+    with coord.client(timeout=10) as c:
+        for payload in (many, empty):
+            with pytest.raises(grpc.RpcError) as err:
+                c.stub.SubmitContribution(sign_envelope(identity, payload), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert len(err.value.details()) <= 1024
+    assert "more problem" in err.value.details()
+
+
+def test_unknown_fields_are_refused(coord, identity):
+    """Before: unknown protobuf fields were stored verbatim, outside every limit."""
+    payload = (
+        contribution_pb2.ContributionPayload(
+            examples=[contribution_pb2.Example(**example())],
+            nonce=new_nonce(),
+            timestamp_ms=now_ms(),
+        ).SerializeToString()
+        + bytes([0xA0, 0x06])
+        + b"\x85\x80\x04"
+    )  # field 100, a varint
+    env = envelope_pb2.SignedEnvelope(
+        payload=payload,
+        signature=identity.sign(b"crowdsft.v1.ContributionPayload\n" + payload),
+        public_key=identity.public_key,
+    )
+    with coord.client() as c, pytest.raises(grpc.RpcError) as err:
+        c.stub.SubmitContribution(env, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fields this protocol does not define" in err.value.details()
+
+
+def test_a_node_has_a_byte_quota(make_coordinator, identity):
+    """Before: quotas counted contributions, not bytes (4 MB envelopes wrote 1.9 GB in 30 s)."""
+    coord = make_coordinator(rate_limit={"bytes_per_s": 100.0, "burst_bytes": 5000})
+    text = "x" * 1800
+    with coord.client(timeout=5) as c:
+        for _ in range(2):
+            c.stub.SubmitContribution(
+                sign_contribution(identity, [{"prompt": new_nonce().hex(), "response": text}]),
+                timeout=5,
+            )
+        with pytest.raises(grpc.RpcError) as err:
+            c.stub.SubmitContribution(
+                sign_contribution(identity, [{"prompt": new_nonce().hex(), "response": text}]),
+                timeout=5,
+            )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "byte quota" in err.value.details()
+    assert coord.counts()["contributions"] == 2
+
+
+def test_registration_and_status_calls_are_rate_limited(make_coordinator, identity):
+    """Before: RegisterNode and GetNodeStatus had no limit (24,600 junk nodes in 40 s)."""
+    coord = make_coordinator(rate_limit={"node_calls_per_s": 0.01, "node_calls_burst": 5})
+
+    def register():
+        env = sign_envelope(
+            identity, contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+        )
+        return status_code(coord_stub(coord).RegisterNode, env, timeout=5)
+
+    codes = [register() for _ in range(7)]
+    assert codes[:5] == [grpc.StatusCode.OK] * 5
+    assert codes[5:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+
+
+def coord_stub(coord):
+    return coordinator_pb2_grpc_stub(grpc.insecure_channel(coord.address))
+
+
+def test_a_peer_sending_bad_signatures_is_slowed_down(make_coordinator, identity):
+    coord = make_coordinator(rate_limit={"peer_bad_signature_burst": 10})
+    stub = coord_stub(coord)
+    forged = sign_contribution(identity, [example()])
+    forged.signature = bytes(64)
+    codes = [status_code(stub.SubmitContribution, forged, timeout=5) for _ in range(12)]
+    assert codes[:10] == [grpc.StatusCode.UNAUTHENTICATED] * 10
+    assert set(codes[10:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # Refused unverified now, honest envelopes from the same address included, until the
+    # allowance refills (another address is not affected: bench/hostile.py shows it).
+    good = sign_contribution(identity, [example()])
+    assert (
+        status_code(stub.SubmitContribution, good, timeout=5) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+
+
+def test_nonces_are_pruned_while_serving(make_coordinator, identity):
+    """Before: nonces were pruned only when the coordinator started."""
+    coord = make_coordinator(protocol={"timestamp_window_s": 1})
+    with coord.client(timeout=5) as c:
+        c.submit_one(sign_contribution(identity, [example()]))
+    assert coord.counts()["nonces"] == 1
+    deadline = time.monotonic() + 15
+    while coord.counts()["nonces"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert coord.counts()["nonces"] == 0
+    assert coord.counts()["contributions"] == 1
+
+
+def test_a_full_disk_answers_resource_exhausted_and_health_says_not_serving(coord, identity):
+    """Before: a full disk returned INTERNAL (not retried by nodes), health stayed SERVING,
+    and the accepted counter counted what was never stored."""
+    store = coord.coordinator.store
+    pages = store.query("PRAGMA page_count")[0][0]
+    store.write(lambda conn: conn.execute(f"PRAGMA max_page_count={pages}"))
+    stub = coord_stub(coord)
+    filler = "x" * 30_000  # more than the free pages can hold
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SubmitContribution(
+            sign_contribution(identity, [{"prompt": "p", "response": filler}]), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "disk is full" in err.value.details()
+    assert "crowdsft-retry-after-ms" in dict(err.value.trailing_metadata())
+    assert health(coord) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert coord.coordinator.service.counters.accepted == 0
+
+    store.write(lambda conn: conn.execute("PRAGMA max_page_count=1073741823"))
+    stub.SubmitContribution(
+        sign_contribution(identity, [{"prompt": "p", "response": filler}]), timeout=10
+    )
+    assert health(coord) == health_pb2.HealthCheckResponse.SERVING
+    assert coord.coordinator.service.counters.accepted == 1
+
+
+def test_display_names_with_control_characters_are_refused_and_old_ones_escaped(coord, identity):
+    """Before: names with newlines or escape codes forged log lines and broke the stats table."""
+    stub = coord_stub(coord)
+    env = sign_envelope(
+        identity,
+        contribution_pb2.RegisterPayload(
+            nonce=new_nonce(), timestamp_ms=now_ms(), display_name="eve\n12:00 INFO fake"
+        ),
+    )
+    assert status_code(stub.RegisterNode, env, timeout=5) == grpc.StatusCode.INVALID_ARGUMENT
+    # A name stored before this rule is shown escaped by `coordinator stats`.
+    other = Identity.generate()
+    coord.coordinator.store.write(
+        lambda conn: conn.execute(
+            "INSERT INTO nodes(node_id, public_key, display_name, registered_at_ms) "
+            "VALUES (?, ?, ?, 0)",
+            (other.node_id, other.public_key, "mallory\x1b[31m\nred"),
+        )
+    )
+    from click.testing import CliRunner
+
+    from crowdsft.cli import main
+
+    out = CliRunner().invoke(main, ["coordinator", "stats", "--config", str(coord.config.path)])
+    assert out.exit_code == 0, out.output
+    assert "\x1b" not in out.output and "mallory\\x1b[31m" in out.output
+    assert stats(coord.coordinator.store.reader())["nodes"] == 1
