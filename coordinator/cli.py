@@ -207,6 +207,10 @@ def serve(config_path: Path, listen: str | None) -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    warning = open_admission_warning(config)
+    if warning:
+        click.echo(warning, err=True)
+        logger.warning(" ".join(warning.split()))
     coord = Coordinator(config).start()
     auto = _auto_rounds(config, coord)
     click.echo(f"serving on {coord.address}; press Ctrl-C to stop", err=True)
@@ -215,6 +219,31 @@ def serve(config_path: Path, listen: str | None) -> None:
     finally:
         auto.close()
         coord.stop()
+
+
+def open_admission_warning(config) -> str | None:
+    """A warning for open admission on an address other machines can reach (None if not)."""
+    import ipaddress
+
+    from crowdsft.config import parse_hostport
+
+    if config.admission.policy != "open":
+        return None
+    host, _ = parse_hostport(config.server.listen)
+    host = host.strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    return (
+        f"WARNING: serving {config.server.listen} to the network with open admission. Anyone "
+        "can create node keys for free: per-address limits slow a single machine down, but a "
+        "crowd of fake nodes from many addresses (a Sybil attack) can still submit and earn "
+        'points. For a public coordinator, admit by invitation (admission.policy = "invite", '
+        'tokens from `crowdsft coordinator invite`) or by allowlist (policy = "allowlist").'
+    )
 
 
 def _auto_rounds(config, coord):

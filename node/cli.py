@@ -338,55 +338,76 @@ def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> 
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 def watch(address: str, after: int, count: int, as_json: bool) -> None:
     """Follow the coordinator's fine-tuning rounds live."""
-    import json as jsonlib
+    import time
 
     import grpc
 
     from crowdsft.errors import CoordinatorError
 
     seen = 0
+    cursor = {"planned": after, "finished": after}
+    reconnects = 0
     with _client(address) as client:
-        stream = client.watch_rounds(after, timeout=None)
-        try:
-            for ev in stream:
-                info = {
-                    "round_id": ev.round_id,
-                    "kind": ev.kind,
-                    "groups": ev.groups,
-                    "contributors": ev.contributors,
-                }
-                if ev.kind == "finished":
-                    info |= {
-                        "scores": list(ev.scores),
-                        "base_score": ev.base_score,
-                        "updated": ev.updated,
-                        "winner": ev.winner,
-                    }
-                if as_json:
-                    click.echo(jsonlib.dumps(info))
-                elif ev.kind == "planned":
-                    click.echo(
-                        f"round {ev.round_id}: {ev.contributors} contributors in "
-                        f"{ev.groups} groups, training"
-                    )
-                else:
-                    scores = ", ".join(f"{x:.4f}" for x in ev.scores)
-                    result = (
-                        f"group {ev.winner} won"
-                        if ev.updated
-                        else "no candidate beat the current model"
-                    )
-                    click.echo(f"round {ev.round_id}: finished, scores [{scores}], {result}")
-                seen += 1
-                if count and seen >= count:
-                    stream.cancel()
-                    break
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
+        while True:
+            # Resume after what was shown: the coordinator closes old connections now and
+            # then (server.max_connection_age_s), and restarts; the watch goes on.
+            stream = client.watch_rounds(min(cursor.values()), timeout=None)
+            try:
+                for ev in stream:
+                    if ev.round_id <= cursor[ev.kind]:
+                        continue  # shown before the reconnect
+                    cursor[ev.kind] = ev.round_id
+                    reconnects = 0
+                    _show_event(ev, as_json)
+                    seen += 1
+                    if count and seen >= count:
+                        stream.cancel()
+                        return
+                # The coordinator ended the stream (it shut down): reconnect as below.
+                failure = ("UNAVAILABLE", "the coordinator closed the stream")
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.CANCELLED:
+                    return
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise CoordinatorError(
+                        f"watching {address} failed: {code.name}: {err.details()}", code.name
+                    ) from None
+                failure = (code.name, err.details())
+            if reconnects >= client.backoff.attempts:
                 raise CoordinatorError(
-                    f"watching {address} failed: {err.code().name}: {err.details()}",
-                    err.code().name,
-                ) from None
+                    f"watching {address} failed: {failure[0]}: {failure[1]}", failure[0]
+                )
+            time.sleep(client.backoff.delay(reconnects))
+            reconnects += 1
+
+
+def _show_event(ev, as_json: bool) -> None:
+    import json as jsonlib
+
+    info = {
+        "round_id": ev.round_id,
+        "kind": ev.kind,
+        "groups": ev.groups,
+        "contributors": ev.contributors,
+    }
+    if ev.kind == "finished":
+        info |= {
+            "scores": list(ev.scores),
+            "base_score": ev.base_score,
+            "updated": ev.updated,
+            "winner": ev.winner,
+        }
+    if as_json:
+        click.echo(jsonlib.dumps(info))
+    elif ev.kind == "planned":
+        click.echo(
+            f"round {ev.round_id}: {ev.contributors} contributors in {ev.groups} groups, training"
+        )
+    else:
+        scores = ", ".join(f"{x:.4f}" for x in ev.scores)
+        result = f"group {ev.winner} won" if ev.updated else "no candidate beat the current model"
+        click.echo(f"round {ev.round_id}: finished, scores [{scores}], {result}")
 
 
 @node.command()

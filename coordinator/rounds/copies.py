@@ -9,6 +9,7 @@ the same ones.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,20 +73,33 @@ def near_duplicates(
 @dataclass
 class EmbeddingCache:
     """Unit-length embeddings by text, so that each text is embedded once per runner (rounds
-    compare new examples with every earlier one)."""
+    compare new examples with every earlier one). Bounded: past ``max_texts`` the texts used
+    least recently are forgotten (embedded again if they come back), so a flood of junk
+    cannot grow the planner's memory without end."""
 
     embed: Callable[[list[str]], object]
+    max_texts: int = 200_000
 
     def __post_init__(self) -> None:
-        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._vectors)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        new = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        wanted = list(dict.fromkeys(texts))
+        new = [t for t in wanted if t not in self._vectors]
+        found: dict[str, np.ndarray] = {t: self._vectors[t] for t in wanted if t in self._vectors}
         if new:
             vectors = np.asarray(self.embed(new), dtype=float)
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            self._vectors.update(zip(new, vectors, strict=True))
-        return np.stack([self._vectors[t] for t in texts])
+            found.update(zip(new, vectors, strict=True))
+        for t in wanted:
+            self._vectors[t] = found[t]
+            self._vectors.move_to_end(t)
+        while len(self._vectors) > self.max_texts:
+            self._vectors.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
 
 def flag_rows(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import grpc
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -173,3 +174,22 @@ def test_examples_stored_before_copy_checks_are_fingerprinted_at_start(coord):
     with coord.client() as c:
         err = rejected(c.stub, envelope(bob, ("old question", "old answer")))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_the_embedding_cache_is_bounded_and_embeds_each_text_once_while_held():
+    from crowdsft.coordinator.rounds.copies import EmbeddingCache
+
+    calls = []
+
+    def embed(texts):
+        calls.append(list(texts))
+        return np.array([[len(t), 1.0] for t in texts])
+
+    cache = EmbeddingCache(embed, max_texts=3)
+    first = cache(["a", "bb", "a"])
+    assert calls == [["a", "bb"]] and first.shape == (3, 2)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0)
+    cache(["bb", "ccc", "dddd"])  # "a" is the least recently used: forgotten
+    assert len(cache) == 3 and calls[-1] == ["ccc", "dddd"]
+    cache(["a"])
+    assert calls[-1] == ["a"]

@@ -293,3 +293,33 @@ def test_display_names_with_control_characters_are_refused_and_old_ones_escaped(
     assert out.exit_code == 0, out.output
     assert "\x1b" not in out.output and "mallory\\x1b[31m" in out.output
     assert stats(coord.coordinator.store.reader())["nodes"] == 1
+
+
+@pytest.mark.parametrize(
+    ("listen", "policy", "warned"),
+    [
+        ("127.0.0.1:50051", "open", False),
+        ("[::1]:50051", "open", False),
+        ("localhost:50051", "open", False),
+        ("0.0.0.0:50051", "open", True),
+        ("[::]:50051", "open", True),
+        ("coordinator.example.org:50051", "open", True),
+        ("0.0.0.0:50051", "invite", False),
+        ("0.0.0.0:50051", "allowlist", False),
+    ],
+)
+def test_open_admission_on_a_public_address_is_warned_about(listen, policy, warned):
+    import dataclasses
+
+    from crowdsft.config import AdmissionConfig, CoordinatorConfig, ServerConfig
+    from crowdsft.coordinator.cli import open_admission_warning
+
+    config = dataclasses.replace(
+        CoordinatorConfig(),
+        server=ServerConfig(listen=listen),
+        admission=AdmissionConfig(policy=policy),
+    )
+    warning = open_admission_warning(config)
+    assert bool(warning) == warned
+    if warned:
+        assert "Sybil" in warning and "invite" in warning and "allowlist" in warning
