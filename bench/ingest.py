@@ -109,7 +109,19 @@ def _coordinator_server(ready, stop, root: str) -> None:
     config = load_coordinator_config(init_coordinator(Path(root), listen="127.0.0.1:0"))
     config = dataclasses.replace(
         config,
-        rate_limit=dataclasses.replace(config.rate_limit, contributions_per_s=1e9, burst=10**9),
+        # Capacity, not limits, is measured: every client is on this machine's one address.
+        rate_limit=dataclasses.replace(
+            config.rate_limit,
+            contributions_per_s=1e9,
+            burst=10**9,
+            bytes_per_s=1e12,
+            burst_bytes=10**12,
+            peer_requests_per_s=1e9,
+            peer_burst=10**9,
+            peer_bytes_per_s=1e12,
+            peer_burst_bytes=10**12,
+        ),
+        server=dataclasses.replace(config.server, max_streams_per_peer=10_000),
     )
     coord = Coordinator(config).start()
     ready.put(coord.port)

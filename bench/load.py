@@ -50,8 +50,10 @@ def main() -> int:
         # Every node runs on this machine's one address: lift the per-address limits, which
         # are for a crowd spread over many.
         text = text.replace("max_streams_per_peer = 32", "max_streams_per_peer = 1024")
-        text = text.replace("peer_requests_per_s = 2000.0", "peer_requests_per_s = 1000000.0")
-        path.write_text(text.replace("peer_burst = 10000", "peer_burst = 1000000"))
+        text = text.replace("peer_requests_per_s = 200.0", "peer_requests_per_s = 1000000.0")
+        text = text.replace("peer_bytes_per_s = 2097152.0", "peer_bytes_per_s = 1e12")
+        text = text.replace("peer_burst_bytes = 16777216", "peer_burst_bytes = 1000000000000")
+        path.write_text(text.replace("peer_burst = 2000", "peer_burst = 1000000"))
         process = Process(path, args.step_delay, root / "coordinator.log")
         process.start()
         try:

@@ -131,15 +131,15 @@ class RateLimitConfig:
     burst: int = 500
     # ... and bytes of signed payload per node.
     bytes_per_s: float = 1_048_576.0
-    burst_bytes: int = 16 * 1_048_576
+    burst_bytes: int = 8 * 1_048_576
     # Registration and status calls per node.
     node_calls_per_s: float = 1.0
     node_calls_burst: int = 20
     # Per peer address, before any signature is checked: requests and bytes per second ...
-    peer_requests_per_s: float = 2000.0
-    peer_burst: int = 10_000
-    peer_bytes_per_s: float = 8 * 1_048_576.0
-    peer_burst_bytes: int = 64 * 1_048_576
+    peer_requests_per_s: float = 200.0
+    peer_burst: int = 2000
+    peer_bytes_per_s: float = 2 * 1_048_576.0
+    peer_burst_bytes: int = 16 * 1_048_576
     # ... and requests with a bad signature: past this allowance the peer is refused before
     # verification until it refills.
     peer_bad_signatures_per_s: float = 1.0
@@ -456,19 +456,20 @@ max_message_bytes = 4194304
 # Per node token bucket: sustained contributions per second, and the burst allowed at once.
 contributions_per_s = 50.0
 burst = 500
-# Per node: bytes of signed contributions per second, and the burst (16 MiB).
+# Per node: bytes of signed contributions per second, and the burst (8 MiB).
 bytes_per_s = 1048576.0
-burst_bytes = 16777216
+burst_bytes = 8388608
 # Per node: registration and status calls per second, and the burst.
 node_calls_per_s = 1.0
 node_calls_burst = 20
 # Per peer address, checked before any signature: requests per second and their burst,
-# bytes per second and their burst (64 MiB), and requests with bad signatures allowed before
-# the peer is refused unverified until the allowance refills.
-peer_requests_per_s = 2000.0
-peer_burst = 10000
-peer_bytes_per_s = 8388608.0
-peer_burst_bytes = 67108864
+# bytes per second and their burst (16 MiB), and requests with bad signatures allowed before
+# the peer is refused unverified until the allowance refills. Nodes behind one address (a
+# NAT, a lab) share these: raise them for such a crowd.
+peer_requests_per_s = 200.0
+peer_burst = 2000
+peer_bytes_per_s = 2097152.0
+peer_burst_bytes = 16777216
 peer_bad_signatures_per_s = 1.0
 peer_bad_signature_burst = 50
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -92,9 +92,13 @@ class Verified:
 
 
 def verify_envelope(
-    envelope: envelope_pb2.SignedEnvelope, message_type: type[M]
+    envelope: envelope_pb2.SignedEnvelope,
+    message_type: type[M],
+    precheck: Callable[[bytes], None] | None = None,
 ) -> tuple[Verified, M]:
     """Verify the signature over the exact payload bytes, then (and only then) parse them.
+    ``precheck(payload)`` runs between the two, for cheap checks on the wire bytes that spare
+    parsing what would be refused anyway.
 
     Raises AuthenticationError for a missing or wrong-length key or a bad signature, and
     InvalidPayloadError for bytes that do not parse as ``message_type``.
@@ -114,6 +118,8 @@ def verify_envelope(
             f"signature does not verify for this payload and public key "
             f"(expected a {message_type.DESCRIPTOR.full_name} signed by the key's owner)"
         )
+    if precheck is not None:
+        precheck(envelope.payload)
     message = message_type()
     try:
         message.ParseFromString(envelope.payload)

@@ -143,6 +143,47 @@ def example_problems(
     return problems
 
 
+def count_field(data: bytes, number: int, stop_after: int) -> int:
+    """How many times top-level field ``number`` occurs in protobuf wire bytes, counting no
+    further than ``stop_after`` (malformed bytes count as what was read so far: the parser
+    will say what is wrong). Reads tags and skips values: no message is built."""
+    i, n, count = 0, len(data), 0
+
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while i < n:
+            b = data[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return value, i
+            shift += 7
+            if shift > 63:
+                break
+        raise ValueError("bad varint")
+
+    try:
+        while i < n and count < stop_after:
+            tag, i = varint(i)
+            field, wire = tag >> 3, tag & 7
+            if field == number:
+                count += 1
+            if wire == 0:
+                _, i = varint(i)
+            elif wire == 1:
+                i += 8
+            elif wire == 2:
+                length, i = varint(i)
+                i += length
+            elif wire == 5:
+                i += 4
+            else:
+                break
+    except ValueError:
+        pass
+    return count
+
+
 def payload_problems(payload: contribution_pb2.ContributionPayload, limits: Limits) -> list[str]:
     """What is wrong with a contribution payload (everything but signature, time and nonce
     reuse), as messages (empty when it is fine)."""

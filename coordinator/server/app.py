@@ -19,6 +19,7 @@ from crowdsft.keys import Identity, load_private_key, passphrase_from_env
 from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from ..store.db import Store
+from . import memory
 from .service import CoordinatorService, prune_nonces
 from .servicer import CoordinatorServicer
 
@@ -130,9 +131,17 @@ class Coordinator:
         return port
 
     async def _start(self) -> None:
+        memory.fix_mmap_threshold()
         await self.server.start()
         await self._set_health(True)
         self._tasks.append(asyncio.ensure_future(self._prune_nonces()))
+        self._tasks.append(asyncio.ensure_future(self._trim_memory()))
+
+    async def _trim_memory(self, every_s: float = 10.0) -> None:
+        """Give freed memory back to the system now and then (see ``memory``)."""
+        while True:
+            await asyncio.sleep(every_s)
+            await asyncio.get_running_loop().run_in_executor(self._executor, memory.trim)
 
     async def _set_health(self, serving: bool) -> None:
         status = (
@@ -186,6 +195,7 @@ class Coordinator:
         await self._health.enter_graceful_shutdown()
         self._servicer.stopping.set()
         await self.server.stop(grace)
+        self._servicer.feed.close()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish within ``grace`` seconds, commit what is

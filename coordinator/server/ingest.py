@@ -28,6 +28,7 @@ from crowdsft.plugins.manager import Plugins
 from crowdsft.v1 import contribution_pb2, envelope_pb2
 from crowdsft.validation import (
     check_payload,
+    count_field,
     example_dicts,
     fingerprints,
     printable,
@@ -40,6 +41,8 @@ from ..store.db import BatchOp, Done, Store
 from .ratelimit import PeerLimiter, RateLimiter
 
 logger = logging.getLogger(__name__)
+
+EXAMPLES_FIELD = contribution_pb2.ContributionPayload.DESCRIPTOR.fields_by_name["examples"].number
 
 
 @dataclass
@@ -89,7 +92,9 @@ class Ingest:
         """Check a contribution, cheapest first, and return its durable write, not yet
         queued; raise ProtocolError (nothing written) at the first check that fails:
 
-        1. the peer's own limits (requests, bytes, bad signatures), before any verification;
+        1. the peer's own limits (requests, bytes, bad signatures), before any verification
+           (the servicer checks them on its event loop, before a worker is involved; ``peer``
+           here only charges a bad signature to it);
         2. the signature (a bad one counts against the peer);
         3. admission and the node's rate and byte limits (only now is the key proven, so
            nobody can spend another node's budget);
@@ -97,10 +102,10 @@ class Ingest:
            example) for repeats and copies; the validation plugins last.
         """
         try:
-            if peer:
-                self.peers.admit(peer, envelope.ByteSize())
             try:
-                verified, payload = verify_envelope(envelope, contribution_pb2.ContributionPayload)
+                verified, payload = verify_envelope(
+                    envelope, contribution_pb2.ContributionPayload, self._count_examples
+                )
             except AuthenticationError:
                 if peer:
                     self.peers.bad_signature(peer)
@@ -126,6 +131,14 @@ class Ingest:
             ts_ms=payload.timestamp_ms,
             fingerprints=tuple(checked.fingerprints) if self.copy_checks else (),
         )
+
+    def _count_examples(self, payload: bytes) -> None:
+        """Refuse a payload with too many examples from its wire bytes, before parsing it."""
+        most = self.limits.max_examples_per_contribution
+        if count_field(payload, EXAMPLES_FIELD, most + 1) > most:
+            raise InvalidPayloadError(
+                f"contribution has more than {most} examples; the limit is {most}"
+            )
 
     def _count(self, ok: bool, value: Any) -> None:
         """Count what the store committed (called after the commit)."""
@@ -153,6 +166,16 @@ class Ingest:
         except ProtocolError as exc:
             op = _Failed(exc)
         self.store.submit_with(op, counted)
+
+    def reject(self, exc: ProtocolError, done: Done) -> None:
+        """Answer a contribution refused before any work (the peer's limits) through the
+        writer all the same, so that a stream's results keep their order."""
+
+        def counted(ok: bool, value: Any) -> None:
+            self._count(ok, value)
+            done(ok, value)
+
+        self.store.submit_with(_Failed(exc), counted)
 
     def submit_future(
         self, envelope: envelope_pb2.SignedEnvelope, peer: str = ""

@@ -108,12 +108,10 @@ class CoordinatorService:
         peer: str = "",
         check_admission: bool = True,
     ):
-        """A signed request other than a contribution: the peer's limits first, then the
-        signature (a bad one counts against the peer), then the node's own call budget,
-        admission, unknown fields, the nonce's shape and the time."""
+        """A signed request other than a contribution (the servicer has checked the peer's
+        limits): the signature (a bad one counts against ``peer``), then the node's own call
+        budget, admission, unknown fields, the nonce's shape and the time."""
         peers = self.ingest.peers
-        if peer:
-            peers.admit(peer, envelope.ByteSize())
         try:
             verified, payload = verify_envelope(envelope, message_type)
         except AuthenticationError:

@@ -216,11 +216,17 @@ class RoundFeed:
                         yield event
                 waiter = asyncio.ensure_future(changed.wait())
                 stop = asyncio.ensure_future(stopping.wait())
-                await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stop.cancel()
+                try:
+                    await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    stop.cancel()
         finally:
             self._watchers -= 1
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -249,7 +255,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
 
     def _admit(self, context: Any, request: Any) -> None:
-        """The peer's request budget, for calls that carry no signature to check."""
+        """The peer's budget (requests, bytes, bad signatures), checked here on the event
+        loop before any worker, signature or store is involved."""
         self.service.ingest.peers.admit(context.peer(), request.ByteSize())
 
     @unary
@@ -259,10 +266,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @unary
     async def RegisterNode(self, request, context):
+        self._admit(context, request)
         return await self._run(self.service.register, request, context.peer())
 
     @unary
     async def GetNodeStatus(self, request, context):
+        self._admit(context, request)
         return await self._run(self.service.node_status, request, context.peer())
 
     @unary
@@ -272,6 +281,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @unary
     async def SubmitContribution(self, request, context):
+        self._admit(context, request)
         future = await self._run(self.service.submit_async, request, context.peer())
         receipt = await asyncio.wait_for(asyncio.wrap_future(future), WRITE_TIMEOUT_S)
         return coordinator_pb2.SubmitContributionResponse(receipt=receipt)
@@ -364,12 +374,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                         in_flight["count"] += 1
                         in_flight["bytes"] += size
                     cid = contribution_id(envelope.payload) if envelope.payload else b""
-                    await self._run(
-                        self.service.submit_with,
-                        envelope,
-                        functools.partial(done, index, cid, size),
-                        peer,
-                    )
+                    answered = functools.partial(done, index, cid, size)
+                    try:
+                        self.service.ingest.peers.admit(peer, size)
+                    except ProtocolError as exc:
+                        self.service.ingest.reject(exc, answered)
+                    else:
+                        await self._run(self.service.submit_with, envelope, answered, peer)
                     index += 1
             except Exception as exc:  # the client went away or the stream broke
                 logger.info("upload stream from %s ended: %s", peer_host(peer), exc)

@@ -20,7 +20,14 @@ from crowdsft.v1 import contribution_pb2
 def test_fifty_nodes_while_a_round_runs(make_coordinator):
     coord = make_coordinator(
         rounds={"groups": 2, "judging_error": 0.0},
-        rate_limit={"contributions_per_s": 10_000.0, "burst": 10_000},
+        rate_limit={
+            "contributions_per_s": 10_000.0,
+            "burst": 10_000,
+            "peer_requests_per_s": 1e6,
+            "peer_burst": 1_000_000,
+            "peer_bytes_per_s": 1e12,
+            "peer_burst_bytes": 10**12,
+        },
         admission={"near_duplicate_threshold": 0.0},
         # Fifty nodes, all on this machine's one address: the per-address stream cap is
         # for a crowd spread over many.

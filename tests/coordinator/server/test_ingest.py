@@ -173,7 +173,7 @@ def test_duplicate_returns_original_receipt(coord, identity):
         (lambda: payload(prompt=""), "examples[0].prompt is empty"),
         (lambda: payload(response="   "), "examples[0].response is empty"),
         (lambda: payload(response="x" * 40_000), "examples[0].response is 40000 bytes"),
-        (lambda: payload(65), "contribution has 65 examples; the limit is 64"),
+        (lambda: payload(65), "contribution has more than 64 examples; the limit is 64"),
         (lambda: payload(0), "contribution has no examples"),
         (lambda: payload(nonce=b"short"), "nonce has 5 bytes"),
         (lambda: payload(ts=0), "timestamp_ms is missing"),

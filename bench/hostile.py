@@ -1,0 +1,377 @@
+"""A hostile client against a live coordinator, on loopback only: each attack found by probing
+the server, bounded in count and time, while an honest node keeps submitting; prints the
+honest node's latency and success under each attack beside a baseline measured in the same
+run, and the server's memory.
+
+    python bench/hostile.py [--seconds 8] [--attacks idle-streams,sybil,...] [--json]
+
+The coordinator runs as its own process serving ``[::]:PORT``. The honest node connects over
+IPv6 loopback (``[::1]``) and the attacker, a separate process, over IPv4 loopback
+(``127.0.0.1``): two peer addresses, as two machines would be, so that per-address limits
+apply to the attacker alone. All three share this machine's cores, so CPU-heavy floods slow
+the honest node by contention as well as through the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ATTACKS = (
+    "idle-streams",
+    "combining-marks",
+    "huge-envelopes",
+    "many-examples",
+    "unknown-fields",
+    "sybil",
+    "bad-signatures",
+    "register-flood",
+    "control-characters",
+)
+
+
+# -- the attacker (runs in its own process: `hostile.py --attack NAME --target ADDR`) -------
+
+
+def _stub(target: str):
+    import grpc
+
+    from crowdsft.v1 import coordinator_pb2_grpc
+
+    channel = grpc.insecure_channel(
+        target,
+        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.enable_retries", 0)],
+    )
+    return channel, coordinator_pb2_grpc.CoordinatorStub(channel)
+
+
+def _code(call, *args) -> str:
+    import grpc
+
+    try:
+        call(*args, timeout=30)
+        return "OK"
+    except grpc.RpcError as err:
+        return err.code().name
+
+
+def attack(name: str, target: str, seconds: float, count: int) -> dict:
+    """Run one attack; returns what the server answered, by status."""
+    import grpc
+
+    from crowdsft.envelope import new_nonce, now_ms, sign_contribution, sign_envelope
+    from crowdsft.keys import Identity
+    from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
+
+    rng = random.Random(0)
+    channel, stub = _stub(target)
+    codes: Counter[str] = Counter()
+    deadline = time.monotonic() + seconds
+    me = Identity.generate()
+
+    def text(n: int) -> str:
+        return "".join(rng.choice("abcdefghij ") for _ in range(n))
+
+    def until(n: int):
+        for i in range(n):
+            if time.monotonic() > deadline:
+                return
+            yield i
+
+    if name == "idle-streams":
+        release = threading.Event()
+
+        def silent():
+            release.wait(seconds + 5)
+            return
+            yield
+
+        calls = [stub.WatchRounds(coordinator_pb2.WatchRoundsRequest()) for _ in range(200)]
+        calls += [stub.SubmitContributions(silent()) for _ in range(100)]
+        time.sleep(seconds)
+        release.set()
+        for c in calls:
+            c.cancel()
+        codes["streams opened"] = len(calls)
+    elif name == "combining-marks":
+        for i in until(count):
+            size = 100_000 if i % 2 else 15_000  # over the size limit, and under it
+            env = sign_contribution(
+                me, [{"prompt": f"p{i}", "response": "e" + "\u0301\u0316" * size}]
+            )
+            codes[_code(stub.SubmitContribution, env)] += 1
+    elif name == "huge-envelopes":
+        for _i in until(count):
+            examples = [{"prompt": text(30_000), "response": text(30_000)} for _ in range(64)]
+            codes[_code(stub.SubmitContribution, sign_contribution(me, examples))] += 1
+    elif name == "many-examples":
+        payload = contribution_pb2.ContributionPayload(
+            examples=[contribution_pb2.Example(prompt="a", response="b")] * 200_000,
+            nonce=new_nonce(),
+            timestamp_ms=now_ms(),
+        )
+        for _i in until(count):
+            payload.nonce = new_nonce()
+            codes[_code(stub.SubmitContribution, sign_envelope(me, payload))] += 1
+    elif name == "unknown-fields":
+        for i in until(count):
+            payload = contribution_pb2.ContributionPayload(
+                examples=[contribution_pb2.Example(prompt=f"q{i} {text(20)}", response="r")],
+                nonce=new_nonce(),
+                timestamp_ms=now_ms(),
+            ).SerializeToString()
+            junk = os.urandom(1 << 20)
+            payload += b"\xa2\x06" + _varint(len(junk)) + junk  # field 100, bytes
+            env = envelope_pb2.SignedEnvelope(
+                payload=payload,
+                signature=me.sign(b"crowdsft.v1.ContributionPayload\n" + payload),
+                public_key=me.public_key,
+            )
+            codes[_code(stub.SubmitContribution, env)] += 1
+    elif name == "sybil":
+        keys = [Identity.generate() for _ in range(50)]
+        lock = threading.Lock()
+
+        def flood(ident: Identity) -> None:
+            for i in until(count // len(keys)):
+                env = sign_contribution(
+                    ident, [{"prompt": f"{ident.node_id} {i} {text(8)}", "response": text(40)}]
+                )
+                code = _code(stub.SubmitContribution, env)
+                with lock:
+                    codes[code] += 1
+
+        threads = [threading.Thread(target=flood, args=(k,)) for k in keys]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    elif name == "bad-signatures":
+        env = sign_contribution(me, [{"prompt": "forged", "response": "forged"}])
+        env.signature = bytes(64)
+        for _i in until(count):
+            codes[_code(stub.SubmitContribution, env)] += 1
+    elif name == "register-flood":
+        for i in until(count):
+            ident = me if i % 2 else Identity.generate()
+            reg = sign_envelope(
+                ident, contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+            )
+            codes["register " + _code(stub.RegisterNode, reg)] += 1
+            status = sign_envelope(
+                me, contribution_pb2.StatusRequestPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+            )
+            codes["status " + _code(stub.GetNodeStatus, status)] += 1
+    elif name == "control-characters":
+        for i in until(count):
+            reg = sign_envelope(
+                Identity.generate(),
+                contribution_pb2.RegisterPayload(
+                    nonce=new_nonce(),
+                    timestamp_ms=now_ms(),
+                    display_name=f"eve{i}\n12:00:00 INFO forged line\x1b[2J",
+                ),
+            )
+            codes[_code(stub.RegisterNode, reg)] += 1
+    else:
+        raise SystemExit(f"unknown attack {name!r}")
+    channel.close()
+    del grpc
+    return dict(codes)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+# -- the honest node and the coordinator ------------------------------------------------------
+
+
+class Honest(threading.Thread):
+    """Submits one contribution of 5 examples every ``pace_s`` until stopped; records each
+    call's latency and whether it came back with a receipt."""
+
+    def __init__(self, target: str, pace_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        from crowdsft.keys import Identity
+        from crowdsft.node.client import Backoff, CoordinatorClient
+
+        self.client = CoordinatorClient(
+            target, timeout=30, backoff=Backoff(base=0.05, cap=1.0, attempts=10)
+        )
+        self.identity = Identity.generate()
+        self.pace_s = pace_s
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, bool]] = []
+        self.n = 0
+
+    def run(self) -> None:
+        from crowdsft.envelope import sign_contribution
+
+        while not self.stop.is_set():
+            self.n += 1
+            examples = [
+                {"prompt": f"honest {self.identity.node_id} {self.n}.{k}", "response": "fine"}
+                for k in range(5)
+            ]
+            t = time.perf_counter()
+            try:
+                receipt, _ = self.client.submit_one(sign_contribution(self.identity, examples))
+                ok = bool(receipt.receipt)
+            except Exception:
+                ok = False
+            self.samples.append((time.perf_counter() - t, ok))
+            self.stop.wait(self.pace_s)
+
+    def window(self) -> list[tuple[float, bool]]:
+        out, self.samples = self.samples, []
+        return out
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def summary(samples: list[tuple[float, bool]]) -> dict:
+    lat = sorted(s for s, _ in samples)
+    if not lat:
+        return {"calls": 0, "ok": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+    return {
+        "calls": len(samples),
+        "ok": sum(ok for _, ok in samples),
+        "p50_ms": round(1000 * statistics.median(lat), 1),
+        "p99_ms": round(1000 * p99, 1),
+        "max_ms": round(1000 * lat[-1], 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="per attack and baseline")
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--count", type=int, default=20_000, help="most requests per attack")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--attack", help=argparse.SUPPRESS)  # the attacker process
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.attack:
+        print(json.dumps(attack(args.attack, args.target, args.seconds, args.count)))
+        return 0
+
+    from crowdsft.coordinator.server.app import wait_ready
+    from crowdsft.coordinator.server.scaffold import init_coordinator
+
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::", 0))
+        port = s.getsockname()[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = init_coordinator(Path(tmp) / "coordinator", listen=f"[::]:{port}")
+        log = open(Path(tmp) / "coordinator.log", "wb")  # noqa: SIM115
+        server = subprocess.Popen(
+            [sys.executable, "-m", "crowdsft.cli", "coordinator", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            wait_ready(f"[::1]:{port}", timeout=60)
+            honest = Honest(f"[::1]:{port}")
+            honest.start()
+            time.sleep(1.0)
+            honest.window()  # warm-up
+            time.sleep(args.seconds)
+            base = summary(honest.window())
+            base_rss = rss_mb(server.pid)
+            rows.append({"attack": "baseline (none)", **base, "rss_mb": round(base_rss, 1)})
+            if not args.json:
+                print(f"baseline: {base} server RSS {base_rss:.0f} MB", flush=True)
+            for name in [a for a in args.attacks.split(",") if a]:
+                attacker = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--attack",
+                        name,
+                        "--target",
+                        f"127.0.0.1:{port}",
+                        "--seconds",
+                        str(args.seconds),
+                        "--count",
+                        str(args.count),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.seconds * 10 + 120,
+                )
+                during = summary(honest.window())
+                peak = rss_mb(server.pid)
+                time.sleep(3.0)
+                honest.window()
+                after = rss_mb(server.pid)
+                answered = (
+                    json.loads(attacker.stdout.strip().splitlines()[-1])
+                    if attacker.returncode == 0
+                    else {"attacker failed": attacker.stderr.strip().splitlines()[-1:]}
+                )
+                ratio = (
+                    round(during["p99_ms"] / base["p99_ms"], 2)
+                    if during["p99_ms"] and base["p99_ms"]
+                    else None
+                )
+                row = {
+                    "attack": name,
+                    **during,
+                    "p99_vs_baseline": ratio,
+                    "rss_mb": round(peak, 1),
+                    "rss_after_mb": round(after, 1),
+                    "server_answered": answered,
+                }
+                rows.append(row)
+                if not args.json:
+                    print(
+                        f"{name}: honest {during['ok']}/{during['calls']} ok, p50 "
+                        f"{during['p50_ms']} ms, p99 {during['p99_ms']} ms ({ratio}x baseline); "
+                        f"server RSS {peak:.0f} MB, {after:.0f} MB 3 s later; attacker got "
+                        f"{answered}",
+                        flush=True,
+                    )
+            honest.stop.set()
+            honest.join(10)
+        finally:
+            server.terminate()
+            server.wait(30)
+            log.close()
+    met = all(r["ok"] == r["calls"] and (r.get("p99_vs_baseline") or 0) <= 2.0 for r in rows[1:])
+    if args.json:
+        print(json.dumps({"rows": rows, "target_met": met}, indent=2))
+    else:
+        print(
+            "target (every honest call succeeds, p99 within 2x of baseline under each attack): "
+            + ("met" if met else "NOT met")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
