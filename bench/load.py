@@ -53,7 +53,7 @@ def main() -> int:
         text = text.replace("peer_requests_per_s = 200.0", "peer_requests_per_s = 1000000.0")
         text = text.replace("peer_bytes_per_s = 2097152.0", "peer_bytes_per_s = 1e12")
         text = text.replace("peer_burst_bytes = 16777216", "peer_burst_bytes = 1000000000000")
-        path.write_text(text.replace("peer_burst = 2000", "peer_burst = 1000000"))
+        path.write_text(text.replace("peer_burst = 1000", "peer_burst = 1000000"))
         process = Process(path, args.step_delay, root / "coordinator.log")
         process.start()
         try:

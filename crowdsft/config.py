@@ -137,7 +137,7 @@ class RateLimitConfig:
     node_calls_burst: int = 20
     # Per peer address, before any signature is checked: requests and bytes per second ...
     peer_requests_per_s: float = 200.0
-    peer_burst: int = 2000
+    peer_burst: int = 1000
     peer_bytes_per_s: float = 2 * 1_048_576.0
     peer_burst_bytes: int = 16 * 1_048_576
     # ... and requests with a bad signature: past this allowance the peer is refused before
@@ -467,7 +467,7 @@ node_calls_burst = 20
 # the peer is refused unverified until the allowance refills. Nodes behind one address (a
 # NAT, a lab) share these: raise them for such a crowd.
 peer_requests_per_s = 200.0
-peer_burst = 2000
+peer_burst = 1000
 peer_bytes_per_s = 2097152.0
 peer_burst_bytes = 16777216
 peer_bad_signatures_per_s = 1.0
