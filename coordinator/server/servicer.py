@@ -5,9 +5,8 @@ one table (``ERROR_TABLE`` and ``answer``), for unary and streaming calls alike.
 Nothing here holds a thread while it waits on a client: idle or slow callers cost a coroutine,
 not a worker, so they cannot starve honest nodes or the health service. Streams are bounded:
 an upload must send its first message within ``first_message_s`` and then keep sending (or
-wait for its answers) within ``idle_s``; it keeps at most ``STREAM_WINDOW`` contributions and
-``STREAM_BYTES`` bytes in flight; watch and ledger streams are capped per peer address and in
-total (``StreamSlots``).
+wait for its answers) within ``idle_s``, with a bounded window (``upload``); watch, ledger and
+upload streams are capped per peer address and in total (``StreamSlots``).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from typing import Any, TypeVar
 import grpc
 
 from crowdsft.config import ServerConfig
-from crowdsft.envelope import contribution_id
 from crowdsft.errors import (
     AuthenticationError,
     DuplicateContributionError,
@@ -41,6 +39,7 @@ from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
 
 from .ratelimit import peer_host
 from .service import CoordinatorService
+from .upload import upload
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +48,6 @@ RETRY_AFTER_TRAILER = "crowdsft-retry-after-ms"
 WRITE_TIMEOUT_S = 60.0
 WATCH_POLL_S = 0.5
 UNAVAILABLE_RETRY_MS = 1000
-# Contributions, and bytes of them, that one upload stream may have waiting for their commit.
-STREAM_WINDOW = 256
-STREAM_BYTES = 16 * 1024 * 1024
 
 Code = grpc.StatusCode
 
@@ -328,88 +324,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         except ProtocolError as exc:
             await _abort(context, exc)
         try:
-            async for item in self._upload(context, peer):
-                yield item
+            stream = upload(context, peer, self.service, self._run, self.config)
+            async for index, cid, ok, value in stream:
+                yield result(index, cid, ok, value)
         finally:
             self.upload_slots.release(host)
-
-    async def _upload(self, context: Any, peer: str) -> AsyncIterator[coordinator_pb2.SubmitResult]:
-        """Read envelopes (with deadlines), hand each to ingest on the worker pool, and yield
-        the results in order as the store commits them."""
-        loop = asyncio.get_running_loop()
-        results: asyncio.Queue[Any] = asyncio.Queue()
-        budget = asyncio.Condition()
-        in_flight = {"count": 0, "bytes": 0}
-        ended: dict[str, Any] = {}
-
-        def room(size: int) -> bool:
-            """Whether the window and the byte budget admit one more envelope of ``size``."""
-            if in_flight["count"] >= STREAM_WINDOW:
-                return False
-            return in_flight["bytes"] + size <= STREAM_BYTES or not in_flight["bytes"]
-
-        def done(index: int, cid: bytes, size: int, ok: bool, value: Any) -> None:
-            if not loop.is_closed():  # after shutdown nobody is listening
-                loop.call_soon_threadsafe(results.put_nowait, (index, cid, size, ok, value))
-
-        async def read() -> None:
-            index = 0
-            try:
-                while True:
-                    limit = self.config.first_message_s if index == 0 else self.config.idle_s
-                    try:
-                        envelope = await asyncio.wait_for(context.read(), limit)
-                    except TimeoutError:
-                        which = "first message" if index == 0 else "next message"
-                        ended["error"] = (
-                            Code.DEADLINE_EXCEEDED,
-                            f"no {which} within {limit:g}s; the upload stream was closed",
-                        )
-                        return
-                    if envelope is grpc.aio.EOF:
-                        return
-                    size = envelope.ByteSize()
-                    async with budget:
-                        await budget.wait_for(functools.partial(room, size))
-                        in_flight["count"] += 1
-                        in_flight["bytes"] += size
-                    cid = contribution_id(envelope.payload) if envelope.payload else b""
-                    answered = functools.partial(done, index, cid, size)
-                    try:
-                        self.service.ingest.peers.admit(peer, size)
-                    except ProtocolError as exc:
-                        self.service.ingest.reject(exc, answered)
-                    else:
-                        await self._run(self.service.submit_with, envelope, answered, peer)
-                    index += 1
-            except Exception as exc:  # the client went away or the stream broke
-                logger.info("upload stream from %s ended: %s", peer_host(peer), exc)
-            finally:
-                ended["sent"] = index
-                loop.call_soon_threadsafe(results.put_nowait, None)
-
-        reader = asyncio.ensure_future(read())
-        answered = 0
-        try:
-            while True:
-                item = await results.get()
-                if item is None:
-                    if answered >= ended.get("sent", 0):
-                        break
-                    continue  # the reader is done; its last writes are still committing
-                index, cid, size, ok, value = item
-                answered += 1
-                async with budget:
-                    in_flight["count"] -= 1
-                    in_flight["bytes"] -= size
-                    budget.notify_all()
-                yield result(index, cid, ok, value)
-                if "sent" in ended and answered >= ended["sent"]:
-                    break
-        finally:
-            reader.cancel()
-        if "error" in ended:
-            await context.abort(*ended["error"])
 
 
 def result(index: int, cid: bytes, ok: bool, value: Any) -> coordinator_pb2.SubmitResult:
