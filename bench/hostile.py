@@ -8,8 +8,10 @@ run, and the server's memory.
 The coordinator runs as its own process serving ``[::]:PORT``. The honest node connects over
 IPv6 loopback (``[::1]``) and the attacker, a separate process, over IPv4 loopback
 (``127.0.0.1``): two peer addresses, as two machines would be, so that per-address limits
-apply to the attacker alone. All three share this machine's cores, so CPU-heavy floods slow
-the honest node by contention as well as through the server.
+apply to the attacker alone. As another machine would, the attacker runs on a core of its
+own where the machine has two or more (``--shared-cores`` turns that off): the coordinator
+and the honest node share the rest, so what is measured is what the attack costs the server,
+not the attacker's own CPU.
 """
 
 from __future__ import annotations
@@ -271,6 +273,11 @@ def main() -> int:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--count", type=int, default=20_000, help="most requests per attack")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--shared-cores",
+        action="store_true",
+        help="run the attacker on the same cores as the coordinator and the honest node",
+    )
     parser.add_argument("--attack", help=argparse.SUPPRESS)  # the attacker process
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,6 +288,12 @@ def main() -> int:
 
     from crowdsft.coordinator.server.app import wait_ready
     from crowdsft.coordinator.server.scaffold import init_coordinator
+
+    cores = sorted(os.sched_getaffinity(0))
+    split = len(cores) >= 2 and not args.shared_cores
+    attacker_cores = set(cores[-1:]) if split else set(cores)
+    home_cores = set(cores[:-1]) if split else set(cores)
+    os.sched_setaffinity(0, home_cores)  # this process (the honest node) and the coordinator
 
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::", 0))
@@ -309,6 +322,9 @@ def main() -> int:
             for name in [a for a in args.attacks.split(",") if a]:
                 attacker = subprocess.run(
                     [
+                        "taskset",
+                        "-c",
+                        ",".join(map(str, sorted(attacker_cores))),
                         sys.executable,
                         __file__,
                         "--attack",
@@ -364,7 +380,7 @@ def main() -> int:
             log.close()
     met = all(r["ok"] == r["calls"] and (r.get("p99_vs_baseline") or 0) <= 2.0 for r in rows[1:])
     if args.json:
-        print(json.dumps({"rows": rows, "target_met": met}, indent=2))
+        print(json.dumps({"rows": rows, "target_met": met, "split_cores": split}, indent=2))
     else:
         print(
             "target (every honest call succeeds, p99 within 2x of baseline under each attack): "
