@@ -45,6 +45,8 @@ class ServerConfig:
     max_watch_streams: int = 512
     max_ledger_streams: int = 64
     max_streams_per_peer: int = 32
+    # Calls (HTTP/2 streams) one connection may have open at once.
+    max_streams_per_connection: int = 16
     # An upload stream must send its first message within first_message_s, and then a
     # message (or wait for answers) at least every idle_s.
     first_message_s: float = 10.0
@@ -70,6 +72,7 @@ class ServerConfig:
             "max_watch_streams",
             "max_ledger_streams",
             "max_streams_per_peer",
+            "max_streams_per_connection",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name} must be at least 1")
@@ -412,6 +415,8 @@ max_upload_streams = 512
 max_watch_streams = 512
 max_ledger_streams = 64
 max_streams_per_peer = 32
+# Calls one connection may have open at once; a client that opens more waits on its side.
+max_streams_per_connection = 16
 # An upload stream must send its first message within first_message_s seconds, then keep
 # sending (or waiting for its answers) at least every idle_s seconds.
 first_message_s = 10.0

@@ -37,6 +37,9 @@ def server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.so_reuseport", 0),
+        # Calls one connection may have open at once (HTTP/2 streams): a client that opens
+        # more waits on its side, instead of queueing them all in the server.
+        ("grpc.max_concurrent_streams", s.max_streams_per_connection),
         ("grpc.keepalive_time_ms", ms(s.keepalive_s)),
         ("grpc.keepalive_timeout_ms", ms(min(20.0, s.keepalive_s))),
         ("grpc.http2.min_ping_interval_without_data_ms", ms(min(10.0, s.keepalive_s))),

@@ -41,7 +41,10 @@ def health(coord) -> int:
 def test_idle_streams_do_not_stop_an_honest_submit(make_coordinator, identity):
     """Before: 64 idle calls took every worker thread, and health checks, info and every
     submit timed out. Now waiting clients hold no thread."""
-    coord = make_coordinator(server={"max_streams_per_peer": 1000})
+    # Every stream on one connection, and none refused for a cap: only threads are at stake.
+    coord = make_coordinator(
+        server={"max_streams_per_peer": 1000, "max_streams_per_connection": 1000}
+    )
     release = threading.Event()
 
     def silent():
@@ -323,3 +326,22 @@ def test_open_admission_on_a_public_address_is_warned_about(listen, policy, warn
     assert bool(warning) == warned
     if warned:
         assert "Sybil" in warning and "invite" in warning and "allowlist" in warning
+
+
+def test_connections_are_bounded_in_calls_and_lifetime():
+    import dataclasses
+
+    from crowdsft.config import CoordinatorConfig, ServerConfig
+    from crowdsft.coordinator.server.app import server_options
+
+    config = dataclasses.replace(
+        CoordinatorConfig(),
+        server=ServerConfig(
+            max_streams_per_connection=7, max_connection_idle_s=5, max_connection_age_s=9
+        ),
+    )
+    options = dict(server_options(config))
+    assert options["grpc.max_concurrent_streams"] == 7
+    assert options["grpc.max_connection_idle_ms"] == 5000
+    assert options["grpc.max_connection_age_ms"] == 9000
+    assert options["grpc.keepalive_time_ms"] > 0
