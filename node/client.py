@@ -83,6 +83,9 @@ class CoordinatorClient:
             # backoff grows to two minutes); the retries above pace the calls themselves.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000),
+            # A connection of its own, even beside other clients in the same process (gRPC
+            # shares one by default): coordinators limit the calls open on one connection.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if tls is None:
             self.channel = grpc.insecure_channel(address, options=options)

@@ -96,7 +96,8 @@ def run_load(
     start = threading.Barrier(nodes + 1)
 
     def node(k: int) -> None:
-        channel = grpc.insecure_channel(address)
+        # A connection per node, as separate nodes would have.
+        channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         envs = batches[k]
         slots = threading.Semaphore(window) if window > 0 else None

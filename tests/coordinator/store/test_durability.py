@@ -29,7 +29,8 @@ def _env(identity, i):
     )
 
 
-def test_twenty_concurrent_clients(coord):
+def test_twenty_concurrent_clients(make_coordinator):
+    coord = make_coordinator(**FAST)
     per_client = 60
     identities = [Identity.generate() for _ in range(20)]
 
