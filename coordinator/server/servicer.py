@@ -282,12 +282,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         receipt = await asyncio.wait_for(asyncio.wrap_future(future), WRITE_TIMEOUT_S)
         return coordinator_pb2.SubmitContributionResponse(receipt=receipt)
 
-    async def WatchRounds(self, request, context):
+    async def _open(self, slots: StreamSlots, context: Any, request: Any = None) -> str:
+        """Admit a stream (the peer's budget, then a slot of its kind), or answer why not."""
         try:
-            self._admit(context, request)
-            host = self.watch_slots.acquire(context.peer())
+            if request is not None:
+                self._admit(context, request)
+            return slots.acquire(context.peer())
         except ProtocolError as exc:
             await _abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def WatchRounds(self, request, context):
+        host = await self._open(self.watch_slots, context, request)
         try:
             async for event in self.feed.watch(request.after_round_id, self.stopping):
                 yield event
@@ -295,11 +301,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self.watch_slots.release(host)
 
     async def GetLedger(self, request, context):
-        try:
-            self._admit(context, request)
-            host = self.ledger_slots.acquire(context.peer())
-        except ProtocolError as exc:
-            await _abort(context, exc)
+        host = await self._open(self.ledger_slots, context, request)
         try:
             after = request.after_round_id
             while True:
@@ -319,10 +321,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def SubmitContributions(self, request_iterator, context):
         peer = context.peer()
-        try:
-            host = self.upload_slots.acquire(peer)
-        except ProtocolError as exc:
-            await _abort(context, exc)
+        host = await self._open(self.upload_slots, context)  # envelopes are admitted one by one
         try:
             stream = upload(context, peer, self.service, self._run, self.config)
             async for index, cid, ok, value in stream:
