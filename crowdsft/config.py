@@ -39,7 +39,7 @@ class ServerConfig:
     # Worker threads for store and signature work; waiting on clients holds none.
     max_workers: int = 16
     # Calls served at once in all (beyond it: RESOURCE_EXHAUSTED).
-    max_concurrent_streams: int = 1024
+    max_concurrent_streams: int = 2048
     # Streams of each kind at once, in all and per peer address.
     max_upload_streams: int = 512
     max_watch_streams: int = 512
@@ -76,6 +76,13 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name} must be at least 1")
+        streams = self.max_upload_streams + self.max_watch_streams + self.max_ledger_streams
+        if streams >= self.max_concurrent_streams:
+            raise ConfigError(
+                f"server.max_concurrent_streams ({self.max_concurrent_streams}) must exceed the "
+                f"stream caps together ({streams}), so that unary calls and health checks "
+                "always have room"
+            )
         for name in (
             "first_message_s",
             "idle_s",
@@ -410,7 +417,7 @@ listen = "127.0.0.1:50051"
 # Worker threads for store and signature work; a client that waits or idles holds none.
 max_workers = 16
 # Calls served at once in all; streams of each kind at once, in all and per peer address.
-max_concurrent_streams = 1024
+max_concurrent_streams = 2048
 max_upload_streams = 512
 max_watch_streams = 512
 max_ledger_streams = 64

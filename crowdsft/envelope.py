@@ -94,11 +94,11 @@ class Verified:
 def verify_envelope(
     envelope: envelope_pb2.SignedEnvelope,
     message_type: type[M],
-    precheck: Callable[[bytes], None] | None = None,
+    precheck: Callable[[str, bytes], None] | None = None,
 ) -> tuple[Verified, M]:
     """Verify the signature over the exact payload bytes, then (and only then) parse them.
-    ``precheck(payload)`` runs between the two, for cheap checks on the wire bytes that spare
-    parsing what would be refused anyway.
+    ``precheck(node_id, payload)`` runs between the two, for checks that need the proven key
+    or only the wire bytes, sparing the parse of what would be refused anyway.
 
     Raises AuthenticationError for a missing or wrong-length key or a bad signature, and
     InvalidPayloadError for bytes that do not parse as ``message_type``.
@@ -119,7 +119,7 @@ def verify_envelope(
             f"(expected a {message_type.DESCRIPTOR.full_name} signed by the key's owner)"
         )
     if precheck is not None:
-        precheck(envelope.payload)
+        precheck(node_id_from_public_key(pk), envelope.payload)
     message = message_type()
     try:
         message.ParseFromString(envelope.payload)

@@ -31,13 +31,23 @@ MAX_LISTED_PROBLEMS = 5
 MAX_MESSAGE_CHARS = 1024
 
 
+def _non_starter(ch: str) -> bool:
+    """A combining mark, or a character whose compatibility decomposition begins with one
+    (U+0F73, U+FF9E, ...: class 0 themselves, non-starters once normalised)."""
+    if unicodedata.combining(ch):
+        return True
+    if not unicodedata.decomposition(ch):
+        return False
+    return bool(unicodedata.combining(unicodedata.normalize("NFKD", ch)[0]))
+
+
 @functools.cache
 def _combining_run() -> re.Pattern[str]:
     """A pattern for more than ``MAX_COMBINING_RUN`` non-starters in a row (built once, on
     first use, from this Python's Unicode database)."""
     ranges: list[tuple[int, int]] = []
     for cp in range(sys.maxunicode + 1):
-        if unicodedata.combining(chr(cp)):
+        if _non_starter(chr(cp)):
             if ranges and ranges[-1][1] == cp - 1:
                 ranges[-1] = (ranges[-1][0], cp)
             else:
@@ -58,8 +68,7 @@ def has_long_combining_run(text: str) -> bool:
     """Whether ``text`` holds more than ``MAX_COMBINING_RUN`` combining marks in a row."""
     if text.isascii():
         return False
-    exact = _combining_run()
-    return any(exact.search(m.group()) for m in _CANDIDATES.finditer(text))
+    return any(_combining_run().search(m.group()) for m in _CANDIDATES.finditer(text))
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -151,11 +160,16 @@ def example_problems(
     return problems
 
 
-def count_field(data: bytes, number: int, stop_after: int) -> int:
+def count_field(data: bytes, number: int, stop_after: int, max_tags: int | None = None) -> int:
     """How many times top-level field ``number`` occurs in protobuf wire bytes, counting no
-    further than ``stop_after`` (malformed bytes count as what was read so far: the parser
-    will say what is wrong). Reads tags and skips values: no message is built."""
+    further than ``stop_after`` and reading at most ``max_tags`` tags (default: a few more
+    than ``stop_after``; a message that needs more is past any sane size, and counts as
+    ``stop_after``). Malformed bytes count as what was read so far (the parser will say what
+    is wrong); groups (deprecated wire types) count as ``stop_after``. Reads tags and skips
+    values: no message is built."""
     i, n, count = 0, len(data), 0
+    tags = 0
+    most_tags = max_tags if max_tags is not None else stop_after + 16
 
     def varint(i: int) -> tuple[int, int]:
         value = shift = 0
@@ -172,6 +186,9 @@ def count_field(data: bytes, number: int, stop_after: int) -> int:
 
     try:
         while i < n and count < stop_after:
+            tags += 1
+            if tags > most_tags:
+                return stop_after
             tag, i = varint(i)
             field, wire = tag >> 3, tag & 7
             if field == number:
@@ -186,7 +203,7 @@ def count_field(data: bytes, number: int, stop_after: int) -> int:
             elif wire == 5:
                 i += 4
             else:
-                break
+                return stop_after  # groups: no field of these messages uses them
     except ValueError:
         pass
     return count

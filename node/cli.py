@@ -352,6 +352,7 @@ def watch(address: str, after: int, count: int, as_json: bool) -> None:
             # Resume after what was shown: the coordinator closes old connections now and
             # then (server.max_connection_age_s), and restarts; the watch goes on.
             stream = client.watch_rounds(min(cursor.values()), timeout=None)
+            opened = time.monotonic()
             try:
                 for ev in stream:
                     if ev.round_id <= cursor[ev.kind]:
@@ -369,11 +370,13 @@ def watch(address: str, after: int, count: int, as_json: bool) -> None:
                 code = err.code()
                 if code == grpc.StatusCode.CANCELLED:
                     return
-                if code != grpc.StatusCode.UNAVAILABLE:
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise CoordinatorError(
                         f"watching {address} failed: {code.name}: {err.details()}", code.name
                     ) from None
                 failure = (code.name, err.details())
+            if time.monotonic() - opened > 30:
+                reconnects = 0  # a stream that lived a while ended: a fresh start, not a retry
             if reconnects >= client.backoff.attempts:
                 raise CoordinatorError(
                     f"watching {address} failed: {failure[0]}: {failure[1]}", failure[0]

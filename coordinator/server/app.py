@@ -199,6 +199,11 @@ class Coordinator:
         self._servicer.stopping.set()
         await self.server.stop(grace)
         self._servicer.feed.close()
+        current = asyncio.current_task()
+        left = [t for t in asyncio.all_tasks() if t is not current]
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
     def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let in-flight ones finish within ``grace`` seconds, commit what is

@@ -104,14 +104,12 @@ class Ingest:
         try:
             try:
                 verified, payload = verify_envelope(
-                    envelope, contribution_pb2.ContributionPayload, self._count_examples
+                    envelope, contribution_pb2.ContributionPayload, self._before_parsing
                 )
             except AuthenticationError:
                 if peer:
                     self.peers.bad_signature(peer)
                 raise
-            self.admission.check(verified.node_id)
-            self.rate_limiter.take(verified.node_id, len(verified.payload_bytes))
             unknown = unknown_fields(payload)
             if unknown:
                 raise InvalidPayloadError(summarise(unknown))
@@ -132,8 +130,11 @@ class Ingest:
             fingerprints=tuple(checked.fingerprints) if self.copy_checks else (),
         )
 
-    def _count_examples(self, payload: bytes) -> None:
-        """Refuse a payload with too many examples from its wire bytes, before parsing it."""
+    def _before_parsing(self, node_id: str, payload: bytes) -> None:
+        """Between the signature and the parse: admission and the node's limits (the key is
+        proven now, and needs no parsing), then the example count from the wire bytes."""
+        self.admission.check(node_id)
+        self.rate_limiter.take(node_id, len(payload))
         most = self.limits.max_examples_per_contribution
         if count_field(payload, EXAMPLES_FIELD, most + 1) > most:
             raise InvalidPayloadError(
@@ -182,6 +183,7 @@ class Ingest:
     ) -> Future[envelope_pb2.SignedReceipt]:
         """``submit_with`` as a future: the receipt once committed, or the rejection."""
         fut: Future[envelope_pb2.SignedReceipt] = Future()
+        fut.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it
 
         def done(ok: bool, value: Any) -> None:
             if ok:

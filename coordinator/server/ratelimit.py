@@ -16,10 +16,12 @@ forgotten first, so a flood of fresh keys or addresses cannot grow memory withou
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from crowdsft.config import RateLimitConfig
 from crowdsft.errors import RateLimitedError
@@ -99,16 +101,24 @@ def _refuse(what: str, wait: float, limit: str) -> RateLimitedError:
 
 
 def peer_host(peer: str) -> str:
-    """The address part of a gRPC peer string, without the port: ``ipv4:10.0.0.1:5000`` and
-    ``ipv6:[::ffff:10.0.0.1]:5000`` are both ``10.0.0.1``; ``ipv6:[::1]:5000`` is ``::1``;
-    a Unix socket peer is ``unix``."""
-    kind, _, rest = peer.partition(":")
+    """The address a gRPC peer string counts against, without the port: ``ipv4:10.0.0.1:5000``
+    and ``ipv6:[::ffff:10.0.0.1]:5000`` are both ``10.0.0.1``; an IPv6 address counts as its
+    /64 network (``ipv6:[2001:db8::7]:5000`` is ``2001:db8::/64``), since one host holds a
+    whole /64; Unix socket peers are ``unix``. (gRPC may percent-encode the brackets.)"""
+    kind, _, rest = unquote(peer).partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0] or rest
     if kind == "ipv6":
-        host = rest.rpartition(":")[0].strip("[]") or rest
-        return host.removeprefix("::ffff:")
-    if kind == "unix":
+        host = (rest.rpartition(":")[0] if rest.startswith("[") else rest).strip("[]")
+        host = host.split("%")[0]  # a zone index
+        try:
+            address = ipaddress.IPv6Address(host)
+        except ValueError:
+            return host
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    if kind.startswith("unix"):
         return "unix"
     return peer
 
@@ -122,6 +132,7 @@ class PeerLimiter:
         self.bytes = Buckets(c.peer_bytes_per_s, c.peer_burst_bytes, clock)
         self.bad = Buckets(c.peer_bad_signatures_per_s, c.peer_bad_signature_burst, clock)
         self.config = config
+        self._lock = threading.Lock()
 
     def admit(self, peer: str, nbytes: int) -> None:
         """Raise RateLimitedError unless this peer may send one more request of ``nbytes``."""
@@ -151,10 +162,15 @@ class RateLimiter:
         self.contributions = Buckets(config.contributions_per_s, config.burst, clock)
         self.bytes = Buckets(config.bytes_per_s, config.burst_bytes, clock)
         self.calls = Buckets(config.node_calls_per_s, config.node_calls_burst, clock)
+        self._lock = threading.Lock()
 
     def take(self, node_id: str, nbytes: int = 0) -> None:
         """Spend one contribution and ``nbytes`` for ``node_id``, or raise RateLimitedError
         with the wait needed (and spend nothing)."""
+        with self._lock:  # both budgets or neither
+            self._take(node_id, nbytes)
+
+    def _take(self, node_id: str, nbytes: int) -> None:
         count_wait = self.contributions.wait(node_id)
         if count_wait:
             raise _refuse(

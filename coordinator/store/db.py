@@ -178,6 +178,14 @@ class _Request:
 _STOP = object()
 
 
+def _answer(req: _Request, ok: bool, value: Any) -> None:
+    """Call a request's callback; one that fails is logged, never the end of the writer."""
+    try:
+        req.done(ok, value)
+    except Exception:
+        logger.exception("a store callback failed")
+
+
 def _disk_full(exc: BaseException) -> bool:
     """SQLite's SQLITE_FULL (the disk, or the database's size limit) or the OS's ENOSPC."""
     if isinstance(exc, sqlite3.Error):
@@ -237,6 +245,9 @@ class Store:
         are then retried one by one.
         """
         fut: Future[Any] = Future()
+        # Running from now on: a caller that stops waiting (``asyncio.wrap_future`` cancels on
+        # a client's deadline) cannot cancel it, so the writer can always set its result.
+        fut.set_running_or_notify_cancel()
 
         def done(ok: bool, value: Any) -> None:
             if ok:
@@ -311,6 +322,7 @@ class Store:
             self.on_writable(ok)
 
     def _commit_batch(self, batch: list[_Request]) -> None:
+        changes_before = self._conn.total_changes
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             outcomes = self._apply(self._conn, batch)
@@ -324,7 +336,7 @@ class Store:
                     "the coordinator's disk is full; nothing was stored; retry later"
                 )
                 for req in batch:
-                    req.done(False, exc)
+                    _answer(req, False, exc)
                 return
             if len(batch) > 1:
                 logger.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
@@ -332,11 +344,12 @@ class Store:
                     self._commit_batch([req])
             else:
                 logger.exception("store write failed")
-                batch[0].done(False, exc)
+                _answer(batch[0], False, exc)
             return
-        self._writable(True)
+        if self._conn.total_changes != changes_before:
+            self._writable(True)  # something was written: the disk takes writes again
         for req, (ok, value) in zip(batch, outcomes, strict=True):
-            req.done(ok, value)
+            _answer(req, ok, value)
 
     def _drain(self, exc: Exception) -> None:
         while True:
@@ -345,7 +358,7 @@ class Store:
             except queue.Empty:
                 return
             if isinstance(item, _Request):
-                item.done(False, exc)
+                _answer(item, False, exc)
 
     # -- reads --------------------------------------------------------------------------------
 

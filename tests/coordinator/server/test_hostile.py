@@ -345,3 +345,47 @@ def test_connections_are_bounded_in_calls_and_lifetime():
     assert options["grpc.max_connection_idle_ms"] == 5000
     assert options["grpc.max_connection_age_ms"] == 9000
     assert options["grpc.keepalive_time_ms"] > 0
+
+
+def test_a_caller_that_gives_up_cannot_break_the_store_writer(coord, identity):
+    """A unary submit whose client gives up cancels its asyncio wrapper; the store's future
+    must not be cancelled with it (the writer would die setting its result)."""
+    store = coord.coordinator.store
+    fut = store.submit(lambda conn: 1)
+    assert not fut.cancel() and fut.result(5) == 1
+
+    def boom(ok, value):
+        raise RuntimeError("a callback that fails")
+
+    store.submit_with(lambda conn: None, boom)
+    stub = coord_stub(coord)
+    for _ in range(5):  # deadlines far too short to be met
+        status_code(stub.SubmitContribution, sign_contribution(identity, [example()]), timeout=1e-4)
+    with coord.client(timeout=10) as c:
+        receipt, _ = c.submit_one(sign_contribution(identity, [example()]))
+    assert receipt.receipt
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.0.0.1:5000", "10.0.0.1"),
+        ("ipv6:[::ffff:10.0.0.1]:5000", "10.0.0.1"),
+        ("ipv6:%5B2001:db8::7%5D:5000", "2001:db8::/64"),
+        ("ipv6:[2001:db8::8]:6000", "2001:db8::/64"),
+        ("unix:/tmp/socket", "unix"),
+        ("unix-abstract:name", "unix"),
+    ],
+)
+def test_peers_count_by_address_and_ipv6_by_its_64(peer, host):
+    from crowdsft.coordinator.server.ratelimit import peer_host
+
+    assert peer_host(peer) == host
+
+
+def test_stream_caps_leave_room_for_other_calls():
+    from crowdsft.config import ServerConfig
+    from crowdsft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must exceed the stream caps"):
+        ServerConfig(max_concurrent_streams=1000)

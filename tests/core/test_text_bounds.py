@@ -1,0 +1,52 @@
+"""Bounded text work: combining-mark runs, wire-level counting, capped messages."""
+
+from __future__ import annotations
+
+from crowdsft.v1 import contribution_pb2
+from crowdsft.validation import (
+    count_field,
+    has_long_combining_run,
+    printable,
+    summarise,
+    unknown_fields,
+)
+
+
+def test_combining_runs_include_characters_that_decompose_into_marks():
+    assert has_long_combining_run("e" + "\u0301\u0316" * 16)
+    assert not has_long_combining_run("e" + "\u0301" * 30)  # the stream-safe limit itself
+    # Class 0 themselves, but their compatibility decompositions are combining marks: a run
+    # of them makes NFKC as quadratic as marks do.
+    assert has_long_combining_run("\u0f73\uff9e" * 16)
+    assert not has_long_combining_run("élève " * 1000 + "日本語" * 1000)
+
+
+def test_examples_are_counted_on_the_wire_without_parsing():
+    one = contribution_pb2.Example(prompt="a", response="b")
+    payload = contribution_pb2.ContributionPayload(
+        examples=[one] * 100, nonce=b"n" * 16, timestamp_ms=1
+    ).SerializeToString()
+    assert count_field(payload, 1, 65) == 65  # stops at the limit
+    small = contribution_pb2.ContributionPayload(examples=[one] * 3).SerializeToString()
+    assert count_field(small, 1, 65) == 3
+    # Many tags of other fields cost nothing more than a few beyond the limit.
+    junk = b"".join(b"\x10\x01" for _ in range(100_000))  # field 2, varint, repeated
+    assert count_field(junk, 1, 65) == 65
+    # A group (a deprecated wire type no field of ours uses) counts as over the limit.
+    assert count_field(b"\x0b\x0c", 1, 65) == 65
+
+
+def test_messages_are_summarised_and_printable():
+    text = summarise([f"problem {i}" for i in range(100)])
+    assert text.endswith("and 95 more problems") and len(text) < 200
+    assert len(summarise(["x" * 5000])) <= 1024
+    assert printable("eve\n\x1b[31m") == "eve\\n\\x1b[31m"
+
+
+def test_unknown_fields_are_found_in_nested_messages():
+    ex = contribution_pb2.Example(prompt="p", response="r").SerializeToString() + b"\x98\x06\x01"
+    payload = contribution_pb2.ContributionPayload.FromString(
+        b"\x0a" + bytes([len(ex)]) + ex + b"\xa0\x06\x02"
+    )
+    found = unknown_fields(payload)
+    assert len(found) == 2 and "examples[0]" in found[1]
