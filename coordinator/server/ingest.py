@@ -37,7 +37,7 @@ from crowdsft.validation import (
 )
 
 from ..store import queries
-from ..store.db import BatchOp, Done, Store
+from ..store.db import BatchOp, Done, Store, future_and_done
 from .ratelimit import PeerLimiter, RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -182,15 +182,7 @@ class Ingest:
         self, envelope: envelope_pb2.SignedEnvelope, peer: str = ""
     ) -> Future[envelope_pb2.SignedReceipt]:
         """``submit_with`` as a future: the receipt once committed, or the rejection."""
-        fut: Future[envelope_pb2.SignedReceipt] = Future()
-        fut.set_running_or_notify_cancel()  # a caller that gives up cannot cancel it
-
-        def done(ok: bool, value: Any) -> None:
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-
+        fut, done = future_and_done()
         self.submit_with(envelope, done, peer)
         return fut
 

@@ -178,6 +178,22 @@ class _Request:
 _STOP = object()
 
 
+def future_and_done() -> tuple[Future[Any], Done]:
+    """A future and the ``done(ok, value)`` callback that settles it. The future is running
+    from the start: a caller that stops waiting (``asyncio.wrap_future`` cancels on a
+    client's deadline) cannot cancel it, so the writer can always set its result."""
+    fut: Future[Any] = Future()
+    fut.set_running_or_notify_cancel()
+
+    def done(ok: bool, value: Any) -> None:
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    return fut, done
+
+
 def _answer(req: _Request, ok: bool, value: Any) -> None:
     """Call a request's callback; one that fails is logged, never the end of the writer."""
     try:
@@ -244,17 +260,7 @@ class Store:
         written anything by then. Any other exception rolls back the batch, whose operations
         are then retried one by one.
         """
-        fut: Future[Any] = Future()
-        # Running from now on: a caller that stops waiting (``asyncio.wrap_future`` cancels on
-        # a client's deadline) cannot cancel it, so the writer can always set its result.
-        fut.set_running_or_notify_cancel()
-
-        def done(ok: bool, value: Any) -> None:
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-
+        fut, done = future_and_done()
         self.submit_with(op, done)
         return fut
 
