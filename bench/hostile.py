@@ -209,7 +209,7 @@ class Honest(threading.Thread):
     """Submits one contribution of 5 examples every ``pace_s`` until stopped; records each
     call's latency and whether it came back with a receipt."""
 
-    def __init__(self, target: str, pace_s: float = 0.1) -> None:
+    def __init__(self, target: str, pace_s: float = 0.05) -> None:
         super().__init__(daemon=True)
         from crowdsft.keys import Identity
         from crowdsft.node.client import Backoff, CoordinatorClient
@@ -251,6 +251,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(samples: list[tuple[float, bool]]) -> dict:
@@ -320,6 +326,7 @@ def main() -> int:
             if not args.json:
                 print(f"baseline: {base} server RSS {base_rss:.0f} MB", flush=True)
             for name in [a for a in args.attacks.split(",") if a]:
+                cpu_before, t_before = cpu_s(server.pid), time.monotonic()
                 attacker = subprocess.run(
                     [
                         "taskset",
@@ -341,6 +348,7 @@ def main() -> int:
                     timeout=args.seconds * 10 + 120,
                 )
                 during = summary(honest.window())
+                busy = (cpu_s(server.pid) - cpu_before) / (time.monotonic() - t_before)
                 peak = rss_mb(server.pid)
                 time.sleep(3.0)
                 honest.window()
@@ -359,6 +367,7 @@ def main() -> int:
                     "attack": name,
                     **during,
                     "p99_vs_baseline": ratio,
+                    "server_cpu": round(busy, 2),
                     "rss_mb": round(peak, 1),
                     "rss_after_mb": round(after, 1),
                     "server_answered": answered,
@@ -368,6 +377,7 @@ def main() -> int:
                     print(
                         f"{name}: honest {during['ok']}/{during['calls']} ok, p50 "
                         f"{during['p50_ms']} ms, p99 {during['p99_ms']} ms ({ratio}x baseline); "
+                        f"server CPU {busy:.0%}; "
                         f"server RSS {peak:.0f} MB, {after:.0f} MB 3 s later; attacker got "
                         f"{answered}",
                         flush=True,

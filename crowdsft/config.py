@@ -38,6 +38,18 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     # Worker threads for store and signature work; waiting on clients holds none.
     max_workers: int = 16
+    # Worker-pool jobs one peer address may have running or queued at once (its further calls
+    # wait their turn without holding a worker), so that one busy address cannot fill the pool.
+    worker_turns_per_peer: int = 2
+    # A call refused for being over a rate limit is answered after this delay (0: at once),
+    # so that a client ignoring the retry hint cannot make the server refuse it nonstop.
+    refusal_delay_s: float = 0.5
+    # How often (ms) the serving process's threads hand over Python's interpreter lock
+    # (Python's default is 5): shorter, a worker busy with a large envelope delays others less.
+    switch_interval_ms: float = 0.5
+    # Contributions of at least this many payload bytes are checked in a separate process
+    # at a lower OS priority (0: every contribution in-process).
+    heavy_envelope_bytes: int = 262_144
     # Calls served at once in all (beyond it: RESOURCE_EXHAUSTED).
     max_concurrent_streams: int = 2048
     # Streams of each kind at once, in all and per peer address.
@@ -46,7 +58,7 @@ class ServerConfig:
     max_ledger_streams: int = 64
     max_streams_per_peer: int = 32
     # Calls (HTTP/2 streams) one connection may have open at once.
-    max_streams_per_connection: int = 16
+    max_streams_per_connection: int = 8
     # An upload stream must send its first message within first_message_s, and then a
     # message (or wait for answers) at least every idle_s.
     first_message_s: float = 10.0
@@ -73,6 +85,7 @@ class ServerConfig:
             "max_ledger_streams",
             "max_streams_per_peer",
             "max_streams_per_connection",
+            "worker_turns_per_peer",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name} must be at least 1")
@@ -83,6 +96,12 @@ class ServerConfig:
                 f"stream caps together ({streams}), so that unary calls and health checks "
                 "always have room"
             )
+        if self.refusal_delay_s < 0:
+            raise ConfigError("server.refusal_delay_s must be >= 0")
+        if self.heavy_envelope_bytes < 0:
+            raise ConfigError("server.heavy_envelope_bytes must be >= 0 (0 turns the lane off)")
+        if not 0.05 <= self.switch_interval_ms <= 100:
+            raise ConfigError("server.switch_interval_ms must be between 0.05 and 100")
         for name in (
             "first_message_s",
             "idle_s",
@@ -147,7 +166,7 @@ class RateLimitConfig:
     node_calls_burst: int = 20
     # Per peer address, before any signature is checked: requests and bytes per second ...
     peer_requests_per_s: float = 200.0
-    peer_burst: int = 1000
+    peer_burst: int = 200
     peer_bytes_per_s: float = 2 * 1_048_576.0
     peer_burst_bytes: int = 16 * 1_048_576
     # ... and requests with a bad signature: past this allowance the peer is refused before
@@ -416,6 +435,14 @@ DEFAULT_COORDINATOR_TOML = """\
 listen = "127.0.0.1:50051"
 # Worker threads for store and signature work; a client that waits or idles holds none.
 max_workers = 16
+# Worker jobs one peer address may have at once; its other calls wait without a worker.
+worker_turns_per_peer = 2
+# A call refused for being over a rate limit is answered after this delay (0: at once).
+refusal_delay_s = 0.5
+# How often (ms) the serving process's threads hand over the interpreter lock.
+switch_interval_ms = 0.5
+# Contributions of at least this many bytes are checked in a lower-priority process (0: off).
+heavy_envelope_bytes = 262144
 # Calls served at once in all; streams of each kind at once, in all and per peer address.
 max_concurrent_streams = 2048
 max_upload_streams = 512
@@ -423,7 +450,7 @@ max_watch_streams = 512
 max_ledger_streams = 64
 max_streams_per_peer = 32
 # Calls one connection may have open at once; a client that opens more waits on its side.
-max_streams_per_connection = 16
+max_streams_per_connection = 8
 # An upload stream must send its first message within first_message_s seconds, then keep
 # sending (or waiting for its answers) at least every idle_s seconds.
 first_message_s = 10.0
@@ -479,7 +506,7 @@ node_calls_burst = 20
 # the peer is refused unverified until the allowance refills. Nodes behind one address (a
 # NAT, a lab) share these: raise them for such a crowd.
 peer_requests_per_s = 200.0
-peer_burst = 1000
+peer_burst = 200
 peer_bytes_per_s = 2097152.0
 peer_burst_bytes = 16777216
 peer_bad_signatures_per_s = 1.0

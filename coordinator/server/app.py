@@ -20,6 +20,7 @@ from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from ..store.db import Store
 from . import memory
+from .heavy import HeavyLane
 from .service import CoordinatorService, prune_nonces
 from .servicer import CoordinatorServicer
 
@@ -97,6 +98,11 @@ class Coordinator:
             if pruned:
                 logger.info("forgot %d expired nonces", pruned)
             self.service = CoordinatorService(config, self.identity, self.store)
+            self.heavy: HeavyLane | None = None
+            if config.server.heavy_envelope_bytes:
+                self.heavy = HeavyLane(max_waiting=max(2, config.server.max_workers // 4))
+                self.service.ingest.heavy = self.heavy
+                self.service.ingest.heavy_bytes = config.server.heavy_envelope_bytes
             self.port = self._in_loop(self._build())
         except BaseException:
             self._shutdown_loop()
@@ -216,6 +222,8 @@ class Coordinator:
             self._in_loop(self._stop(grace), timeout=grace + 30)
         finally:
             self._executor.shutdown(wait=True, cancel_futures=True)
+            if self.heavy is not None:
+                self.heavy.close()
             self.store.close()  # answers what is queued while the loop can still hear it
             self._shutdown_loop()
         c = self.service.counters

@@ -23,7 +23,7 @@ from crowdsft.errors import (
     ProtocolError,
     ReplayError,
 )
-from crowdsft.keys import Identity
+from crowdsft.keys import PUBLIC_KEY_BYTES, Identity, node_id_from_public_key
 from crowdsft.plugins.manager import Plugins
 from crowdsft.v1 import contribution_pb2, envelope_pb2
 from crowdsft.validation import (
@@ -38,6 +38,7 @@ from crowdsft.validation import (
 
 from ..store import queries
 from ..store.db import BatchOp, Done, Store, future_and_done
+from .heavy import HeavyLane
 from .ratelimit import PeerLimiter, RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class Ingest:
         self.copy_checks = config.admission.reject_duplicate_examples
         if self.copy_checks:
             backfill_fingerprints(store)
+        # Contributions of at least heavy_bytes are checked in the heavy lane (``heavy``),
+        # which the server sets; without one everything is checked in-process.
+        self.heavy: HeavyLane | None = None
+        self.heavy_bytes = 0
         self.counters = IngestCounters()
         self._counters_lock = threading.Lock()
 
@@ -102,20 +107,10 @@ class Ingest:
            example) for repeats and copies; the validation plugins last.
         """
         try:
-            try:
-                verified, payload = verify_envelope(
-                    envelope, contribution_pb2.ContributionPayload, self._before_parsing
-                )
-            except AuthenticationError:
-                if peer:
-                    self.peers.bad_signature(peer)
-                raise
-            unknown = unknown_fields(payload)
-            if unknown:
-                raise InvalidPayloadError(summarise(unknown))
-            checked = check_payload(payload, self.limits)
-            if checked.problems:
-                raise InvalidPayloadError(summarise(checked.problems))
+            if self.heavy is not None and len(envelope.payload) >= self.heavy_bytes:
+                verified, payload, fps = self._prepare_heavy(envelope, peer)
+            else:
+                verified, payload, fps = self._prepare_here(envelope, peer)
             self._run_validators(verified.node_id, payload)
         except ProtocolError as exc:
             logger.info("rejected contribution: %s: %s", exc.status_name, printable(str(exc)))
@@ -127,19 +122,72 @@ class Ingest:
             n_examples=len(payload.examples),
             nonce=payload.nonce,
             ts_ms=payload.timestamp_ms,
-            fingerprints=tuple(checked.fingerprints) if self.copy_checks else (),
+            fingerprints=fps if self.copy_checks else (),
         )
+
+    def _prepare_here(
+        self, envelope: envelope_pb2.SignedEnvelope, peer: str
+    ) -> tuple[Verified, contribution_pb2.ContributionPayload, tuple[bytes, ...]]:
+        """Steps 2 to 4 on this thread (small contributions)."""
+        try:
+            verified, payload = verify_envelope(
+                envelope, contribution_pb2.ContributionPayload, self._before_parsing
+            )
+        except AuthenticationError:
+            if peer:
+                self.peers.bad_signature(peer)
+            raise
+        unknown = unknown_fields(payload)
+        if unknown:
+            raise InvalidPayloadError(summarise(unknown))
+        checked = check_payload(payload, self.limits)
+        if checked.problems:
+            raise InvalidPayloadError(summarise(checked.problems))
+        return verified, payload, tuple(checked.fingerprints)
+
+    def _prepare_heavy(
+        self, envelope: envelope_pb2.SignedEnvelope, peer: str
+    ) -> tuple[Verified, contribution_pb2.ContributionPayload, tuple[bytes, ...]]:
+        """Steps 2 to 4 for a large contribution, its stateless checks in the heavy lane
+        (``HeavyLane``). The node's budget is looked at first (spending nothing: the key is
+        not proven yet) so that a node over it costs no check, and spent once the signature
+        has checked out, before the payload's verdict, as on the fast path."""
+        assert self.heavy is not None
+        pk = envelope.public_key
+        claimed = node_id_from_public_key(pk) if len(pk) == PUBLIC_KEY_BYTES else ""
+        if claimed:
+            self.rate_limiter.check(claimed, len(envelope.payload))
+        found = self.heavy.inspect(envelope, self.limits)
+        if found.problem == "signature":
+            if peer:
+                self.peers.bad_signature(peer)
+            raise AuthenticationError(found.message)
+        self._before_parsing_budget(claimed, len(envelope.payload))
+        if found.problem:
+            raise InvalidPayloadError(found.message)
+        payload = contribution_pb2.ContributionPayload.FromString(envelope.payload)
+        verified = Verified(
+            node_id=claimed,
+            public_key=pk,
+            payload_bytes=envelope.payload,
+            signature=envelope.signature,
+        )
+        return verified, payload, found.fingerprints
 
     def _before_parsing(self, node_id: str, payload: bytes) -> None:
         """Between the signature and the parse: admission and the node's limits (the key is
         proven now, and needs no parsing), then the example count from the wire bytes."""
-        self.admission.check(node_id)
-        self.rate_limiter.take(node_id, len(payload))
+        self._before_parsing_budget(node_id, len(payload))
         most = self.limits.max_examples_per_contribution
         if count_field(payload, EXAMPLES_FIELD, most + 1) > most:
             raise InvalidPayloadError(
                 f"contribution has more than {most} examples; the limit is {most}"
             )
+
+    def _before_parsing_budget(self, node_id: str, nbytes: int) -> None:
+        """Admission, then the node's contribution and byte budgets (the key is proven)."""
+        self.admission.check(node_id)
+        self.rate_limiter.take(node_id, nbytes)
 
     def _count(self, ok: bool, value: Any) -> None:
         """Count what the store committed (called after the commit)."""

@@ -170,7 +170,13 @@ class RateLimiter:
         with self._lock:  # both budgets or neither
             self._take(node_id, nbytes)
 
-    def _take(self, node_id: str, nbytes: int) -> None:
+    def check(self, node_id: str, nbytes: int = 0) -> None:
+        """Raise RateLimitedError if ``take`` would, spending nothing (a look before work
+        that proves the key, so that a node over its budget costs no heavy check)."""
+        with self._lock:
+            self._take(node_id, nbytes, spend=False)
+
+    def _take(self, node_id: str, nbytes: int, spend: bool = True) -> None:
         count_wait = self.contributions.wait(node_id)
         if count_wait:
             raise _refuse(
@@ -186,8 +192,9 @@ class RateLimiter:
                 f"the byte quota of {self.config.bytes_per_s:g} bytes/s "
                 f"(burst {self.config.burst_bytes:g} bytes)",
             )
-        self.contributions.take(node_id)
-        self.bytes.take(node_id, nbytes)
+        if spend:
+            self.contributions.take(node_id)
+            self.bytes.take(node_id, nbytes)
 
     def take_call(self, node_id: str) -> None:
         """Spend one registration or status call for ``node_id``."""

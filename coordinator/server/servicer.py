@@ -12,8 +12,10 @@ upload streams are capped per peer address and in total (``StreamSlots``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import random
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -128,6 +130,8 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return await method(self, request, context)
         except Exception as exc:
+            if isinstance(exc, RateLimitedError):
+                await self.tarpit.hold(context.peer())
             await _abort(context, exc)
 
     return call
@@ -168,6 +172,65 @@ class StreamSlots:
                 self._open[host] = left
             else:
                 del self._open[host]
+
+
+class Tarpit:
+    """Refusals for being over a rate limit are answered after ``delay_s``, holding no
+    worker: a client that ignores the retry hint and sends again at once is slowed to
+    ``max_streams_per_connection / delay_s`` calls a second per connection, instead of costing
+    the server a refusal as fast as it can answer. A peer address has at most ``per_peer``
+    calls held at once (more are answered at once), so held calls cannot fill the server."""
+
+    def __init__(self, delay_s: float, per_peer: int) -> None:
+        self.delay_s, self.per_peer = delay_s, per_peer
+        self._held: dict[str, int] = {}
+
+    async def hold(self, peer: str) -> None:
+        host = peer_host(peer)
+        held = self._held.get(host, 0)
+        if not self.delay_s or held >= self.per_peer:
+            return
+        self._held[host] = held + 1
+        try:
+            # Jittered, so that a flood's held calls do not all come back at once.
+            await asyncio.sleep(self.delay_s * (1 + random.random()))
+        finally:
+            left = self._held[host] - 1
+            if left:
+                self._held[host] = left
+            else:
+                del self._held[host]
+
+    def __len__(self) -> int:
+        return sum(self._held.values())
+
+
+class PeerLanes:
+    """Worker-pool turns, at most ``per_peer`` at a time for one peer address. A flood from
+    one address then waits on its own semaphore, on the event loop, and the pool's queue holds
+    a few of its jobs at most: another peer's call is served next, not after the flood."""
+
+    def __init__(self, per_peer: int) -> None:
+        self.per_peer = per_peer
+        self._lanes: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, peer: str) -> AsyncIterator[None]:
+        host = peer_host(peer)
+        lane = self._lanes.get(host)
+        if lane is None:
+            lane = self._lanes[host] = (asyncio.Semaphore(self.per_peer), [0])
+        lane[1][0] += 1  # callers holding or waiting for this lane
+        try:
+            async with lane[0]:
+                yield
+        finally:
+            lane[1][0] -= 1
+            if not lane[1][0]:
+                del self._lanes[host]
+
+    def __len__(self) -> int:
+        return len(self._lanes)
 
 
 class RoundFeed:
@@ -243,12 +306,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             "upload", config.max_upload_streams, config.max_streams_per_peer
         )
         self.feed = RoundFeed(service, self._run)
+        self.lanes = PeerLanes(config.worker_turns_per_peer)
+        self.tarpit = Tarpit(config.refusal_delay_s, config.max_streams_per_peer)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the worker pool (store reads and writes, signature checks)."""
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, functools.partial(fn, *args)
         )
+
+    async def _run_for(self, peer: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the worker pool, in the peer's lane (``PeerLanes``)."""
+        async with self.lanes.turn(peer):
+            return await self._run(fn, *args)
 
     def _admit(self, context: Any, request: Any) -> None:
         """The peer's budget (requests, bytes, bad signatures), checked here on the event
@@ -263,12 +333,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @unary
     async def RegisterNode(self, request, context):
         self._admit(context, request)
-        return await self._run(self.service.register, request, context.peer())
+        return await self._run_for(context.peer(), self.service.register, request, context.peer())
 
     @unary
     async def GetNodeStatus(self, request, context):
         self._admit(context, request)
-        return await self._run(self.service.node_status, request, context.peer())
+        return await self._run_for(
+            context.peer(), self.service.node_status, request, context.peer()
+        )
 
     @unary
     async def GetInclusionProofs(self, request, context):
@@ -278,7 +350,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @unary
     async def SubmitContribution(self, request, context):
         self._admit(context, request)
-        future = await self._run(self.service.submit_async, request, context.peer())
+        peer = context.peer()
+        future = await self._run_for(peer, self.service.submit_async, request, peer)
         receipt = await asyncio.wait_for(asyncio.wrap_future(future), WRITE_TIMEOUT_S)
         return coordinator_pb2.SubmitContributionResponse(receipt=receipt)
 
@@ -289,6 +362,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 self._admit(context, request)
             return slots.acquire(context.peer())
         except ProtocolError as exc:
+            if isinstance(exc, RateLimitedError):
+                await self.tarpit.hold(context.peer())
             await _abort(context, exc)
             raise  # unreachable: abort raises
 
@@ -323,7 +398,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         peer = context.peer()
         host = await self._open(self.upload_slots, context)  # envelopes are admitted one by one
         try:
-            stream = upload(context, peer, self.service, self._run, self.config)
+            run = functools.partial(self._run_for, peer)
+            stream = upload(context, peer, self.service, run, self.config, self.tarpit.hold)
             async for index, cid, ok, value in stream:
                 yield result(index, cid, ok, value)
         finally:

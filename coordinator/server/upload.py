@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from crowdsft.config import ServerConfig
 from crowdsft.envelope import contribution_id
-from crowdsft.errors import ProtocolError
+from crowdsft.errors import ProtocolError, RateLimitedError
 
 from .ratelimit import peer_host
 from .service import CoordinatorService
@@ -34,6 +34,7 @@ async def upload(
     service: CoordinatorService,
     run: Callable[..., Any],
     config: ServerConfig,
+    hold: Callable[[str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[tuple[int, bytes, bool, Any]]:
     """Read envelopes (with deadlines), hand each to ingest on the worker pool, and yield
     the results in order as the store commits them."""
@@ -80,6 +81,8 @@ async def upload(
                     service.ingest.peers.admit(peer, size)
                 except ProtocolError as exc:
                     service.ingest.reject(exc, answered)
+                    if hold is not None and isinstance(exc, RateLimitedError):
+                        await hold(peer)  # read the next envelope later (see ``Tarpit``)
                 else:
                     await run(service.submit_with, envelope, answered, peer)
                 index += 1

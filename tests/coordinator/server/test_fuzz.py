@@ -60,6 +60,8 @@ class _Coordinator:
                 # Junk with bad signatures on purpose: this test wants every envelope
                 # verified, not the peer slowed down (tests/coordinator/server/test_hostile.py).
                 peer_bad_signature_burst=1_000_000,
+                peer_requests_per_s=1e6,
+                peer_burst=1_000_000,
             ),
         )
         self.coordinator = Coordinator(config).start()

@@ -215,7 +215,9 @@ def coord_stub(coord):
 
 
 def test_a_peer_sending_bad_signatures_is_slowed_down(make_coordinator, identity):
-    coord = make_coordinator(rate_limit={"peer_bad_signature_burst": 10})
+    coord = make_coordinator(
+        rate_limit={"peer_bad_signature_burst": 10, "peer_bad_signatures_per_s": 0.01}
+    )
     stub = coord_stub(coord)
     forged = sign_contribution(identity, [example()])
     forged.signature = bytes(64)
@@ -389,3 +391,184 @@ def test_stream_caps_leave_room_for_other_calls():
 
     with pytest.raises(ConfigError, match="must exceed the stream caps"):
         ServerConfig(max_concurrent_streams=1000)
+
+
+# -- a flood's cost on others: tarpit, lanes, the heavy lane -------------------------------------
+
+
+def test_a_refused_call_is_answered_after_the_refusal_delay(make_coordinator, identity):
+    """A client ignoring the retry hint cannot make the server refuse it nonstop: each
+    refusal for a rate limit is answered after ``server.refusal_delay_s`` (jittered up to 2x)."""
+    delayed = make_coordinator(
+        server={"refusal_delay_s": 0.3}, rate_limit={"peer_burst": 1, "peer_requests_per_s": 0.01}
+    )
+    at_once = make_coordinator(
+        server={"refusal_delay_s": 0.0}, rate_limit={"peer_burst": 1, "peer_requests_per_s": 0.01}
+    )
+    took = {}
+    for name, coord in (("delayed", delayed), ("at once", at_once)):
+        stub = coord_stub(coord)
+        assert status_code(stub.GetCoordinatorInfo, coordinator_pb2.GetCoordinatorInfoRequest())
+        t = time.monotonic()
+        code = status_code(stub.GetCoordinatorInfo, coordinator_pb2.GetCoordinatorInfoRequest())
+        took[name] = time.monotonic() - t
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 0.3 <= took["delayed"] < 5
+    assert took["at once"] < 0.3
+
+
+def test_the_tarpit_holds_a_bounded_number_of_calls_per_peer():
+    import asyncio
+
+    from crowdsft.coordinator.server.servicer import Tarpit
+
+    async def main():
+        pit = Tarpit(delay_s=0.2, per_peer=3)
+        held = [asyncio.ensure_future(pit.hold("ipv4:10.0.0.1:1000")) for _ in range(5)]
+        other = asyncio.ensure_future(pit.hold("ipv4:10.0.0.2:1000"))
+        await asyncio.sleep(0.05)
+        waiting = sum(not h.done() for h in held)
+        total = len(pit)
+        await asyncio.gather(*held, other)
+        return waiting, total, len(pit)
+
+    waiting, total, after = asyncio.run(main())
+    assert waiting == 3  # the two over the cap were answered at once
+    assert total == 4  # three from one address, one from another
+    assert after == 0
+
+
+def test_one_peer_holds_at_most_its_turns_of_the_worker_pool():
+    import asyncio
+
+    from crowdsft.coordinator.server.servicer import PeerLanes
+
+    async def main():
+        lanes = PeerLanes(per_peer=2)
+        inside = {"a": 0, "b": 0}
+        most = {"a": 0, "b": 0}
+        order = []
+
+        async def job(host: str, i: int) -> None:
+            async with lanes.turn(f"ipv4:{host}:1"):
+                inside[host] += 1
+                most[host] = max(most[host], inside[host])
+                order.append((host, i))
+                await asyncio.sleep(0.02)
+                inside[host] -= 1
+
+        flood = [asyncio.ensure_future(job("a", i)) for i in range(10)]
+        await asyncio.sleep(0.001)
+        honest = asyncio.ensure_future(job("b", 0))
+        await asyncio.gather(*flood, honest)
+        return most, order.index(("b", 0)), len(lanes)
+
+    most, honest_position, left = asyncio.run(main())
+    assert most == {"a": 2, "b": 1}
+    assert honest_position <= 2  # served beside the flood's first turns, not after all ten
+    assert left == 0
+
+
+def test_the_node_budget_can_be_looked_at_without_spending_it():
+    from crowdsft.config import RateLimitConfig
+    from crowdsft.coordinator.server.ratelimit import RateLimiter
+    from crowdsft.errors import RateLimitedError
+
+    limiter = RateLimiter(RateLimitConfig(burst=2, contributions_per_s=0.001))
+    for _ in range(5):
+        limiter.check("n1", 10)
+    limiter.take("n1", 10)
+    limiter.take("n1", 10)
+    with pytest.raises(RateLimitedError):
+        limiter.check("n1", 10)
+
+
+def _envelopes(identity):
+    """One of each: valid, bad signature, too many examples, unknown field, combining marks."""
+    valid = sign_contribution(identity, [example("heavy valid"), example("another")])
+    forged = sign_contribution(identity, [example("forged")])
+    forged.signature = bytes(64)
+    many = sign_envelope(
+        identity,
+        contribution_pb2.ContributionPayload(
+            examples=[contribution_pb2.Example(prompt="a", response="b")] * 5000,
+            nonce=new_nonce(),
+            timestamp_ms=now_ms(),
+        ),
+    )
+    unknown_payload = (
+        contribution_pb2.ContributionPayload(
+            examples=[contribution_pb2.Example(prompt="q unknown", response="r")],
+            nonce=new_nonce(),
+            timestamp_ms=now_ms(),
+        ).SerializeToString()
+        + b"\xa2\x06\x03abc"
+    )
+    unknown = envelope_pb2.SignedEnvelope(
+        payload=unknown_payload,
+        signature=identity.sign(b"crowdsft.v1.ContributionPayload\n" + unknown_payload),
+        public_key=identity.public_key,
+    )
+    marks = sign_contribution(identity, [{"prompt": "p", "response": "e" + "\u0301" * 40}])
+    return {"valid": valid, "forged": forged, "many": many, "unknown": unknown, "marks": marks}
+
+
+def test_the_heavy_lane_finds_what_the_in_process_checks_find(identity):
+    from crowdsft.config import CoordinatorConfig
+    from crowdsft.coordinator.server.heavy import inspect
+    from crowdsft.validation import check_payload
+
+    limits = CoordinatorConfig().protocol.limits()
+    found = {k: inspect(e.SerializeToString(), limits) for k, e in _envelopes(identity).items()}
+    assert found["valid"].problem == ""
+    payload = contribution_pb2.ContributionPayload.FromString(_envelopes(identity)["valid"].payload)
+    assert len(found["valid"].fingerprints) == len(check_payload(payload, limits).fingerprints)
+    assert found["forged"].problem == "signature"
+    assert found["many"].problem == "payload" and "more than" in found["many"].message
+    assert found["unknown"].problem == "payload"
+    assert "fields this protocol does not define" in found["unknown"].message
+    assert found["marks"].problem == "payload" and "combining" in found["marks"].message
+
+
+def test_large_contributions_are_answered_alike_through_the_heavy_lane(make_coordinator, identity):
+    """Every contribution through the lane (heavy_envelope_bytes = 1) is answered as on the
+    in-process path: the same codes, a receipt for the valid one, the bad signature charged
+    to the peer."""
+    codes = {}
+    for lane in (1, 0):
+        coord = make_coordinator(
+            server={"heavy_envelope_bytes": lane}, rate_limit={"peer_bad_signatures_per_s": 1e-3}
+        )
+        assert (coord.coordinator.heavy is not None) == bool(lane)
+        stub = coord_stub(coord)
+        codes[lane] = {
+            k: status_code(stub.SubmitContribution, e, timeout=30)
+            for k, e in _envelopes(identity).items()
+        }
+        assert coord.counts()["contributions"] == 1
+        bad = coord.coordinator.service.ingest.peers.bad
+        assert bad.wait("127.0.0.1", bad.burst) > 0  # the forged envelope was charged
+        assert bad.wait("127.0.0.1", bad.burst - 1) == 0  # once
+    assert codes[1] == codes[0]
+    assert codes[1]["valid"] == grpc.StatusCode.OK
+    assert codes[1]["forged"] == grpc.StatusCode.UNAUTHENTICATED
+    assert {codes[1][k] for k in ("many", "unknown", "marks")} == {
+        grpc.StatusCode.INVALID_ARGUMENT
+    }
+
+
+def test_the_heavy_lane_refuses_rather_than_queues_past_its_bound(identity):
+    from crowdsft.config import CoordinatorConfig
+    from crowdsft.coordinator.server.heavy import HeavyLane
+    from crowdsft.errors import UnavailableError
+
+    lane = HeavyLane(max_waiting=1)
+    try:
+        assert lane._slots.acquire(blocking=False)  # one call is waiting for the worker
+        with pytest.raises(UnavailableError, match="large contributions"):
+            lane.inspect(_envelopes(identity)["valid"], CoordinatorConfig().protocol.limits())
+        lane._slots.release()
+        found = lane.inspect(_envelopes(identity)["valid"], CoordinatorConfig().protocol.limits())
+        assert found.problem == ""
+    finally:
+        lane.close()
