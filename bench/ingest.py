@@ -121,8 +121,11 @@ def _coordinator_server(ready, stop, root: str) -> None:
             peer_bytes_per_s=1e12,
             peer_burst_bytes=10**12,
         ),
-        server=dataclasses.replace(config.server, max_streams_per_peer=10_000),
+        server=dataclasses.replace(
+            config.server, max_streams_per_peer=10_000, worker_turns_per_peer=10_000
+        ),
     )
+    sys.setswitchinterval(config.server.switch_interval_ms / 1000)  # as `coordinator serve`
     coord = Coordinator(config).start()
     ready.put(coord.port)
     stop.wait()

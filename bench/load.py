@@ -14,10 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def set_keys(text: str, **values: object) -> str:
+    """``text`` (a coordinator.toml) with each ``key = ...`` line set to its value; a key
+    that is not there exactly once is an error, not a silent no-op."""
+    for key, value in values.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        if n != 1:
+            raise SystemExit(f"coordinator.toml has {n} lines setting {key!r}; expected one")
+    return text
 
 
 def main() -> int:
@@ -44,16 +55,22 @@ def main() -> int:
         root = Path(tmp) / "coordinator"
         address = f"127.0.0.1:{free_port()}"
         path = init_coordinator(root, listen=address)
-        text = path.read_text().replace("groups = 3", "groups = 2")
-        text = text.replace("contributions_per_s = 50.0", "contributions_per_s = 100000.0")
-        text = text.replace("burst = 500", "burst = 100000")
         # Every node runs on this machine's one address: lift the per-address limits, which
-        # are for a crowd spread over many.
-        text = text.replace("max_streams_per_peer = 32", "max_streams_per_peer = 1024")
-        text = text.replace("peer_requests_per_s = 200.0", "peer_requests_per_s = 1000000.0")
-        text = text.replace("peer_bytes_per_s = 2097152.0", "peer_bytes_per_s = 1e12")
-        text = text.replace("peer_burst_bytes = 16777216", "peer_burst_bytes = 1000000000000")
-        path.write_text(text.replace("peer_burst = 1000", "peer_burst = 1000000"))
+        # are for a crowd spread over many, and the per-node ones (capacity is measured).
+        path.write_text(
+            set_keys(
+                path.read_text(),
+                groups=2,
+                contributions_per_s=100000.0,
+                burst=100000,
+                max_streams_per_peer=1024,
+                worker_turns_per_peer=1024,
+                peer_requests_per_s=1e6,
+                peer_burst=1000000,
+                peer_bytes_per_s=1e12,
+                peer_burst_bytes=10**12,
+            )
+        )
         process = Process(path, args.step_delay, root / "coordinator.log")
         process.start()
         try:
