@@ -552,9 +552,7 @@ def test_large_contributions_are_answered_alike_through_the_heavy_lane(make_coor
     assert codes[1] == codes[0]
     assert codes[1]["valid"] == grpc.StatusCode.OK
     assert codes[1]["forged"] == grpc.StatusCode.UNAUTHENTICATED
-    assert {codes[1][k] for k in ("many", "unknown", "marks")} == {
-        grpc.StatusCode.INVALID_ARGUMENT
-    }
+    assert {codes[1][k] for k in ("many", "unknown", "marks")} == {grpc.StatusCode.INVALID_ARGUMENT}
 
 
 def test_the_heavy_lane_refuses_rather_than_queues_past_its_bound(identity):
