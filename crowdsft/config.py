@@ -44,6 +44,8 @@ class ServerConfig:
     # A call refused for being over a rate limit is answered after this delay (0: at once),
     # so that a client ignoring the retry hint cannot make the server refuse it nonstop.
     refusal_delay_s: float = 0.5
+    # Refused calls held for that delay at once, in all (past it they are answered at once).
+    max_held_refusals: int = 256
     # How often (ms) the serving process's threads hand over Python's interpreter lock
     # (Python's default is 5): shorter, a worker busy with a large envelope delays others less.
     switch_interval_ms: float = 0.5
@@ -86,18 +88,29 @@ class ServerConfig:
             "max_streams_per_peer",
             "max_streams_per_connection",
             "worker_turns_per_peer",
+            "max_held_refusals",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name} must be at least 1")
-        streams = self.max_upload_streams + self.max_watch_streams + self.max_ledger_streams
+        streams = (
+            self.max_upload_streams
+            + self.max_watch_streams
+            + self.max_ledger_streams
+            + self.max_held_refusals
+        )
         if streams >= self.max_concurrent_streams:
             raise ConfigError(
                 f"server.max_concurrent_streams ({self.max_concurrent_streams}) must exceed the "
-                f"stream caps together ({streams}), so that unary calls and health checks "
-                "always have room"
+                f"stream caps and max_held_refusals together ({streams}), so that unary calls "
+                "and health checks always have room"
             )
-        if self.refusal_delay_s < 0:
-            raise ConfigError("server.refusal_delay_s must be >= 0")
+        if not 0 <= self.refusal_delay_s <= 10:  # also refuses nan
+            raise ConfigError("server.refusal_delay_s must be between 0 and 10")
+        if self.heavy_envelope_bytes and self.heavy_envelope_bytes < 65536:
+            raise ConfigError(
+                "server.heavy_envelope_bytes must be 0 (off) or at least 65536: the lane is "
+                "one process, meant for the few large contributions"
+            )
         if self.heavy_envelope_bytes < 0:
             raise ConfigError("server.heavy_envelope_bytes must be >= 0 (0 turns the lane off)")
         if not 0.05 <= self.switch_interval_ms <= 100:
@@ -439,6 +452,7 @@ max_workers = 16
 worker_turns_per_peer = 2
 # A call refused for being over a rate limit is answered after this delay (0: at once).
 refusal_delay_s = 0.5
+max_held_refusals = 256
 # How often (ms) the serving process's threads hand over the interpreter lock.
 switch_interval_ms = 0.5
 # Contributions of at least this many bytes are checked in a lower-priority process (0: off).

@@ -1,12 +1,13 @@
 """The heavy lane: large contributions are checked in a separate process at a lower OS
-priority, so that the work they cost (the signature over megabytes, parsing, Unicode checks,
-normalisation) competes with the serving process only for CPU time it leaves idle.
+priority (nice +10), so that most of the work they cost (the signature over megabytes,
+parsing, Unicode checks, normalisation) runs outside the serving process's interpreter lock
+and yields the CPU to it when both want it.
 
-Honest nodes' small contributions keep the fast in-process path; one client sending
-megabyte envelopes cannot take the interpreter lock, or the core, from them. The lane does
-only the stateless part of ``Ingest.prepare`` (``inspect``); everything that needs the
-coordinator's state (the peer's and node's budgets, admission, the store) stays in-process,
-in the same order as on the fast path.
+Honest nodes' small contributions keep the fast in-process path. What a large one still
+costs the serving process: receiving it, copying it to the lane, hashing its id, and its
+commit. The lane does only the stateless part of ``Ingest.prepare`` (``inspect``);
+everything that needs the coordinator's state (the peer's and node's budgets, admission,
+the store) stays in-process (see ``Ingest._prepare_heavy`` for the order).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -33,12 +36,16 @@ NICENESS = 10  # the lane's OS priority below the server's (CPU share about 1:10
 
 @dataclass(frozen=True)
 class Inspection:
-    """What the lane found: ``problem`` is empty for a contribution that passed, else the
-    kind ("signature" or "payload") and message of the first check that failed."""
+    """What the lane found: ``problem`` is empty for a contribution that passed (then with
+    what the durable write needs), else the kind ("signature" or "payload") and message of
+    the first check that failed."""
 
     problem: str = ""
     message: str = ""
     fingerprints: tuple[bytes, ...] = ()
+    n_examples: int = 0
+    nonce: bytes = b""
+    timestamp_ms: int = 0
 
 
 def inspect(envelope_bytes: bytes, limits: Limits) -> Inspection:
@@ -66,12 +73,27 @@ def inspect(envelope_bytes: bytes, limits: Limits) -> Inspection:
     checked = check_payload(payload, limits)
     if checked.problems:
         return Inspection("payload", summarise(checked.problems))
-    return Inspection(fingerprints=tuple(checked.fingerprints))
+    return Inspection(
+        fingerprints=tuple(checked.fingerprints),
+        n_examples=len(payload.examples),
+        nonce=payload.nonce,
+        timestamp_ms=payload.timestamp_ms,
+    )
 
 
-def _lower_priority() -> None:
+def _worker_start(parent: int) -> None:
+    """In the lane's process: a lower priority; Ctrl-C is the coordinator's to handle (it
+    closes the lane); and the process ends when the coordinator does, even if it was killed."""
     with contextlib.suppress(OSError):  # not permitted: the lane still frees the lock
         os.nice(NICENESS)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="heavy-lane-parent-watch", daemon=True).start()
 
 
 class HeavyLane:
@@ -95,7 +117,8 @@ class HeavyLane:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_lower_priority,
+                    initializer=_worker_start,
+                    initargs=(os.getpid(),),
                 )
             return self._pool
 
@@ -105,33 +128,39 @@ class HeavyLane:
         self._executor().submit(os.getpid)
 
     def inspect(self, envelope: envelope_pb2.SignedEnvelope, limits: Limits) -> Inspection:
-        if not self._slots.acquire(blocking=False):
-            raise UnavailableError(
-                f"the coordinator is checking {self.max_waiting} large contributions already; "
-                "retry shortly"
-            )
-        try:
-            data = envelope.SerializeToString()
-            for attempt in (1, 2):
+        data = envelope.SerializeToString()
+        for attempt in (1, 2):
+            if not self._slots.acquire(blocking=False):
+                raise UnavailableError(
+                    f"the coordinator is checking {self.max_waiting} large contributions "
+                    "already; retry shortly"
+                )
+            try:
                 pool = self._executor()
-                try:
-                    return pool.submit(inspect, data, limits).result(self.timeout_s)
-                except BrokenProcessPool:  # the worker died (killed, out of memory): once more
-                    logger.warning("the heavy-lane worker process died; starting another")
-                    with self._lock:
-                        if self._pool is pool:
-                            self._pool = None
-                    if attempt == 2:
-                        raise UnavailableError(
-                            "the coordinator could not check this contribution; retry"
-                        ) from None
-                except TimeoutError:
+                future = pool.submit(inspect, data, limits)
+            except BaseException:
+                self._slots.release()
+                raise
+            # The slot is free when the job is, not when this caller stops waiting for it.
+            future.add_done_callback(lambda _: self._slots.release())
+            try:
+                return future.result(self.timeout_s)
+            except BrokenProcessPool:  # the worker died (killed, out of memory): once more
+                logger.warning("the heavy-lane worker process died; starting another")
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+                if attempt == 2:
                     raise UnavailableError(
-                        "checking this contribution took too long; retry later"
+                        "the coordinator could not check this contribution; retry"
                     ) from None
-            raise AssertionError("unreachable")
-        finally:
-            self._slots.release()
+            except TimeoutError:
+                future.cancel()
+                raise UnavailableError(
+                    "checking this contribution took too long; retry later"
+                ) from None
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:

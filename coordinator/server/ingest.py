@@ -108,26 +108,13 @@ class Ingest:
         """
         try:
             if self.heavy is not None and len(envelope.payload) >= self.heavy_bytes:
-                verified, payload, fps = self._prepare_heavy(envelope, peer)
-            else:
-                verified, payload, fps = self._prepare_here(envelope, peer)
-            self._run_validators(verified.node_id, payload)
+                return self._prepare_heavy(envelope, peer)
+            return self._prepare_here(envelope, peer)
         except ProtocolError as exc:
             logger.info("rejected contribution: %s: %s", exc.status_name, printable(str(exc)))
             raise
-        return ContributionWrite(
-            ingest=self,
-            verified=verified,
-            cid=contribution_id(verified.payload_bytes),
-            n_examples=len(payload.examples),
-            nonce=payload.nonce,
-            ts_ms=payload.timestamp_ms,
-            fingerprints=fps if self.copy_checks else (),
-        )
 
-    def _prepare_here(
-        self, envelope: envelope_pb2.SignedEnvelope, peer: str
-    ) -> tuple[Verified, contribution_pb2.ContributionPayload, tuple[bytes, ...]]:
+    def _prepare_here(self, envelope: envelope_pb2.SignedEnvelope, peer: str) -> ContributionWrite:
         """Steps 2 to 4 on this thread (small contributions)."""
         try:
             verified, payload = verify_envelope(
@@ -143,20 +130,33 @@ class Ingest:
         checked = check_payload(payload, self.limits)
         if checked.problems:
             raise InvalidPayloadError(summarise(checked.problems))
-        return verified, payload, tuple(checked.fingerprints)
+        self._run_validators(verified.node_id, payload)
+        return self._write(
+            verified,
+            len(payload.examples),
+            payload.nonce,
+            payload.timestamp_ms,
+            checked.fingerprints,
+        )
 
-    def _prepare_heavy(
-        self, envelope: envelope_pb2.SignedEnvelope, peer: str
-    ) -> tuple[Verified, contribution_pb2.ContributionPayload, tuple[bytes, ...]]:
+    def _prepare_heavy(self, envelope: envelope_pb2.SignedEnvelope, peer: str) -> ContributionWrite:
         """Steps 2 to 4 for a large contribution, its stateless checks in the heavy lane
-        (``HeavyLane``). The node's budget is looked at first (spending nothing: the key is
-        not proven yet) so that a node over it costs no check, and spent once the signature
-        has checked out, before the payload's verdict, as on the fast path."""
+        (``HeavyLane``). Admission and the node's budget are looked at first, for the key the
+        envelope claims, spending nothing, so that a node that would be refused costs no
+        check; such a refusal is given only once the signature has checked out here (else the
+        answer is UNAUTHENTICATED and the peer is charged, as on the fast path, and nobody
+        learns another node's budget). The budget is spent once the lane has verified the
+        signature, before the payload's verdict, as on the fast path."""
         assert self.heavy is not None
         pk = envelope.public_key
         claimed = node_id_from_public_key(pk) if len(pk) == PUBLIC_KEY_BYTES else ""
         if claimed:
-            self.rate_limiter.check(claimed, len(envelope.payload))
+            try:
+                self.admission.check(claimed)
+                self.rate_limiter.check(claimed, len(envelope.payload))
+            except ProtocolError:
+                self._verify_here(envelope, peer)
+                raise
         found = self.heavy.inspect(envelope, self.limits)
         if found.problem == "signature":
             if peer:
@@ -165,14 +165,47 @@ class Ingest:
         self._before_parsing_budget(claimed, len(envelope.payload))
         if found.problem:
             raise InvalidPayloadError(found.message)
-        payload = contribution_pb2.ContributionPayload.FromString(envelope.payload)
         verified = Verified(
             node_id=claimed,
             public_key=pk,
             payload_bytes=envelope.payload,
             signature=envelope.signature,
         )
-        return verified, payload, found.fingerprints
+        if self.plugins.pm.hook.crowdsft_validate_contribution.get_hookimpls():
+            payload = contribution_pb2.ContributionPayload.FromString(envelope.payload)
+            self._run_validators(claimed, payload)
+        return self._write(
+            verified, found.n_examples, found.nonce, found.timestamp_ms, found.fingerprints
+        )
+
+    def _verify_here(self, envelope: envelope_pb2.SignedEnvelope, peer: str) -> None:
+        """Raise AuthenticationError (charged to the peer) unless the signature verifies."""
+        try:
+            verify_envelope(envelope, contribution_pb2.ContributionPayload, _refuse_parse)
+        except _Verified:
+            return
+        except AuthenticationError:
+            if peer:
+                self.peers.bad_signature(peer)
+            raise
+
+    def _write(
+        self,
+        verified: Verified,
+        n_examples: int,
+        nonce: bytes,
+        ts_ms: int,
+        fps: list[bytes] | tuple[bytes, ...],
+    ) -> ContributionWrite:
+        return ContributionWrite(
+            ingest=self,
+            verified=verified,
+            cid=contribution_id(verified.payload_bytes),
+            n_examples=n_examples,
+            nonce=nonce,
+            ts_ms=ts_ms,
+            fingerprints=tuple(fps) if self.copy_checks else (),
+        )
 
     def _before_parsing(self, node_id: str, payload: bytes) -> None:
         """Between the signature and the parse: admission and the node's limits (the key is
@@ -245,6 +278,14 @@ class Ingest:
                 coordinator_public_key=self.public_key,
             ),
         )
+
+
+class _Verified(Exception):
+    """Raised by ``_refuse_parse``: the signature checked out, and no parse is wanted."""
+
+
+def _refuse_parse(node_id: str, payload: bytes) -> None:
+    raise _Verified
 
 
 @dataclass

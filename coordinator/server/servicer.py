@@ -178,23 +178,28 @@ class Tarpit:
     """Refusals for being over a rate limit are answered after ``delay_s``, holding no
     worker: a client that ignores the retry hint and sends again at once is slowed to
     ``max_streams_per_connection / delay_s`` calls a second per connection, instead of costing
-    the server a refusal as fast as it can answer. A peer address has at most ``per_peer``
-    calls held at once (more are answered at once), so held calls cannot fill the server."""
+    the server a refusal as fast as it can answer. At most ``per_peer`` calls of one address
+    and ``total`` in all are held at once; past either, refusals are answered at once (so
+    held calls cannot fill the server's call slots; a client on many connections is slowed
+    only up to the per-address bound)."""
 
-    def __init__(self, delay_s: float, per_peer: int) -> None:
-        self.delay_s, self.per_peer = delay_s, per_peer
+    def __init__(self, delay_s: float, per_peer: int, total: int) -> None:
+        self.delay_s, self.per_peer, self.total = delay_s, per_peer, total
         self._held: dict[str, int] = {}
+        self._count = 0
 
     async def hold(self, peer: str) -> None:
         host = peer_host(peer)
         held = self._held.get(host, 0)
-        if not self.delay_s or held >= self.per_peer:
+        if not self.delay_s or held >= self.per_peer or self._count >= self.total:
             return
+        self._count += 1
         self._held[host] = held + 1
         try:
             # Jittered, so that a flood's held calls do not all come back at once.
             await asyncio.sleep(self.delay_s * (1 + random.random()))
         finally:
+            self._count -= 1
             left = self._held[host] - 1
             if left:
                 self._held[host] = left
@@ -202,7 +207,7 @@ class Tarpit:
                 del self._held[host]
 
     def __len__(self) -> int:
-        return sum(self._held.values())
+        return self._count
 
 
 class PeerLanes:
@@ -307,7 +312,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
         self.feed = RoundFeed(service, self._run)
         self.lanes = PeerLanes(config.worker_turns_per_peer)
-        self.tarpit = Tarpit(config.refusal_delay_s, config.max_streams_per_peer)
+        self.tarpit = Tarpit(
+            config.refusal_delay_s, config.max_streams_per_peer, config.max_held_refusals
+        )
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the worker pool (store reads and writes, signature checks)."""
@@ -345,7 +352,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     @unary
     async def GetInclusionProofs(self, request, context):
         self._admit(context, request)
-        return await self._run(self.service.inclusion_proofs, list(request.contribution_ids))
+        ids = list(request.contribution_ids)
+        return await self._run_for(context.peer(), self.service.inclusion_proofs, ids)
 
     @unary
     async def SubmitContribution(self, request, context):
@@ -381,7 +389,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             after = request.after_round_id
             while True:
                 try:
-                    entries = await self._run(self.service.ledger, after)
+                    entries = await self._run_for(context.peer(), self.service.ledger, after)
                 except Exception as exc:
                     await _abort(context, exc)
                 if not entries:

@@ -408,7 +408,8 @@ def test_a_refused_call_is_answered_after_the_refusal_delay(make_coordinator, id
     took = {}
     for name, coord in (("delayed", delayed), ("at once", at_once)):
         stub = coord_stub(coord)
-        assert status_code(stub.GetCoordinatorInfo, coordinator_pb2.GetCoordinatorInfoRequest())
+        first = status_code(stub.GetCoordinatorInfo, coordinator_pb2.GetCoordinatorInfoRequest())
+        assert first == grpc.StatusCode.OK
         t = time.monotonic()
         code = status_code(stub.GetCoordinatorInfo, coordinator_pb2.GetCoordinatorInfoRequest())
         took[name] = time.monotonic() - t
@@ -423,18 +424,20 @@ def test_the_tarpit_holds_a_bounded_number_of_calls_per_peer():
     from crowdsft.coordinator.server.servicer import Tarpit
 
     async def main():
-        pit = Tarpit(delay_s=0.2, per_peer=3)
+        pit = Tarpit(delay_s=0.2, per_peer=3, total=5)
         held = [asyncio.ensure_future(pit.hold("ipv4:10.0.0.1:1000")) for _ in range(5)]
-        other = asyncio.ensure_future(pit.hold("ipv4:10.0.0.2:1000"))
+        others = [asyncio.ensure_future(pit.hold(f"ipv4:10.0.0.{i}:1000")) for i in (2, 3, 4)]
         await asyncio.sleep(0.05)
         waiting = sum(not h.done() for h in held)
+        others_waiting = sum(not h.done() for h in others)
         total = len(pit)
-        await asyncio.gather(*held, other)
-        return waiting, total, len(pit)
+        await asyncio.gather(*held, *others)
+        return waiting, others_waiting, total, len(pit)
 
-    waiting, total, after = asyncio.run(main())
-    assert waiting == 3  # the two over the cap were answered at once
-    assert total == 4  # three from one address, one from another
+    waiting, others_waiting, total, after = asyncio.run(main())
+    assert waiting == 3  # the two over the per-address cap were answered at once
+    assert others_waiting == 2  # the third other address met the total cap
+    assert total == 5
     assert after == 0
 
 
@@ -531,15 +534,16 @@ def test_the_heavy_lane_finds_what_the_in_process_checks_find(identity):
 
 
 def test_large_contributions_are_answered_alike_through_the_heavy_lane(make_coordinator, identity):
-    """Every contribution through the lane (heavy_envelope_bytes = 1) is answered as on the
-    in-process path: the same codes, a receipt for the valid one, the bad signature charged
-    to the peer."""
+    """Every contribution through the lane is answered as on the in-process path: the
+    same codes, a receipt for the valid one, the bad signature charged to the peer."""
     codes = {}
     for lane in (1, 0):
         coord = make_coordinator(
-            server={"heavy_envelope_bytes": lane}, rate_limit={"peer_bad_signatures_per_s": 1e-3}
+            server={"heavy_envelope_bytes": 65536 * lane},
+            rate_limit={"peer_bad_signatures_per_s": 1e-3},
         )
         assert (coord.coordinator.heavy is not None) == bool(lane)
+        coord.coordinator.service.ingest.heavy_bytes = lane  # every contribution, in the test
         stub = coord_stub(coord)
         codes[lane] = {
             k: status_code(stub.SubmitContribution, e, timeout=30)
@@ -570,3 +574,39 @@ def test_the_heavy_lane_refuses_rather_than_queues_past_its_bound(identity):
         assert found.problem == ""
     finally:
         lane.close()
+
+
+def test_a_forged_large_envelope_cannot_probe_another_nodes_budget(make_coordinator, identity):
+    """The heavy lane looks at the claimed key's budget before verifying; a refusal found
+    so is given only to the key's owner: a forgery is UNAUTHENTICATED and charged."""
+    coord = make_coordinator(rate_limit={"burst": 1, "contributions_per_s": 1e-3})
+    coord.coordinator.service.ingest.heavy_bytes = 1
+    stub = coord_stub(coord)
+    ok = status_code(stub.SubmitContribution, _envelopes(identity)["valid"], timeout=30)
+    assert ok == grpc.StatusCode.OK  # the node's one contribution: its budget is spent
+    forged = sign_contribution(identity, [example("forged")])
+    forged.signature = bytes(64)
+    assert status_code(stub.SubmitContribution, forged, timeout=30) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    again = sign_contribution(identity, [example("again")])
+    assert status_code(stub.SubmitContribution, again, timeout=30) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+
+
+@pytest.mark.parametrize(
+    "server, message",
+    [
+        ({"refusal_delay_s": float("nan")}, "refusal_delay_s"),
+        ({"refusal_delay_s": 60}, "refusal_delay_s"),
+        ({"heavy_envelope_bytes": 100}, "heavy_envelope_bytes"),
+        ({"max_held_refusals": 2000}, "max_held_refusals"),
+    ],
+)
+def test_hostile_client_settings_are_checked(server, message):
+    from crowdsft.config import ServerConfig
+    from crowdsft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig(**server)
