@@ -1,7 +1,6 @@
-"""The layers' import rules (``[tool.importlinter]`` in pyproject.toml) hold. They are checked
-on a staged copy laid out as the installed package (``.ci/lint-imports``): import-linter run
-in the checkout itself cannot see ``node/``, ``coordinator/`` and ``plugins/``, which
-pyproject.toml maps into ``crowdsft``."""
+"""The layers' import rules (``[tool.importlinter]`` in pyproject.toml) hold, as
+``lint-imports`` in the repository root reports them (``.ci/lint-imports``; it sees
+``node/``, ``coordinator/`` and ``plugins/`` through their links in ``crowdsft/``)."""
 
 from __future__ import annotations
 
