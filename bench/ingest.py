@@ -98,33 +98,16 @@ def _echo_server(ready, stop, reply_size: int) -> None:
 
 
 def _coordinator_server(ready, stop, root: str) -> None:
-    import dataclasses
     import logging
 
     from crowdsft.config import load_coordinator_config
     from crowdsft.coordinator.server.app import Coordinator
     from crowdsft.coordinator.server.scaffold import init_coordinator
+    from crowdsft.testing.load import one_address
 
     logging.basicConfig(level=logging.WARNING)
     config = load_coordinator_config(init_coordinator(Path(root), listen="127.0.0.1:0"))
-    config = dataclasses.replace(
-        config,
-        # Capacity, not limits, is measured: every client is on this machine's one address.
-        rate_limit=dataclasses.replace(
-            config.rate_limit,
-            contributions_per_s=1e9,
-            burst=10**9,
-            bytes_per_s=1e12,
-            burst_bytes=10**12,
-            peer_requests_per_s=1e9,
-            peer_burst=10**9,
-            peer_bytes_per_s=1e12,
-            peer_burst_bytes=10**12,
-        ),
-        server=dataclasses.replace(
-            config.server, max_streams_per_peer=10_000, worker_turns_per_peer=10_000
-        ),
-    )
+    config = one_address(config)  # capacity, not limits: every client is on one address
     sys.setswitchinterval(config.server.switch_interval_ms / 1000)  # as `coordinator serve`
     coord = Coordinator(config).start()
     ready.put(coord.port)

@@ -49,28 +49,15 @@ def main() -> int:
     from crowdsft.coordinator.server.scaffold import init_coordinator
     from crowdsft.coordinator.store.db import connect
     from crowdsft.testing.crash import Process, free_port
-    from crowdsft.testing.load import run_load
+    from crowdsft.testing.load import ONE_ADDRESS, run_load
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "coordinator"
         address = f"127.0.0.1:{free_port()}"
         path = init_coordinator(root, listen=address)
-        # Every node runs on this machine's one address: lift the per-address limits, which
-        # are for a crowd spread over many, and the per-node ones (capacity is measured).
-        path.write_text(
-            set_keys(
-                path.read_text(),
-                groups=2,
-                contributions_per_s=100000.0,
-                burst=100000,
-                max_streams_per_peer=1024,
-                worker_turns_per_peer=1024,
-                peer_requests_per_s=1e6,
-                peer_burst=1000000,
-                peer_bytes_per_s=1e12,
-                peer_burst_bytes=10**12,
-            )
-        )
+        # Every node runs on this machine's one address (see ONE_ADDRESS).
+        limits = {k: v for values in ONE_ADDRESS.values() for k, v in values.items()}
+        path.write_text(set_keys(path.read_text(), groups=2, **limits))
         process = Process(path, args.step_delay, root / "coordinator.log")
         process.start()
         try:

@@ -17,6 +17,7 @@ import functools
 import logging
 import random
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -137,12 +138,21 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _drop(counts: Counter[str], key: str) -> int:
+    """One fewer for ``key``, forgetting it at zero; returns what is left."""
+    counts[key] -= 1
+    left = counts[key]
+    if not left:
+        del counts[key]
+    return left
+
+
 class StreamSlots:
     """Concurrent streams of one kind, capped per peer address and in total."""
 
     def __init__(self, kind: str, total: int, per_peer: int) -> None:
         self.kind, self.total, self.per_peer = kind, total, per_peer
-        self._open: dict[str, int] = {}
+        self._open: Counter[str] = Counter()
         self._count = 0
         self._lock = threading.Lock()
 
@@ -154,24 +164,20 @@ class StreamSlots:
                     f"the coordinator serves {self.total} {self.kind} streams at most; retry later",
                     retry_after_s=5.0,
                 )
-            if self._open.get(host, 0) >= self.per_peer:
+            if self._open[host] >= self.per_peer:
                 raise RateLimitedError(
                     f"peer {host} has {self.per_peer} {self.kind} streams open already, the "
                     "most one address may hold; close one first",
                     retry_after_s=5.0,
                 )
-            self._open[host] = self._open.get(host, 0) + 1
+            self._open[host] += 1
             self._count += 1
         return host
 
     def release(self, host: str) -> None:
         with self._lock:
             self._count -= 1
-            left = self._open[host] - 1
-            if left:
-                self._open[host] = left
-            else:
-                del self._open[host]
+            _drop(self._open, host)
 
 
 class Tarpit:
@@ -185,26 +191,21 @@ class Tarpit:
 
     def __init__(self, delay_s: float, per_peer: int, total: int) -> None:
         self.delay_s, self.per_peer, self.total = delay_s, per_peer, total
-        self._held: dict[str, int] = {}
+        self._held: Counter[str] = Counter()
         self._count = 0
 
     async def hold(self, peer: str) -> None:
         host = peer_host(peer)
-        held = self._held.get(host, 0)
-        if not self.delay_s or held >= self.per_peer or self._count >= self.total:
+        if not self.delay_s or self._held[host] >= self.per_peer or self._count >= self.total:
             return
         self._count += 1
-        self._held[host] = held + 1
+        self._held[host] += 1
         try:
             # Jittered, so that a flood's held calls do not all come back at once.
             await asyncio.sleep(self.delay_s * (1 + random.random()))
         finally:
             self._count -= 1
-            left = self._held[host] - 1
-            if left:
-                self._held[host] = left
-            else:
-                del self._held[host]
+            _drop(self._held, host)
 
     def __len__(self) -> int:
         return self._count
@@ -217,21 +218,21 @@ class PeerLanes:
 
     def __init__(self, per_peer: int) -> None:
         self.per_peer = per_peer
-        self._lanes: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._lanes: dict[str, asyncio.Semaphore] = {}
+        self._callers: Counter[str] = Counter()  # holding or waiting for a host's lane
 
     @contextlib.asynccontextmanager
     async def turn(self, peer: str) -> AsyncIterator[None]:
         host = peer_host(peer)
         lane = self._lanes.get(host)
         if lane is None:
-            lane = self._lanes[host] = (asyncio.Semaphore(self.per_peer), [0])
-        lane[1][0] += 1  # callers holding or waiting for this lane
+            lane = self._lanes[host] = asyncio.Semaphore(self.per_peer)
+        self._callers[host] += 1
         try:
-            async with lane[0]:
+            async with lane:
                 yield
         finally:
-            lane[1][0] -= 1
-            if not lane[1][0]:
+            if not _drop(self._callers, host):
                 del self._lanes[host]
 
     def __len__(self) -> int:

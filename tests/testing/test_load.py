@@ -11,7 +11,7 @@ from crowdsft.coordinator.rounds.runner import RoundRunner
 from crowdsft.envelope import new_nonce, now_ms, sign_envelope
 from crowdsft.keys import Identity
 from crowdsft.ledger import verify_ledger
-from crowdsft.testing.load import run_load
+from crowdsft.testing.load import ONE_ADDRESS, run_load
 from crowdsft.testing.standin import StandInSpace
 from crowdsft.v1 import contribution_pb2
 
@@ -20,18 +20,8 @@ from crowdsft.v1 import contribution_pb2
 def test_fifty_nodes_while_a_round_runs(make_coordinator):
     coord = make_coordinator(
         rounds={"groups": 2, "judging_error": 0.0},
-        rate_limit={
-            "contributions_per_s": 10_000.0,
-            "burst": 10_000,
-            "peer_requests_per_s": 1e6,
-            "peer_burst": 1_000_000,
-            "peer_bytes_per_s": 1e12,
-            "peer_burst_bytes": 10**12,
-        },
         admission={"near_duplicate_threshold": 0.0},
-        # Fifty nodes, all on this machine's one address: the per-address stream cap is
-        # for a crowd spread over many.
-        server={"max_streams_per_peer": 64},
+        **ONE_ADDRESS,  # fifty nodes, all on this machine's one address
     )
     early = [Identity.generate() for _ in range(4)]
     with coord.client() as c:

@@ -19,6 +19,7 @@ from crowdsft.envelope import (
     sign_envelope,
 )
 from crowdsft.keys import Identity, verify_signature
+from crowdsft.testing.load import one_address
 from crowdsft.v1 import contribution_pb2, envelope_pb2
 from crowdsft.validation import Limits, payload_problems
 
@@ -49,19 +50,16 @@ class _Coordinator:
         from crowdsft.node.client import CoordinatorClient
 
         config = load_coordinator_config(init_coordinator(root, listen="127.0.0.1:0"))
+        config = one_address(config)
         config = dataclasses.replace(
             config,
             rate_limit=dataclasses.replace(
                 config.rate_limit,
-                contributions_per_s=1e6,
-                burst=1_000_000,
                 node_calls_per_s=1e6,
                 node_calls_burst=1_000_000,
                 # Junk with bad signatures on purpose: this test wants every envelope
                 # verified, not the peer slowed down (tests/coordinator/server/test_hostile.py).
                 peer_bad_signature_burst=1_000_000,
-                peer_requests_per_s=1e6,
-                peer_burst=1_000_000,
             ),
         )
         self.coordinator = Coordinator(config).start()

@@ -13,6 +13,7 @@ from crowdsft.keys import Identity
 from crowdsft.node.client import Backoff
 from crowdsft.node.state import NodeState
 from crowdsft.node.submit import upload
+from crowdsft.testing.load import ONE_ADDRESS
 from crowdsft.v1 import contribution_pb2
 
 
@@ -56,15 +57,7 @@ def test_twenty_concurrent_clients(make_coordinator):
     assert coord.counts()["nodes"] == 20
 
 
-# Bulk uploads from this machine's one address: node and address limits out of the way.
-FAST = {
-    "rate_limit": {
-        "contributions_per_s": 1e6,
-        "burst": 100_000,
-        "peer_requests_per_s": 1e6,
-        "peer_burst": 100_000,
-    }
-}
+FAST = ONE_ADDRESS  # bulk uploads from this machine's one address
 
 
 def test_restart_mid_stream_loses_no_acknowledged_contribution(make_coordinator, identity):
