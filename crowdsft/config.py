@@ -178,7 +178,7 @@ class RateLimitConfig:
     node_calls_per_s: float = 1.0
     node_calls_burst: int = 20
     # Per peer address, before any signature is checked: requests and bytes per second ...
-    peer_requests_per_s: float = 100.0
+    peer_requests_per_s: float = 25.0
     peer_burst: int = 100
     peer_bytes_per_s: float = 2 * 1_048_576.0
     peer_burst_bytes: int = 16 * 1_048_576
@@ -519,7 +519,7 @@ node_calls_burst = 20
 # bytes per second and their burst (16 MiB), and requests with bad signatures allowed before
 # the peer is refused unverified until the allowance refills. Nodes behind one address (a
 # NAT, a lab) share these: raise them for such a crowd.
-peer_requests_per_s = 100.0
+peer_requests_per_s = 25.0
 peer_burst = 100
 peer_bytes_per_s = 2097152.0
 peer_burst_bytes = 16777216

@@ -197,14 +197,21 @@ class Ingest:
         ts_ms: int,
         fps: list[bytes] | tuple[bytes, ...],
     ) -> ContributionWrite:
+        cid = contribution_id(verified.payload_bytes)
+        payload_file = None
+        if len(verified.payload_bytes) >= self.store.side_payload_bytes:
+            # Written and fsynced here, on this worker thread, so that the writer's commit
+            # (which every other contribution waits for) stays small.
+            payload_file = self.store.put_payload(verified.payload_bytes, cid)
         return ContributionWrite(
             ingest=self,
             verified=verified,
-            cid=contribution_id(verified.payload_bytes),
+            cid=cid,
             n_examples=n_examples,
             nonce=nonce,
             ts_ms=ts_ms,
             fingerprints=tuple(fps) if self.copy_checks else (),
+            payload_file=payload_file,
         )
 
     def _before_parsing(self, node_id: str, payload: bytes) -> None:
@@ -239,14 +246,18 @@ class Ingest:
         writer thread after the commit, also for rejections found before the write (through
         the writer all the same, so that results keep the submission order)."""
 
-        def counted(ok: bool, value: Any) -> None:
-            self._count(ok, value)
-            done(ok, value)
-
         try:
             op: BatchOp = self.prepare(envelope, peer)
         except ProtocolError as exc:
             op = _Failed(exc)
+        side = op.payload_file if isinstance(op, ContributionWrite) else None
+
+        def counted(ok: bool, value: Any) -> None:
+            if not ok and side is not None:
+                self.store.drop_payload(side)  # no committed row names it
+            self._count(ok, value)
+            done(ok, value)
+
         self.store.submit_with(op, counted)
 
     def reject(self, exc: ProtocolError, done: Done) -> None:
@@ -301,6 +312,7 @@ class ContributionWrite(BatchOp):
     nonce: bytes
     ts_ms: int
     fingerprints: tuple[bytes, ...] = ()  # empty when duplicate examples are allowed
+    payload_file: str | None = None  # a large payload's file beside the database
 
     def check(
         self,
@@ -370,13 +382,14 @@ class ContributionWrite(BatchOp):
                 (
                     op.cid,
                     node_id,
-                    op.verified.payload_bytes,
+                    b"" if op.payload_file else op.verified.payload_bytes,
                     op.verified.signature,
                     op.ts_ms,
                     now,
                     op.n_examples,
                     signed.receipt,
                     signed.signature,
+                    op.payload_file,
                 )
             )
             results.append(signed)

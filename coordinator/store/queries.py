@@ -209,9 +209,9 @@ def insert_planned_round(
 def round_payloads(store: Store, round_id: int) -> list[tuple[str, bytes]]:
     """(node id, signed payload bytes) of every contribution a round uses, in store order."""
     return [
-        (n, bytes(p))
-        for n, p in store.query(
-            "SELECT c.node_id, c.payload FROM round_contributions rc "
+        (n, store.load_payload(p, f, bytes(cid)))
+        for n, p, f, cid in store.query(
+            "SELECT c.node_id, c.payload, c.payload_file, c.id FROM round_contributions rc "
             "JOIN contributions c ON c.seq = rc.contribution_seq "
             "WHERE rc.round_id=? ORDER BY c.seq",
             (round_id,),
@@ -241,9 +241,9 @@ class StoredContribution:
 
 def unflagged_contributions(store: Store) -> list[StoredContribution]:
     return [
-        StoredContribution(seq, bytes(cid), node, bytes(payload))
-        for seq, cid, node, payload in store.query(
-            "SELECT c.seq, c.id, c.node_id, c.payload FROM contributions c "
+        StoredContribution(seq, bytes(cid), node, store.load_payload(payload, f, bytes(cid)))
+        for seq, cid, node, payload, f in store.query(
+            "SELECT c.seq, c.id, c.node_id, c.payload, c.payload_file FROM contributions c "
             "LEFT JOIN flagged f ON f.contribution_seq = c.seq "
             "WHERE f.contribution_seq IS NULL ORDER BY c.seq"
         )
@@ -535,8 +535,8 @@ def insert_accepted(conn: sqlite3.Connection, batch: AcceptedBatch) -> None:
     conn.executemany("INSERT INTO nonces(nonce, node_id, ts_ms) VALUES (?, ?, ?)", batch.nonces)
     conn.executemany(
         "INSERT INTO contributions(id, node_id, payload, signature, client_ts_ms, "
-        "accepted_at_ms, example_count, receipt, receipt_signature) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "accepted_at_ms, example_count, receipt, receipt_signature, payload_file) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         batch.contributions,
     )
     if batch.examples:
@@ -552,9 +552,9 @@ def has_fingerprints(store: Store) -> bool:
 
 def all_contributions(store: Store) -> list[StoredContribution]:
     return [
-        StoredContribution(seq, bytes(cid), node, bytes(payload))
-        for seq, cid, node, payload in store.query(
-            "SELECT seq, id, node_id, payload FROM contributions ORDER BY seq"
+        StoredContribution(seq, bytes(cid), node, store.load_payload(payload, f, bytes(cid)))
+        for seq, cid, node, payload, f in store.query(
+            "SELECT seq, id, node_id, payload, payload_file FROM contributions ORDER BY seq"
         )
     ]
 

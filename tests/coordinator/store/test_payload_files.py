@@ -1,0 +1,89 @@
+"""Large payloads kept beside the database: stored durably, read back checked, never leaked."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import grpc
+import pytest
+
+from crowdsft.coordinator.store import queries
+from crowdsft.coordinator.store.db import SCHEMA_VERSION, Store, StoreError, connect
+from crowdsft.envelope import contribution_id, sign_contribution
+from crowdsft.keys import Identity
+
+
+def _big(identity: Identity, tag: str = "a"):
+    """A contribution of about 120 KB (over SIDE_PAYLOAD_BYTES, under the heavy lane)."""
+    return sign_contribution(
+        identity,
+        [{"prompt": f"{tag}{i} " + "x" * 30_000, "response": "y"} for i in range(4)],
+    )
+
+
+def _rows(coord) -> list[tuple[bytes, int, str | None]]:
+    conn = connect(coord.config.db_path, readonly=True)
+    try:
+        return [
+            (bytes(r[0]), len(r[1]), r[2])
+            for r in conn.execute("SELECT id, payload, payload_file FROM contributions")
+        ]
+    finally:
+        conn.close()
+
+
+def _files(coord) -> list[str]:
+    folder = coord.config.db_path.with_name(coord.config.db_path.name + ".payloads")
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_large_payload_lives_in_a_file_and_reads_back(coord, identity):
+    big, small = _big(identity), sign_contribution(identity, [{"prompt": "p", "response": "r"}])
+    with coord.client() as c:
+        c.stub.SubmitContribution(big, timeout=10)
+        c.stub.SubmitContribution(small, timeout=10)
+    rows = {cid: (n, f) for cid, n, f in _rows(coord)}
+    big_id, small_id = contribution_id(big.payload), contribution_id(small.payload)
+    assert rows[big_id][0] == 0 and rows[big_id][1] in _files(coord)
+    assert rows[small_id][0] == len(small.payload) and rows[small_id][1] is None
+    store = coord.coordinator.store
+    back = {c.id: c.payload for c in queries.all_contributions(store)}
+    assert back == {big_id: big.payload, small_id: small.payload}
+
+
+def test_rejected_large_payload_leaves_no_file(coord, identity):
+    big = _big(identity)
+    with coord.client() as c:
+        c.stub.SubmitContribution(big, timeout=10)
+        with pytest.raises(grpc.RpcError) as err:  # a duplicate, refused after its file
+            c.stub.SubmitContribution(big, timeout=10)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert len(_files(coord)) == 1  # only the committed one's
+
+
+def test_orphan_files_removed_at_start_and_tampering_detected(coord, identity):
+    big = _big(identity)
+    with coord.client() as c:
+        c.stub.SubmitContribution(big, timeout=10)
+    folder = coord.config.db_path.with_name(coord.config.db_path.name + ".payloads")
+    (folder / "deadbeef-000000000000").write_bytes(b"a crash before its row committed")
+    (folder / ".deadbeef-1.tmp").write_bytes(b"half written")
+    coord.restart()
+    [kept] = _files(coord)
+    (folder / kept).write_bytes(big.payload[:-1] + b"!")
+    with pytest.raises(StoreError, match="does not match"):
+        queries.all_contributions(coord.coordinator.store)
+
+
+def test_version_1_store_is_upgraded(tmp_path):
+    path = tmp_path / "old.sqlite"
+    Store(path).close()
+    conn = sqlite3.connect(path)  # make it look like version 1: no payload_file column
+    conn.execute("ALTER TABLE contributions DROP COLUMN payload_file")
+    conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with Store(path) as store:
+        cols = [r[1] for r in store.query("PRAGMA table_info(contributions)")]
+        version = store.query("SELECT value FROM meta WHERE key='schema_version'")[0][0]
+    assert "payload_file" in cols and int(version) == SCHEMA_VERSION
