@@ -64,8 +64,9 @@ def _register_commands() -> None:
     from crowdsft.coordinator.cli import coordinator
     from crowdsft.demo.cli import demo, experiment
     from crowdsft.demo.quickstart import quickstart
+    from crowdsft.experiment.cli import fit_goemotions, paper_llm
     from crowdsft.node.cli import node
-    from crowdsft.plugins.cli import plugins
+    from crowdsft.plugins.cli import embed, plugins
     from crowdsft.simulation.cli import simulate, sweep
 
     main.add_command(node)
@@ -76,6 +77,9 @@ def _register_commands() -> None:
     main.add_command(plugins)
     main.add_command(demo)
     main.add_command(experiment)
+    main.add_command(embed)
+    experiment.add_command(paper_llm)
+    experiment.add_command(fit_goemotions)
 
 
 _register_commands()

@@ -36,3 +36,31 @@ def rankdata(a: np.ndarray) -> np.ndarray:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return pearson(rankdata(a), rankdata(b))
+
+
+# Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom; 1.96 beyond 30.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table; 1.96 past 30)."""
+    if df < 1:
+        raise ValueError("degrees of freedom must be at least 1")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t); NaNs are left out,
+    and the half-width is NaN for fewer than two values."""
+    v = [float(x) for x in values if not math.isnan(x)]
+    if not v:
+        return math.nan, math.nan
+    mean = sum(v) / len(v)
+    if len(v) < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+    return mean, t975(len(v) - 1) * sd / math.sqrt(len(v))

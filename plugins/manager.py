@@ -40,6 +40,7 @@ BUILTINS: tuple[str, ...] = (
     "crowdsft.plugins.influence",
     "crowdsft.plugins.valuation",
     "crowdsft.plugins.embedding",
+    "crowdsft.plugins.goemotions",
     "crowdsft.plugins.admission",
 )
 KINDS: tuple[str, ...] = (

@@ -67,6 +67,10 @@ def demo(
         echo_json(result)
         return
     click.echo("")
+    click.echo(
+        f"distances on {result['reported_set']} held-out prompts (winners were chosen on "
+        f"{result['selection_set']} others; lower is better):"
+    )
     click.echo(f"multi-model (tournament) target distance: {result['multi_model_distance']:.4f}")
     click.echo(f"single-model baseline target distance:    {result['single_model_distance']:.4f}")
     click.echo(f"reduction:                                {result['reduction_percent']:.1f}%")

@@ -34,6 +34,10 @@ from crowdsft.coordinator.server.scaffold import init_coordinator
 from crowdsft.demo.crowd import Contributor, make_crowd, target_set
 from crowdsft.errors import ConfigError
 
+# Rounds choose winners on this many target prompts; as many others are held out, and every
+# reported distance is measured on those.
+SELECTION_PROMPTS = 6
+
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -165,7 +169,11 @@ def run_demo(
     _clear_previous_run(out, say)
     config_path = init_coordinator(out / "coordinator", listen="127.0.0.1:0", force=True)
     _configure(config_path, s)
-    target = target_set(seed=s.seed)
+    # Held out: rounds choose their winners on the selection prompts (the coordinator's
+    # target file); every distance reported below is measured on the other half, which no
+    # choice has seen.
+    prompts = target_set(n_prompts=2 * SELECTION_PROMPTS, seed=s.seed)
+    target, reported = prompts[:SELECTION_PROMPTS], prompts[SELECTION_PROMPTS:]
     _write_jsonl(config_path.parent / "target.jsonl", target)
     config = load_coordinator_config(config_path)
     crowd = make_crowd(
@@ -196,8 +204,8 @@ def run_demo(
             space = space_factory(config)
         say(f"single-model baseline: {s.rounds * s.steps} steps on the whole pool ...")
         pool = [e for c in crowd for e in c.examples]
-        single = _single_model(space, pool, config, s, llm)
-        say(f"  single-model target distance {single:.4f}")
+        single = _single_model(space, pool, config, s, llm, reported)
+        say(f"  single-model target distance {single:.4f} (held-out prompts)")
         runner = RoundRunner(config, coord.store, space, on_event=_progress(say))
         summaries = []
         for r in range(s.rounds):
@@ -218,7 +226,9 @@ def run_demo(
                 say(f"  MISMATCH {problem}")
         lineage = runner.lineage()
         final = Candidate(tuple(lineage))
-        multi = distance_of(float(space.score([final])[0]), ev)
+        multi_selection = distance_of(float(space.score([final])[0]), ev)
+        space.materialise(final)
+        multi = held_out_distance(space, None, space.training, reported, config)
         reduction = 100.0 * (single - multi) / single if single else 0.0
         say("valuing contributors and writing the report ...")
         report = build_report(
@@ -232,6 +242,9 @@ def run_demo(
                 "multi_model_distance": multi,
                 "single_model_distance": single,
                 "reduction_percent": reduction,
+                "multi_model_distance_selection_set": multi_selection,
+                "selection_set": len(target),
+                "reported_set": len(reported),
                 "rounds": s.rounds,
             },
         )
@@ -247,6 +260,9 @@ def run_demo(
         "multi_model_distance": multi,
         "single_model_distance": single,
         "reduction_percent": reduction,
+        "multi_model_distance_selection_set": multi_selection,
+        "selection_set": len(target),
+        "reported_set": len(reported),
         "pearson_points_shapley": report["pearson_points_shapley"],
         "mean_points_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "report_path": report["report_path"],
@@ -311,27 +327,48 @@ def _verify_nodes(crowd: list[Contributor], address: str, root: Path) -> dict[st
     return summary
 
 
-def _single_model(
-    space: Any, pool: list[dict[str, str]], config: Any, s: DemoSettings, llm: Any
+def held_out_distance(
+    space: Any, adapter: Any, training: Any, prompts: list[dict[str, str]], config: Any
 ) -> float:
-    """Train one adapter on the whole pool from the base model (the space's model before
-    any round has changed it) and score it."""
+    """The distance of the space's current model (with ``adapter``, if any) on held-out
+    ``prompts`` (dicts with ``prompt`` and the expert ``response``): the same generation
+    settings and evaluation as the rounds, other prompts."""
     from crowdsft.coordinator.report.build import distance_of
+    from crowdsft.coordinator.training import lora as llm
     from crowdsft.coordinator.training.space import per_prompt_scores
 
+    g = space.generation
+    with llm.with_adapter(space.model, adapter, training) as m:
+        texts = llm.generate(
+            m,
+            space.tokenizer,
+            [{"prompt": p["prompt"]} for p in prompts],
+            g.max_new_tokens,
+            g.batch_size,
+            g.greedy,
+            g.seed,
+        )
+    target = space.embedder.embed([p["response"] for p in prompts])
+    emb = space.embedder.embed(texts)
+    score = float(np.mean(per_prompt_scores(space.evaluation, emb, target)))
+    return distance_of(score, config.evaluation.function)
+
+
+def _single_model(
+    space: Any,
+    pool: list[dict[str, str]],
+    config: Any,
+    s: DemoSettings,
+    llm: Any,
+    reported: list[dict[str, str]],
+) -> float:
+    """Train one adapter on the whole pool from the base model (the space's model before
+    any round has changed it) and measure it on the held-out prompts."""
     if space.chain:
         raise RuntimeError("the single-model baseline must train from the untouched base")
-    base_model, tok = space.model, space.tokenizer
     cfg = dataclasses.replace(config.training, max_steps=s.rounds * s.steps, seed=s.seed)
-    result = llm.fit(base_model, tok, pool, None, cfg)
-    g = space.generation
-    with llm.with_adapter(base_model, result.adapter, cfg) as m:
-        texts = llm.generate(
-            m, tok, space.eval_prompts, g.max_new_tokens, g.batch_size, g.greedy, g.seed
-        )
-    emb = space.embedder.embed(texts)
-    score = float(np.mean(per_prompt_scores(space.evaluation, emb, space.target)))
-    return distance_of(score, config.evaluation.function)
+    result = llm.fit(space.model, space.tokenizer, pool, None, cfg)
+    return held_out_distance(space, result.adapter, cfg, reported, config)
 
 
 def _progress(say: Callable[[str], None]) -> Callable[[str, dict[str, Any]], None]:

@@ -23,40 +23,9 @@ def tiny():
     """A tiny Llama and a byte-level BPE tokenizer, both built here, seeded."""
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from crowdsft.testing.tiny import tiny_model
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|pad|>", "<|eos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>"
-    )
-    from crowdsft.coordinator.training import lora as llm
-
-    llm.prepare_tokenizer(tokenizer)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.3,
-    )
-    model = LlamaForCausalLM(config).eval()
-    return model, tokenizer
+    return tiny_model(seed=0, corpus=CORPUS)
 
 
 class CharEmbedder(Embedder):

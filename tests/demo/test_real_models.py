@@ -105,3 +105,13 @@ def test_demo_end_to_end_at_small_scale(tmp_path):
     assert any("signing and submitting over gRPC" in line for line in lines)
     assert any(line.strip().startswith("base") for line in lines)  # the per-round table
     assert result["nodes_verified_ledger"] == 4  # every node's `node verify` passed
+    # held out: the rounds chose on the coordinator's target prompts, the report used others
+    from crowdsft.demo.crowd import target_set
+
+    assert result["selection_set"] == result["reported_set"] == 6
+    chosen_on = {
+        json.loads(line)["prompt"]
+        for line in (tmp_path / "demo" / "coordinator" / "target.jsonl").read_text().splitlines()
+    }
+    everything = {p["prompt"] for p in target_set(n_prompts=12, seed=settings.seed)}
+    assert len(chosen_on) == 6 and chosen_on < everything and len(everything) == 12

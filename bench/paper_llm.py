@@ -1,0 +1,55 @@
+"""The paper's LLM experiment (``crowdsft experiment paper-llm``) as a benchmark: prints the
+per-target table, the summary, the device and the time per target-seed.
+
+    python bench/paper_llm.py --data ../shared/data/paper-llm [--targets 8] [--seeds 3]
+        [--device auto|cpu|cuda] [--json FILE]
+
+Same code and defaults as the command; on a GPU the model runs in bf16 (``--device auto``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/paper-llm"))
+    ap.add_argument("--targets", default=None, help="names, or N spread over the 28")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--answers", type=int, default=50)
+    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ns = ap.parse_args()
+
+    from crowdsft.experiment import data as paper_data
+    from crowdsft.experiment.paper_llm import PaperSettings, run, table
+
+    records = paper_data.load(ns.data)
+    targets = paper_data.select_targets(records, ns.targets)
+    result = run(
+        records,
+        targets,
+        list(range(ns.seeds)),
+        PaperSettings(answers=ns.answers),
+        device=ns.device,
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    for line in table(result):
+        print(line)
+    per = [r["seconds"] for r in result["targets"]]
+    print(
+        f"time per target-seed: mean {statistics.fmean(per):.0f}s, max {max(per):.0f}s "
+        f"({result['device']})"
+    )
+    if ns.json:
+        ns.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

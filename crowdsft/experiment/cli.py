@@ -1,0 +1,193 @@
+"""``crowdsft experiment paper-llm`` and ``crowdsft experiment fit-goemotions``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from crowdsft.console import echo_json
+
+DATA_HELP = "The paper-llm data folder (shared/data/paper-llm)."
+
+
+class _Defaults:
+    """PaperSettings' defaults, read without importing the experiment (and numpy) at start."""
+
+    def __getattr__(self, name: str):
+        from crowdsft.experiment.paper_llm import PaperSettings
+
+        return getattr(PaperSettings(), name)
+
+
+DEFAULTS = _Defaults()
+
+
+@click.command("paper-llm")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help=DATA_HELP,
+)
+@click.option(
+    "--targets",
+    default=None,
+    help="Comma-separated emotions, or N for N spread over the 28 (default: all 28).",
+)
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--answers",
+    default=None,
+    type=click.IntRange(2),
+    help="Answers per model in each set (selection, reported). [default: 50; 4 with --quick]",
+)
+@click.option(
+    "--max-new-tokens",
+    default=None,
+    type=click.IntRange(1),
+    help="Longest answer, in tokens. [default: 20; 8 with --quick]",
+)
+@click.option("--epochs", default=DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
+@click.option("--learning-rate", default=DEFAULTS.learning_rate, show_default=True, type=float)
+@click.option(
+    "--layers",
+    default=DEFAULTS.layers or 0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="LoRA on the last N transformer layers only (the backward pass stops there: much "
+    "cheaper on a CPU); 0: every layer.",
+)
+@click.option("--embedder", default="goemotions", show_default=True)
+@click.option("--model", "model_spec", default="smollm2", show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A tiny random model instead of SmolLM2, 3 targets unless --targets, short answers: "
+    "checks the machinery in seconds, its distances mean nothing.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also append each target-seed's result to this JSONL file as it finishes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def paper_llm(
+    data: Path,
+    targets: str | None,
+    seeds: int,
+    answers: int | None,
+    max_new_tokens: int | None,
+    epochs: int,
+    learning_rate: float,
+    layers: int | None,
+    embedder: str,
+    model_spec: str,
+    device: str,
+    quick: bool,
+    out: Path | None,
+    as_json: bool,
+) -> None:
+    """The paper's LLM experiment on its own data: per target emotion, single models on the
+    nearest 33/66/100 pool comments against a 3-generation tournament of 3 candidates, every
+    reported distance on held-out answers (and the paper's same-sample way beside it)."""
+    from crowdsft.experiment import data as paper_data
+    from crowdsft.experiment.paper_llm import PaperSettings, run, table
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    records = paper_data.load(data)
+    chosen = paper_data.select_targets(records, targets if targets else (3 if quick else None))
+    settings = PaperSettings(
+        answers=answers or (4 if quick else DEFAULTS.answers),
+        max_new_tokens=max_new_tokens or (8 if quick else DEFAULTS.max_new_tokens),
+        epochs=epochs,
+        learning_rate=learning_rate,
+        layers=layers or None,
+    )
+
+    def on_row(row: dict) -> None:
+        if out is not None:
+            with open(out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    result = run(
+        records,
+        chosen,
+        list(range(seeds)),
+        settings,
+        model_spec=model_spec,
+        embedder_name=embedder,
+        device=device,
+        quick=quick,
+        say=say,
+        on_row=on_row,
+    )
+    if as_json:
+        echo_json(result)
+        return
+    for line in table(result):
+        click.echo(line)
+
+
+@click.command("fit-goemotions")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help=DATA_HELP,
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the weights (the package ships plugins/data/goemotions.safetensors).",
+)
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--limit", default=None, type=click.IntRange(1), help="Fit on N texts only (for a test)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the fidelity report as JSON.")
+def fit_goemotions(
+    data: Path, out: Path, epochs: int, seed: int, limit: int | None, as_json: bool
+) -> None:
+    """Refit the `goemotions` embedder (LoRA on all-MiniLM-L6-v2 and a 28-label head) on the
+    paper's records, and report its fidelity on the answers held out of the fit."""
+    from crowdsft.experiment import data as paper_data
+    from crowdsft.experiment.fit import FitSettings
+    from crowdsft.experiment.fit import fit_goemotions as fit
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    report = fit(
+        paper_data.load(data), out, FitSettings(epochs=epochs, seed=seed, limit=limit), say
+    )
+    if as_json:
+        echo_json(report)
+        return
+    for line in fidelity_lines(report):
+        click.echo(line)
+
+
+def fidelity_lines(report: dict) -> list[str]:
+    d = report["distances"]
+    return [
+        f"held-out answers: {report['held_out_answers']} (never seen by the fit)",
+        f"mean L2 error per answer: {report['mean_l2_error']:.4f}",
+        f"per-label Pearson: mean {report['per_label_pearson_mean']:.3f}, "
+        f"lowest {report['per_label_pearson_min']:.3f}",
+        *(
+            f"per-emotion {arm} distance vs the classifier's ({v['targets']} emotions): "
+            f"Pearson {v['pearson']:.3f}, mean absolute error {v['mae']:.4f}"
+            for arm, v in d.items()
+        ),
+        f"weights: {report['weights']} ({report['seconds']:.0f}s)",
+    ]
