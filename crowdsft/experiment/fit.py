@@ -131,7 +131,7 @@ def fidelity(embedder: Any, data: PaperData, kept_out: list[Any]) -> dict[str, A
     by_model: dict[tuple[str, str], list[int]] = {}
     for i, o in enumerate(kept_out):
         by_model.setdefault((o.target, o.model), []).append(i)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for target in data.targets:
         ours_target = embedder.embed([p.text for p in data.pool(target)]).mean(axis=0)
         their_target = data.centroid(target)
@@ -150,8 +150,8 @@ def fidelity(embedder: Any, data: PaperData, kept_out: list[Any]) -> dict[str, A
             )
     summary = {}
     for arm in ("single_100", "multi_g2"):
-        a = [r["classifier"] for r in rows if r["arm"] == arm]
-        b = [r["embedder"] for r in rows if r["arm"] == arm]
+        a = np.array([r["classifier"] for r in rows if r["arm"] == arm], dtype=float)
+        b = np.array([r["embedder"] for r in rows if r["arm"] == arm], dtype=float)
         summary[arm] = {
             "targets": len(a),
             "pearson": pearson(a, b),

@@ -204,7 +204,7 @@ class PaperExperiment:
         remaining = list(range(len(pool)))
         rng.shuffle(remaining)
         multi_compute = Compute()
-        generations = []
+        generations: list[dict[str, Any]] = []
         for gen in range(1, s.generations + 1):
             segments = split(remaining, s.candidates)
             candidates = []

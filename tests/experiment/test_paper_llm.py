@@ -3,6 +3,7 @@ determinism, and the commands (on a tiny random model)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def test_held_out_answers_are_never_in_the_fit_set(records):
 
 def test_split_is_balanced():
     parts = split(list(range(67)), 3)
-    assert [len(p) for p in parts] == [23, 22, 22] and sum(parts, []) == list(range(67))
+    assert [len(p) for p in parts] == [23, 22, 22]
+    assert [i for p in parts for i in p] == list(range(67))
 
 
 def _run(records, tiny_lm, seed=0, log=None):
@@ -92,7 +94,7 @@ def tiny_lm():
 
 def test_selection_and_reporting_use_separate_answers(records, tiny_lm):
     log: list = []
-    row, exp = _run(records, tiny_lm, log=log)
+    row, _ = _run(records, tiny_lm, log=log)
     selection = [a for a in log if a[0] == "selection"]
     reported = [a for a in log if a[0] == "reported"]
     assert len(selection) == 9 and len(reported) == 3 + 3  # 3 singles, one winner a generation
@@ -115,12 +117,12 @@ def test_selection_and_reporting_use_separate_answers(records, tiny_lm):
 def test_segments_are_disjoint_retired_and_reshuffled(records, tiny_lm):
     row, _ = _run(records, tiny_lm)
     gens = row["generations"]
-    first = sum(gens[0]["segments"], [])
+    first = [r for seg in gens[0]["segments"] for r in seg]
     assert sorted(first) == list(range(1, 101))
-    for prev, nxt in zip(gens, gens[1:], strict=False):
+    for prev, nxt in itertools.pairwise(gens):
         won = set(prev["segments"][prev["winner"] - 1])
-        left = set(sum(prev["segments"], [])) - won
-        now = sum(nxt["segments"], [])
+        left = {r for seg in prev["segments"] for r in seg} - won
+        now = [r for seg in nxt["segments"] for r in seg]
         assert len(now) == len(set(now)) and set(now) == left
         assert max(map(len, nxt["segments"])) - min(map(len, nxt["segments"])) <= 1
         # reshuffled: not just the leftover segments again
