@@ -203,7 +203,8 @@ def run_demo(
         else:
             space = space_factory(config)
         say(f"single-model baseline: {s.rounds * s.steps} steps on the whole pool ...")
-        pool = [e for c in crowd for e in c.examples]
+        pool = _round_data(coord.store, space, config)
+        say(f"  {len(pool)} examples, the same the rounds can use (near-duplicates left out)")
         single = _single_model(space, pool, config, s, llm, reported)
         say(f"  single-model target distance {single:.4f} (held-out prompts)")
         runner = RoundRunner(config, coord.store, space, on_event=_progress(say))
@@ -325,6 +326,28 @@ def _verify_nodes(crowd: list[Contributor], address: str, root: Path) -> dict[st
         summary["proofs"] += data["proofs_checked"]
         summary["problems"] += [f"{c.name}: {p['message']}" for p in data["problems"]]
     return summary
+
+
+def _round_data(store: Any, space: Any, config: Any) -> list[dict[str, str]]:
+    """The examples that rounds will train on: every stored contribution except those that
+    the planner flags as near-duplicates (the same pure check, same embedder and threshold),
+    so that the single-model baseline and the tournament see the same data."""
+    from crowdsft.coordinator.rounds import copies
+    from crowdsft.coordinator.store import queries
+    from crowdsft.validation import payload_examples
+
+    rows = queries.unflagged_contributions(store)
+    flagged: set[int] = set()
+    threshold = config.admission.near_duplicate_threshold
+    if threshold > 0:
+        found = copies.flag_rows(
+            rows,
+            queries.never_used_seqs(store),
+            copies.EmbeddingCache(space.embed),
+            threshold,
+        )
+        flagged = {copy.seq for copy, _, _ in found}
+    return [e for r in rows if r.seq not in flagged for e in payload_examples(r.payload)]
 
 
 def held_out_distance(
