@@ -62,7 +62,7 @@ def test_builtins_by_kind():
         "reward": ["marginal", "rank", "regression"],
         "influence": ["points-squared", "uniform"],
         "valuation": ["exact", "kernelshap", "permutation"],
-        "embedder": ["minilm"],
+        "embedder": ["goemotions", "minilm"],
         "admission": ["allowlist", "invite", "open"],
     }
     assert plugins.get("reward", "rank").plugin == "crowdsft.plugins.reward"
