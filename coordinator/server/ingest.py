@@ -253,8 +253,11 @@ class Ingest:
         side = op.payload_file if isinstance(op, ContributionWrite) else None
 
         def counted(ok: bool, value: Any) -> None:
-            if not ok and side is not None:
-                self.store.drop_payload(side)  # no committed row names it
+            if not ok and side is not None and isinstance(value, ProtocolError):
+                # rejected, so no committed row names it (after another failure, such as an
+                # error from COMMIT itself, whether the row is on disk is unknown: the file
+                # stays, and the next start's sweep removes it if no row names it)
+                self.store.drop_payload(side)
             self._count(ok, value)
             done(ok, value)
 

@@ -18,6 +18,7 @@ only after its file is durable, a file whose row never committed is removed at t
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -250,7 +251,20 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
         self._check_schema()
-        self._sweep_payload_files()
+        # The sweep removes files that no committed row names: safe only where no other
+        # process is writing payloads to this store. The first Store to open a database holds
+        # an exclusive lock on it for its lifetime; another (a CLI command beside a running
+        # coordinator) does not sweep.
+        self._lock_fd: int | None = os.open(
+            self.path.with_name(self.path.name + ".payloads.lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._lock_fd is not None:
+            self._sweep_payload_files()
         self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._submit_lock = threading.Lock()
@@ -267,11 +281,18 @@ class Store:
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
         elif int(row[0]) == 1:  # version 1 kept every payload in the database
-            with self._conn:
-                self._conn.execute("ALTER TABLE contributions ADD COLUMN payload_file TEXT")
+            self._conn.execute("BEGIN IMMEDIATE")  # one transaction: a crash leaves either
+            try:
+                cols = [r[1] for r in self._conn.execute("PRAGMA table_info(contributions)")]
+                if "payload_file" not in cols:
+                    self._conn.execute("ALTER TABLE contributions ADD COLUMN payload_file TEXT")
                 self._conn.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
                 )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
             logger.info("%s: schema upgraded from version 1 to %d", self.path, SCHEMA_VERSION)
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
@@ -324,17 +345,24 @@ class Store:
                 os.close(dfd)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if _disk_full(exc):
+            if _disk_full(exc) or exc.errno == errno.EDQUOT:
                 self._writable(False)
                 raise StorageFullError(
                     "the coordinator's disk is full; nothing was stored; retry later"
                 ) from None
-            raise
+            logger.error("cannot write a payload file under %s: %s", self.payload_dir, exc)
+            raise UnavailableError(
+                "the coordinator could not store the contribution; nothing was stored; retry"
+            ) from None
         return name
 
     def drop_payload(self, name: str) -> None:
-        """Remove the file of a payload whose row was not committed."""
-        (self.payload_dir / name).unlink(missing_ok=True)
+        """Remove the file of a payload whose row was not committed (a failure is logged: the
+        next start's sweep removes it)."""
+        try:
+            (self.payload_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot remove payload file %s: %s", name, exc)
 
     def load_payload(self, stored: bytes, name: str | None, cid: bytes) -> bytes:
         """A contribution's payload bytes: ``stored`` itself, or its file checked against the
@@ -498,6 +526,9 @@ class Store:
             self._queue.put(_STOP)
         self._writer.join()
         self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()

@@ -87,3 +87,14 @@ def test_version_1_store_is_upgraded(tmp_path):
         cols = [r[1] for r in store.query("PRAGMA table_info(contributions)")]
         version = store.query("SELECT value FROM meta WHERE key='schema_version'")[0][0]
     assert "payload_file" in cols and int(version) == SCHEMA_VERSION
+
+
+def test_a_second_store_on_the_same_database_does_not_sweep(coord, identity):
+    """A CLI command opening the store beside a running coordinator must not remove the
+    files of contributions whose rows are still on their way to the writer."""
+    folder = coord.config.db_path.with_name(coord.config.db_path.name + ".payloads")
+    folder.mkdir(exist_ok=True)
+    in_flight = folder / "cafe-000000000000"
+    in_flight.write_bytes(b"written, its row not yet committed")
+    Store(coord.config.db_path).close()  # the coordinator holds the lock: no sweep
+    assert in_flight.is_file()
