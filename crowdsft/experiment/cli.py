@@ -8,29 +8,22 @@ from pathlib import Path
 import click
 
 from crowdsft.console import echo_json
+from crowdsft.experiment.paper_llm import PaperSettings
 
 DATA_HELP = "The paper-llm data folder (shared/data/paper-llm)."
 
 
-class _Defaults:
-    """PaperSettings' defaults, read without importing the experiment (and numpy) at start."""
-
-    def __getattr__(self, name: str):
-        from crowdsft.experiment.paper_llm import PaperSettings
-
-        return getattr(PaperSettings(), name)
-
-
-DEFAULTS = _Defaults()
-
-
-@click.command("paper-llm")
-@click.option(
+data_option = click.option(
     "--data",
     required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help=DATA_HELP,
 )
+DEFAULTS = PaperSettings()  # one source for the options' defaults
+
+
+@click.command("paper-llm")
+@data_option
 @click.option(
     "--targets",
     default=None,
@@ -97,7 +90,7 @@ def paper_llm(
     nearest 33/66/100 pool comments against a 3-generation tournament of 3 candidates, every
     reported distance on held-out answers (and the paper's same-sample way beside it)."""
     from crowdsft.experiment import data as paper_data
-    from crowdsft.experiment.paper_llm import PaperSettings, run, table
+    from crowdsft.experiment.paper_llm import run, table
 
     def say(line: str) -> None:
         click.echo(line, err=True)
@@ -137,12 +130,7 @@ def paper_llm(
 
 
 @click.command("fit-goemotions")
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help=DATA_HELP,
-)
+@data_option
 @click.option(
     "--out",
     required=True,
