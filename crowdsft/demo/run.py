@@ -347,7 +347,10 @@ def _round_data(store: Any, space: Any, config: Any) -> list[dict[str, str]]:
             threshold,
         )
         flagged = {copy.seq for copy, _, _ in found}
-    return [e for r in rows if r.seq not in flagged for e in payload_examples(r.payload)]
+    # in node order, each node's in its own submission order: the store's order interleaves
+    # the nodes as their uploads happened to arrive, which would make the baseline vary
+    kept = sorted((r for r in rows if r.seq not in flagged), key=lambda r: (r.node_id, r.seq))
+    return [e for r in kept for e in payload_examples(r.payload)]
 
 
 def held_out_distance(
