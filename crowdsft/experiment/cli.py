@@ -69,6 +69,12 @@ DEFAULTS = PaperSettings()  # one source for the options' defaults
     default=None,
     help="Also append each target-seed's result to this JSONL file as it finishes.",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="With --out: reuse the target-seeds already in that file from a run with the same "
+    "settings, model, embedder and data (its rows' run_key); run only the rest.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def paper_llm(
     data: Path,
@@ -84,17 +90,20 @@ def paper_llm(
     device: str,
     quick: bool,
     out: Path | None,
+    resume: bool,
     as_json: bool,
 ) -> None:
     """The paper's LLM experiment on its own data: per target emotion, single models on the
     nearest 33/66/100 pool comments against a 3-generation tournament of 3 candidates, every
     reported distance on held-out answers (and the paper's same-sample way beside it)."""
     from crowdsft.experiment import data as paper_data
-    from crowdsft.experiment.paper_llm import run, table
+    from crowdsft.experiment.paper_llm import read_done, run, run_key, table
 
     def say(line: str) -> None:
         click.echo(line, err=True)
 
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out (the file to resume from)")
     records = paper_data.load(data)
     chosen = paper_data.select_targets(records, targets if targets else (3 if quick else None))
     settings = PaperSettings(
@@ -104,6 +113,15 @@ def paper_llm(
         learning_rate=learning_rate,
         layers=layers or None,
     )
+
+    done: dict = {}
+    if resume and out is not None:
+        key = run_key(settings, model_spec, embedder, records.digest(), quick)
+        done, skipped = read_done(out, key)
+        say(
+            f"resuming from {out}: {len(done)} target-seeds reusable"
+            + (f", {skipped} rows from other settings passed over" if skipped else "")
+        )
 
     def on_row(row: dict) -> None:
         if out is not None:
@@ -121,6 +139,7 @@ def paper_llm(
         quick=quick,
         say=say,
         on_row=on_row,
+        done=done,
     )
     if as_json:
         echo_json(result)

@@ -21,11 +21,13 @@ steps, tokens trained, tokens generated) is printed with its distances.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,48 @@ class PaperSettings:
 def derived_seed(*parts: object) -> int:
     """A seed for one purpose (a fit, a set of answers), the same on every machine."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big")
+
+
+def run_key(
+    settings: PaperSettings, model_spec: str, embedder_name: str, data_digest: str, quick: bool
+) -> str:
+    """What makes two target-seed results comparable: the settings, the model, the embedder
+    and the data. A resumed run reuses only rows with the same key."""
+    blob = json.dumps(
+        {
+            "settings": asdict(settings),
+            "model": "tiny" if quick else model_spec,
+            "embedder": embedder_name,
+            "data_sha256": data_digest,
+            "quick": quick,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_done(path: Path, key: str) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
+    """The rows of an earlier run's JSONL file that carry ``key``, by (target, seed), and how
+    many rows were passed over (another run's key, or unreadable)."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    skipped = 0
+    if not path.exists():
+        return done, skipped
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ok = row.get("run_key") == key
+                ident = (str(row["target"]), int(row["seed"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                ok = False
+            if ok:
+                done[ident] = row
+            else:
+                skipped += 1
+    return done, skipped
 
 
 def split(items: Sequence[int], parts: int) -> list[list[int]]:
@@ -308,12 +352,24 @@ def run(
     quick: bool = False,
     say: Callable[[str], None] = print,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    done: dict[tuple[str, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Load the model and the embedder once, run every target and seed, summarise."""
+    """Load the model and the embedder once, run every target and seed, summarise.
+
+    ``done``: rows of an earlier run with the same ``run_key``, by (target, seed), reused as
+    they are (``resumed`` counts them); ``on_row`` sees only new rows."""
     from crowdsft.coordinator.training import lora as llm
     from crowdsft.plugins.manager import get_plugins
 
     started = time.monotonic()
+    done = done or {}
+    key = run_key(settings, model_spec, embedder_name, data.digest(), quick)
+    wanted = [(t, s) for s in seeds for t in targets]
+    if all(w in done for w in wanted):
+        rows = [done[w] for w in wanted]
+        return _result(
+            rows, seeds, settings, embedder_name, model_spec, "-", data, started, key, len(rows)
+        )
     dev, dtype = llm.device_and_dtype(device)
     if quick:
         from crowdsft.testing.tiny import tiny_model
@@ -330,30 +386,56 @@ def run(
     )
     experiment = PaperExperiment(data, model, tokenizer, embedder, settings, say)
     rows = []
-    total = len(targets) * len(seeds)
-    for seed in seeds:
-        for target in targets:
-            row = experiment.run_one(target, seed)
+    total = len(wanted)
+    for target, seed in wanted:
+        if (target, seed) in done:
+            row = done[(target, seed)]
             rows.append(row)
-            if on_row is not None:
-                on_row(row)
-            say(
-                f"[{len(rows)}/{total}] {target} seed {seed}: single-100 "
-                f"{row['single_100']:.4f}, multi {row['multi'][-1]:.4f} "
-                f"({row['reduction_percent']:+.1f}%), {row['seconds']:.0f}s"
-            )
+            say(f"[{len(rows)}/{total}] {target} seed {seed}: reused from the earlier run")
+            continue
+        row = {**experiment.run_one(target, seed), "run_key": key, "device": str(dev)}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        say(
+            f"[{len(rows)}/{total}] {target} seed {seed}: single-100 "
+            f"{row['single_100']:.4f}, multi {row['multi'][-1]:.4f} "
+            f"({row['reduction_percent']:+.1f}%), {row['seconds']:.0f}s"
+        )
+    resumed = sum(1 for w in wanted if w in done)
+    return _result(
+        rows, seeds, settings, embedder_name, model_spec, str(dev), data, started, key, resumed
+    )
+
+
+def _result(
+    rows: list[dict[str, Any]],
+    seeds: list[int],
+    settings: PaperSettings,
+    embedder_name: str,
+    model_spec: str,
+    device: str,
+    data: PaperData,
+    started: float,
+    key: str,
+    resumed: int,
+) -> dict[str, Any]:
     return {
         "targets": rows,
         **summarise(rows, seeds),
         "embedder": embedder_name,
         "model": model_spec,
-        "device": str(dev),
+        "device": device,
         "held_out": True,
         "selection_set": settings.answers,
         "reported_set": settings.answers,
         "settings": asdict(settings),
         "data_sha256": data.digest(),
+        "run_key": key,
+        "resumed": resumed,
+        # this invocation's wall time; the rows' own (including reused ones) summed beside it
         "seconds": round(time.monotonic() - started, 1),
+        "target_seed_seconds": round(sum(r.get("seconds", 0.0) for r in rows), 1),
     }
 
 

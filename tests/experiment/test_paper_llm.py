@@ -158,6 +158,26 @@ def test_quick_command_runs_three_targets_with_the_goemotions_embedder(records, 
     for key in ("mean_reduction_percent", "ci95_percent", "seconds"):
         assert key in result
 
+    # --resume reuses the rows of a run with the same key and runs nothing again...
+    args = ["experiment", "paper-llm", "--data", str(DATA), "--quick", "--json", "--out", str(out)]
+    again = CliRunner().invoke(main, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    resumed = json.loads(again.stdout)
+    assert resumed["resumed"] == 3 and resumed["targets"] == result["targets"]
+    assert len(out.read_text().splitlines()) == 3
+    # ...but not those of a run with other settings.
+    other = CliRunner().invoke(main, [*args, "--resume", "--answers", "3", "--targets", "joy"])
+    assert other.exit_code == 0, other.output
+    assert json.loads(other.stdout)["resumed"] == 0
+    assert len(out.read_text().splitlines()) == 4
+
+
+def test_resume_needs_an_out_file(tmp_path):
+    res = CliRunner().invoke(
+        main, ["experiment", "paper-llm", "--data", str(tmp_path), "--quick", "--resume"]
+    )
+    assert res.exit_code != 0 and "--resume needs --out" in res.output
+
 
 def test_a_wrong_data_folder_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["experiment", "paper-llm", "--data", str(tmp_path)])
