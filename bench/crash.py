@@ -40,6 +40,7 @@ def main() -> int:
         "kills": report.kills,
         "acknowledged": report.acknowledged,
         "rounds": report.rounds,
+        "payload_files": report.payload_files,
         "round_resumptions_after_a_kill": resumed,
         "seconds": round(report.seconds, 1),
         "problems": report.problems,

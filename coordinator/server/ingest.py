@@ -199,9 +199,12 @@ class Ingest:
     ) -> ContributionWrite:
         cid = contribution_id(verified.payload_bytes)
         payload_file = None
-        if len(verified.payload_bytes) >= self.store.side_payload_bytes:
+        if len(verified.payload_bytes) >= self.store.side_payload_bytes and not (
+            queries.stored_receipts(self.store.reader(), [cid])
+        ):
             # Written and fsynced here, on this worker thread, so that the writer's commit
-            # (which every other contribution waits for) stays small.
+            # (which every other contribution waits for) stays small. A resent contribution
+            # that is already stored writes nothing: the writer answers it with its receipt.
             payload_file = self.store.put_payload(verified.payload_bytes, cid)
         return ContributionWrite(
             ingest=self,

@@ -226,6 +226,15 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a new or renamed file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Store:
     """The database plus its writer thread. Use as a context manager or call ``close()``."""
 
@@ -236,6 +245,9 @@ class Store:
         is full (False) and when they succeed again (True)."""
         self.on_writable: Callable[[bool], None] | None = None
         self.full = False
+        self._full_lock = threading.Lock()  # the writer and payload writers both report
+        self._payload_dir_ready = False
+        self._payload_dir_lock = threading.Lock()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_batch = max_batch
@@ -328,7 +340,7 @@ class Store:
         name = f"{cid.hex()}-{secrets.token_hex(6)}"
         tmp = self.payload_dir / f".{name}.tmp"
         try:
-            self.payload_dir.mkdir(exist_ok=True)
+            self._ensure_payload_dir()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(payload)
@@ -338,11 +350,7 @@ class Store:
             finally:
                 os.close(fd)
             os.replace(tmp, self.payload_dir / name)
-            dfd = os.open(self.payload_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(self.payload_dir)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if _disk_full(exc) or exc.errno == errno.EDQUOT:
@@ -355,6 +363,19 @@ class Store:
                 "the coordinator could not store the contribution; nothing was stored; retry"
             ) from None
         return name
+
+    def _ensure_payload_dir(self) -> None:
+        """Create the payload folder once, durably: its own entry in the database's folder is
+        flushed too, so that a crash cannot lose the folder under a committed row."""
+        if self._payload_dir_ready:
+            return
+        with self._payload_dir_lock:
+            if self._payload_dir_ready:
+                return
+            if not self.payload_dir.is_dir():
+                self.payload_dir.mkdir(exist_ok=True)
+                _fsync_dir(self.payload_dir.parent)
+            self._payload_dir_ready = True
 
     def drop_payload(self, name: str) -> None:
         """Remove the file of a payload whose row was not committed (a failure is logged: the
@@ -449,15 +470,21 @@ class Store:
         return outcomes
 
     def _writable(self, ok: bool) -> None:
-        if ok == (not self.full):
-            return
-        self.full = not ok
-        if ok:
-            logger.warning("the store accepts writes again")
-        else:
-            logger.error("the disk under %s is full: writes fail until space is freed", self.path)
-        if self.on_writable is not None:
-            self.on_writable(ok)
+        """Record whether writes succeed; called from the writer and from the threads that
+        write payload files, so the change and its announcement happen under one lock (two
+        announcements never cross)."""
+        with self._full_lock:
+            if ok == (not self.full):
+                return
+            self.full = not ok
+            if ok:
+                logger.warning("the store accepts writes again")
+            else:
+                logger.error(
+                    "the disk under %s is full: writes fail until space is freed", self.path
+                )
+            if self.on_writable is not None:
+                self.on_writable(ok)
 
     def _commit_batch(self, batch: list[_Request]) -> None:
         changes_before = self._conn.total_changes

@@ -10,7 +10,9 @@ step so that kills land inside rounds as well as between them).
 a killer SIGKILLs the process at random moments and restarts it; at the end the process is
 started once more to finish any interrupted round, and ``check`` verifies that
 
-* every acknowledged (receipted) contribution is stored, exactly once;
+* every acknowledged (receipted) contribution is stored, exactly once, and its bytes (in its
+  row, or in its file beside the database for a large one) hash to its id; no payload file is
+  left that no row names;
 * every round finished exactly once: consecutive ids, one ledger record each, no round left
   unfinished, each contribution consumed at most once;
 * the points in the store equal what the ledger records imply (recomputed with the reward rule);
@@ -91,6 +93,7 @@ class HarnessReport:
     rounds: int
     seconds: float
     problems: list[str]
+    payload_files: int = 0  # acknowledged contributions stored in files beside the database
 
     @property
     def ok(self) -> bool:
@@ -155,9 +158,14 @@ class Process:
         self._reap(signal.SIGTERM, timeout)
 
 
+LARGE_EVERY = 7  # every 7th contribution about 72 KB (the store keeps 64 KiB and up in files)
+
+
 class Node(threading.Thread):
-    """Submits ``count`` one-example contributions with the node client, which resends the
-    same bytes until a receipt (or a duplicate's original receipt) comes back."""
+    """Submits ``count`` contributions with the node client, which resends the same bytes
+    until a receipt (or a duplicate's original receipt) comes back. Most have one short
+    example; every ``LARGE_EVERY``-th is large enough to be stored in a file beside the
+    database, so that crashes also land between a payload's file and its row."""
 
     def __init__(
         self,
@@ -189,15 +197,18 @@ class Node(threading.Thread):
                     "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
                     for _ in range(rng.randint(2, 25))
                 ]
-                env = sign_contribution(
-                    self.identity,
-                    [
+                examples = [
+                    {"prompt": f"{self.identity.node_id} question {i}", "response": " ".join(words)}
+                ]
+                if i % LARGE_EVERY == LARGE_EVERY - 1:
+                    examples += [
                         {
-                            "prompt": f"{self.identity.node_id} question {i}",
-                            "response": " ".join(words),
+                            "prompt": f"{self.identity.node_id} long {i}.{j}",
+                            "response": "".join(rng.choice("abcdefgh ") for _ in range(24_000)),
                         }
-                    ],
-                )
+                        for j in range(3)
+                    ]
+                env = sign_contribution(self.identity, examples)
                 # Retried through crashes until a receipt (or a duplicate's original) comes.
                 receipt, _ = client.submit_one(env)
                 self.receipts[contribution_id(env.payload)] = receipt
@@ -258,16 +269,23 @@ def run_harness(
     process.terminate()
     receipts = {cid: r for t in threads for cid, r in t.receipts.items()}
     problems = check(load_coordinator_config(config_path), receipts, identities)
-    rounds = _rounds(load_coordinator_config(config_path))
-    return HarnessReport(done, len(receipts), rounds, time.monotonic() - started, problems)
+    rounds, files = _counts(load_coordinator_config(config_path))
+    return HarnessReport(
+        done, len(receipts), rounds, time.monotonic() - started, problems, payload_files=files
+    )
 
 
-def _rounds(config: CoordinatorConfig) -> int:
+def _counts(config: CoordinatorConfig) -> tuple[int, int]:
+    """Rounds, and contributions whose payload is in a file."""
     from crowdsft.coordinator.store.db import connect
 
     conn = connect(config.db_path, readonly=True)
     try:
-        return conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+        rounds = conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+        files = conn.execute(
+            "SELECT COUNT(*) FROM contributions WHERE payload_file NOT NULL"
+        ).fetchone()[0]
+        return rounds, files
     finally:
         conn.close()
 
@@ -281,16 +299,40 @@ def check(
     from crowdsft.coordinator.server.app import load_identity
     from crowdsft.coordinator.store import queries
     from crowdsft.coordinator.store.chain import inclusion_proofs, ledger_entries
-    from crowdsft.coordinator.store.db import Store
+    from crowdsft.coordinator.store.db import Store, StoreError, connect
     from crowdsft.node.verify import check_inclusion
 
     problems: list[str] = []
+    # Before a Store opens the database (opening sweeps): the last start swept what its
+    # crash left, and a clean stop leaves no file that no row names.
+    payload_dir = config.db_path.with_name(config.db_path.name + ".payloads")
+    if payload_dir.is_dir():
+        conn = connect(config.db_path, readonly=True)
+        try:
+            named = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT payload_file FROM contributions WHERE payload_file NOT NULL"
+                )
+            }
+        finally:
+            conn.close()
+        stray = [p.name for p in payload_dir.iterdir() if p.name not in named]
+        if stray:
+            problems.append(f"{len(stray)} payload files that no row names: {stray[:3]}")
     with Store(config.db_path) as store:
         q = store.query
         for cid in receipts:
-            n = q("SELECT COUNT(*) FROM contributions WHERE id=?", (cid,))[0][0]
-            if n != 1:
-                problems.append(f"acknowledged contribution {cid.hex()[:16]} stored {n} times")
+            found = q("SELECT payload, payload_file FROM contributions WHERE id=?", (cid,))
+            if len(found) != 1:
+                problems.append(
+                    f"acknowledged contribution {cid.hex()[:16]} stored {len(found)} times"
+                )
+                continue
+            try:  # its bytes, from the row or its file, must hash to its id
+                store.load_payload(found[0][0], found[0][1], cid)
+            except StoreError as exc:
+                problems.append(f"acknowledged contribution {cid.hex()[:16]}: {exc}")
         all_rounds = queries.rounds(store)
         statuses = [(r.round_id, r.status) for r in all_rounds]
         ids = [r[0] for r in statuses]

@@ -15,3 +15,4 @@ def test_twenty_kills_lose_nothing_and_finish_every_round_once(tmp_path):
     assert report.kills == 20
     assert report.acknowledged == 6 * 40
     assert report.rounds >= 3
+    assert report.payload_files >= 6 * (40 // 7)  # the large ones went through files

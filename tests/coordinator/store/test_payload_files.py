@@ -51,14 +51,32 @@ def test_large_payload_lives_in_a_file_and_reads_back(coord, identity):
     assert back == {big_id: big.payload, small_id: small.payload}
 
 
-def test_rejected_large_payload_leaves_no_file(coord, identity):
-    big = _big(identity)
+def test_rejected_large_payload_leaves_no_file(coord, identity, monkeypatch):
+    store = coord.coordinator.store
+    written = []
+    put = store.put_payload
+    monkeypatch.setattr(store, "put_payload", lambda *a: written.append(put(*a)) or written[-1])
     with coord.client() as c:
-        c.stub.SubmitContribution(big, timeout=10)
-        with pytest.raises(grpc.RpcError) as err:  # a duplicate, refused after its file
+        c.stub.SubmitContribution(_big(identity), timeout=10)
+        # the same examples under a new nonce: another contribution, its file written, then
+        # refused by the copy check in the writer
+        with pytest.raises(grpc.RpcError) as err:
+            c.stub.SubmitContribution(_big(identity), timeout=10)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert len(written) == 2 and _files(coord) == [written[0]]  # only the committed one's
+
+
+def test_a_resent_stored_contribution_writes_no_file(coord, identity, monkeypatch):
+    big = _big(identity)
+    store = coord.coordinator.store
+    with coord.client() as c:
+        first = c.stub.SubmitContribution(big, timeout=10)
+        monkeypatch.setattr(store, "put_payload", lambda *a: pytest.fail("file written again"))
+        with pytest.raises(grpc.RpcError) as err:
             c.stub.SubmitContribution(big, timeout=10)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert len(_files(coord)) == 1  # only the committed one's
+    assert first.receipt  # the original's receipt stands
+    assert len(_files(coord)) == 1
 
 
 def test_orphan_files_removed_at_start_and_tampering_detected(coord, identity):
