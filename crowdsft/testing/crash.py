@@ -323,14 +323,14 @@ def check(
     with Store(config.db_path) as store:
         q = store.query
         for cid in receipts:
-            rows = q("SELECT payload, payload_file FROM contributions WHERE id=?", (cid,))
-            if len(rows) != 1:
+            found = q("SELECT payload, payload_file FROM contributions WHERE id=?", (cid,))
+            if len(found) != 1:
                 problems.append(
-                    f"acknowledged contribution {cid.hex()[:16]} stored {len(rows)} times"
+                    f"acknowledged contribution {cid.hex()[:16]} stored {len(found)} times"
                 )
                 continue
             try:  # its bytes, from the row or its file, must hash to its id
-                store.load_payload(rows[0][0], rows[0][1], cid)
+                store.load_payload(found[0][0], found[0][1], cid)
             except StoreError as exc:
                 problems.append(f"acknowledged contribution {cid.hex()[:16]}: {exc}")
         all_rounds = queries.rounds(store)
@@ -387,8 +387,8 @@ def check(
             proofs = [
                 coordinator_pb2.InclusionProof(**p) for p in inclusion_proofs(store, sorted(mine))
             ]
-            _, _, found = check_inclusion(proofs, mine, ident.node_id, report.records)
-            problems += [f"node {ident.node_id}: {p}" for p in found]
+            _, _, failed = check_inclusion(proofs, mine, ident.node_id, report.records)
+            problems += [f"node {ident.node_id}: {p}" for p in failed]
     return problems
 
 
