@@ -3,7 +3,14 @@ the server, bounded in count and time, while an honest node keeps submitting; pr
 honest node's latency and success under each attack beside a baseline measured in the same
 run, and the server's memory.
 
-    python bench/hostile.py [--seconds 8] [--attacks idle-streams,sybil,...] [--json]
+    python bench/hostile.py [--seconds 8] [--repeat 3] [--attacks idle-streams,sybil,...] [--json]
+
+Each attack runs ``--repeat`` times, each time right after a baseline window of the same
+length (the honest node alone): an attack's p99 is over all the honest calls made while it
+ran (from the moment the attacker reports it has started), against the p99 of its own
+baseline windows. (One 8 s window holds about 160 honest calls, so its p99 is about the
+second-slowest call: one scheduler or disk hiccup decides it; pooling repeats steadies both
+sides alike. Each repeat's own ratio is printed too.)
 
 The coordinator runs as its own process serving ``[::]:PORT``. The honest node connects over
 IPv6 loopback (``[::1]``) and the attacker, a separate process, over IPv4 loopback
@@ -68,19 +75,22 @@ def _code(call, *args) -> str:
         return err.code().name
 
 
-def attack(name: str, target: str, seconds: float, count: int) -> dict:
-    """Run one attack; returns what the server answered, by status."""
+def attack(name: str, target: str, seconds: float, count: int, seed: int = 0) -> dict:
+    """Run one attack; returns what the server answered, by status. ``seed`` varies the
+    generated texts between repeats (else a repeat would only resend copies)."""
     import grpc
 
     from crowdsft.envelope import new_nonce, now_ms, sign_contribution, sign_envelope
     from crowdsft.keys import Identity
     from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     channel, stub = _stub(target)
     codes: Counter[str] = Counter()
-    deadline = time.monotonic() + seconds
     me = Identity.generate()
+    # Imports done: tell the bench the attack starts now (it measures from here on).
+    print("ready", flush=True)
+    deadline = time.monotonic() + seconds
 
     def text(n: int) -> str:
         return "".join(rng.choice("abcdefghij ") for _ in range(n))
@@ -278,6 +288,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="per attack and baseline")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--count", type=int, default=20_000, help="most requests per attack")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each attack, each after a baseline"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--shared-cores",
@@ -286,10 +299,11 @@ def main() -> int:
     )
     parser.add_argument("--attack", help=argparse.SUPPRESS)  # the attacker process
     parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.attack:
-        print(json.dumps(attack(args.attack, args.target, args.seconds, args.count)))
+        print(json.dumps(attack(args.attack, args.target, args.seconds, args.count, args.seed)))
         return 0
 
     from crowdsft.coordinator.server.app import wait_ready
@@ -319,45 +333,63 @@ def main() -> int:
             honest.start()
             time.sleep(1.0)
             honest.window()  # warm-up
-            time.sleep(args.seconds)
-            base = summary(honest.window())
             base_rss = rss_mb(server.pid)
-            rows.append({"attack": "baseline (none)", **base, "rss_mb": round(base_rss, 1)})
-            if not args.json:
-                print(f"baseline: {base} server RSS {base_rss:.0f} MB", flush=True)
+            all_base: list[tuple[float, bool]] = []
             for name in [a for a in args.attacks.split(",") if a]:
-                cpu_before, t_before = cpu_s(server.pid), time.monotonic()
-                attacker = subprocess.run(
-                    [
-                        "taskset",
-                        "-c",
-                        ",".join(map(str, sorted(attacker_cores))),
-                        sys.executable,
-                        __file__,
-                        "--attack",
-                        name,
-                        "--target",
-                        f"127.0.0.1:{port}",
-                        "--seconds",
-                        str(args.seconds),
-                        "--count",
-                        str(args.count),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=args.seconds * 10 + 120,
-                )
-                during = summary(honest.window())
-                busy = (cpu_s(server.pid) - cpu_before) / (time.monotonic() - t_before)
-                peak = rss_mb(server.pid)
-                time.sleep(3.0)
-                honest.window()
-                after = rss_mb(server.pid)
-                answered = (
-                    json.loads(attacker.stdout.strip().splitlines()[-1])
-                    if attacker.returncode == 0
-                    else {"attacker failed": attacker.stderr.strip().splitlines()[-1:]}
-                )
+                base_samples: list[tuple[float, bool]] = []
+                during_samples: list[tuple[float, bool]] = []
+                ratios, busy_all, peaks, afters = [], [], [], []
+                answered: Counter[str] = Counter()
+                failed: list[str] = []
+                for rep in range(args.repeat):
+                    honest.window()
+                    time.sleep(args.seconds)
+                    b = honest.window()
+                    base_samples += b
+                    attacker = subprocess.Popen(
+                        [
+                            "taskset",
+                            "-c",
+                            ",".join(map(str, sorted(attacker_cores))),
+                            sys.executable,
+                            __file__,
+                            "--attack",
+                            name,
+                            "--target",
+                            f"127.0.0.1:{port}",
+                            "--seconds",
+                            str(args.seconds),
+                            "--count",
+                            str(args.count),
+                            "--seed",
+                            str(rep),
+                        ],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                    assert attacker.stdout is not None
+                    attacker.stdout.readline()  # "ready": its imports are done
+                    honest.window()  # calls made before the attack began are not counted
+                    cpu_before, t_before = cpu_s(server.pid), time.monotonic()
+                    out, err = attacker.communicate(timeout=args.seconds * 10 + 120)
+                    d = honest.window()
+                    during_samples += d
+                    busy_all.append(
+                        (cpu_s(server.pid) - cpu_before) / (time.monotonic() - t_before)
+                    )
+                    peaks.append(rss_mb(server.pid))
+                    if attacker.returncode == 0:
+                        answered.update(json.loads(out.strip().splitlines()[-1]))
+                    else:
+                        failed += err.strip().splitlines()[-1:]
+                    one = summary(d)["p99_ms"], summary(b)["p99_ms"]
+                    ratios.append(round(one[0] / one[1], 2) if all(one) else None)
+                    time.sleep(3.0)
+                    honest.window()
+                    afters.append(rss_mb(server.pid))
+                all_base += base_samples
+                base, during = summary(base_samples), summary(during_samples)
                 ratio = (
                     round(during["p99_ms"] / base["p99_ms"], 2)
                     if during["p99_ms"] and base["p99_ms"]
@@ -366,22 +398,31 @@ def main() -> int:
                 row = {
                     "attack": name,
                     **during,
+                    "baseline_p99_ms": base["p99_ms"],
+                    "baseline_calls": base["calls"],
                     "p99_vs_baseline": ratio,
-                    "server_cpu": round(busy, 2),
-                    "rss_mb": round(peak, 1),
-                    "rss_after_mb": round(after, 1),
-                    "server_answered": answered,
+                    "each_repeat_vs_baseline": ratios,
+                    "server_cpu": round(statistics.fmean(busy_all), 2),
+                    "rss_mb": round(max(peaks), 1),
+                    "rss_after_mb": round(afters[-1], 1),
+                    "server_answered": dict(answered)
+                    if not failed
+                    else {"attacker failed": failed},
                 }
                 rows.append(row)
                 if not args.json:
                     print(
                         f"{name}: honest {during['ok']}/{during['calls']} ok, p50 "
-                        f"{during['p50_ms']} ms, p99 {during['p99_ms']} ms ({ratio}x baseline); "
-                        f"server CPU {busy:.0%}; "
-                        f"server RSS {peak:.0f} MB, {after:.0f} MB 3 s later; attacker got "
-                        f"{answered}",
+                        f"{during['p50_ms']} ms, p99 {during['p99_ms']} ms vs "
+                        f"{base['p99_ms']} ms alone ({ratio}x; each repeat {ratios}); "
+                        f"server CPU {row['server_cpu']:.0%}; server RSS {max(peaks):.0f} MB, "
+                        f"{afters[-1]:.0f} MB 3 s later; attacker got {row['server_answered']}",
                         flush=True,
                     )
+            overall = summary(all_base)
+            rows.insert(0, {"attack": "baseline (none)", **overall, "rss_mb": round(base_rss, 1)})
+            if not args.json:
+                print(f"all baseline windows: {overall}; server RSS idle {base_rss:.0f} MB")
             honest.stop.set()
             honest.join(10)
         finally:
