@@ -29,9 +29,17 @@ from .hookspecs import Register, hookimpl
 
 
 class Game(ABC):
-    """A cooperative game over ``n`` players."""
+    """A cooperative game over ``n`` players.
+
+    ``bulk_prefixes``: True for games whose ``prefix_values`` is cheap for many permutations
+    at once (vectorised); truncated Monte Carlo then computes every prefix and only zeroes
+    the truncated marginals. Otherwise (a game whose every value costs a fine-tune) it
+    values a permutation's prefixes one at a time and stops at the truncation point, which
+    is where TMC-Shapley saves its evaluations.
+    """
 
     n: int
+    bulk_prefixes: bool = False
 
     @abstractmethod
     def values(self, masks: np.ndarray) -> np.ndarray:
@@ -50,6 +58,8 @@ class Game(ABC):
 
 class CentroidGame(Game):
     """The paper's game: ``v(S) = f(mean of the members' vectors, e)``, ``v(∅) = f(0, e)``."""
+
+    bulk_prefixes = True
 
     def __init__(self, vectors: np.ndarray, target: np.ndarray, evaluation: Evaluation) -> None:
         self.x = np.asarray(vectors, dtype=float)
@@ -258,7 +268,9 @@ class PermutationShapley(Valuation):
       its position. ``antithetic`` pairs each permutation with its reverse (the pair's mean
       is one sample, which cuts the variance for games close to additive). ``truncation``:
       once a prefix's value is within ``truncation * |v(N) - v(∅)|`` of ``v(N)``, the rest of
-      that permutation's marginals count as zero (TMC-Shapley); 0 turns it off.
+      that permutation's marginals count as zero and, for a game without cheap bulk prefixes
+      (``Game.bulk_prefixes``), are never valued (TMC-Shapley, Ghorbani and Zou 2019); 0
+      turns it off.
     * stratified (games with ``size_marginals``, such as the centroid game): one
       permutation yields a marginal contribution of *every* player at *every* coalition
       size (see ``CentroidGame.size_marginals``); a player's estimate is the mean over
@@ -310,14 +322,18 @@ class PermutationShapley(Valuation):
             perms = rng.permuted(np.tile(np.arange(n), (half, 1)), axis=1)
             if self.antithetic:
                 perms = np.concatenate([perms, perms[:, ::-1]])
-            pv = game.prefix_values(perms)
-            evaluations += pv.size
-            marg = np.diff(pv, axis=1)
-            if self.truncation > 0:
-                full, empty = pv[0, -1], pv[0, 0]
-                near = np.abs(pv[:, 1:] - full) <= self.truncation * abs(full - empty)
-                after = np.cumsum(near, axis=1) > 1  # past the first close-enough prefix
-                marg = np.where(after, 0.0, marg)
+            if self.truncation > 0 and not game.bulk_prefixes:
+                marg, used = self._truncated(game, perms)
+                evaluations += used
+            else:
+                pv = game.prefix_values(perms)
+                evaluations += pv.size
+                marg = np.diff(pv, axis=1)
+                if self.truncation > 0:
+                    full, empty = pv[0, -1], pv[0, 0]
+                    near = np.abs(pv[:, 1:] - full) <= self.truncation * abs(full - empty)
+                    after = np.cumsum(near, axis=1) > 1  # past the first close-enough prefix
+                    marg = np.where(after, 0.0, marg)
             phi = np.empty_like(marg)
             phi[np.arange(len(perms))[:, None], perms] = marg
             if self.antithetic:
@@ -331,6 +347,30 @@ class PermutationShapley(Valuation):
             progress = Progress(samples, mean, np.sqrt(var / samples), history)
             if self.stopping.done(progress):
                 return self._finish(progress, evaluations, "permutation")
+
+    def _truncated(self, game: Game, perms: np.ndarray) -> tuple[np.ndarray, int]:
+        """Marginals along each permutation (by position), valuing its prefixes one by one
+        and stopping once a prefix is within the tolerance of ``v(N)``: the marginals after
+        that count zero and their coalitions are never valued. Returns them and the number
+        of values asked of the game."""
+        p, n = perms.shape
+        ends = game.values(np.array([[False] * n, [True] * n]))
+        empty, full = float(ends[0]), float(ends[1])
+        tol = self.truncation * abs(full - empty)
+        marg = np.zeros((p, n))
+        asked = 2
+        for r, perm in enumerate(perms):
+            mask = np.zeros(n, dtype=bool)
+            prev = empty
+            for k, j in enumerate(perm):
+                mask[j] = True
+                value = full if k == n - 1 else float(game.values(mask[None, :])[0])
+                asked += k < n - 1
+                marg[r, k] = value - prev
+                prev = value
+                if abs(value - full) <= tol:
+                    break
+        return marg, asked
 
     def _stratified(self, game: Game, rng: np.random.Generator) -> ValuationResult:
         n = game.n

@@ -225,3 +225,26 @@ def test_kernelshap_enumerates_only_the_sizes_its_budget_covers_in_expectation()
     sizes = masks.sum(axis=1)
     assert np.sum(sizes == 1) == 12 and np.sum(sizes == 11) == 12
     assert len(masks) == 400 and len({m.tobytes() for m in masks}) == 400
+
+
+def test_truncated_monte_carlo_stops_valuing_once_late_members_add_nothing():
+    """v(S) = min(|S|, 2): after two members nobody adds anything, so TMC values about two
+    coalitions per permutation instead of n - 1; without truncation it values them all."""
+    calls = []
+
+    def value(mask):
+        calls.append(1)
+        return float(min(mask.sum(), 2))
+
+    game = FunctionGame(12, value)
+    plain = PermutationShapley(MaxPermutations(64), antithetic=False, stratified=False)
+    tmc = PermutationShapley(
+        MaxPermutations(64), antithetic=False, truncation=0.01, stratified=False
+    )
+    full = plain(game, np.random.default_rng(0))
+    asked_plain = len(calls)
+    calls.clear()
+    cut = tmc(game, np.random.default_rng(0))
+    assert len(calls) <= 64 * 2 + 2 < asked_plain  # the two ends, then two per permutation
+    np.testing.assert_allclose(cut.values, full.values)  # nothing was lost: late marginals are 0
+    np.testing.assert_allclose(cut.values.sum(), 2.0)
