@@ -223,9 +223,13 @@ def fit(
     weights: Sequence[float] | None,
     config: TrainingConfig,
     on_step: Callable[[int, float], None] | None = None,
+    credit: Any | None = None,
 ) -> FitResult:
     """Train a fresh LoRA adapter on ``examples`` over ``model`` (left unchanged: the adapter
-    is removed again) and return its weights. Seeded by ``config.seed``."""
+    is removed again) and return its weights. Seeded by ``config.seed``.
+
+    ``credit``: an ``InRunCredit`` (``coordinator.training.valuation``) that credits each
+    example during this training; it sees every step."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     if not examples:
@@ -239,6 +243,8 @@ def fit(
         gen = torch.Generator().manual_seed(config.seed)
         w = np.ones(len(examples)) if weights is None else np.asarray(weights, dtype=float)
         result = FitResult(adapter={})
+        if credit is not None:
+            credit.attach(peft_model, tokenizer, config, len(examples))
         peft_model.train()
         done = False
         for _ in range(config.epochs):
@@ -248,12 +254,16 @@ def fit(
                 batch = encode(
                     tokenizer, [examples[i] for i in idx], w[idx].tolist(), config.max_length
                 )
+                if credit is not None:
+                    credit.before_step()
                 out = peft_model(
                     input_ids=batch.input_ids.to(device),
                     attention_mask=batch.attention_mask.to(device),
                 )
                 loss = weighted_loss(out.logits, batch.labels.to(device), batch.weights)
                 loss.backward()
+                if credit is not None:
+                    credit.after_backward(idx, batch, opt.param_groups[0]["lr"])
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 result.steps += 1
@@ -274,6 +284,8 @@ def fit(
         }
         return result
     finally:
+        if credit is not None:
+            credit.detach()
         peft_model.unload()
 
 

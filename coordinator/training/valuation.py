@@ -115,3 +115,137 @@ class RetrainingGame(Game):
             )
         emb = np.asarray(self.embedder.embed(texts), dtype=float)
         return float(np.mean(per_prompt_scores(self.evaluation, emb, self.target)))
+
+
+class InRunCredit:
+    """First-order credit of every training example, computed during the training itself
+    (the "data Shapley in one training run" idea, Wang et al. 2024, first order).
+
+    At each optimizer step, each example ``i`` of the batch is credited with
+    ``lr * <grad L_i, grad L_target>`` over the LoRA parameters, where ``L_target`` is the
+    loss of the target responses on the evaluation prompts at the step's parameters: to first
+    order, how much a gradient step on ``i`` alone would lower the target loss. Positive for
+    an example that teaches what the target wants; zero for one that teaches nothing (zero
+    gradient); negative for one that pulls away from it. Credits add up over steps and
+    epochs (``credit[k]`` for ``examples[k]`` of the fit).
+
+    The per-example inner products cost no per-example gradients: each LoRA matrix ``W`` is
+    a linear map, so example ``i``'s gradient is ``sum_t g_it x_it^T`` (the map's input ``x``
+    and output gradient ``g`` at each token ``t``, both at hand in the batch's backward
+    pass), and its inner product with the target gradient ``G`` is
+    ``sum_t g_it . (G x_it)``: one extra matrix product per LoRA matrix and step (the "ghost"
+    inner product). What it adds to training is that, plus one forward and backward pass on
+    the target examples per step; ``seconds`` measures it.
+
+    Pass it to ``lora.fit(..., credit=InRunCredit(targets))``."""
+
+    def __init__(self, target_examples: Sequence[dict[str, str]]) -> None:
+        if not target_examples:
+            raise ValueError("in-run credit needs at least one target example")
+        self.target_examples = list(target_examples)
+        self.credit = np.zeros(0)
+        self.seconds = 0.0
+        self.steps = 0
+        self._model: Any = None
+        self._modules: list[Any] = []
+        self._hooks: list[Any] = []
+        self._capturing = False
+        self._inputs: dict[Any, Any] = {}
+        self._grads: dict[Any, Any] = {}
+        self._target_grad: dict[Any, Any] = {}
+        self._target: Any = None
+
+    # -- called by lora.fit ------------------------------------------------------------------
+
+    def attach(self, peft_model: Any, tokenizer: Any, config: TrainingConfig, n: int) -> None:
+        import torch
+
+        self._model = peft_model
+        self.credit = np.zeros(n)
+        self._target = llm.encode(tokenizer, self.target_examples, None, config.max_length)
+        self._modules = [
+            m
+            for m in peft_model.modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m.bias is None
+        ]
+        if not self._modules:
+            raise ValueError("in-run credit found no trainable LoRA matrices in the model")
+        self._hooks = [m.register_forward_hook(self._forward_hook) for m in self._modules]
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._modules = [], []
+        self._inputs.clear()
+        self._grads.clear()
+        self._target_grad.clear()
+        self._model = None
+
+    def before_step(self) -> None:
+        """The target loss's gradient at the current parameters (hooks off meanwhile)."""
+        import torch
+
+        started = time.monotonic()
+        self._capturing = False
+        model = self._model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        t = self._target
+        out = model(input_ids=t.input_ids.to(device), attention_mask=t.attention_mask.to(device))
+        loss = llm.weighted_loss(out.logits, t.labels.to(device), t.weights)
+        weights = [m.weight for m in self._modules]
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        self._target_grad = {
+            m: (g if g is not None else torch.zeros_like(m.weight)).detach()
+            for m, g in zip(self._modules, grads, strict=True)
+        }
+        if was_training:
+            model.train()
+        self._inputs.clear()
+        self._grads.clear()
+        self._capturing = True
+        self.seconds += time.monotonic() - started
+
+    def _forward_hook(self, module: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        if not self._capturing or not output.requires_grad:
+            return
+        self._inputs[module] = inputs[0].detach()
+
+        def keep(grad: Any, module: Any = module) -> None:
+            self._grads[module] = grad.detach()
+
+        output.register_hook(keep)
+
+    def after_backward(self, idx: Sequence[int], batch: Any, lr: float) -> None:
+        """Credit the batch's examples, from the inputs and output gradients of the LoRA
+        matrices in the backward pass that just ran."""
+        import torch
+
+        started = time.monotonic()
+        self._capturing = False
+        size = len(idx)
+        ghost = torch.zeros(size, dtype=torch.float64)
+        for m in self._modules:
+            x, g = self._inputs.get(m), self._grads.get(m)
+            if x is None or g is None:
+                continue
+            gx = x.reshape(size, -1, x.shape[-1]).float() @ self._target_grad[m].float().T
+            per = (g.reshape(size, -1, g.shape[-1]).float() * gx).sum(dim=(1, 2))
+            ghost += per.detach().to("cpu", torch.float64)
+        # The batch loss is sum_i w_i L_i / W over the examples with response tokens, so the
+        # backward pass holds (w_i / W) grad L_i for each: undo that weight.
+        counted = (batch.labels[:, 1:] != -100).sum(dim=1) > 0
+        w = batch.weights.to(torch.float64) * counted.to(torch.float64)
+        total = w.sum()
+        scale = torch.where(w > 0, total / torch.where(w > 0, w, 1.0), 0.0)
+        self.credit[list(idx)] += (lr * ghost * scale).numpy()
+        self.steps += 1
+        self.seconds += time.monotonic() - started
+
+
+def credit_by_owner(credit: np.ndarray, owners: Sequence[int], n: int) -> np.ndarray:
+    """Sum each owner's examples' credit: ``owners[k]`` owns example ``k``."""
+    out = np.zeros(n)
+    np.add.at(out, np.asarray(owners, dtype=int), credit)
+    return out

@@ -90,3 +90,76 @@ def test_truncated_monte_carlo_on_the_retraining_game_shares_the_cache(game):
     )
     assert game.fits == fits  # every coalition it asked for was already fine-tuned
     assert tmc.values.shape == exact.values.shape and np.all(np.isfinite(tmc.stderr))
+
+
+# -- in-run credit -------------------------------------------------------------------------
+
+TARGET = [{"prompt": "say yes", "response": "yes yes yes"}]
+
+
+def _brute_force_first_step(model, tok, examples, config):
+    """lr * <grad L_i, grad L_target> at the adapter's initial weights, from each example's
+    own gradient (the slow way the ghost inner products avoid)."""
+    from peft import get_peft_model
+
+    llm.seed_everything(config.seed)
+    peft = get_peft_model(model, llm.lora_config(config, model))
+    try:
+        params = [p for p in peft.parameters() if p.requires_grad]
+
+        def grad(rows):
+            b = llm.encode(tok, rows, None, config.max_length)
+            out = peft(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            loss = llm.weighted_loss(out.logits, b.labels, b.weights)
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+        def dot(a, b):
+            return sum(float((x * y).sum()) for x, y in zip(a, b, strict=True) if x is not None)
+
+        target = grad(TARGET)
+        return np.array([config.learning_rate * dot(grad([e]), target) for e in examples])
+    finally:
+        peft.unload()
+
+
+def test_in_run_credit_equals_per_example_gradients_on_the_first_step(tiny):
+    from crowdsft.coordinator.training.valuation import InRunCredit
+
+    model, tok = tiny
+    examples = [YES[0], NO[0], {"prompt": "hello there", "response": "the cat sat on the mat"}]
+    config = llm.TrainingConfig(
+        rank=4,
+        alpha=8,
+        learning_rate=1e-2,
+        batch_size=3,
+        max_length=48,
+        max_steps=1,
+        seed=3,
+        target_modules=("q_proj", "v_proj", "o_proj"),
+    )
+    # LoRA's B starts at zero, so the first step's gradients live in B only: still a full
+    # check of the inner products over every trainable matrix.
+    credit = InRunCredit(TARGET)
+    llm.fit(model, tok, examples, [1.0, 2.0, 0.5], config, credit=credit)
+    # the order within the batch is the fit's shuffle; credits are kept per example index
+    expected = _brute_force_first_step(model, tok, examples, config)
+    np.testing.assert_allclose(credit.credit, expected, rtol=1e-4, atol=1e-9)
+    assert credit.steps == 1 and credit.seconds > 0
+
+
+def test_in_run_credit_is_zero_without_gradient_and_positive_for_the_target(tiny):
+    from crowdsft.coordinator.training.valuation import InRunCredit, credit_by_owner
+
+    model, tok = tiny
+    cut = {"prompt": " ".join(["a b c d"] * 30), "response": "yes"}  # response cut away
+    examples = [TARGET[0], cut, NO[0]]
+    config = llm.TrainingConfig(
+        rank=4, alpha=8, learning_rate=1e-2, epochs=3, batch_size=2, max_length=32, seed=0
+    )
+    credit = InRunCredit(TARGET)
+    llm.fit(model, tok, examples, None, config, credit=credit)
+    assert credit.credit[0] > 0  # the target itself
+    assert credit.credit[1] == 0.0  # no response token left: no gradient, no credit
+    assert credit.steps == 3 * 2
+    per_owner = credit_by_owner(credit.credit, [0, 1, 1], 2)
+    assert per_owner.tolist() == [credit.credit[0], credit.credit[1] + credit.credit[2]]
