@@ -58,16 +58,36 @@ def shapley_of_contributors(
     embedder: Any,
     target_texts: Sequence[str],
     plugins: Plugins | None = None,
-) -> dict[str, float]:
+) -> dict[str, tuple[float, float]]:
+    """Each contributor's Shapley value in the embedding game, with its standard error (0
+    for exact values)."""
     plugins = plugins or get_plugins()
     nodes, vectors = contributor_vectors(store, embedder)
     if len(nodes) < 2:
-        return {n: 0.0 for n in nodes}
+        return {n: (0.0, 0.0) for n in nodes}
     target = embedder.embed(list(target_texts)).mean(axis=0)
     game = CentroidGame(vectors, target, plugins.create("evaluation", config.evaluation.function))
     method = plugins.create("valuation", config.rounds.valuation)
-    values = method(game, np.random.default_rng([config.rounds.seed, 99])).values
-    return {n: float(v) for n, v in zip(nodes, values, strict=True)}
+    result = method(game, np.random.default_rng([config.rounds.seed, 99]))
+    return {
+        n: (float(v), float(e)) for n, v, e in zip(nodes, result.values, result.stderr, strict=True)
+    }
+
+
+def unresolved_pairs(
+    values: dict[str, tuple[float, float]], z: float = 1.96
+) -> list[tuple[str, str]]:
+    """Pairs of contributors whose order the valuation does not settle: the difference of
+    their values is within ``z`` standard errors of the difference (errors taken as
+    independent). Exact values (no error) leave only ties unresolved."""
+    names = sorted(values, key=lambda n: -values[n][0])
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (va, ea), (vb, eb) = values[a], values[b]
+            if abs(va - vb) <= z * math.hypot(ea, eb):
+                out.append((a, b))
+    return out
 
 
 def build_report(
@@ -85,7 +105,8 @@ def build_report(
     ev = config.evaluation.function
     history = [r.as_dict() for r in queries.finished_rounds(store)]
     points = queries.awarded_points(store)
-    shapley = shapley_of_contributors(config, store, embedder, target_texts)
+    valued = shapley_of_contributors(config, store, embedder, target_texts)
+    shapley = {n: v for n, (v, _) in valued.items()}
     common = sorted(set(points) & set(shapley))
     p_vec = np.array([points[n] for n in common])
     s_vec = np.array([shapley[n] for n in common])
@@ -111,9 +132,14 @@ def build_report(
                 "name": names.get(n, n[:8]),
                 "points": points.get(n, 0.0),
                 "shapley": shapley.get(n),
+                "shapley_stderr": valued[n][1] if n in valued else None,
             }
             for n in sorted(points, key=lambda n: -points.get(n, 0.0))
         ],
+        "valuation_method": config.rounds.valuation,
+        # pairs whose order the valuation does not settle (95%): points should not be read
+        # as ranking them either way
+        "unresolved_pairs": [list(p) for p in unresolved_pairs(valued)],
         "pearson_points_shapley": None if math.isnan(corr) else corr,
         "spearman_points_shapley": None if math.isnan(rho) else rho,
         **(extra or {}),
@@ -192,7 +218,10 @@ def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
     )
 
     def shap(c: dict[str, Any]) -> str:
-        return "" if c["shapley"] is None else f"{c['shapley']:.4f}"
+        if c["shapley"] is None:
+            return ""
+        se = c.get("shapley_stderr") or 0.0
+        return f"{c['shapley']:.4f}" + (f" ± {1.96 * se:.4f}" if se else "")
 
     people = "".join(
         f"<tr><td>{html.escape(c['name'])}</td><td><code>{c['node_id'][:12]}</code></td>"
@@ -215,6 +244,8 @@ img{{max-width:48%;margin:1%}}</style></head><body>
 <h2>Rounds (target distance, {html.escape(data["evaluation"])})</h2>
 <table><tr><th>round</th><th>base</th><th>candidates</th><th>after</th></tr>{rows}</table>
 <h2>Contributors</h2>
-<table><tr><th>name</th><th>node</th><th>points</th><th>Shapley</th></tr>{people}</table>
+<table><tr><th>name</th><th>node</th><th>points</th><th>Shapley (± 95%)</th></tr>{people}</table>
+<p>{len(data.get("unresolved_pairs", []))} pairs of contributors whose order the Shapley
+estimate does not settle at 95% (listed in report.json as unresolved_pairs).</p>
 </body></html>
 """

@@ -288,5 +288,17 @@ def test_report_after_rounds(rounds_coord, tiny, char_embedder, tmp_path):
     no_nodes = [i.node_id for i, a in zip(IDENTITIES, ANSWERS, strict=True) if a.startswith("no")]
     assert min(shapley[n] for n in yes_nodes) > max(shapley[n] for n in no_nodes)
     assert data["pearson_points_shapley"] is not None
+    assert all(c["shapley_stderr"] >= 0 for c in saved["contributors"])
+    assert saved["valuation_method"] == "permutation"
+    assert isinstance(saved["unresolved_pairs"], list)
     html = (out / "index.html").read_text()
     assert html.count("data:image/png;base64,") == 4  # self-contained
+
+
+def test_unresolved_pairs_are_those_within_their_errors():
+    from crowdsft.coordinator.report.build import unresolved_pairs
+
+    values = {"a": (1.0, 0.1), "b": (0.9, 0.05), "c": (0.0, 0.1), "d": (0.0, 0.0)}
+    assert unresolved_pairs(values) == [("a", "b"), ("c", "d")]
+    exact = {"a": (1.0, 0.0), "b": (1.0, 0.0), "c": (0.5, 0.0)}
+    assert unresolved_pairs(exact) == [("a", "b")]  # only a tie
