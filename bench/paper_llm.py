@@ -2,7 +2,7 @@
 per-target table, the summary, the device and the time per target-seed.
 
     python bench/paper_llm.py --data ../shared/data/paper-llm [--targets 8] [--seeds 3]
-        [--device auto|cpu|cuda] [--json FILE]
+        [--device auto|cpu|cuda] [--json FILE] [--out ROWS.jsonl [--resume]]
 
 Same code and defaults as the command; on a GPU the model runs in bf16 (``--device auto``).
 """
@@ -24,20 +24,38 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--answers", type=int, default=50)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    ap.add_argument("--out", type=Path, default=None, help="append each row here as it ends")
+    ap.add_argument("--resume", action="store_true", help="reuse the rows already in --out")
     ns = ap.parse_args()
+    if ns.resume and ns.out is None:
+        ap.error("--resume needs --out")
 
     from crowdsft.experiment import data as paper_data
-    from crowdsft.experiment.paper_llm import PaperSettings, run, table
+    from crowdsft.experiment.paper_llm import PaperSettings, read_done, run, run_key, table
 
     records = paper_data.load(ns.data)
     targets = paper_data.select_targets(records, ns.targets)
+    settings = PaperSettings(answers=ns.answers)
+    done = {}
+    if ns.resume:
+        done, _ = read_done(
+            ns.out, run_key(settings, "smollm2", "goemotions", records.digest(), False)
+        )
+
+    def on_row(row: dict) -> None:
+        if ns.out is not None:
+            with open(ns.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
     result = run(
         records,
         targets,
         list(range(ns.seeds)),
-        PaperSettings(answers=ns.answers),
+        settings,
         device=ns.device,
         say=lambda line: print(line, file=sys.stderr, flush=True),
+        on_row=on_row,
+        done=done,
     )
     for line in table(result):
         print(line)

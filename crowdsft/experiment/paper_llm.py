@@ -480,7 +480,11 @@ def table(result: dict[str, Any]) -> list[str]:
                 for arm in ("single_100", "multi")
             )
         )
+    reused = result.get("resumed", 0)
     lines.append(
-        f"{len(result['targets'])} target-seeds in {result['seconds']:.0f}s on {result['device']}"
+        f"{len(result['targets'])} target-seeds"
+        + (f" ({reused} reused from the --out file)" if reused else "")
+        + f" in {result['seconds']:.0f}s on {result['device']}; the target-seeds' own times "
+        f"sum to {result.get('target_seed_seconds', result['seconds']):.0f}s"
     )
     return lines
