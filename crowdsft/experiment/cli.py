@@ -31,6 +31,14 @@ DEFAULTS = PaperSettings()  # one source for the options' defaults
 )
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1))
 @click.option(
+    "--first-seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Seeds run are first-seed .. first-seed + seeds - 1 (to split seeds across machines "
+    "or processes, each with its own --out).",
+)
+@click.option(
     "--answers",
     default=None,
     type=click.IntRange(2),
@@ -80,6 +88,7 @@ def paper_llm(
     data: Path,
     targets: str | None,
     seeds: int,
+    first_seed: int,
     answers: int | None,
     max_new_tokens: int | None,
     epochs: int,
@@ -131,7 +140,7 @@ def paper_llm(
     result = run(
         records,
         chosen,
-        list(range(seeds)),
+        list(range(first_seed, first_seed + seeds)),
         settings,
         model_spec=model_spec,
         embedder_name=embedder,
