@@ -367,8 +367,9 @@ def run(
     wanted = [(t, s) for s in seeds for t in targets]
     if all(w in done for w in wanted):
         rows = [done[w] for w in wanted]
+        devices = ",".join(sorted({str(r.get("device", "?")) for r in rows}))
         return _result(
-            rows, seeds, settings, embedder_name, model_spec, "-", data, started, key, len(rows)
+            rows, seeds, settings, embedder_name, model_spec, devices, data, started, key, len(rows)
         )
     dev, dtype = llm.device_and_dtype(device)
     if quick:
