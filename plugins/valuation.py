@@ -105,15 +105,10 @@ class CentroidGame(Game):
         other_sum = np.where(
             outside, csum[:-1, None, :] + self.x[None], csum[1:, None, :] - self.x[None]
         )
-        other_size = np.where(outside[..., 0], k + 1, k).astype(float)  # (n, n)
-        means = np.divide(
-            other_sum,
-            other_size[..., None],
-            out=np.zeros_like(other_sum),
-            where=other_size[..., None] > 0,
-        )
-        other = self.f(means, self.target)  # (n, n)
-        other = np.where(other_size > 0, other, prefix[0])  # the empty coalition
+        # both kinds of coalition hold at least one player: j itself, or P_(k+1) minus j
+        # where j is in P_k (so k >= 1)
+        other_size = np.where(outside[..., 0], k + 1, k).astype(float)  # (n, n), all >= 1
+        other = self.f(other_sum / other_size[..., None], self.target)  # (n, n)
         return np.where(outside[..., 0], other - prefix[:-1, None], prefix[1:, None] - other)
 
 
@@ -134,11 +129,16 @@ class FunctionGame(Game):
 @dataclass(frozen=True)
 class ValuationResult:
     values: np.ndarray
-    stderr: np.ndarray  # zeros for exact values
+    stderr: np.ndarray  # zeros for exact values; NaN where the method gives no error estimate
     evaluations: int  # coalition values computed
     samples: int = 0  # permutations (or coalitions) drawn
     converged: bool = True
     method: str = ""
+    # The estimates' covariance (n, n), where the method knows it (Monte Carlo over
+    # permutations: the players' estimates share permutations, so they are correlated, and
+    # the error of a difference of two values is not that of independent ones); zeros for
+    # exact values, None where unknown.
+    covariance: np.ndarray | None = None
 
     @property
     def spread(self) -> float:
@@ -153,6 +153,7 @@ class Progress:
     values: np.ndarray
     stderr: np.ndarray
     history: list[np.ndarray]
+    covariance: np.ndarray | None = None
 
 
 class Stopping(ABC):
@@ -188,7 +189,8 @@ class _Either(Stopping):
 
 @dataclass
 class MaxPermutations(Stopping):
-    """Stop after ``n`` permutations."""
+    """Stop after ``n`` samples: permutations, or with antithetic sampling pairs of a
+    permutation and its reverse (2n permutations)."""
 
     n: int
 
@@ -256,7 +258,9 @@ class ExactShapley(Valuation):
         for i in range(n):
             without = idx[~bits[:, i]]
             phi[i] = np.sum(w[size[without]] * (v[without | (1 << i)] - v[without]))
-        return ValuationResult(phi, np.zeros(n), evaluations=len(idx), method="exact")
+        return ValuationResult(
+            phi, np.zeros(n), evaluations=len(idx), method="exact", covariance=np.zeros((n, n))
+        )
 
 
 class PermutationShapley(Valuation):
@@ -307,13 +311,19 @@ class PermutationShapley(Valuation):
     def _finish(self, progress: Progress, evaluations: int, method: str) -> ValuationResult:
         converged = StandardErrorBelow(0.01, min_samples=0).done(progress)
         return ValuationResult(
-            progress.values, progress.stderr, evaluations, progress.samples, converged, method
+            progress.values,
+            progress.stderr,
+            evaluations,
+            progress.samples,
+            converged,
+            method,
+            progress.covariance,
         )
 
     def _plain(self, game: Game, rng: np.random.Generator) -> ValuationResult:
         n = game.n
         total = np.zeros(n)
-        total_sq = np.zeros(n)
+        outer = np.zeros((n, n))
         samples = 0
         evaluations = 0
         history: list[np.ndarray] = []
@@ -332,19 +342,16 @@ class PermutationShapley(Valuation):
                 if self.truncation > 0:
                     full, empty = pv[0, -1], pv[0, 0]
                     near = np.abs(pv[:, 1:] - full) <= self.truncation * abs(full - empty)
-                    after = np.cumsum(near, axis=1) > 1  # past the first close-enough prefix
+                    after = (np.cumsum(near, axis=1) - near) > 0  # past the first close prefix
                     marg = np.where(after, 0.0, marg)
             phi = np.empty_like(marg)
             phi[np.arange(len(perms))[:, None], perms] = marg
             if self.antithetic:
                 phi = 0.5 * (phi[: len(phi) // 2] + phi[len(phi) // 2 :])
             total += phi.sum(axis=0)
-            total_sq += np.square(phi).sum(axis=0)
+            outer += phi.T @ phi
             samples += len(phi)
-            mean = total / samples
-            var = np.maximum(total_sq / samples - mean**2, 0.0) * samples / max(samples - 1, 1)
-            history.append(mean)
-            progress = Progress(samples, mean, np.sqrt(var / samples), history)
+            progress = _progress(total, outer, samples, history)
             if self.stopping.done(progress):
                 return self._finish(progress, evaluations, "permutation")
 
@@ -384,25 +391,36 @@ class PermutationShapley(Valuation):
         # errors are correlated; adding per-size variances as if they were independent, as
         # this estimator once did, understated the error 1.5-2.6 times.)
         total = np.zeros(n)
-        total_sq = np.zeros(n)
+        outer = np.zeros((n, n))
         samples = 0
         evaluations = 2
         history: list[np.ndarray] = []
         while True:
-            for _ in range(self.batch):
+            ys = np.empty((self.batch, n))
+            for b in range(self.batch):
                 perm = rng.permutation(n)
                 y = game.size_marginals(perm).mean(axis=0)  # type: ignore[attr-defined]
-                y += (grand - y.sum()) / n
-                total += y
-                total_sq += y * y
+                ys[b] = y + (grand - y.sum()) / n
                 evaluations += n + n * n
-                samples += 1
-            mean = total / samples
-            var = np.maximum(total_sq / samples - mean**2, 0.0) * samples / max(samples - 1, 1)
-            history.append(mean)
-            progress = Progress(samples, mean, np.sqrt(var / samples), history)
+            total += ys.sum(axis=0)
+            outer += ys.T @ ys
+            samples += self.batch
+            progress = _progress(total, outer, samples, history)
             if self.stopping.done(progress):
                 return self._finish(progress, evaluations, "permutation-stratified")
+
+
+def _progress(
+    total: np.ndarray, outer: np.ndarray, samples: int, history: list[np.ndarray]
+) -> Progress:
+    """Mean, standard errors and covariance of the mean of ``samples`` independent vectors,
+    from their sum and the sum of their outer products."""
+    mean = total / samples
+    cov = (outer / samples - np.outer(mean, mean)) * samples / max(samples - 1, 1)
+    cov_mean = cov / samples
+    history.append(mean)
+    stderr = np.sqrt(np.maximum(np.diag(cov_mean), 0.0))
+    return Progress(samples, mean, stderr, history, cov_mean)
 
 
 class KernelSHAP(Valuation):
@@ -419,7 +437,13 @@ class KernelSHAP(Valuation):
         n = game.n
         if n < 2:
             v = game.values(np.array([[False] * n, [True] * n]))
-            return ValuationResult(np.array([v[1] - v[0]])[:n], np.zeros(n), 2, method="kernelshap")
+            return ValuationResult(
+                np.array([v[1] - v[0]])[:n],
+                np.zeros(n),
+                2,
+                method="kernelshap",
+                covariance=np.zeros((n, n)),
+            )
         masks, weights = self._coalitions(n, rng)
         v = game.values(np.vstack([np.zeros((1, n), bool), np.ones((1, n), bool), masks]))
         v0, v1, vs = v[0], v[1], v[2:]
@@ -430,13 +454,15 @@ class KernelSHAP(Valuation):
         sw = np.sqrt(weights)
         coef = np.linalg.lstsq(x * sw[:, None], y * sw, rcond=None)[0]
         phi = np.append(coef, (v1 - v0) - coef.sum())
+        exact = len(masks) == 2**n - 2  # every coalition: no sampling error
         return ValuationResult(
             phi,
-            np.zeros(n),
+            np.zeros(n) if exact else np.full(n, np.nan),  # no error estimate when sampled
             evaluations=len(v),
             samples=len(masks),
-            converged=False,
+            converged=exact,
             method="kernelshap",
+            covariance=np.zeros((n, n)) if exact else None,
         )
 
     def _coalitions(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import html
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,41 +53,64 @@ def contributor_vectors(store: Store, embedder: Any) -> tuple[list[str], np.ndar
     return nodes, vectors
 
 
+@dataclass(frozen=True)
+class Valued:
+    """Contributors' Shapley values in the embedding game, with their standard errors and
+    covariance (None where the method gives no error estimate)."""
+
+    nodes: list[str]
+    values: np.ndarray
+    stderr: np.ndarray
+    covariance: np.ndarray | None
+
+    def value(self, node: str) -> float | None:
+        return float(self.values[self.nodes.index(node)]) if node in self.nodes else None
+
+    def error(self, node: str) -> float | None:
+        if node not in self.nodes:
+            return None
+        e = float(self.stderr[self.nodes.index(node)])
+        return None if math.isnan(e) else e
+
+
 def shapley_of_contributors(
     config: CoordinatorConfig,
     store: Store,
     embedder: Any,
     target_texts: Sequence[str],
     plugins: Plugins | None = None,
-) -> dict[str, tuple[float, float]]:
-    """Each contributor's Shapley value in the embedding game, with its standard error (0
-    for exact values)."""
+) -> Valued:
+    """Each contributor's Shapley value in the embedding game, with its error."""
     plugins = plugins or get_plugins()
     nodes, vectors = contributor_vectors(store, embedder)
     if len(nodes) < 2:
-        return {n: (0.0, 0.0) for n in nodes}
+        zeros = np.zeros(len(nodes))
+        return Valued(nodes, zeros, zeros, np.zeros((len(nodes), len(nodes))))
     target = embedder.embed(list(target_texts)).mean(axis=0)
     game = CentroidGame(vectors, target, plugins.create("evaluation", config.evaluation.function))
     method = plugins.create("valuation", config.rounds.valuation)
     result = method(game, np.random.default_rng([config.rounds.seed, 99]))
-    return {
-        n: (float(v), float(e)) for n, v, e in zip(nodes, result.values, result.stderr, strict=True)
-    }
+    return Valued(nodes, result.values, result.stderr, result.covariance)
 
 
-def unresolved_pairs(
-    values: dict[str, tuple[float, float]], z: float = 1.96
-) -> list[tuple[str, str]]:
+def unresolved_pairs(valued: Valued, z: float = 1.96) -> list[tuple[str, str]] | None:
     """Pairs of contributors whose order the valuation does not settle: the difference of
-    their values is within ``z`` standard errors of the difference (errors taken as
-    independent). Exact values (no error) leave only ties unresolved."""
-    names = sorted(values, key=lambda n: -values[n][0])
+    their values is within ``z`` standard errors of that difference, taken from the
+    estimates' covariance (they share permutations, so they are correlated). Exact values
+    leave only (near-)ties. None where the method gives no error estimate. Each pair is
+    tested on its own at about 95%: with many pairs, some settled-looking orders are still
+    chance."""
+    if valued.covariance is None:
+        return None
+    v, cov = valued.values, valued.covariance
+    scale = max(float(np.ptp(v)), 1e-300) if len(v) else 1.0
+    order = sorted(range(len(v)), key=lambda i: -v[i])
     out = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            (va, ea), (vb, eb) = values[a], values[b]
-            if abs(va - vb) <= z * math.hypot(ea, eb):
-                out.append((a, b))
+    for a_i, a in enumerate(order):
+        for b in order[a_i + 1 :]:
+            var = max(cov[a, a] + cov[b, b] - 2 * cov[a, b], 0.0)
+            if abs(v[a] - v[b]) <= z * math.sqrt(var) + 1e-12 * scale:
+                out.append((valued.nodes[a], valued.nodes[b]))
     return out
 
 
@@ -106,7 +130,7 @@ def build_report(
     history = [r.as_dict() for r in queries.finished_rounds(store)]
     points = queries.awarded_points(store)
     valued = shapley_of_contributors(config, store, embedder, target_texts)
-    shapley = {n: v for n, (v, _) in valued.items()}
+    shapley = {n: float(v) for n, v in zip(valued.nodes, valued.values, strict=True)}
     common = sorted(set(points) & set(shapley))
     p_vec = np.array([points[n] for n in common])
     s_vec = np.array([shapley[n] for n in common])
@@ -132,14 +156,16 @@ def build_report(
                 "name": names.get(n, n[:8]),
                 "points": points.get(n, 0.0),
                 "shapley": shapley.get(n),
-                "shapley_stderr": valued[n][1] if n in valued else None,
+                "shapley_stderr": valued.error(n),
             }
             for n in sorted(points, key=lambda n: -points.get(n, 0.0))
         ],
         "valuation_method": config.rounds.valuation,
         # pairs whose order the valuation does not settle (95%): points should not be read
         # as ranking them either way
-        "unresolved_pairs": [list(p) for p in unresolved_pairs(valued)],
+        "unresolved_pairs": (
+            None if (pairs := unresolved_pairs(valued)) is None else [list(p) for p in pairs]
+        ),
         "pearson_points_shapley": None if math.isnan(corr) else corr,
         "spearman_points_shapley": None if math.isnan(rho) else rho,
         **(extra or {}),
@@ -149,6 +175,15 @@ def build_report(
     (out / "index.html").write_text(_html(data, pngs))
     data["report_path"] = str(out / "index.html")
     return data
+
+
+def _pairs_line(pairs: list[list[str]] | None) -> str:
+    if pairs is None:
+        return "The valuation method gives no error estimate: the order of close values is unknown."
+    return (
+        f"{len(pairs)} pairs of contributors whose order the Shapley estimate does not settle "
+        "at 95% (listed in report.json as unresolved_pairs)."
+    )
 
 
 def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -245,7 +280,6 @@ img{{max-width:48%;margin:1%}}</style></head><body>
 <table><tr><th>round</th><th>base</th><th>candidates</th><th>after</th></tr>{rows}</table>
 <h2>Contributors</h2>
 <table><tr><th>name</th><th>node</th><th>points</th><th>Shapley (± 95%)</th></tr>{people}</table>
-<p>{len(data.get("unresolved_pairs", []))} pairs of contributors whose order the Shapley
-estimate does not settle at 95% (listed in report.json as unresolved_pairs).</p>
+<p>{_pairs_line(data.get("unresolved_pairs"))}</p>
 </body></html>
 """

@@ -7,8 +7,8 @@
   seed, derived from the game's seed and the coalition, so a coalition always gets the same
   fine-tune), so that every estimator run on one game shares the work: ``exact`` for small
   crowds, ``permutation`` with truncation (TMC-Shapley) for larger ones.
-* ``InRunCredit`` (see ``in_run``): first-order credit of each training example computed
-  during the real training of a candidate, at no extra fine-tune.
+* ``InRunCredit``: first-order credit of each training example computed during the real
+  training of a candidate, at no extra fine-tune.
 """
 
 from __future__ import annotations
@@ -121,18 +121,25 @@ class InRunCredit:
     """First-order credit of every training example, computed during the training itself
     (the "data Shapley in one training run" idea, Wang et al. 2024, first order).
 
-    At each optimizer step, each example ``i`` of the batch is credited with
-    ``lr * <grad L_i, grad L_target>`` over the LoRA parameters, where ``L_target`` is the
-    loss of the target responses on the evaluation prompts at the step's parameters: to first
-    order, how much a gradient step on ``i`` alone would lower the target loss. Positive for
-    an example that teaches what the target wants; zero for one that teaches nothing (zero
-    gradient); negative for one that pulls away from it. Credits add up over steps and
-    epochs (``credit[k]`` for ``examples[k]`` of the fit).
+    At each optimizer step the batch's loss is ``sum_i w_i L_i / W`` (``W``: the weights of
+    the examples with response tokens), and example ``i`` is credited with its share of the
+    step's first-order effect on the target loss: ``lr * (w_i / W) * <grad L_i, grad L_target>``
+    over the LoRA parameters, where ``L_target`` is the loss of the target responses on the
+    evaluation prompts at the step's parameters. Under plain gradient descent the batch's
+    credits add up to the step's first-order decrease of the target loss; the trainer uses
+    AdamW, which rescales each parameter's step, so the credit is a first-order,
+    gradient-descent-style measure of alignment with the target rather than the actual
+    change. (Wang et al. credit ``lr * <grad L_i, grad L_target>``; for unweighted batches of
+    B examples that is B times ours, the same ranking within a batch.) Positive for an example
+    that teaches what the target wants (for the target itself, the squared gradient norm);
+    zero for one with no gradient (no response token left after truncation, or weight 0);
+    negative for one that pulls away from it. Credits add up over steps and epochs
+    (``credit[k]`` for ``examples[k]`` of the fit).
 
-    The per-example inner products cost no per-example gradients: each LoRA matrix ``W`` is
-    a linear map, so example ``i``'s gradient is ``sum_t g_it x_it^T`` (the map's input ``x``
-    and output gradient ``g`` at each token ``t``, both at hand in the batch's backward
-    pass), and its inner product with the target gradient ``G`` is
+    The inner products cost no per-example gradients: each LoRA matrix ``W`` is a linear
+    map, so example ``i``'s share of the batch gradient is ``sum_t g_it x_it^T`` (the map's
+    input ``x`` and output gradient ``g`` at each of its tokens ``t``, both at hand in the
+    batch's backward pass), and its inner product with the target gradient ``G`` is
     ``sum_t g_it . (G x_it)``: one extra matrix product per LoRA matrix and step (the "ghost"
     inner product). What it adds to training is that, plus one forward and backward pass on
     the target examples per step; ``seconds`` measures it.
@@ -233,13 +240,9 @@ class InRunCredit:
             gx = x.reshape(size, -1, x.shape[-1]).float() @ self._target_grad[m].float().T
             per = (g.reshape(size, -1, g.shape[-1]).float() * gx).sum(dim=(1, 2))
             ghost += per.detach().to("cpu", torch.float64)
-        # The batch loss is sum_i w_i L_i / W over the examples with response tokens, so the
-        # backward pass holds (w_i / W) grad L_i for each: undo that weight.
-        counted = (batch.labels[:, 1:] != -100).sum(dim=1) > 0
-        w = batch.weights.to(torch.float64) * counted.to(torch.float64)
-        total = w.sum()
-        scale = torch.where(w > 0, total / torch.where(w > 0, w, 1.0), 0.0)
-        self.credit[list(idx)] += (lr * ghost * scale).numpy()
+        # The batch loss is sum_i w_i L_i / W, so the backward pass holds each example's
+        # share of the step, (w_i / W) grad L_i: the ghost products are already its credit.
+        self.credit[list(idx)] += lr * ghost.numpy()
         self.steps += 1
         self.seconds += time.monotonic() - started
 

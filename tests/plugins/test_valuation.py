@@ -159,11 +159,26 @@ def test_single_player():
 # -- the estimators' error bars and the kernel: checked against known values ---------------
 
 
-def test_size_marginals_average_to_the_exact_values_over_all_permutations():
-    from itertools import permutations
+def test_size_marginals_are_unbiased_at_every_size():
+    """Over all permutations, each size's entries average to that size's mean marginal over
+    every coalition of the size without the player; their mean over sizes is the exact
+    Shapley value."""
+    from itertools import combinations, permutations
 
-    g = centroid(n=5, seed=8)
-    rows = np.array([g.size_marginals(np.array(p)) for p in permutations(range(5))])
+    n = 5
+    g = centroid(n=n, seed=8)
+    rows = np.array([g.size_marginals(np.array(p)) for p in permutations(range(n))])
+    for k in range(n):
+        for j in range(n):
+            others = [i for i in range(n) if i != j]
+            margins = []
+            for s in combinations(others, k):
+                mask = np.zeros(n, bool)
+                mask[list(s)] = True
+                with_j = mask.copy()
+                with_j[j] = True
+                margins.append(g.values(with_j[None])[0] - g.values(mask[None])[0])
+            assert rows[:, k, j].mean() == pytest.approx(np.mean(margins), abs=1e-12)
     np.testing.assert_allclose(rows.mean(axis=(0, 1)), ExactShapley()(g).values, atol=1e-12)
 
 
@@ -248,3 +263,44 @@ def test_truncated_monte_carlo_stops_valuing_once_late_members_add_nothing():
     assert len(calls) <= 64 * 2 + 2 < asked_plain  # the two ends, then two per permutation
     np.testing.assert_allclose(cut.values, full.values)  # nothing was lost: late marginals are 0
     np.testing.assert_allclose(cut.values.sum(), 2.0)
+
+
+def test_bulk_and_one_at_a_time_truncation_cut_at_the_same_prefix():
+    """The centroid game's values can enter the tolerance band around v(N), leave it and come
+    back: both truncation paths cut at the first entry."""
+    g = centroid(n=10, seed=12)
+    perms = np.random.default_rng(0).permuted(np.tile(np.arange(10), (200, 1)), axis=1)
+    est = PermutationShapley(truncation=0.05, stratified=False)
+    lazy, _ = est._truncated(g, perms)
+    pv = g.prefix_values(perms)
+    full, empty = pv[0, -1], pv[0, 0]
+    near = np.abs(pv[:, 1:] - full) <= 0.05 * abs(full - empty)
+    bulk = np.where((np.cumsum(near, axis=1) - near) > 0, 0.0, np.diff(pv, axis=1))
+    assert np.any(np.diff(near.astype(int), axis=1) < 0)  # some prefix leaves the band
+    np.testing.assert_allclose(lazy, bulk, atol=1e-12)
+    fast = PermutationShapley(MaxPermutations(64), truncation=0.05, stratified=False)
+    slow = PermutationShapley(MaxPermutations(64), truncation=0.05, stratified=False)
+    g_lazy = CentroidGame(g.x, g.target, g.f)
+    g_lazy.bulk_prefixes = False
+    a = fast(g, np.random.default_rng(1))
+    b = slow(g_lazy, np.random.default_rng(1))
+    np.testing.assert_allclose(a.values, b.values, atol=1e-12)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_monte_carlo_reports_the_covariance_of_its_estimates(stratified):
+    g = centroid(n=8, seed=13)
+    r = PermutationShapley(MaxPermutations(256), stratified=stratified)(g, np.random.default_rng(0))
+    assert r.covariance is not None and r.covariance.shape == (8, 8)
+    np.testing.assert_allclose(np.sqrt(np.diag(r.covariance)), r.stderr)
+    # efficiency per sample: the estimates' errors sum to zero, so do the covariance's rows
+    np.testing.assert_allclose(
+        r.covariance.sum(axis=1), 0.0, atol=1e-12 * np.abs(r.covariance).max() + 1e-15
+    )
+
+
+def test_sampled_kernelshap_gives_no_error_estimate_and_enumerated_is_exact():
+    sampled = KernelSHAP(samples=300)(centroid(n=12, seed=7), np.random.default_rng(0))
+    assert np.all(np.isnan(sampled.stderr)) and sampled.covariance is None
+    full = KernelSHAP(samples=10_000)(centroid(n=6, seed=7), np.random.default_rng(0))
+    assert np.all(full.stderr == 0) and full.converged

@@ -295,10 +295,19 @@ def test_report_after_rounds(rounds_coord, tiny, char_embedder, tmp_path):
     assert html.count("data:image/png;base64,") == 4  # self-contained
 
 
-def test_unresolved_pairs_are_those_within_their_errors():
-    from crowdsft.coordinator.report.build import unresolved_pairs
+def test_unresolved_pairs_use_the_covariance_of_the_estimates():
+    from crowdsft.coordinator.report.build import Valued, unresolved_pairs
 
-    values = {"a": (1.0, 0.1), "b": (0.9, 0.05), "c": (0.0, 0.1), "d": (0.0, 0.0)}
-    assert unresolved_pairs(values) == [("a", "b"), ("c", "d")]
-    exact = {"a": (1.0, 0.0), "b": (1.0, 0.0), "c": (0.5, 0.0)}
+    v = np.array([1.0, 0.9, 0.0, 0.0])
+    se = np.array([0.1, 0.05, 0.1, 0.0])
+    independent = Valued(list("abcd"), v, se, np.diag(se**2))
+    assert unresolved_pairs(independent) == [("a", "b"), ("c", "d")]
+    # a and b estimated from the same permutations, strongly correlated: their difference is
+    # known far better than either value, so their order is settled
+    cov = np.diag(se**2)
+    cov[0, 1] = cov[1, 0] = 0.99 * 0.1 * 0.05
+    assert unresolved_pairs(Valued(list("abcd"), v, se, cov)) == [("c", "d")]
+    exact = Valued(list("abc"), np.array([1.0, 1.0, 0.5]), np.zeros(3), np.zeros((3, 3)))
     assert unresolved_pairs(exact) == [("a", "b")]  # only a tie
+    unknown = Valued(list("ab"), np.array([1.0, 0.5]), np.full(2, np.nan), None)
+    assert unresolved_pairs(unknown) is None  # KernelSHAP-like: no error estimate

@@ -82,14 +82,15 @@ def test_exact_retraining_shapley_matches_brute_force_and_is_efficient(game):
     assert result.values.sum() == pytest.approx(grand, abs=1e-12)
 
 
-def test_truncated_monte_carlo_on_the_retraining_game_shares_the_cache(game):
-    exact = ExactShapley()(game)
+def test_truncated_monte_carlo_fine_tunes_fewer_coalitions_and_shares_the_cache(game):
+    # a wide tolerance, so that permutations are cut early on this small noisy game
+    tmc = PermutationShapley(MaxPermutations(6), batch=6, truncation=0.5, stratified=False)
+    result = tmc(game, np.random.default_rng(0))
+    assert 0 < game.fits < 2**4 - 1  # not every coalition was fine-tuned
+    assert np.all(np.isfinite(result.values)) and np.all(np.isfinite(result.stderr))
     fits = game.fits
-    tmc = PermutationShapley(MaxPermutations(24), batch=24, truncation=0.05, stratified=False)(
-        game, np.random.default_rng(0)
-    )
-    assert game.fits == fits  # every coalition it asked for was already fine-tuned
-    assert tmc.values.shape == exact.values.shape and np.all(np.isfinite(tmc.stderr))
+    ExactShapley()(game)  # exact on the same game reuses what TMC fine-tuned
+    assert game.fits == 2**4 - 1 and fits < game.fits
 
 
 # -- in-run credit -------------------------------------------------------------------------
@@ -97,9 +98,9 @@ def test_truncated_monte_carlo_on_the_retraining_game_shares_the_cache(game):
 TARGET = [{"prompt": "say yes", "response": "yes yes yes"}]
 
 
-def _brute_force_first_step(model, tok, examples, config):
-    """lr * <grad L_i, grad L_target> at the adapter's initial weights, from each example's
-    own gradient (the slow way the ghost inner products avoid)."""
+def _brute_force_first_step(model, tok, examples, weights, config):
+    """lr * (w_i / W) * <grad L_i, grad L_target> at the adapter's initial weights, from each
+    example's own gradient (the slow way the ghost inner products avoid)."""
     from peft import get_peft_model
 
     llm.seed_everything(config.seed)
@@ -117,16 +118,31 @@ def _brute_force_first_step(model, tok, examples, config):
             return sum(float((x * y).sum()) for x, y in zip(a, b, strict=True) if x is not None)
 
         target = grad(TARGET)
-        return np.array([config.learning_rate * dot(grad([e]), target) for e in examples])
+        share = np.asarray(weights) / np.sum(weights)
+        return np.array(
+            [
+                config.learning_rate * s * dot(grad([e]), target)
+                for e, s in zip(examples, share, strict=True)
+            ]
+        )
     finally:
         peft.unload()
 
 
-def test_in_run_credit_equals_per_example_gradients_on_the_first_step(tiny):
+def test_in_run_credit_equals_per_example_gradients_on_the_first_step(tiny, monkeypatch):
     from crowdsft.coordinator.training.valuation import InRunCredit
 
     model, tok = tiny
+    plain_config = llm.lora_config
+
+    def random_b(config, model):  # LoRA's B starts at zero by default: then A gets no gradient
+        c = plain_config(config, model)
+        c.init_lora_weights = False
+        return c
+
+    monkeypatch.setattr(llm, "lora_config", random_b)
     examples = [YES[0], NO[0], {"prompt": "hello there", "response": "the cat sat on the mat"}]
+    weights = [1.0, 2.0, 0.5]
     config = llm.TrainingConfig(
         rank=4,
         alpha=8,
@@ -137,13 +153,12 @@ def test_in_run_credit_equals_per_example_gradients_on_the_first_step(tiny):
         seed=3,
         target_modules=("q_proj", "v_proj", "o_proj"),
     )
-    # LoRA's B starts at zero, so the first step's gradients live in B only: still a full
-    # check of the inner products over every trainable matrix.
     credit = InRunCredit(TARGET)
-    llm.fit(model, tok, examples, [1.0, 2.0, 0.5], config, credit=credit)
-    # the order within the batch is the fit's shuffle; credits are kept per example index
-    expected = _brute_force_first_step(model, tok, examples, config)
-    np.testing.assert_allclose(credit.credit, expected, rtol=1e-4, atol=1e-9)
+    llm.fit(model, tok, examples, weights, config, credit=credit)
+    # credits are kept per example index, whatever the order within the batch
+    expected = _brute_force_first_step(model, tok, examples, weights, config)
+    assert np.all(np.abs(expected) > 1e-9)  # A and B both carry gradient here
+    np.testing.assert_allclose(credit.credit, expected, rtol=1e-4, atol=1e-10)
     assert credit.steps == 1 and credit.seconds > 0
 
 
