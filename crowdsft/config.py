@@ -286,7 +286,7 @@ class RoundsConfig:
     judging_error: float = 0.05
     reward: str = "rank"
     influence: str = "points-squared"
-    valuation: str = "permutation"
+    valuation: str = "permutation"  # kept for older files; [valuation] method overrides it
     # What a finished round retires: "winner" (the paper: the winning group's data; the rest
     # is regrouped next round), "all" (everything the round used), "none".
     consume: str = "winner"
@@ -321,6 +321,42 @@ class RoundsConfig:
 
 
 @dataclass(frozen=True)
+class ValuationConfig:
+    """How the report values contributors (``coordinator report``, the demo)."""
+
+    # permutation (Monte Carlo), exact (every coalition; small crowds), kernelshap (the
+    # paper's), or a plugin's name; empty: rounds.valuation.
+    method: str = ""
+    # Monte Carlo: at most this many permutations (kernelshap: coalitions) ...
+    budget: int = 20_000
+    # ... stopping earlier once every standard error is below this fraction of the spread.
+    target_stderr: float = 0.01
+    # Truncated Monte Carlo: once a permutation's prefix is within this fraction of
+    # |v(N) - v(empty)| of v(N), later members count zero (0: off).
+    truncation: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ConfigError("valuation.budget must be at least 1")
+        if self.target_stderr <= 0:
+            raise ConfigError("valuation.target_stderr must be > 0")
+        if not 0 <= self.truncation < 1:
+            raise ConfigError("valuation.truncation must lie in [0, 1)")
+
+    def build(self, fallback: str, plugins: Any) -> Any:
+        """The valuation plugin these settings describe (``fallback``: rounds.valuation)."""
+        name = self.method or fallback
+        if name == "permutation":
+            from crowdsft.plugins.valuation import MaxPermutations, StandardErrorBelow
+
+            stopping = MaxPermutations(self.budget) | StandardErrorBelow(self.target_stderr)
+            return plugins.create("valuation", name, stopping=stopping, truncation=self.truncation)
+        if name == "kernelshap":
+            return plugins.create("valuation", name, samples=self.budget)
+        return plugins.create("valuation", name)
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     path: Path | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -333,6 +369,11 @@ class CoordinatorConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    valuation: ValuationConfig = field(default_factory=ValuationConfig)
+
+    @property
+    def valuation_method(self) -> str:
+        return self.valuation.method or self.rounds.valuation
 
     @property
     def base_dir(self) -> Path:
@@ -377,6 +418,7 @@ _SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "evaluation": EvaluationConfig,
     "rounds": RoundsConfig,
+    "valuation": ValuationConfig,
 }
 
 
@@ -592,4 +634,16 @@ seed = 0
 # Automatic rounds: after this many new contributions, or every this many seconds (0: off).
 auto_after_contributions = 0
 auto_interval_s = 0
+
+[valuation]
+# How the report values contributors: permutation (Monte Carlo), exact (small crowds), or
+# kernelshap (the paper's estimator). Empty: rounds.valuation.
+method = "permutation"
+# Monte Carlo: at most this many permutations (kernelshap: coalitions), stopping earlier
+# once every standard error is below target_stderr times the spread of the values.
+budget = 20000
+target_stderr = 0.01
+# Truncated Monte Carlo: a permutation stops counting once its prefix is within this
+# fraction of |v(N) - v(empty)| of v(N) (0: off).
+truncation = 0.0
 """

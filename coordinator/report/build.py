@@ -88,7 +88,7 @@ def shapley_of_contributors(
         return Valued(nodes, zeros, zeros, np.zeros((len(nodes), len(nodes))))
     target = embedder.embed(list(target_texts)).mean(axis=0)
     game = CentroidGame(vectors, target, plugins.create("evaluation", config.evaluation.function))
-    method = plugins.create("valuation", config.rounds.valuation)
+    method = config.valuation.build(config.rounds.valuation, plugins)
     result = method(game, np.random.default_rng([config.rounds.seed, 99]))
     return Valued(nodes, result.values, result.stderr, result.covariance)
 
@@ -160,7 +160,7 @@ def build_report(
             }
             for n in sorted(points, key=lambda n: -points.get(n, 0.0))
         ],
-        "valuation_method": config.rounds.valuation,
+        "valuation_method": config.valuation_method,
         # pairs whose order the valuation does not settle (95%): points should not be read
         # as ranking them either way
         "unresolved_pairs": (

@@ -30,6 +30,8 @@ def test_default_file_loads_with_defaults(tmp_path):
         ("[admission]\nallowlist = [1]", "must be a list of strings"),
         ("[server]\nlisten = 'nohost'", "not HOST:PORT"),
         ("[rate_limit]\ncontributions_per_s = 0", "must be > 0"),
+        ("[valuation]\nbudget = 0", "valuation.budget must be at least 1"),
+        ("[valuation]\ntruncation = 1.5", r"valuation.truncation must lie in \[0, 1\)"),
         ("not = [toml", "not valid TOML"),
     ],
 )
@@ -63,3 +65,32 @@ def test_unknown_admission_policy_is_named_at_start(make_coordinator):
 
     with pytest.raises(PluginError, match=r"no admission strategy named 'closed'.*invite"):
         make_coordinator(admission={"policy": "closed"})
+
+
+def test_valuation_settings_build_the_estimator(tmp_path):
+    import numpy as np
+
+    from crowdsft.plugins.evaluation import L2
+    from crowdsft.plugins.manager import get_plugins
+    from crowdsft.plugins.valuation import CentroidGame, FunctionGame
+
+    cfg = load_coordinator_config(_cfg(tmp_path, DEFAULT_COORDINATOR_TOML))
+    assert cfg.valuation_method == "permutation"
+    text = DEFAULT_COORDINATOR_TOML.replace('method = "permutation"', 'method = "exact"')
+    assert load_coordinator_config(_cfg(tmp_path, text)).valuation_method == "exact"
+    older = load_coordinator_config(_cfg(tmp_path, "[rounds]\nvaluation = 'kernelshap'"))
+    assert older.valuation_method == "kernelshap"  # files without [valuation] keep working
+    budget = DEFAULT_COORDINATOR_TOML.replace("budget = 20000", "budget = 64").replace(
+        "target_stderr = 0.01", "target_stderr = 1e-9"
+    )
+    method = load_coordinator_config(_cfg(tmp_path, budget)).valuation.build("x", get_plugins())
+    rng = np.random.default_rng(0)
+    game = CentroidGame(rng.uniform(size=(30, 4)), rng.uniform(size=4), L2())
+    result = method(game, rng)
+    assert result.samples == 64 and not result.converged  # the budget stopped it
+    trunc = budget.replace("truncation = 0.0", "truncation = 0.01")
+    tmc = load_coordinator_config(_cfg(tmp_path, trunc)).valuation.build("x", get_plugins())
+    calls = []
+    tmc(FunctionGame(10, lambda m: calls.append(1) or float(min(m.sum(), 2))), rng)
+    # 64 samples of an antithetic pair: without truncation 2 * 9 values each
+    assert 0 < len(calls) <= 64 * 2 * 2 + 4 < 64 * 2 * 9  # + the two ends, per batch
