@@ -93,6 +93,27 @@ def shapley_of_contributors(
     return Valued(nodes, result.values, result.stderr, result.covariance)
 
 
+def in_run_values(store: Store) -> dict[str, float] | None:
+    """Grounded values from in-run credit: each node's credit summed over the rounds whose
+    winner its data trained (the winning lineage); None when no winner carries credit (the
+    rounds ran without ``credit_targets``). Nodes only in losing groups get 0."""
+    values: dict[str, float] = {}
+    seen = False
+    for r in queries.finished_rounds(store):
+        for n in (n for g in r.groups for n in g):
+            values.setdefault(n, 0.0)
+        if not r.updated or r.winner is None:
+            continue
+        cand = next((c for c in r.candidates if c.group == r.winner), None)
+        credit = cand.training.get("member_credit") if cand is not None else None
+        if credit is None:
+            continue
+        seen = True
+        for n, c in zip(r.groups[r.winner], credit, strict=True):
+            values[n] += float(c)
+    return values if seen else None
+
+
 def unresolved_pairs(valued: Valued, z: float = 1.96) -> list[tuple[str, str]] | None:
     """Pairs of contributors whose order the valuation does not settle: the difference of
     their values is within ``z`` standard errors of that difference, taken from the
@@ -136,6 +157,14 @@ def build_report(
     s_vec = np.array([shapley[n] for n in common])
     corr = pearson(p_vec, s_vec) if len(common) > 2 else math.nan
     rho = spearman(p_vec, s_vec) if len(common) > 2 else math.nan
+    grounded = in_run_values(store)
+    g_corr = g_rho = math.nan
+    if grounded is not None:
+        both = sorted(set(points) & set(grounded))
+        if len(both) > 2:
+            pg = np.array([points[n] for n in both])
+            gv = np.array([grounded[n] for n in both])
+            g_corr, g_rho = pearson(pg, gv), spearman(pg, gv)
     data: dict[str, Any] = {
         "evaluation": ev,
         "rounds": history,
@@ -157,6 +186,7 @@ def build_report(
                 "points": points.get(n, 0.0),
                 "shapley": shapley.get(n),
                 "shapley_stderr": valued.error(n),
+                "grounded": None if grounded is None else grounded.get(n),
             }
             for n in sorted(points, key=lambda n: -points.get(n, 0.0))
         ],
@@ -168,6 +198,11 @@ def build_report(
         ),
         "pearson_points_shapley": None if math.isnan(corr) else corr,
         "spearman_points_shapley": None if math.isnan(rho) else rho,
+        # points against values grounded in the fine-tuning itself (in-run credit of the
+        # winning lineage's training), where the rounds recorded it
+        "grounded_method": None if grounded is None else "in-run",
+        "pearson_points_grounded": None if math.isnan(g_corr) else g_corr,
+        "spearman_points_grounded": None if math.isnan(g_rho) else g_rho,
         **(extra or {}),
     }
     (out / "report.json").write_text(json.dumps(data, indent=2))

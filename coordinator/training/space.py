@@ -63,7 +63,12 @@ class LLMSpace:
         adapter_dir: Path,
         generation: GenerationConfig | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        credit_targets: Sequence[dict[str, str]] | None = None,
     ) -> None:
+        """``credit_targets``: prompt/response pairs; when given, every candidate's training
+        credits its examples in-run (``InRunCredit``) against them, and the candidate's
+        training record carries ``member_credit``, one sum per member (in ``members``
+        order), for the report's grounded values."""
         if len(eval_prompts) != len(target_responses) or not eval_prompts:
             raise ValueError("need one expert response per evaluation prompt, and at least one")
         self.model = model
@@ -79,6 +84,7 @@ class LLMSpace:
         self.chain: tuple[str, ...] = ()
         self.n_contributors = len(self.data)
         self.on_event = on_event or (lambda kind, info: None)
+        self.credit_targets = list(credit_targets) if credit_targets else None
         self._scores: dict[tuple[str, ...], float] = {}
         self.last_generations: dict[tuple[str, ...], list[str]] = {}
         self.train_log: list[dict[str, Any]] = []
@@ -120,23 +126,36 @@ class LLMSpace:
         self.materialise(base)
         examples: list[dict[str, str]] = []
         example_weights: list[float] = []
-        for m, w in zip(members, weights, strict=True):
+        owners: list[int] = []
+        for k, (m, w) in enumerate(zip(members, weights, strict=True)):
             examples += self.data[int(m)]
             example_weights += [float(w)] * len(self.data[int(m)])
+            owners += [k] * len(self.data[int(m)])
         seed = int(rng.integers(2**31 - 1))
         config = dataclasses.replace(self.training, seed=seed)
         self.on_event("train_start", {"members": len(members), "examples": len(examples)})
-        result = llm.fit(self.model, self.tokenizer, examples, example_weights, config)
-        digest = llm.save_adapter(result.adapter, self.adapter_dir)
-        self.train_log.append(
-            {
-                "adapter": digest,
-                "steps": result.steps,
-                "tokens": result.tokens,
-                "losses": result.losses,
-                "seed": seed,
-            }
+        credit = None
+        if self.credit_targets:
+            from .valuation import InRunCredit
+
+            credit = InRunCredit(self.credit_targets)
+        result = llm.fit(
+            self.model, self.tokenizer, examples, example_weights, config, credit=credit
         )
+        digest = llm.save_adapter(result.adapter, self.adapter_dir)
+        entry: dict[str, Any] = {
+            "adapter": digest,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "losses": result.losses,
+            "seed": seed,
+        }
+        if credit is not None:
+            from .valuation import credit_by_owner
+
+            entry["member_credit"] = credit_by_owner(credit.credit, owners, len(members)).tolist()
+            entry["credit_seconds"] = round(credit.seconds, 3)
+        self.train_log.append(entry)
         self.on_event(
             "train_end",
             {

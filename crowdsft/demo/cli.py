@@ -76,8 +76,13 @@ def demo(
     click.echo(f"reduction:                                {result['reduction_percent']:.1f}%")
     pearson = result["pearson_points_shapley"]
     click.echo(
-        f"Pearson(points, Shapley):                 "
+        f"Pearson(points, Shapley, embedding game): "
         f"{'n/a' if pearson is None else f'{pearson:.3f}'}"
+    )
+    grounded = result["pearson_points_grounded"]
+    click.echo(
+        f"Pearson(points, in-run credit):           "
+        f"{'n/a' if grounded is None else f'{grounded:.3f}'}"
     )
     kinds = ", ".join(f"{k} {v:g}" for k, v in result["mean_points_by_kind"].items())
     click.echo(f"mean points by kind of contributor:       {kinds}")

@@ -202,6 +202,9 @@ def run_demo(
             space = build_llm_space(config)
         else:
             space = space_factory(config)
+        # Every candidate's training credits its examples against the held-out prompts (in-run
+        # credit): the report's values grounded in the fine-tuning, apart from the selection.
+        space.credit_targets = list(reported)
         say(f"single-model baseline: {s.rounds * s.steps} steps on the whole pool ...")
         pool = _round_data(coord.store, space, config)
         say(f"  {len(pool)} examples, the same the rounds can use (near-duplicates left out)")
@@ -265,6 +268,9 @@ def run_demo(
         "selection_set": len(target),
         "reported_set": len(reported),
         "pearson_points_shapley": report["pearson_points_shapley"],
+        "pearson_points_grounded": report["pearson_points_grounded"],
+        "valuation_method": report["valuation_method"],
+        "grounded_method": report["grounded_method"],
         "mean_points_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "report_path": report["report_path"],
         "seconds": round(time.perf_counter() - t0, 1),

@@ -97,9 +97,12 @@ def test_demo_end_to_end_at_small_scale(tmp_path):
         "single_model_distance",
         "reduction_percent",
         "pearson_points_shapley",
+        "pearson_points_grounded",
         "report_path",
     ):
         assert key in result
+    assert result["valuation_method"] == "permutation"
+    assert result["grounded_method"] == "in-run"  # the winner's training credited its data
     assert result["rounds"] == 1 and result["contributors"] == 4 and result["examples"] == 8
     assert (tmp_path / "demo" / "report" / "index.html").is_file()
     assert any("signing and submitting over gRPC" in line for line in lines)

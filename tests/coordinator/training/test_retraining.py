@@ -178,3 +178,29 @@ def test_in_run_credit_is_zero_without_gradient_and_positive_for_the_target(tiny
     assert credit.steps == 3 * 2
     per_owner = credit_by_owner(credit.credit, [0, 1, 1], 2)
     assert per_owner.tolist() == [credit.credit[0], credit.credit[1] + credit.credit[2]]
+
+
+def test_the_llm_space_records_each_members_in_run_credit(tiny, char_embedder, tmp_path):
+    from crowdsft.coordinator.rounds.space import Candidate
+    from crowdsft.coordinator.training.space import LLMSpace
+
+    model, tok = tiny
+    space = LLMSpace(
+        model,
+        tok,
+        char_embedder,
+        [YES, NO, YES[:1]],
+        eval_prompts=[{"prompt": "say yes"}],
+        target_responses=["yes yes yes"],
+        evaluation=L2(),
+        training=TRAIN,
+        adapter_dir=tmp_path,
+        generation=GenerationConfig(max_new_tokens=4, batch_size=2),
+        credit_targets=TARGET,
+    )
+    cand = space.propose(Candidate(), np.array([2, 0, 1]), np.ones(3), np.random.default_rng(0))
+    info = space.training_info(cand.adapter)
+    credit = info["member_credit"]
+    assert len(credit) == 3 and all(np.isfinite(credit))  # one per member, in members order
+    assert credit[0] > 0 and credit[1] > 0  # the members whose data is the target's answer
+    assert info["credit_seconds"] >= 0
