@@ -334,6 +334,10 @@ class ValuationConfig:
     # Truncated Monte Carlo: once a permutation's prefix is within this fraction of
     # |v(N) - v(empty)| of v(N), later members count zero (0: off).
     truncation: float = 0.0
+    # Credit every training example in-run against the target file (one extra forward and
+    # backward pass on the target per training step); the report then gives values grounded
+    # in the fine-tuning (the winning lineage's credit per contributor).
+    in_run: bool = False
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -646,4 +650,7 @@ target_stderr = 0.01
 # Truncated Monte Carlo: a permutation stops counting once its prefix is within this
 # fraction of |v(N) - v(empty)| of v(N) (0: off).
 truncation = 0.0
+# Credit each training example in-run against the target (one extra forward and backward
+# pass on the target per step); the report then adds values grounded in the fine-tuning.
+in_run = false
 """

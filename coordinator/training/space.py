@@ -231,4 +231,13 @@ def build_llm_space(
         adapter_dir=config.adapter_dir,
         generation=GenerationConfig(e.max_new_tokens, e.batch_size, e.greedy, e.seed),
         on_event=on_event,
+        credit_targets=(
+            [
+                {"prompt": r.prompt, "response": r.response}
+                | ({"system": r.system} if r.system else {})
+                for r in records
+            ]
+            if getattr(getattr(config, "valuation", None), "in_run", False)
+            else None
+        ),
     )
