@@ -95,20 +95,21 @@ def shapley_of_contributors(
 
 def in_run_values(store: Store) -> dict[str, float] | None:
     """Grounded values from in-run credit: each node's credit summed over the rounds whose
-    winner its data trained (the winning lineage); None when no winner carries credit (the
-    rounds ran without ``credit_targets``). Nodes only in losing groups get 0."""
+    winner its data trained (the winning lineage); nodes only in losing groups, or in rounds
+    that kept the old model, get 0. None when the rounds recorded no credit (they ran without
+    ``credit_targets``)."""
     values: dict[str, float] = {}
     seen = False
     for r in queries.finished_rounds(store):
         for n in (n for g in r.groups for n in g):
             values.setdefault(n, 0.0)
+        seen |= any("member_credit" in c.training for c in r.candidates)
         if not r.updated or r.winner is None:
-            continue
+            continue  # the old model was kept: nobody's data trained the lineage
         cand = next((c for c in r.candidates if c.group == r.winner), None)
         credit = cand.training.get("member_credit") if cand is not None else None
         if credit is None:
             continue
-        seen = True
         for n, c in zip(r.groups[r.winner], credit, strict=True):
             values[n] += float(c)
     return values if seen else None
