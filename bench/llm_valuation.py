@@ -28,18 +28,6 @@ from pathlib import Path
 import numpy as np
 
 
-class _CharEmbedder:
-    """Bag of characters (``--quick`` only)."""
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), 64))
-        for i, t in enumerate(texts):
-            for ch in t:
-                out[i, ord(ch) % 64] += 1
-        n = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.where(n > 0, n, 1)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -78,10 +66,10 @@ def main() -> int:
     crowd = make_crowd(ns.seed, counts={k: ns.per_kind for k in kinds})
     held_out = target_set(n_prompts=2 * SELECTION_PROMPTS, seed=ns.seed)[SELECTION_PROMPTS:]
     if ns.quick:
-        from crowdsft.testing.tiny import tiny_model
+        from crowdsft.testing.tiny import CharEmbedder, tiny_model
 
         model, tokenizer = tiny_model(seed=ns.seed)
-        embedder: object = _CharEmbedder()
+        embedder: object = CharEmbedder()
     else:
         dev, dtype = llm.device_and_dtype("auto")
         say(f"loading smollm2 and minilm on {dev}")

@@ -47,6 +47,29 @@ def per_prompt_scores(
     return np.array([evaluation(g[None, :], t)[0] for g, t in zip(generated, target, strict=True)])
 
 
+def answer_and_score(
+    model: Any,
+    tokenizer: Any,
+    adapter: dict[str, Any] | None,
+    training: llm.TrainingConfig,
+    prompts: Sequence[dict[str, str]],
+    generation: GenerationConfig,
+    embedder: Embedder,
+    evaluation: Evaluation,
+    target: np.ndarray,
+) -> tuple[float, list[str]]:
+    """``model`` with ``adapter`` (None: as it is) answers ``prompts``; returns the mean
+    per-prompt score of the answers against ``target`` (one embedding per prompt) and the
+    answers."""
+    g = generation
+    with llm.with_adapter(model, adapter, training) as m:
+        texts = llm.generate(
+            m, tokenizer, prompts, g.max_new_tokens, g.batch_size, g.greedy, g.seed
+        )
+    emb = np.asarray(embedder.embed(texts), dtype=float)
+    return float(np.mean(per_prompt_scores(evaluation, emb, target))), texts
+
+
 class LLMSpace:
     """Implements ``engine.ModelSpace`` over a causal LM held in memory."""
 
@@ -176,19 +199,17 @@ class LLMSpace:
         if model.chain != self.chain:
             self.materialise(Candidate(model.chain))
         adapter = llm.load_adapter(self.adapter_dir, model.adapter) if model.adapter else None
-        g = self.generation
-        with llm.with_adapter(self.model, adapter, self.training) as m:
-            texts = llm.generate(
-                m,
-                self.tokenizer,
-                self.eval_prompts,
-                g.max_new_tokens,
-                g.batch_size,
-                g.greedy,
-                g.seed,
-            )
-        emb = self.embedder.embed(texts)
-        score = float(np.mean(per_prompt_scores(self.evaluation, emb, self.target)))
+        score, texts = answer_and_score(
+            self.model,
+            self.tokenizer,
+            adapter,
+            self.training,
+            self.eval_prompts,
+            self.generation,
+            self.embedder,
+            self.evaluation,
+            self.target,
+        )
         self._scores[key] = score
         self.last_generations[key] = texts
         self.on_event("scored", {"adapter": model.adapter, "score": score})

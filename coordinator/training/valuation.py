@@ -26,7 +26,7 @@ from crowdsft.plugins.evaluation import Evaluation
 from crowdsft.plugins.valuation import Game
 
 from . import lora as llm
-from .space import GenerationConfig, per_prompt_scores
+from .space import GenerationConfig, answer_and_score
 
 
 def coalition_seed(seed: int, members: Sequence[int]) -> int:
@@ -102,19 +102,18 @@ class RetrainingGame(Game):
 
     def score(self, adapter: dict[str, Any] | None) -> float:
         """The mean per-prompt score of the base model with ``adapter`` (None: the base)."""
-        g = self.generation
-        with llm.with_adapter(self.model, adapter, self.training) as m:
-            texts = llm.generate(
-                m,
-                self.tokenizer,
-                self.eval_prompts,
-                g.max_new_tokens,
-                g.batch_size,
-                g.greedy,
-                g.seed,
-            )
-        emb = np.asarray(self.embedder.embed(texts), dtype=float)
-        return float(np.mean(per_prompt_scores(self.evaluation, emb, self.target)))
+        score, _ = answer_and_score(
+            self.model,
+            self.tokenizer,
+            adapter,
+            self.training,
+            self.eval_prompts,
+            self.generation,
+            self.embedder,
+            self.evaluation,
+            self.target,
+        )
+        return score
 
 
 class InRunCredit:

@@ -366,23 +366,19 @@ def held_out_distance(
     ``prompts`` (dicts with ``prompt`` and the expert ``response``): the same generation
     settings and evaluation as the rounds, other prompts."""
     from crowdsft.coordinator.report.build import distance_of
-    from crowdsft.coordinator.training import lora as llm
-    from crowdsft.coordinator.training.space import per_prompt_scores
+    from crowdsft.coordinator.training.space import answer_and_score
 
-    g = space.generation
-    with llm.with_adapter(space.model, adapter, training) as m:
-        texts = llm.generate(
-            m,
-            space.tokenizer,
-            [{"prompt": p["prompt"]} for p in prompts],
-            g.max_new_tokens,
-            g.batch_size,
-            g.greedy,
-            g.seed,
-        )
-    target = space.embedder.embed([p["response"] for p in prompts])
-    emb = space.embedder.embed(texts)
-    score = float(np.mean(per_prompt_scores(space.evaluation, emb, target)))
+    score, _ = answer_and_score(
+        space.model,
+        space.tokenizer,
+        adapter,
+        training,
+        [{"prompt": p["prompt"]} for p in prompts],
+        space.generation,
+        space.embedder,
+        space.evaluation,
+        space.embedder.embed([p["response"] for p in prompts]),
+    )
     return distance_of(score, config.evaluation.function)
 
 

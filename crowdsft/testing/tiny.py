@@ -54,3 +54,21 @@ def tiny_model(seed: int = 0, corpus: list[str] | None = None) -> tuple[Any, Any
         initializer_range=0.3,
     )
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+class CharEmbedder:
+    """Bag of characters, normalised (``dims`` buckets): a model-free embedder for tests and
+    ``--quick`` runs, enough to tell "yes yes yes" from "no no no"."""
+
+    def __init__(self, dims: int = 64) -> None:
+        self.dims = dims
+
+    def embed(self, texts: Any) -> Any:
+        import numpy as np
+
+        out = np.zeros((len(texts), self.dims))
+        for i, t in enumerate(texts):
+            for ch in t:
+                out[i, ord(ch) % self.dims] += 1
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1)

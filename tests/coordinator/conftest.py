@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from crowdsft.plugins.embedding import Embedder
+from crowdsft.testing.tiny import CharEmbedder
 
 CORPUS = [
     "the cat sat on the mat",
@@ -26,18 +26,6 @@ def tiny():
     from crowdsft.testing.tiny import tiny_model
 
     return tiny_model(seed=0, corpus=CORPUS)
-
-
-class CharEmbedder(Embedder):
-    """Bag of characters, normalised: enough to tell "yes yes yes" from "no no no"."""
-
-    def embed(self, texts):
-        out = np.zeros((len(texts), 64))
-        for i, t in enumerate(texts):
-            for ch in t:
-                out[i, ord(ch) % 64] += 1
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.where(norms > 0, norms, 1)
 
 
 @pytest.fixture
