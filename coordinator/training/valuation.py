@@ -196,10 +196,7 @@ class InRunCredit:
         model = self._model
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
-        t = self._target
-        out = model(input_ids=t.input_ids.to(device), attention_mask=t.attention_mask.to(device))
-        loss = llm.weighted_loss(out.logits, t.labels.to(device), t.weights)
+        loss = llm.batch_loss(model, self._target)
         weights = [m.weight for m in self._modules]
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
         self._target_grad = {

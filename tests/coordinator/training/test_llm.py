@@ -71,6 +71,25 @@ def test_only_response_tokens_carry_loss(tiny):
     )
 
 
+def test_batch_loss_computes_logits_only_where_labels_are_and_matches_the_full_loss(tiny):
+    model, tok = tiny
+    batch = llm.encode(tok, EXAMPLES, [1.0, 2.0, 0.5], max_length=64)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        full = float(llm.weighted_loss(logits, batch.labels, batch.weights))
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _m, _i, out: rows.append(out.shape[:-1])
+    )
+    try:
+        with torch.no_grad():
+            assert float(llm.batch_loss(model, batch)) == pytest.approx(full, rel=1e-5)
+    finally:
+        hook.remove()
+    labelled = int((batch.labels[:, 1:] != -100).sum())
+    assert rows == [torch.Size([labelled])] and labelled < batch.labels.numel() // 2
+
+
 def test_weights_change_the_loss(tiny):
     model, tok = tiny
     batch = llm.encode(tok, EXAMPLES, max_length=64)
