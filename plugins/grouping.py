@@ -43,13 +43,21 @@ class RandomGrouping(Grouping):
 
 
 class EpsilonGreedyGrouping(Grouping):
-    """With probability max(floor, 1 - round/rounds) random; else tiers sorted by points."""
+    """With probability max(floor, 1 - round/rounds) random; else tiers sorted by points.
 
-    def __init__(self, groups: int, floor: float = 0.4) -> None:
+    ``jitter`` > 0 sorts the tiers by the points plus Gaussian noise of ``jitter`` times the
+    points' standard deviation: contributors of similar points still share a tier, but not
+    always the same tier-mates, so a reward that explains group scores by their members
+    (``regression``) can tell tier-mates apart. 0 (the default) is the paper's rule."""
+
+    def __init__(self, groups: int, floor: float = 0.4, jitter: float = 0.0) -> None:
         super().__init__(groups)
         if not 0.0 <= floor <= 1.0:
             raise ValueError("floor must lie in [0, 1]")
+        if jitter < 0:
+            raise ValueError("jitter must be >= 0")
         self.floor = floor
+        self.jitter = jitter
 
     def epsilon(self, round_index: int, rounds: int) -> float:
         return max(self.floor, 1.0 - round_index / max(rounds, 1))
@@ -58,7 +66,10 @@ class EpsilonGreedyGrouping(Grouping):
         self._check(len(points))
         if rng.random() < self.epsilon(round_index, rounds):
             return np.array_split(rng.permutation(len(points)), self.groups)
-        return np.array_split(np.argsort(points, kind="stable"), self.groups)
+        key = np.asarray(points, dtype=float)
+        if self.jitter > 0:
+            key = key + rng.normal(0.0, self.jitter * (key.std() or 1.0), len(key))
+        return np.array_split(np.argsort(key, kind="stable"), self.groups)
 
 
 class InterleavedGrouping(Grouping):

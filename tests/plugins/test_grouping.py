@@ -58,6 +58,24 @@ def test_epsilon_greedy_schedule_and_tiers():
     assert 0.55 < np.mean(tiers) < 0.65
 
 
+def test_epsilon_greedy_jitter_varies_tier_mates_but_keeps_tiers_by_points():
+    points = np.arange(40, dtype=float)
+    plain = EpsilonGreedyGrouping(4, floor=0.0)
+    jittered = EpsilonGreedyGrouping(4, floor=0.0, jitter=0.5)
+    rng = np.random.default_rng(3)
+    first = [plain.group(points, 100, 100, rng) for _ in range(20)]
+    assert all(np.array_equal(g[0], first[0][0]) for g in first)  # always the same tier-mates
+    tiers = [jittered.group(points, 100, 100, rng) for _ in range(200)]
+    bottoms = {tuple(sorted(g[0].tolist())) for g in tiers}
+    assert len(bottoms) > 100  # tier-mates change from round to round ...
+    means = np.array([[points[m].mean() for m in g] for g in tiers])
+    assert (np.diff(means.mean(axis=0)) > 5).all()  # ... but the tiers still rise with points
+    for g in tiers:  # and everyone is still placed once
+        assert sorted(np.concatenate(g).tolist()) == list(range(40))
+    with pytest.raises(ValueError, match="jitter"):
+        EpsilonGreedyGrouping(4, jitter=-1)
+
+
 def test_too_few_contributors():
     with pytest.raises(ValueError, match="cannot split 2 contributors into 3 groups"):
         RandomGrouping(3).group(np.ones(2), 0, 1, np.random.default_rng())
