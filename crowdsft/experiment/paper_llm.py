@@ -47,9 +47,9 @@ PAPER_MEAN_REDUCTION_PERCENT = 28.5
 
 @dataclass(frozen=True)
 class PaperSettings:
-    # Sized for one target-seed in about 2.5 minutes on a 2-core CPU (measured: with every
-    # layer, 2 epochs and 32-token answers it took 6 minutes; the paper's comments average
-    # about 18 tokens).
+    # Sized for one target-seed in under 2 minutes on a 2-core CPU with native bf16 (about
+    # 1.5 minutes measured; with every layer, 2 epochs and 32-token answers it took 6
+    # minutes in float32; the paper's comments average about 18 tokens).
     answers: int = 50  # answers per model in each set (selection, reported)
     max_new_tokens: int = 20
     temperature: float = 1.0
