@@ -208,34 +208,49 @@ def batch_loss(model: Any, batch: Batch) -> torch.Tensor:
     """``weighted_loss`` of ``model`` on ``batch``, with the vocabulary logits computed only at
     the positions that predict a labelled token. On a small model the output layer is a large
     share of a step (about 40% of SmolLM2-135M's forward pass) and the prompt's logits are
-    never used. The hidden states at those positions are gathered into one contiguous matrix
-    first: slicing them in place (``logits_to_keep``) makes the output layer a batched matmul
-    that copies its 28M-weight matrix once per row (measured: slower than the full logits).
-    Models outside the usual decoder + output-embedding shape (or with a logit soft cap) get
-    the full logits. Same loss either way."""
+    never used. The model runs its own forward (so any logit scaling or soft cap it applies
+    still applies); a pre-hook on its output layer replaces the hidden states with the rows
+    that are needed, gathered into one contiguous matrix (a strided slice, as
+    ``logits_to_keep`` gives, makes the output layer a batched matmul that copies its weight
+    matrix once per row: measured slower than the full logits). A model without an output
+    layer to hook, with an adapter on that layer, or with prompt-learning adapters gets the
+    full logits. Same loss either way."""
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     labels = batch.labels.to(device)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_decoder = getattr(inner, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    plain = getattr(inner.config, "final_logit_softcapping", None) is None and getattr(
-        inner.config, "logit_scale", None
-    ) in (None, 1.0)
-    if decoder is None or head is None or decoder is inner or not plain:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    peft_config = getattr(model, "active_peft_config", None)
+    if (
+        not isinstance(head, torch.nn.Module)
+        or hasattr(head, "lora_A")  # an adapter on the head must see every position
+        or getattr(peft_config, "is_prompt_learning", False)
+    ):
         out = model(input_ids=input_ids, attention_mask=mask)
         return weighted_loss(out.logits, labels, batch.weights)
-    hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
     target = labels[:, 1:]
     counted = target != -100  # position t predicts token t + 1
-    logits = head(hidden[:, :-1][counted]).float()  # (labelled tokens, vocabulary)
-    per_token = torch.nn.functional.cross_entropy(logits, target[counted], reduction="none")
-    rows = counted.nonzero()[:, 0]
+
+    def gather(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[1] != labels.shape[1]:
+            raise RuntimeError(f"unexpected output-layer input of shape {tuple(hidden.shape)}")
+        return (hidden[:, :-1][counted], *args[1:])
+
+    hook = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+    finally:
+        hook.remove()
+    if logits.dim() != 2 or logits.shape[0] != int(counted.sum()):
+        raise RuntimeError(f"unexpected logits of shape {tuple(logits.shape)}")
+    per_token = torch.nn.functional.cross_entropy(
+        logits.float(), target[counted], reduction="none"
+    )
+    dense = per_token.new_zeros(counted.shape)
+    dense[counted] = per_token  # summed per row below: deterministic, unlike index_add
     n_tokens = counted.sum(dim=1)
-    sums = torch.zeros(len(n_tokens), device=device, dtype=per_token.dtype)
-    per_example = sums.index_add(0, rows, per_token) / n_tokens.clamp(min=1)
+    per_example = dense.sum(dim=1) / n_tokens.clamp(min=1)
     w = batch.weights.to(device) * (n_tokens > 0).float()
     return (per_example * w).sum() / w.sum().clamp(min=1e-12)
 

@@ -90,6 +90,54 @@ def test_batch_loss_computes_logits_only_where_labels_are_and_matches_the_full_l
     assert rows == [torch.Size([labelled])] and labelled < batch.labels.numel() // 2
 
 
+def test_batch_loss_through_a_lora_model_gives_the_full_loss_and_its_gradients(tiny):
+    from peft import get_peft_model
+
+    model, tok = tiny
+    cut = dict(EXAMPLES[0], response="yes " * 80)  # its response is cut away entirely
+    batch = llm.encode(tok, [*EXAMPLES, cut], [1.0, 2.0, 0.5, 3.0], max_length=24)
+    assert (batch.labels[3] == -100).all()
+    peft_model = get_peft_model(model, llm.lora_config(TRAIN, model))
+    try:
+        lora = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+        for p in lora:  # B starts at zero: give the adapter an effect
+            torch.nn.init.normal_(p, std=0.05)
+        out = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        full = llm.weighted_loss(out.logits, batch.labels, batch.weights)
+        g_full = torch.autograd.grad(full, lora)
+        fast = llm.batch_loss(peft_model, batch)
+        g_fast = torch.autograd.grad(fast, lora)
+        assert fast.item() == pytest.approx(full.item(), rel=1e-5)
+        for a, b in zip(g_fast, g_full, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        peft_model.unload()
+
+
+def test_batch_loss_keeps_a_models_logit_soft_cap(tiny):
+    model, tok = tiny
+    batch = llm.encode(tok, EXAMPLES, max_length=64)
+
+    class Capped(torch.nn.Module):  # a model whose forward transforms the head's output
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+            return out
+
+    capped = Capped(model)
+    with torch.no_grad():
+        out = capped(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        full = float(llm.weighted_loss(out.logits, batch.labels, batch.weights))
+        assert float(llm.batch_loss(capped, batch)) == pytest.approx(full, rel=1e-5)
+
+
 def test_weights_change_the_loss(tiny):
     model, tok = tiny
     batch = llm.encode(tok, EXAMPLES, max_length=64)
