@@ -244,9 +244,7 @@ def batch_loss(model: Any, batch: Batch) -> torch.Tensor:
         hook.remove()
     if logits.dim() != 2 or logits.shape[0] != int(counted.sum()):
         raise RuntimeError(f"unexpected logits of shape {tuple(logits.shape)}")
-    per_token = torch.nn.functional.cross_entropy(
-        logits.float(), target[counted], reduction="none"
-    )
+    per_token = torch.nn.functional.cross_entropy(logits.float(), target[counted], reduction="none")
     dense = per_token.new_zeros(counted.shape)
     dense[counted] = per_token  # summed per row below: deterministic, unlike index_add
     n_tokens = counted.sum(dim=1)
