@@ -426,45 +426,29 @@ def generate(
         if head is not None
         else None
     )
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if greedy:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     try:
-        _generate_batches(
-            model, tokenizer, prompts, max_new_tokens, batch_size, greedy, temperature, device, out
-        )
+        for start in range(0, len(prompts), batch_size):
+            texts = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = model.generate(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                **kwargs,
+            )
+            new = ids[:, enc["input_ids"].shape[1] :]
+            out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         if hook is not None:
             hook.remove()
     return out
-
-
-def _generate_batches(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[dict[str, str]],
-    max_new_tokens: int,
-    batch_size: int,
-    greedy: bool,
-    temperature: float,
-    device: Any,
-    out: list[str],
-) -> None:
-    for start in range(0, len(prompts), batch_size):
-        texts = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        if greedy:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-        ids = model.generate(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
-            **kwargs,
-        )
-        new = ids[:, enc["input_ids"].shape[1] :]
-        out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def adapter_bytes(adapter: dict[str, torch.Tensor]) -> bytes:
