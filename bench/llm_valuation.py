@@ -6,7 +6,7 @@ fine-tunes) against truncated Monte Carlo on the same game (TMC-Shapley), the in
 Prints Pearson and Spearman between every pair and each estimator's cost.
 
     python bench/llm_valuation.py [--seed 0] [--permutations 16] [--truncation 0.05]
-                                  [--per-kind 2] [--quick] [--json FILE]
+                                  [--per-kind 2] [--dtype auto] [--quick] [--json FILE]
 
 The crowd is the demo's (``crowdsft.demo.crowd``): 2 contributors of each kind (expert-like,
 noisy, off-style, spammer), 8 examples each; the training settings are the demo's (LoRA on
@@ -35,6 +35,12 @@ def main() -> int:
     ap.add_argument("--truncation", type=float, default=0.05, help="TMC tolerance")
     ap.add_argument("--per-kind", type=int, default=2, help="contributors of each kind")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="auto: bfloat16 on CUDA or a CPU with native bf16, else float32",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ns = ap.parse_args()
 
@@ -71,8 +77,9 @@ def main() -> int:
         model, tokenizer = tiny_model(seed=ns.seed)
         embedder: object = CharEmbedder()
     else:
-        dev, dtype = llm.device_and_dtype("auto")
-        say(f"loading smollm2 and minilm on {dev}")
+        dev, _ = llm.device_and_dtype("auto")
+        dtype = llm.resolve_dtype(dev, ns.dtype)
+        say(f"loading smollm2 and minilm on {dev} ({dtype})")
         model, tokenizer = llm.load_base_model("smollm2", dev, dtype)
         embedder = get_plugins().create("embedder", "minilm", device=str(dev))
     training = TrainingConfig(
@@ -196,6 +203,7 @@ def main() -> int:
                     "pairs": pairs,
                     "seed": ns.seed,
                     "quick": ns.quick,
+                    "dtype": "quick" if ns.quick else str(dtype).removeprefix("torch."),
                     "seconds": round(time.monotonic() - started, 1),
                 },
                 indent=1,

@@ -628,6 +628,8 @@ groups = 3
 grouping = "random"
 selection = "best"
 judging_error = 0.05
+# rank (the paper), marginal, regression, or credit (LLM rounds: pays each member of the
+# winning candidate its examples' in-run credit against the target; turns in-run credit on).
 reward = "rank"
 influence = "points-squared"
 valuation = "permutation"

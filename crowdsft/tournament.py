@@ -190,6 +190,7 @@ class DecidedRound:
     base_score: float
     updated: bool
     ranking: list[int]
+    credits: list[list[float]] | None = None  # members' in-run credit, where recorded
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> DecidedRound:
@@ -201,6 +202,11 @@ class DecidedRound:
             base_score=float(rec["base_score"]),
             updated=bool(rec["updated"]),
             ranking=[int(x) for x in rec["ranking"]] if rec["updated"] else [],
+            credits=(
+                [[float(x) for x in c["member_credit"]] for c in rec["candidates"]]
+                if rec["candidates"] and all("member_credit" in c for c in rec["candidates"])
+                else None
+            ),
         )
 
     def outcome(self, index: Mapping[str, int]) -> RoundOutcome:
@@ -218,6 +224,7 @@ class DecidedRound:
             self.base_score,
             np.asarray(self.ranking if self.updated else [], dtype=np.int64),
             [np.asarray(w, dtype=float) for w in self.weights],
+            None if self.credits is None else [np.asarray(c, dtype=float) for c in self.credits],
         )
 
 
@@ -281,13 +288,15 @@ class Tournament:
         points: np.ndarray,
         rng: np.random.Generator,
         population: Sequence[str] = (),
+        credits: Sequence[np.ndarray] | None = None,
     ) -> RoundRecord:
-        """Selection (guard, judging error) and reward, given the scored candidates."""
+        """Selection (guard, judging error) and reward, given the scored candidates
+        (``credits``: each group's members' in-run credit, where the training recorded it)."""
         s = self.strategies
         scores = np.asarray(scores, dtype=float)
         ranking = s.selection.select(scores, base_score, rng)
         order = ranking.order if ranking is not None else np.empty(0, dtype=np.int64)
-        outcome = RoundOutcome(round_index, groups, scores, base_score, order, weights)
+        outcome = RoundOutcome(round_index, groups, scores, base_score, order, weights, credits)
         after = award(s.reward, points, outcome, ranking is not None)
         names = tuple(population) or tuple(str(i) for i in range(len(points)))
         record = RoundRecord(

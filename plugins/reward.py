@@ -6,6 +6,9 @@
 * ``regression``: ours. Each contributor's points estimate its individual contribution,
   fitted by least squares to the scores of every group it has been in across all rounds so
   far; see ``RegressionReward``.
+* ``credit``: ours, for the LLM path. Each contributor's points are the in-run credit of its
+  examples (their first-order effect on the target loss) over the rounds whose winner trained
+  the model; see ``CreditReward``.
 
 A rule sees the whole round (``RoundOutcome``) and returns the new points of everyone.
 """
@@ -31,6 +34,8 @@ class RoundOutcome:
     base_score: float  # the current model's score before the round
     order: np.ndarray  # groups best first, after any judging error
     weights: Sequence[np.ndarray] | None = None  # members' influence weights, per group
+    # members' in-run credit against the target, per group (LLM rounds with in-run credit)
+    credits: Sequence[np.ndarray] | None = None
 
 
 class Reward(ABC):
@@ -164,8 +169,60 @@ class RegressionReward(Reward):
         return 1.0 + (self.scale - 1.0) * (beta - beta.min()) / span
 
 
+class CreditReward(Reward):
+    """Points from in-run credit: every example that trained the model is credited, as the
+    candidate trains, with its first-order effect on the loss of the target's responses
+    (``coordinator.training.valuation.InRunCredit``); a contributor's contribution is the
+    sum over the rounds whose candidate became the next model (members of candidates that
+    were not taken changed nothing, and score zero for that round).
+
+    That sum is a one-run estimate of the contributor's value to the model that was built
+    (Wang et al.'s "data Shapley in one training run", first order). It needs no group
+    ranking to be inverted, so it does not depend on the grouping being identifiable; it
+    does depend on the target's loss standing in for the evaluation (the coordinator
+    chooses by embedding distance of generated answers).
+
+    Points are the sums mapped affinely onto [1, ``scale``], as ``regression`` does
+    (positive, for influence weights); the map does not change correlations. Needs rounds
+    that record credit: the coordinator's LLM rounds do under this rule (it turns in-run
+    credit on); the vector simulation has none, and the rule refuses it."""
+
+    replaces_points = True
+
+    def __init__(self, scale: float = 2.0) -> None:
+        if scale <= 1:
+            raise ValueError("scale must be > 1")
+        self.scale = scale
+        self.reset(0)
+
+    def reset(self, n_contributors: int) -> None:
+        self.n = n_contributors
+        self.totals = np.zeros(n_contributors)
+
+    def observe(self, outcome):
+        if len(outcome.order) == 0:
+            return  # the old model was kept: nobody's data trained it this round
+        if outcome.credits is None:
+            raise ValueError(
+                "the credit reward pays from in-run credit, and this round's candidates "
+                "carry none (LLM rounds record it under this rule; simulations do not)"
+            )
+        w = int(outcome.order[0])
+        credit = np.asarray(outcome.credits[w], dtype=float)
+        if credit.shape != (len(outcome.groups[w]),):
+            raise ValueError("one in-run credit per member of the winning group is needed")
+        self.totals[outcome.groups[w]] += credit
+
+    def update(self, points, outcome):
+        span = self.totals.max() - self.totals.min()
+        if span <= 0:
+            return np.ones(self.n)
+        return 1.0 + (self.scale - 1.0) * (self.totals - self.totals.min()) / span
+
+
 @hookimpl
 def crowdsft_register_reward(register: Register) -> None:
     register("rank", RankReward)
     register("marginal", MarginalReward)
     register("regression", RegressionReward)
+    register("credit", CreditReward)

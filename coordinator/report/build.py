@@ -93,26 +93,32 @@ def shapley_of_contributors(
     return Valued(nodes, result.values, result.stderr, result.covariance)
 
 
-def in_run_values(store: Store) -> dict[str, float] | None:
+def in_run_values(store: Store) -> tuple[dict[str, float], str] | None:
     """Grounded values from in-run credit: each node's credit summed over the rounds whose
     winner its data trained (the winning lineage); nodes only in losing groups, or in rounds
-    that kept the old model, get 0. None when the rounds recorded no credit (they ran without
-    ``credit_targets``)."""
+    that kept the old model, get 0. With the credit the rounds measured against held-out
+    prompts (``member_credit_heldout``) where they did, else against the target. Returns
+    the values and which prompts they were measured on (``held-out`` or ``target``); None
+    when the rounds recorded no credit (they ran without ``credit_targets``)."""
+    rounds = queries.finished_rounds(store)
+    trained = [c.training for r in rounds for c in r.candidates]
+    if not any("member_credit" in t for t in trained):
+        return None
+    heldout = all("member_credit_heldout" in t for t in trained if "member_credit" in t)
+    key = "member_credit_heldout" if heldout else "member_credit"
     values: dict[str, float] = {}
-    seen = False
-    for r in queries.finished_rounds(store):
+    for r in rounds:
         for n in (n for g in r.groups for n in g):
             values.setdefault(n, 0.0)
-        seen |= any("member_credit" in c.training for c in r.candidates)
         if not r.updated or r.winner is None:
             continue  # the old model was kept: nobody's data trained the lineage
         cand = next((c for c in r.candidates if c.group == r.winner), None)
-        credit = cand.training.get("member_credit") if cand is not None else None
+        credit = cand.training.get(key) if cand is not None else None
         if credit is None:
             continue
         for n, c in zip(r.groups[r.winner], credit, strict=True):
             values[n] += float(c)
-    return values if seen else None
+    return values, ("held-out" if heldout else "target")
 
 
 def unresolved_pairs(valued: Valued, z: float = 1.96) -> list[tuple[str, str]] | None:
@@ -158,7 +164,8 @@ def build_report(
     s_vec = np.array([shapley[n] for n in common])
     corr = pearson(p_vec, s_vec) if len(common) > 2 else math.nan
     rho = spearman(p_vec, s_vec) if len(common) > 2 else math.nan
-    grounded = in_run_values(store)
+    found = in_run_values(store)
+    grounded, grounded_on = found if found is not None else (None, None)
     g_corr = g_rho = math.nan
     if grounded is not None:
         both = sorted(set(points) & set(grounded))
@@ -202,10 +209,16 @@ def build_report(
         # points against values grounded in the fine-tuning itself (in-run credit of the
         # winning lineage's training), where the rounds recorded it
         "grounded_method": None if grounded is None else "in-run",
+        # the prompts the grounded values were measured on: "held-out" (no choice saw them)
+        # or "target" (the coordinator's own target: the credit reward pays from it too)
+        "grounded_on": grounded_on,
         "pearson_points_grounded": None if math.isnan(g_corr) else g_corr,
         "spearman_points_grounded": None if math.isnan(g_rho) else g_rho,
-        **(extra or {}),
     }
+    clash = sorted(set(extra or {}) & set(data))
+    if clash:
+        raise ValueError(f"extra report fields would replace the report's own: {clash}")
+    data.update(extra or {})
     (out / "report.json").write_text(json.dumps(data, indent=2))
     pngs = _plots(data, out)
     (out / "index.html").write_text(_html(data, pngs))

@@ -307,6 +307,16 @@ class RoundRunner:
             awarded,
         )
         groups = [np.array([index[n] for n in g], dtype=np.int64) for g in groups_nodes]
+        # Members' in-run credit against the target, where the training recorded it: signed
+        # into the ledger record with the candidates, so that nodes can recompute the points
+        # of a rule that pays from it.
+        trained = {c.group: c.training for c in queries.round_row(self.store, round_id).candidates}
+        credit_lists = [trained.get(g, {}).get("member_credit") for g in range(len(groups))]
+        credits = (
+            [np.asarray(c, dtype=float) for c in credit_lists]
+            if all(c is not None for c in credit_lists)
+            else None
+        )
         record = tournament.decide(
             round_id - 1,
             groups,
@@ -316,6 +326,7 @@ class RoundRunner:
             points,
             self._rng(round_id, 2),
             population=everyone,
+            credits=credits,
         )
         after = {n: float(record.points_after[i]) - 1.0 for i, n in enumerate(everyone)}
         winner = record.winner
@@ -362,6 +373,11 @@ class RoundRunner:
                     "weights": [[float(x) for x in w] for w in weights],
                     "candidates": [
                         {"group": g, "adapter": a, "score": float(s)}
+                        | (
+                            {"member_credit": [float(x) for x in credits[g]]}
+                            if credits is not None
+                            else {}
+                        )
                         for g, (a, s) in enumerate(zip(adapters, scores, strict=True))
                     ],
                     "base_score": float(base_score),

@@ -87,11 +87,15 @@ class LLMSpace:
         generation: GenerationConfig | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         credit_targets: Sequence[dict[str, str]] | None = None,
+        heldout_credit_targets: Sequence[dict[str, str]] | None = None,
     ) -> None:
-        """``credit_targets``: prompt/response pairs; when given, every candidate's training
-        credits its examples in-run (``InRunCredit``) against them, and the candidate's
-        training record carries ``member_credit``, one sum per member (in ``members``
-        order), for the report's grounded values."""
+        """``credit_targets``: prompt/response pairs (the coordinator's target); when given,
+        every candidate's training credits its examples in-run (``InRunCredit``) against
+        them, and the candidate's training record carries ``member_credit``, one sum per
+        member (in ``members`` order): what the ``credit`` reward pays from.
+        ``heldout_credit_targets``: prompts no choice sees (the demo's reported set); the
+        same training also credits against them, recorded as ``member_credit_heldout``, for
+        the report's grounded values measured apart from anything that chose."""
         if len(eval_prompts) != len(target_responses) or not eval_prompts:
             raise ValueError("need one expert response per evaluation prompt, and at least one")
         self.model = model
@@ -108,6 +112,9 @@ class LLMSpace:
         self.n_contributors = len(self.data)
         self.on_event = on_event or (lambda kind, info: None)
         self.credit_targets = list(credit_targets) if credit_targets else None
+        self.heldout_credit_targets = (
+            list(heldout_credit_targets) if heldout_credit_targets else None
+        )
         self._scores: dict[tuple[str, ...], float] = {}
         self.last_generations: dict[tuple[str, ...], list[str]] = {}
         self.train_log: list[dict[str, Any]] = []
@@ -158,10 +165,13 @@ class LLMSpace:
         config = dataclasses.replace(self.training, seed=seed)
         self.on_event("train_start", {"members": len(members), "examples": len(examples)})
         credit = None
+        if self.heldout_credit_targets and not self.credit_targets:
+            raise ValueError("held-out credit targets need credit targets (the target) as well")
         if self.credit_targets:
             from .valuation import InRunCredit
 
-            credit = InRunCredit(self.credit_targets)
+            also = [self.heldout_credit_targets] if self.heldout_credit_targets else []
+            credit = InRunCredit(self.credit_targets, also=also)
         result = llm.fit(
             self.model, self.tokenizer, examples, example_weights, config, credit=credit
         )
@@ -177,6 +187,10 @@ class LLMSpace:
             from .valuation import credit_by_owner
 
             entry["member_credit"] = credit_by_owner(credit.credit, owners, len(members)).tolist()
+            if self.heldout_credit_targets:
+                entry["member_credit_heldout"] = credit_by_owner(
+                    credit.also_credit[0], owners, len(members)
+                ).tolist()
             entry["credit_seconds"] = round(credit.seconds, 3)
         self.train_log.append(entry)
         self.on_event(
@@ -259,6 +273,7 @@ def build_llm_space(
                 for r in records
             ]
             if getattr(getattr(config, "valuation", None), "in_run", False)
+            or config.rounds.reward == "credit"
             else None
         ),
     )

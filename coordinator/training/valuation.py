@@ -145,11 +145,19 @@ class InRunCredit:
 
     Pass it to ``lora.fit(..., credit=InRunCredit(targets))``."""
 
-    def __init__(self, target_examples: Sequence[dict[str, str]]) -> None:
-        if not target_examples:
-            raise ValueError("in-run credit needs at least one target example")
+    def __init__(
+        self,
+        target_examples: Sequence[dict[str, str]],
+        also: Sequence[Sequence[dict[str, str]]] = (),
+    ) -> None:
+        """``also``: further target sets credited in the same run (``also_credit[j]`` for
+        ``also[j]``), each at the cost of its own target gradient per step: the coordinator
+        pays from the credit against its target and audits against held-out prompts."""
+        if not target_examples or any(not t for t in also):
+            raise ValueError("in-run credit needs at least one target example per target set")
         self.target_examples = list(target_examples)
-        self.credit = np.zeros(0)
+        self.target_sets = [self.target_examples] + [list(t) for t in also]
+        self.credits = [np.zeros(0) for _ in self.target_sets]
         self.seconds = 0.0
         self.steps = 0
         self._model: Any = None
@@ -158,8 +166,18 @@ class InRunCredit:
         self._capturing = False
         self._inputs: dict[Any, Any] = {}
         self._grads: dict[Any, Any] = {}
-        self._target_grad: dict[Any, Any] = {}
-        self._target: Any = None
+        self._target_grads: list[dict[Any, Any]] = []
+        self._targets: list[Any] = []
+
+    @property
+    def credit(self) -> np.ndarray:
+        """Each example's credit against the first target set."""
+        return self.credits[0]
+
+    @property
+    def also_credit(self) -> list[np.ndarray]:
+        """Each example's credit against each of the ``also`` target sets."""
+        return self.credits[1:]
 
     # -- called by lora.fit ------------------------------------------------------------------
 
@@ -167,8 +185,10 @@ class InRunCredit:
         import torch
 
         self._model = peft_model
-        self.credit = np.zeros(n)
-        self._target = llm.encode(tokenizer, self.target_examples, None, config.max_length)
+        self.credits = [np.zeros(n) for _ in self.target_sets]
+        self._targets = [
+            llm.encode(tokenizer, t, None, config.max_length) for t in self.target_sets
+        ]
         self._modules = [
             m
             for m in peft_model.modules()
@@ -184,11 +204,11 @@ class InRunCredit:
         self._hooks, self._modules = [], []
         self._inputs.clear()
         self._grads.clear()
-        self._target_grad.clear()
+        self._target_grads = []
         self._model = None
 
     def before_step(self) -> None:
-        """The target loss's gradient at the current parameters (hooks off meanwhile)."""
+        """Each target set's loss gradient at the current parameters (hooks off meanwhile)."""
         import torch
 
         started = time.monotonic()
@@ -196,13 +216,17 @@ class InRunCredit:
         model = self._model
         was_training = model.training
         model.eval()
-        loss = llm.batch_loss(model, self._target)
         weights = [m.weight for m in self._modules]
-        grads = torch.autograd.grad(loss, weights, allow_unused=True)
-        self._target_grad = {
-            m: (g if g is not None else torch.zeros_like(m.weight)).detach()
-            for m, g in zip(self._modules, grads, strict=True)
-        }
+        self._target_grads = []
+        for target in self._targets:
+            loss = llm.batch_loss(model, target)
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            self._target_grads.append(
+                {
+                    m: (g if g is not None else torch.zeros_like(m.weight)).detach()
+                    for m, g in zip(self._modules, grads, strict=True)
+                }
+            )
         if was_training:
             model.train()
         self._inputs.clear()
@@ -228,17 +252,20 @@ class InRunCredit:
         started = time.monotonic()
         self._capturing = False
         size = len(idx)
-        ghost = torch.zeros(size, dtype=torch.float64)
+        ghost = torch.zeros(len(self._targets), size, dtype=torch.float64)
         for m in self._modules:
             x, g = self._inputs.get(m), self._grads.get(m)
             if x is None or g is None:
                 continue
-            gx = x.reshape(size, -1, x.shape[-1]).float() @ self._target_grad[m].float().T
-            per = (g.reshape(size, -1, g.shape[-1]).float() * gx).sum(dim=(1, 2))
-            ghost += per.detach().to("cpu", torch.float64)
+            x = x.reshape(size, -1, x.shape[-1]).float()
+            g = g.reshape(size, -1, g.shape[-1]).float()
+            for j, target_grad in enumerate(self._target_grads):
+                gx = x @ target_grad[m].float().T
+                ghost[j] += (g * gx).sum(dim=(1, 2)).detach().to("cpu", torch.float64)
         # The batch loss is sum_i w_i L_i / W, so the backward pass holds each example's
         # share of the step, (w_i / W) grad L_i: the ghost products are already its credit.
-        self.credit[list(idx)] += lr * ghost.numpy()
+        for j, credit in enumerate(self.credits):
+            credit[list(idx)] += lr * ghost[j].numpy()
         self.steps += 1
         self.seconds += time.monotonic() - started
 

@@ -81,7 +81,7 @@ def demo(
     )
     grounded = result["pearson_points_grounded"]
     click.echo(
-        f"Pearson(points, in-run credit):           "
+        f"Pearson(points, held-out in-run credit):  "
         f"{'n/a' if grounded is None else f'{grounded:.3f}'}"
     )
     kinds = ", ".join(f"{k} {v:g}" for k, v in result["mean_points_by_kind"].items())

@@ -202,9 +202,11 @@ def run_demo(
             space = build_llm_space(config)
         else:
             space = space_factory(config)
-        # Every candidate's training credits its examples against the held-out prompts (in-run
-        # credit): the report's values grounded in the fine-tuning, apart from the selection.
-        space.credit_targets = list(reported)
+        # Every candidate's training credits its examples in-run against the selection prompts
+        # (what the credit reward pays from) and against the held-out prompts (the report's
+        # grounded values, measured apart from anything that chose).
+        space.credit_targets = list(target)
+        space.heldout_credit_targets = list(reported)
         say(f"single-model baseline: {s.rounds * s.steps} steps on the whole pool ...")
         pool = _round_data(coord.store, space, config)
         say(f"  {len(pool)} examples, the same the rounds can use (near-duplicates left out)")
@@ -249,7 +251,7 @@ def run_demo(
                 "multi_model_distance_selection_set": multi_selection,
                 "selection_set": len(target),
                 "reported_set": len(reported),
-                "rounds": s.rounds,
+                "rounds_run": s.rounds,
             },
         )
         points = queries.awarded_points(coord.store)
@@ -269,8 +271,10 @@ def run_demo(
         "reported_set": len(reported),
         "pearson_points_shapley": report["pearson_points_shapley"],
         "pearson_points_grounded": report["pearson_points_grounded"],
+        "spearman_points_grounded": report["spearman_points_grounded"],
         "valuation_method": report["valuation_method"],
         "grounded_method": report["grounded_method"],
+        "grounded_on": report["grounded_on"],
         "mean_points_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "report_path": report["report_path"],
         "seconds": round(time.perf_counter() - t0, 1),

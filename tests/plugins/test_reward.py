@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from crowdsft.plugins.influence import PointsSquared, Uniform
-from crowdsft.plugins.reward import MarginalReward, RankReward, RegressionReward, RoundOutcome
+from crowdsft.plugins.reward import (
+    CreditReward,
+    MarginalReward,
+    RankReward,
+    RegressionReward,
+    RoundOutcome,
+)
 
 GROUPS = [np.array([0, 1]), np.array([2, 3]), np.array([4])]
 
@@ -79,3 +85,35 @@ def test_influence_rules():
     p = np.array([1.0, 2.0, 3.0])
     np.testing.assert_allclose(PointsSquared().weights(p), [1.0, 4.0, 9.0])
     np.testing.assert_allclose(Uniform().weights(p), [1.0, 1.0, 1.0])
+
+
+def test_credit_reward_sums_the_winners_credit_and_maps_it_onto_one_to_scale():
+    reward = CreditReward(scale=3.0)
+    reward.reset(5)
+    credits = [np.array([0.5, -0.1]), np.array([2.0, 2.0]), np.array([9.0])]
+    first = RoundOutcome(
+        0, GROUPS, np.array([1.0, 3.0, 2.0]), 0.0, np.array([0, 2, 1]), credits=credits
+    )
+    reward.observe(first)
+    points = reward.update(np.ones(5), first)
+    # only the winning group's members are credited: 0.5 and -0.1; the others hold 0
+    np.testing.assert_allclose(reward.totals, [0.5, -0.1, 0, 0, 0])
+    np.testing.assert_allclose(points, 1 + 2 * (reward.totals + 0.1) / 0.6)
+    kept = RoundOutcome(
+        1, GROUPS, np.array([0, 0, 0.0]), 5.0, np.array([], dtype=int), credits=credits
+    )
+    reward.observe(kept)  # the old model was kept: nobody's data trained it
+    np.testing.assert_allclose(reward.totals, [0.5, -0.1, 0, 0, 0])
+    second = RoundOutcome(
+        2, GROUPS, np.array([1.0, 3.0, 2.0]), 0.0, np.array([2, 1, 0]), credits=credits
+    )
+    reward.observe(second)
+    np.testing.assert_allclose(reward.totals, [0.5, -0.1, 0, 0, 9.0])
+    assert reward.update(points, second).argmax() == 4
+
+
+def test_credit_reward_refuses_rounds_without_credit():
+    reward = CreditReward()
+    reward.reset(5)
+    with pytest.raises(ValueError, match="in-run credit"):
+        reward.observe(outcome([1.0, 3.0, 2.0], [1, 2, 0]))

@@ -58,7 +58,7 @@ def submit_all(coord):
                 c.stub.SubmitContribution(env, timeout=10)
 
 
-def make_runner(coord, tiny, embedder, tmp_path):
+def make_runner(coord, tiny, embedder, tmp_path, **space_options):
     model, tok = tiny
     space = LLMSpace(
         copy.deepcopy(model),
@@ -71,6 +71,7 @@ def make_runner(coord, tiny, embedder, tmp_path):
         training=TRAIN,
         adapter_dir=coord.config.adapter_dir,
         generation=GenerationConfig(max_new_tokens=6, batch_size=2),
+        **space_options,
     )
     return RoundRunner(coord.config, coord.coordinator.store, space)
 
@@ -208,6 +209,80 @@ def test_regression_reward_rebuilds_its_state_after_a_restart(
     assert stored["reward"] == "regression"
     assert set(first.points) == set(second.points)
     assert all(1.0 <= p + 1.0 <= 2.0 + 1e-9 for p in second.points.values())
+
+
+def test_the_credit_reward_pays_winners_credit_and_nodes_recompute_it(
+    make_coordinator, tiny, char_embedder, tmp_path
+):
+    from crowdsft.coordinator.report.build import build_report
+    from crowdsft.coordinator.store.chain import ledger_entries
+    from crowdsft.coordinator.store.queries import finished_rounds
+    from crowdsft.ledger import verify_ledger
+
+    coord = make_coordinator(
+        rounds={"groups": 2, "judging_error": 0.0, "reward": "credit", "consume": "none"},
+        admission=SAME_ANSWERS_ALLOWED,
+    )
+    submit_all(coord)
+    target = [{"prompt": "say it", "response": "yes yes yes"}]
+    heldout = [{"prompt": "again?", "response": "yes yes yes"}]
+    runner = make_runner(
+        coord,
+        tiny,
+        char_embedder,
+        tmp_path,
+        credit_targets=target,
+        heldout_credit_targets=heldout,
+    )
+    for _ in range(2):
+        runner.run()
+    rounds = finished_rounds(coord.coordinator.store)
+    assert any(r.updated for r in rounds)
+    totals: dict[str, float] = {i.node_id: 0.0 for i in IDENTITIES}
+    for r in rounds:
+        assert all(
+            len(c.training["member_credit_heldout"]) == len(r.groups[c.group]) for c in r.candidates
+        )
+        if r.updated:
+            win = next(c for c in r.candidates if c.group == r.winner)
+            for n, c in zip(r.groups[r.winner], win.training["member_credit"], strict=True):
+                totals[n] += c
+    t = np.array(list(totals.values()))
+    expected = 1.0 + (t - t.min()) / (t.max() - t.min())  # onto [1, 2]
+    held = runner.points()
+    assert [1.0 + held.get(n, 0.0) for n in totals] == pytest.approx(expected.tolist())
+    # The credit is signed into the ledger with the candidates: nodes recompute the points.
+    entries = ledger_entries(coord.coordinator.store)
+    records = [json.loads(e.record) for e in entries]
+    assert all("member_credit" in c for rec in records for c in rec["candidates"])
+    report = verify_ledger(entries, coord.public_key)
+    assert report.ok, [str(p) for p in report.problems]
+    assert {n: report.points.get(n, 0.0) for n in held} == pytest.approx(held)
+    # The report's grounded values come from the held-out prompts' credit.
+    data = build_report(
+        coord.config,
+        coord.coordinator.store,
+        tmp_path / "report",
+        char_embedder,
+        [t["response"] for t in target],
+    )
+    assert data["grounded_method"] == "in-run" and data["grounded_on"] == "held-out"
+
+
+def test_report_extras_may_not_replace_its_own_fields(rounds_coord, tiny, char_embedder, tmp_path):
+    from crowdsft.coordinator.report.build import build_report
+
+    coord = rounds_coord()
+    make_runner(coord, tiny, char_embedder, tmp_path).run()
+    with pytest.raises(ValueError, match="rounds"):
+        build_report(
+            coord.config,
+            coord.coordinator.store,
+            tmp_path / "r",
+            char_embedder,
+            ["yes"],
+            extra={"rounds": 3},
+        )
 
 
 def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny, tmp_path):

@@ -180,6 +180,31 @@ def test_in_run_credit_is_zero_without_gradient_and_positive_for_the_target(tiny
     assert per_owner.tolist() == [credit.credit[0], credit.credit[1] + credit.credit[2]]
 
 
+def test_in_run_credit_against_further_target_sets_matches_separate_runs(tiny):
+    """One run credited against two target sets gives, for each, what a run credited
+    against that set alone gives (the same seed, the same training)."""
+    from crowdsft.coordinator.training.valuation import InRunCredit
+
+    model, tok = tiny
+    other = [{"prompt": "say no", "response": "no no no"}]
+    examples = [TARGET[0], NO[0], YES[0]]
+    config = llm.TrainingConfig(
+        rank=4, alpha=8, learning_rate=1e-2, epochs=2, batch_size=2, max_length=32, seed=0
+    )
+    both = InRunCredit(TARGET, also=[other])
+    llm.fit(model, tok, examples, None, config, credit=both)
+    alone = []
+    for target in (TARGET, other):
+        single = InRunCredit(target)
+        llm.fit(model, tok, examples, None, config, credit=single)
+        alone.append(single.credit)
+    np.testing.assert_allclose(both.credit, alone[0], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(both.also_credit[0], alone[1], rtol=1e-5, atol=1e-12)
+    assert both.credit[1] != pytest.approx(both.also_credit[0][1])  # the sets differ
+    with pytest.raises(ValueError, match="target example"):
+        InRunCredit(TARGET, also=[[]])
+
+
 def test_the_llm_space_records_each_members_in_run_credit(tiny, char_embedder, tmp_path):
     from crowdsft.coordinator.rounds.space import Candidate
     from crowdsft.coordinator.training.space import LLMSpace
@@ -197,6 +222,7 @@ def test_the_llm_space_records_each_members_in_run_credit(tiny, char_embedder, t
         adapter_dir=tmp_path,
         generation=GenerationConfig(max_new_tokens=4, batch_size=2),
         credit_targets=TARGET,
+        heldout_credit_targets=[{"prompt": "answer", "response": "no no"}],
     )
     cand = space.propose(Candidate(), np.array([2, 0, 1]), np.ones(3), np.random.default_rng(0))
     info = space.training_info(cand.adapter)
@@ -204,3 +230,5 @@ def test_the_llm_space_records_each_members_in_run_credit(tiny, char_embedder, t
     assert len(credit) == 3 and all(np.isfinite(credit))  # one per member, in members order
     assert credit[0] > 0 and credit[1] > 0  # the members whose data is the target's answer
     assert info["credit_seconds"] >= 0
+    heldout = info["member_credit_heldout"]  # the same training, against the held-out set
+    assert len(heldout) == 3 and heldout != credit
