@@ -338,6 +338,10 @@ class ValuationConfig:
     # backward pass on the target per training step); the report then gives values grounded
     # in the fine-tuning (the winning lineage's credit per contributor).
     in_run: bool = False
+    # JSONL of prompts with expert responses that no choice sees (like target_file): with
+    # in-run credit on, training is also credited against them and the report's grounded
+    # values come from that credit, apart from what chose winners and points.
+    heldout_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -655,4 +659,7 @@ truncation = 0.0
 # Credit each training example in-run against the target (one extra forward and backward
 # pass on the target per step); the report then adds values grounded in the fine-tuning.
 in_run = false
+# Held-out prompts (JSONL like the target file) that no choice sees: training is also
+# credited against them, and the report's grounded values come from that credit.
+# heldout_file = "heldout.jsonl"
 """

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from crowdsft.errors import ConfigError
 from crowdsft.plugins.reward import Reward, RoundOutcome
 
 if TYPE_CHECKING:
@@ -252,6 +253,17 @@ def replay_points(
     return np.array([1.0 + awarded.get(n, 0.0) for n in population])
 
 
+def check_credit(reward: Reward, space: Any) -> None:
+    """Refuse, before any training, a reward rule that pays from in-run credit (its
+    ``needs_credit``) over a space whose training records none."""
+    if getattr(reward, "needs_credit", False) and not getattr(space, "records_credit", False):
+        raise ConfigError(
+            "this reward rule pays from in-run credit, and the model space records none "
+            "(the coordinator's LLM rounds do; the vector simulation cannot): choose another "
+            "reward"
+        )
+
+
 # -- the engine ---------------------------------------------------------------------------------
 
 
@@ -314,6 +326,7 @@ class Tournament:
     # -- driving a whole tournament in one process, over a model space ------------------------
 
     def start(self, space: ModelSpace, base: Any, initial_points: float = 1.0) -> TournamentState:
+        check_credit(self.strategies.reward, space)
         self.strategies.reward.reset(space.n_contributors)
         score = float(space.score([base])[0])
         points = np.full(space.n_contributors, float(initial_points))

@@ -185,9 +185,16 @@ class CreditReward(Reward):
     Points are the sums mapped affinely onto [1, ``scale``], as ``regression`` does
     (positive, for influence weights); the map does not change correlations. Needs rounds
     that record credit: the coordinator's LLM rounds do under this rule (it turns in-run
-    credit on); the vector simulation has none, and the rule refuses it."""
+    credit on); the vector simulation has none, and the rule refuses it. Rounds decided
+    before credit was recorded (under another rule) pay nobody.
+
+    The credit is the effect the data had with the weight it was given: under
+    ``points-squared`` influence a member holding more points has its examples weighted
+    more, so the same data earns more (up to ``scale``² times). Use ``influence = "uniform"``
+    to pay for the data alone."""
 
     replaces_points = True
+    needs_credit = True  # the coordinator turns in-run credit on and signs it into the ledger
 
     def __init__(self, scale: float = 2.0) -> None:
         if scale <= 1:
@@ -203,10 +210,9 @@ class CreditReward(Reward):
         if len(outcome.order) == 0:
             return  # the old model was kept: nobody's data trained it this round
         if outcome.credits is None:
-            raise ValueError(
-                "the credit reward pays from in-run credit, and this round's candidates "
-                "carry none (LLM rounds record it under this rule; simulations do not)"
-            )
+            # A round decided before credit was recorded (under another rule): it pays
+            # nobody. The coordinator refuses to decide a new round without credit.
+            return
         w = int(outcome.order[0])
         credit = np.asarray(outcome.credits[w], dtype=float)
         if credit.shape != (len(outcome.groups[w]),):
@@ -215,8 +221,8 @@ class CreditReward(Reward):
 
     def update(self, points, outcome):
         span = self.totals.max() - self.totals.min()
-        if span <= 0:
-            return np.ones(self.n)
+        if span <= 1e-9 * max(float(np.abs(self.totals).max()), 1e-300):
+            return np.ones(self.n)  # nothing (or only rounding noise) tells anyone apart
         return 1.0 + (self.scale - 1.0) * (self.totals - self.totals.min()) / span
 
 

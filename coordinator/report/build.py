@@ -93,6 +93,23 @@ def shapley_of_contributors(
     return Valued(nodes, result.values, result.stderr, result.covariance)
 
 
+REPORT_FIELDS = (
+    "evaluation",
+    "rounds",
+    "distance_per_round",
+    "contributors",
+    "valuation_method",
+    "unresolved_pairs",
+    "pearson_points_shapley",
+    "spearman_points_shapley",
+    "grounded_method",
+    "grounded_on",
+    "grounded_note",
+    "pearson_points_grounded",
+    "spearman_points_grounded",
+)
+
+
 def in_run_values(store: Store) -> tuple[dict[str, float], str] | None:
     """Grounded values from in-run credit: each node's credit summed over the rounds whose
     winner its data trained (the winning lineage); nodes only in losing groups, or in rounds
@@ -152,6 +169,9 @@ def build_report(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``out/index.html``, ``out/report.json`` and the PNG plots; return the data."""
+    clash = sorted(set(extra or {}) & set(REPORT_FIELDS))
+    if clash:
+        raise ValueError(f"extra report fields would replace the report's own: {clash}")
     out.mkdir(parents=True, exist_ok=True)
     names = names or {}
     ev = config.evaluation.function
@@ -173,6 +193,13 @@ def build_report(
             pg = np.array([points[n] for n in both])
             gv = np.array([grounded[n] for n in both])
             g_corr, g_rho = pearson(pg, gv), spearman(pg, gv)
+    # A rule that pays from the credit against the target, compared with that same credit,
+    # is compared with itself: no figure. Held-out prompts (valuation.heldout_file) give one.
+    circular = grounded_on == "target" and bool(
+        getattr(get_plugins().create("reward", config.rounds.reward), "needs_credit", False)
+    )
+    if circular:
+        g_corr = g_rho = math.nan
     data: dict[str, Any] = {
         "evaluation": ev,
         "rounds": history,
@@ -212,12 +239,17 @@ def build_report(
         # the prompts the grounded values were measured on: "held-out" (no choice saw them)
         # or "target" (the coordinator's own target: the credit reward pays from it too)
         "grounded_on": grounded_on,
+        # why there is no Pearson with the grounded values, where there is none
+        "grounded_note": (
+            "the reward pays from the same in-run credit: set valuation.heldout_file for a "
+            "comparison on prompts that no choice saw"
+            if circular
+            else None
+        ),
         "pearson_points_grounded": None if math.isnan(g_corr) else g_corr,
         "spearman_points_grounded": None if math.isnan(g_rho) else g_rho,
     }
-    clash = sorted(set(extra or {}) & set(data))
-    if clash:
-        raise ValueError(f"extra report fields would replace the report's own: {clash}")
+    assert set(data) == set(REPORT_FIELDS), sorted(set(data) ^ set(REPORT_FIELDS))
     data.update(extra or {})
     (out / "report.json").write_text(json.dumps(data, indent=2))
     pngs = _plots(data, out)
@@ -309,8 +341,15 @@ def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
 
     people = "".join(
         f"<tr><td>{html.escape(c['name'])}</td><td><code>{c['node_id'][:12]}</code></td>"
-        f"<td>{c['points']:g}</td><td>{shap(c)}</td></tr>"
+        f"<td>{c['points']:g}</td><td>{shap(c)}</td>"
+        + (f"<td>{c['grounded']:.4g}</td>" if c.get("grounded") is not None else "")
+        + "</tr>"
         for c in data["contributors"]
+    )
+    grounded_head = (
+        f"<th>in-run credit ({html.escape(str(data.get('grounded_on')))} prompts)</th>"
+        if data.get("grounded_method")
+        else ""
     )
     summary = "".join(
         f"<li>{html.escape(k.replace('_', ' '))}: {html.escape(str(v))}</li>"
@@ -328,7 +367,8 @@ img{{max-width:48%;margin:1%}}</style></head><body>
 <h2>Rounds (target distance, {html.escape(data["evaluation"])})</h2>
 <table><tr><th>round</th><th>base</th><th>candidates</th><th>after</th></tr>{rows}</table>
 <h2>Contributors</h2>
-<table><tr><th>name</th><th>node</th><th>points</th><th>Shapley (± 95%)</th></tr>{people}</table>
+<table><tr><th>name</th><th>node</th><th>points</th><th>Shapley (± 95%)</th>{grounded_head}</tr>
+{people}</table>
 <p>{_pairs_line(data.get("unresolved_pairs"))}</p>
 </body></html>
 """

@@ -31,10 +31,10 @@ import numpy as np
 
 from crowdsft.config import CoordinatorConfig
 from crowdsft.envelope import now_ms
-from crowdsft.errors import CrowdSFTError
+from crowdsft.errors import ConfigError, CrowdSFTError
 from crowdsft.keys import Identity
 from crowdsft.plugins.manager import Plugins, get_plugins
-from crowdsft.tournament import Strategies, Tournament, replay_points
+from crowdsft.tournament import Strategies, Tournament, check_credit, replay_points
 from crowdsft.validation import payload_examples
 
 from ..store import queries
@@ -131,6 +131,7 @@ class RoundRunner:
         """Run (or resume) one round to its end. ``stop_after`` names a step after which to
         stop by raising RoundInterrupted (for tests of resumption)."""
         self._stop_after = stop_after
+        check_credit(self._strategies().reward, self.space)
         round_id = self.unfinished()
         if round_id is None:
             round_id = self._plan()
@@ -139,6 +140,13 @@ class RoundRunner:
             logger.info("resuming round %d", round_id)
             self.on_event("round_resumed", {"round_id": round_id})
         row = queries.round_row(self.store, round_id)
+        planned = row.strategies.get("reward")
+        if planned is not None and planned != self.config.rounds.reward:
+            raise ConfigError(
+                f"round {round_id} was planned under reward {planned!r}, and the config now "
+                f"says {self.config.rounds.reward!r}: set rounds.reward back to {planned!r} "
+                "to finish it (the ledger names the rule a round was planned with)"
+            )
         weights = [np.asarray(w, dtype=float) for w in row.weights]
         base = Candidate(tuple(row.base_lineage))
         contributors = [n for g in row.groups for n in g]
@@ -317,6 +325,12 @@ class RoundRunner:
             if all(c is not None for c in credit_lists)
             else None
         )
+        signs_credit = bool(getattr(tournament.strategies.reward, "needs_credit", False))
+        if signs_credit and credits is None:
+            raise ConfigError(
+                f"round {round_id}'s candidates were trained without in-run credit, and the "
+                "reward rule pays from it"
+            )
         record = tournament.decide(
             round_id - 1,
             groups,
@@ -375,7 +389,7 @@ class RoundRunner:
                         {"group": g, "adapter": a, "score": float(s)}
                         | (
                             {"member_credit": [float(x) for x in credits[g]]}
-                            if credits is not None
+                            if signs_credit and credits is not None
                             else {}
                         )
                         for g, (a, s) in enumerate(zip(adapters, scores, strict=True))

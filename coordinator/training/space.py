@@ -111,6 +111,8 @@ class LLMSpace:
         self.chain: tuple[str, ...] = ()
         self.n_contributors = len(self.data)
         self.on_event = on_event or (lambda kind, info: None)
+        if heldout_credit_targets and not credit_targets:
+            raise ValueError("held-out credit targets need credit targets (the target) as well")
         self.credit_targets = list(credit_targets) if credit_targets else None
         self.heldout_credit_targets = (
             list(heldout_credit_targets) if heldout_credit_targets else None
@@ -150,6 +152,11 @@ class LLMSpace:
             self.model = llm.merge_adapter(self.model, adapter, self.training)
         self.chain = lineage
 
+    @property
+    def records_credit(self) -> bool:
+        """Whether every candidate's training records its members' in-run credit."""
+        return bool(self.credit_targets)
+
     # -- ModelSpace ---------------------------------------------------------------------------
 
     def propose(self, base: Candidate, members: np.ndarray, weights: np.ndarray, rng) -> Candidate:
@@ -186,11 +193,17 @@ class LLMSpace:
         if credit is not None:
             from .valuation import credit_by_owner
 
-            entry["member_credit"] = credit_by_owner(credit.credit, owners, len(members)).tolist()
+            sums = [credit_by_owner(c, owners, len(members)) for c in credit.credits]
+            bad = sum(int((~np.isfinite(c)).sum()) for c in sums)
+            if bad:
+                # A diverged step (inf or nan): the ledger cannot sign such a number, and it
+                # means nothing; those members are credited 0 and the record says so.
+                logger.warning("%d non-finite in-run credit(s) recorded as 0", bad)
+                entry["credit_nonfinite"] = bad
+                sums = [np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0) for c in sums]
+            entry["member_credit"] = sums[0].tolist()
             if self.heldout_credit_targets:
-                entry["member_credit_heldout"] = credit_by_owner(
-                    credit.also_credit[0], owners, len(members)
-                ).tolist()
+                entry["member_credit_heldout"] = sums[1].tolist()
             entry["credit_seconds"] = round(credit.seconds, 3)
         self.train_log.append(entry)
         self.on_event(
@@ -247,6 +260,20 @@ def build_llm_space(
             "JSONL file of evaluation prompts with expert responses"
         )
     records = read_records(target)
+    v = config.valuation
+    reward = plugins.create("reward", config.rounds.reward)
+    heldout = None
+    if v.heldout_file is not None:
+        if not (v.in_run or getattr(reward, "needs_credit", False)):
+            raise ConfigError(
+                "valuation.heldout_file credits training against held-out prompts, which "
+                "needs in-run credit: set valuation.in_run = true"
+            )
+        heldout = [
+            {"prompt": r.prompt, "response": r.response}
+            | ({"system": r.system} if r.system else {})
+            for r in read_records(config.resolve(v.heldout_file))
+        ]
     device, dtype = llm.device_and_dtype(config.model.device)
     logger.info("loading base model %s on %s", config.model.base, device)
     model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
@@ -272,8 +299,8 @@ def build_llm_space(
                 | ({"system": r.system} if r.system else {})
                 for r in records
             ]
-            if getattr(getattr(config, "valuation", None), "in_run", False)
-            or config.rounds.reward == "credit"
+            if v.in_run or getattr(reward, "needs_credit", False)
             else None
         ),
+        heldout_credit_targets=heldout,
     )

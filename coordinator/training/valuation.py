@@ -189,6 +189,13 @@ class InRunCredit:
         self._targets = [
             llm.encode(tokenizer, t, None, config.max_length) for t in self.target_sets
         ]
+        for j, target in enumerate(self._targets):
+            if not bool((target.labels[:, 1:] != -100).any()):
+                raise ValueError(
+                    f"in-run credit target set {j}: no response token is left after "
+                    f"truncation to max_length {config.max_length}, so every credit would "
+                    "be 0; shorten the prompts or raise training.max_length"
+                )
         self._modules = [
             m
             for m in peft_model.modules()

@@ -59,7 +59,7 @@ def test_builtins_by_kind():
         "grouping": ["epsilon-greedy", "interleaved", "random"],
         "evaluation": ["cosine", "dot", "l1", "l2"],
         "selection": ["best"],
-        "reward": ["marginal", "rank", "regression"],
+        "reward": ["credit", "marginal", "rank", "regression"],
         "influence": ["points-squared", "uniform"],
         "valuation": ["exact", "kernelshap", "permutation"],
         "embedder": ["goemotions", "minilm"],

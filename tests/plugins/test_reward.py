@@ -112,8 +112,27 @@ def test_credit_reward_sums_the_winners_credit_and_maps_it_onto_one_to_scale():
     assert reward.update(points, second).argmax() == 4
 
 
-def test_credit_reward_refuses_rounds_without_credit():
+def test_credit_reward_pays_nobody_for_rounds_decided_without_credit():
+    """Rounds decided under another rule (before credit was recorded) replay as paying no
+    one; the coordinator refuses to decide a new round without credit."""
     reward = CreditReward()
     reward.reset(5)
-    with pytest.raises(ValueError, match="in-run credit"):
-        reward.observe(outcome([1.0, 3.0, 2.0], [1, 2, 0]))
+    reward.observe(outcome([1.0, 3.0, 2.0], [1, 2, 0]))
+    assert reward.totals.tolist() == [0.0] * 5
+    assert reward.update(np.full(5, 3.0), outcome([1.0, 3.0, 2.0], [1, 2, 0])).tolist() == [1.0] * 5
+
+
+def test_a_rule_that_pays_from_credit_is_refused_where_nothing_records_it():
+    from crowdsft.errors import ConfigError
+    from crowdsft.tournament import check_credit
+
+    class NoCredit:
+        pass
+
+    class WithCredit:
+        records_credit = True
+
+    with pytest.raises(ConfigError, match="in-run credit"):
+        check_credit(CreditReward(), NoCredit())
+    check_credit(CreditReward(), WithCredit())
+    check_credit(RankReward(), NoCredit())

@@ -267,6 +267,27 @@ def test_the_credit_reward_pays_winners_credit_and_nodes_recompute_it(
         [t["response"] for t in target],
     )
     assert data["grounded_method"] == "in-run" and data["grounded_on"] == "held-out"
+    assert data["pearson_points_grounded"] is not None and data["grounded_note"] is None
+    # Without held-out prompts, the grounded values are the very credit the rule paid from:
+    # the report gives no Pearson, and says why.
+    for r in finished_rounds(coord.coordinator.store):
+        for c in r.candidates:
+            c.training.pop("member_credit_heldout")
+            coord.coordinator.store.write(
+                lambda conn, r=r, c=c: conn.execute(
+                    "UPDATE candidates SET training=? WHERE round_id=? AND group_index=?",
+                    (json.dumps(c.training), r.round_id, c.group),
+                )
+            )
+    data = build_report(
+        coord.config,
+        coord.coordinator.store,
+        tmp_path / "report2",
+        char_embedder,
+        [t["response"] for t in target],
+    )
+    assert data["grounded_on"] == "target" and data["pearson_points_grounded"] is None
+    assert "heldout_file" in data["grounded_note"]
 
 
 def test_report_extras_may_not_replace_its_own_fields(rounds_coord, tiny, char_embedder, tmp_path):

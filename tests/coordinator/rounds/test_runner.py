@@ -111,3 +111,35 @@ def test_a_finished_round_without_its_ledger_record_stops_the_next_decision(make
     fill(coord, 1)
     with pytest.raises(StoreError, match=r"rounds \[1\] have no ledger record"):
         runner.run()
+
+
+def test_the_credit_rule_is_refused_before_planning_where_training_records_no_credit(
+    make_runner,
+):
+    from crowdsft.errors import ConfigError
+
+    coord, runner = make_runner("credit")  # the stand-in space records no credit
+    fill(coord, 0)
+    with pytest.raises(ConfigError, match="in-run credit"):
+        runner.run()
+    assert runner.unfinished() is None  # nothing was planned
+
+
+def test_a_round_resumed_under_another_reward_rule_is_refused(make_runner, make_coordinator):
+    import dataclasses
+
+    from crowdsft.errors import ConfigError
+
+    coord, runner = make_runner("rank")
+    fill(coord, 0)
+    with pytest.raises(runner_module.RoundInterrupted):
+        runner.run(stop_after="planned")
+    rounds = dataclasses.replace(coord.config.rounds, reward="regression")
+    changed = RoundRunner(
+        dataclasses.replace(coord.config, rounds=rounds),
+        coord.coordinator.store,
+        runner.space,
+    )
+    with pytest.raises(ConfigError, match="planned under reward 'rank'"):
+        changed.run()
+    assert runner.run().round_id == 1  # under the rule it was planned with, it finishes

@@ -203,6 +203,10 @@ def test_in_run_credit_against_further_target_sets_matches_separate_runs(tiny):
     assert both.credit[1] != pytest.approx(both.also_credit[0][1])  # the sets differ
     with pytest.raises(ValueError, match="target example"):
         InRunCredit(TARGET, also=[[]])
+    # a target set whose responses are all cut away would credit 0 everywhere: refused
+    long_prompt = [{"prompt": " ".join(["a b c d"] * 30), "response": "yes"}]
+    with pytest.raises(ValueError, match="no response token"):
+        llm.fit(model, tok, examples, None, config, credit=InRunCredit(TARGET, also=[long_prompt]))
 
 
 def test_the_llm_space_records_each_members_in_run_credit(tiny, char_embedder, tmp_path):
