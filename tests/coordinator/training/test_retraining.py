@@ -236,3 +236,42 @@ def test_the_llm_space_records_each_members_in_run_credit(tiny, char_embedder, t
     assert info["credit_seconds"] >= 0
     heldout = info["member_credit_heldout"]  # the same training, against the held-out set
     assert len(heldout) == 3 and heldout != credit
+
+
+def test_the_coordinator_config_credits_against_held_out_prompts(
+    make_coordinator, tiny, char_embedder, monkeypatch, tmp_path
+):
+    """``[valuation] heldout_file`` gives the space held-out credit targets; it needs in-run
+    credit on (or a reward that pays from it)."""
+    import dataclasses
+    import json
+
+    from crowdsft.coordinator.training.space import build_llm_space
+    from crowdsft.errors import ConfigError
+    from crowdsft.plugins.manager import get_plugins
+
+    monkeypatch.setattr(llm, "load_base_model", lambda *a, **k: tiny)
+    real = get_plugins()
+
+    class Plugins:
+        def create(self, kind, name, **kw):
+            return char_embedder if kind == "embedder" else real.create(kind, name, **kw)
+
+    target, heldout = tmp_path / "target.jsonl", tmp_path / "heldout.jsonl"
+    target.write_text(json.dumps(TARGET[0]) + "\n")
+    heldout.write_text(json.dumps({"prompt": "answer", "response": "no no"}) + "\n")
+    base = make_coordinator().config
+    config = dataclasses.replace(
+        base,
+        evaluation=dataclasses.replace(base.evaluation, target_file=target),
+        valuation=dataclasses.replace(base.valuation, heldout_file=heldout, in_run=True),
+    )
+    space = build_llm_space(config, Plugins())
+    assert space.records_credit and space.credit_targets == TARGET
+    assert space.heldout_credit_targets == [{"prompt": "answer", "response": "no no"}]
+    off = dataclasses.replace(config, valuation=dataclasses.replace(config.valuation, in_run=False))
+    with pytest.raises(ConfigError, match="in_run"):
+        build_llm_space(off, Plugins())
+    # the credit reward turns in-run credit on by itself
+    paying = dataclasses.replace(off, rounds=dataclasses.replace(off.rounds, reward="credit"))
+    assert build_llm_space(paying, Plugins()).heldout_credit_targets is not None
