@@ -260,10 +260,13 @@ def _auto_rounds(config, coord):
 
     def run_round():
         from crowdsft.coordinator.rounds.runner import RoundRunner
+        from crowdsft.coordinator.training.distributed import make_executor
         from crowdsft.coordinator.training.space import build_llm_space
 
         if "runner" not in state:
-            state["runner"] = RoundRunner(config, coord.store, build_llm_space(config))
+            state["runner"] = RoundRunner(
+                config, coord.store, build_llm_space(config), executor=make_executor(config)
+            )
         summary = state["runner"].run()
         logger.info("automatic round %d done", summary.round_id)
 
@@ -332,6 +335,7 @@ def round_(config_path: Path, as_json: bool) -> None:
     from crowdsft.config import load_coordinator_config
     from crowdsft.coordinator.rounds.runner import RoundRunner
     from crowdsft.coordinator.store.db import Store
+    from crowdsft.coordinator.training.distributed import make_executor
     from crowdsft.coordinator.training.space import build_llm_space
 
     config = load_coordinator_config(config_path)
@@ -347,8 +351,12 @@ def round_(config_path: Path, as_json: bool) -> None:
             click.echo(f"  {kind.replace('_', ' ')}: {detail}", err=True)
 
     space = build_llm_space(config, on_event=event)
-    with Store(config.db_path, max_batch=config.storage.max_batch) as store:
-        summary = RoundRunner(config, store, space, on_event=event).run()
+    executor = make_executor(config)
+    try:
+        with Store(config.db_path, max_batch=config.storage.max_batch) as store:
+            summary = RoundRunner(config, store, space, on_event=event, executor=executor).run()
+    finally:
+        executor.close()
     if as_json:
         echo_json(summary.as_dict())
         return

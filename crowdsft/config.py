@@ -238,8 +238,22 @@ class TrainingConfig:
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
+    # Who trains a round's candidates: "local" (one after another in the coordinator) or
+    # "ray" (Ray tasks, in parallel, on any machine of a Ray cluster; the scale extra).
+    executor: str = "local"
+    # Ray: empty starts a local Ray; "auto" joins the cluster `ray start` runs on this
+    # machine; HOST:PORT joins the cluster whose head listens there.
+    ray_address: str = ""
+    # Ray: the resources each candidate's task declares (a fraction of a GPU packs several
+    # candidates on one card).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"training.executor must be local or ray, not {self.executor!r}")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ConfigError("training.num_cpus must be > 0 and training.num_gpus >= 0")
         if self.rank < 1 or self.alpha < 1:
             raise ConfigError("training.rank and training.alpha must be at least 1")
         if self.learning_rate <= 0 or self.batch_size < 1 or self.max_length < 8:
@@ -614,6 +628,14 @@ epochs = 1
 batch_size = 8
 max_length = 128
 seed = 0
+# Who trains a round's candidates: "local" (in this process, one after another) or "ray"
+# (Ray tasks in parallel, on this machine or a cluster; pip install "crowd-sft[scale]").
+executor = "local"
+# Ray: "" starts a local Ray; "auto" joins the cluster `ray start` runs here; or HOST:PORT.
+ray_address = ""
+# Ray: resources each candidate's task declares (num_gpus 0.25 packs 4 candidates per GPU).
+num_cpus = 1.0
+num_gpus = 0.0
 
 [evaluation]
 # Evaluation prompts with expert responses, one JSON object per line:

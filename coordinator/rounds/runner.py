@@ -41,6 +41,7 @@ from ..store import queries
 from ..store.chain import append_record, decided_rounds
 from ..store.db import Store
 from . import copies
+from .executor import CandidateJob, LocalExecutor, TrainingExecutor
 from .space import Candidate, RoundSpace
 
 logger = logging.getLogger(__name__)
@@ -85,15 +86,17 @@ class RoundRunner:
         plugins: Plugins | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         identity: Identity | None = None,
+        executor: TrainingExecutor | None = None,
     ) -> None:
         """``identity`` signs the ledger records (the coordinator's key from ``config`` by
-        default)."""
+        default); ``executor`` trains the candidates (in this process by default)."""
         from ..server.app import load_identity
 
         self.config = config
         self.identity = identity or load_identity(config)
         self.store = store
         self.space = space
+        self.executor: TrainingExecutor = executor or LocalExecutor()
         self.plugins = plugins or get_plugins()
         self.on_event = on_event or (lambda kind, info: None)
         self._stop_after: str | None = None
@@ -252,19 +255,24 @@ class RoundRunner:
     ) -> list[str]:
         row = queries.round_row(self.store, round_id)
         done = {c.group: c.adapter for c in row.candidates}
-        for g, (members, w) in enumerate(zip(groups, weights, strict=True)):
-            if g in done:
-                continue
+        jobs = [
+            CandidateJob(g, members, w, self._rng(round_id, 1, g))
+            for g, (members, w) in enumerate(zip(groups, weights, strict=True))
+            if g not in done
+        ]
+
+        def started(job: CandidateJob) -> None:
             self.on_event(
-                "candidate_training", {"round_id": round_id, "group": g, "members": len(members)}
+                "candidate_training",
+                {"round_id": round_id, "group": job.group, "members": len(job.members)},
             )
-            cand = self.space.propose(base, members, w, self._rng(round_id, 1, g))
-            assert cand.adapter is not None
-            info = self.space.training_info(cand.adapter)
-            self._write(queries.insert_candidate, round_id, g, cand.adapter, info)
-            done[g] = cand.adapter
+
+        for g, adapter in self.executor.train(self.space, base, jobs, started):
+            info = self.space.training_info(adapter)
+            self._write(queries.insert_candidate, round_id, g, adapter, info)
+            done[g] = adapter
             self.on_event(
-                "candidate_trained", {"round_id": round_id, "group": g, "adapter": cand.adapter}
+                "candidate_trained", {"round_id": round_id, "group": g, "adapter": adapter}
             )
             self._maybe_stop(self._stop_after, f"candidate:{g}")
         self._write(queries.advance_status, round_id, "planned", "trained")

@@ -70,6 +70,59 @@ def answer_and_score(
     return float(np.mean(per_prompt_scores(evaluation, emb, target))), texts
 
 
+@dataclass(frozen=True)
+class TrainingJob:
+    """One candidate's training, apart from the model it starts from: everything a worker
+    elsewhere needs (plain data, so it pickles)."""
+
+    examples: list[dict[str, str]]
+    weights: list[float]  # one per example: its owner's influence weight
+    owners: list[int]  # the member (index in the group) each example belongs to
+    members: int
+    training: llm.TrainingConfig  # with the candidate's seed
+    credit_targets: list[dict[str, str]] | None = None
+    heldout_credit_targets: list[dict[str, str]] | None = None
+
+
+def train_job(
+    model: Any, tokenizer: Any, job: TrainingJob
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fine-tune a LoRA adapter on ``job`` from ``model`` (left as it was); return the
+    adapter's tensors and what the training took (steps, tokens, losses, seed, and each
+    member's in-run credit where the job asks for it)."""
+    if job.heldout_credit_targets and not job.credit_targets:
+        raise ValueError("held-out credit targets need credit targets (the target) as well")
+    credit = None
+    if job.credit_targets:
+        from .valuation import InRunCredit
+
+        also = [job.heldout_credit_targets] if job.heldout_credit_targets else []
+        credit = InRunCredit(job.credit_targets, also=also)
+    result = llm.fit(model, tokenizer, job.examples, job.weights, job.training, credit=credit)
+    info: dict[str, Any] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "losses": result.losses,
+        "seed": job.training.seed,
+    }
+    if credit is not None:
+        from .valuation import credit_by_owner
+
+        sums = [credit_by_owner(c, job.owners, job.members) for c in credit.credits]
+        bad = sum(int((~np.isfinite(c)).sum()) for c in sums)
+        if bad:
+            # A diverged step (inf or nan): the ledger cannot sign such a number, and it
+            # means nothing; those members are credited 0 and the record says so.
+            logger.warning("%d non-finite in-run credit(s) recorded as 0", bad)
+            info["credit_nonfinite"] = bad
+            sums = [np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0) for c in sums]
+        info["member_credit"] = sums[0].tolist()
+        if job.heldout_credit_targets:
+            info["member_credit_heldout"] = sums[1].tolist()
+        info["credit_seconds"] = round(credit.seconds, 3)
+    return result.adapter, info
+
+
 class LLMSpace:
     """Implements ``engine.ModelSpace`` over a causal LM held in memory."""
 
@@ -159,8 +212,10 @@ class LLMSpace:
 
     # -- ModelSpace ---------------------------------------------------------------------------
 
-    def propose(self, base: Candidate, members: np.ndarray, weights: np.ndarray, rng) -> Candidate:
-        self.materialise(base)
+    def job(self, members: np.ndarray, weights: np.ndarray, rng) -> TrainingJob:
+        """What training a candidate for ``members`` takes, apart from the model: their
+        examples in order, each weighted by its owner's influence weight, and the seed
+        (drawn from ``rng``: the same draw wherever the job then runs)."""
         examples: list[dict[str, str]] = []
         example_weights: list[float] = []
         owners: list[int] = []
@@ -168,50 +223,35 @@ class LLMSpace:
             examples += self.data[int(m)]
             example_weights += [float(w)] * len(self.data[int(m)])
             owners += [k] * len(self.data[int(m)])
-        seed = int(rng.integers(2**31 - 1))
-        config = dataclasses.replace(self.training, seed=seed)
-        self.on_event("train_start", {"members": len(members), "examples": len(examples)})
-        credit = None
-        if self.heldout_credit_targets and not self.credit_targets:
-            raise ValueError("held-out credit targets need credit targets (the target) as well")
-        if self.credit_targets:
-            from .valuation import InRunCredit
-
-            also = [self.heldout_credit_targets] if self.heldout_credit_targets else []
-            credit = InRunCredit(self.credit_targets, also=also)
-        result = llm.fit(
-            self.model, self.tokenizer, examples, example_weights, config, credit=credit
+        return TrainingJob(
+            examples=examples,
+            weights=example_weights,
+            owners=owners,
+            members=len(members),
+            training=dataclasses.replace(self.training, seed=int(rng.integers(2**31 - 1))),
+            credit_targets=self.credit_targets,
+            heldout_credit_targets=self.heldout_credit_targets,
         )
-        digest = llm.save_adapter(result.adapter, self.adapter_dir)
-        entry: dict[str, Any] = {
-            "adapter": digest,
-            "steps": result.steps,
-            "tokens": result.tokens,
-            "losses": result.losses,
-            "seed": seed,
-        }
-        if credit is not None:
-            from .valuation import credit_by_owner
 
-            sums = [credit_by_owner(c, owners, len(members)) for c in credit.credits]
-            bad = sum(int((~np.isfinite(c)).sum()) for c in sums)
-            if bad:
-                # A diverged step (inf or nan): the ledger cannot sign such a number, and it
-                # means nothing; those members are credited 0 and the record says so.
-                logger.warning("%d non-finite in-run credit(s) recorded as 0", bad)
-                entry["credit_nonfinite"] = bad
-                sums = [np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0) for c in sums]
-            entry["member_credit"] = sums[0].tolist()
-            if self.heldout_credit_targets:
-                entry["member_credit_heldout"] = sums[1].tolist()
-            entry["credit_seconds"] = round(credit.seconds, 3)
+    def record_trained(self, digest: str, info: dict[str, Any]) -> None:
+        """Remember what training an adapter took (``training_info``), also for adapters
+        trained elsewhere (an executor's worker)."""
+        self.train_log.append({"adapter": digest} | info)
+
+    def propose(self, base: Candidate, members: np.ndarray, weights: np.ndarray, rng) -> Candidate:
+        self.materialise(base)
+        job = self.job(members, weights, rng)
+        self.on_event("train_start", {"members": len(members), "examples": len(job.examples)})
+        adapter, info = train_job(self.model, self.tokenizer, job)
+        digest = llm.save_adapter(adapter, self.adapter_dir)
+        entry = {"adapter": digest} | info
         self.train_log.append(entry)
         self.on_event(
             "train_end",
             {
                 "adapter": digest,
-                "steps": result.steps,
-                "loss": result.losses[-1] if result.losses else None,
+                "steps": info["steps"],
+                "loss": info["losses"][-1] if info["losses"] else None,
             },
         )
         return Candidate(self.chain, digest)

@@ -1,0 +1,217 @@
+"""Candidates trained as Ray tasks: ``[training] executor = "ray"``.
+
+Each candidate of a round is one Ray task with declared resources (``num_cpus``,
+``num_gpus``; a fraction of a GPU packs several small candidates on one card). A task gets
+the base model's spec, the adapters of the current lineage (their bytes, put once per round
+in Ray's object store, checked against their hashes on arrival) and its job (examples,
+weights, seed, credit targets); it loads the base model once per worker process, merges the
+lineage, trains, and returns the adapter's bytes, which the coordinator checks against
+their hash before storing them by it. Nothing but Ray's object store travels, so the
+workers need no shared folder: only this package (``pip install crowd-sft[scale]``) and the
+base model.
+
+``ray_address``: empty starts a local Ray inside the coordinator (its workers use this
+machine's cores); ``auto`` joins the cluster started on this machine with ``ray start``;
+``HOST:PORT`` joins the cluster whose head listens there (checked to be reachable first,
+since Ray itself waits a long time on an address where nobody listens).
+
+Same results as the local executor: a candidate's seed is drawn from the same stream, and
+its data, order and training are the same; the adapter can differ in the last bits where
+the worker's math library splits work across a different number of threads (a worker
+runs with ``num_cpus`` threads), so scores agree to within such rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from crowdsft import atomic
+from crowdsft.coordinator.rounds.executor import CandidateJob, LocalExecutor, Started
+from crowdsft.coordinator.rounds.space import Candidate
+from crowdsft.errors import ConfigError
+
+from .space import TrainingJob, train_job
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """The base model a worker loads: ``model.base`` and ``model.device`` of the config."""
+
+    base: str
+    device: str = "auto"
+
+
+# One worker process keeps one model: the base with a lineage merged in.
+_CACHE: dict[str, Any] = {}
+
+
+def _verified(digest: str, data: bytes) -> bytes:
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"adapter {digest} arrived corrupt: its bytes do not match its hash")
+    return data
+
+
+def _worker_model(
+    spec: WorkerModel, lineage: list[tuple[str, bytes]], num_gpus: float, training: Any
+) -> Any:
+    """The model of ``lineage`` in this worker process, from its cache where it can."""
+    import torch
+    from safetensors.torch import load
+
+    from . import lora as llm
+
+    digests = tuple(d for d, _ in lineage)
+    cached = _CACHE.get("key")
+    if cached is None or cached[0] != spec or digests[: len(cached[1])] != cached[1]:
+        if num_gpus > 0 and torch.cuda.is_available():
+            device, dtype = torch.device("cuda"), torch.bfloat16
+        else:
+            device, dtype = llm.device_and_dtype(spec.device)
+        model, tokenizer = llm.load_base_model(spec.base, device, dtype)
+        _CACHE.update(key=(spec, ()), model=model, tokenizer=tokenizer)
+        cached = _CACHE["key"]
+    done = len(cached[1])
+    model = _CACHE["model"]
+    for digest, data in lineage[done:]:
+        adapter = load(_verified(digest, data))
+        model = llm.merge_adapter(model, adapter, training)
+    _CACHE.update(key=(spec, digests), model=model)
+    return model, _CACHE["tokenizer"]
+
+
+def train_remote(
+    spec: WorkerModel, lineage: list[tuple[str, bytes]], job: TrainingJob, num_gpus: float
+) -> tuple[str, bytes, dict[str, Any], dict[str, Any]]:
+    """The Ray task: train one candidate; return its adapter's hash and bytes, what the
+    training took, and where it ran."""
+    import ray
+
+    from . import lora as llm
+
+    model, tokenizer = _worker_model(spec, lineage, num_gpus, job.training)
+    adapter, info = train_job(model, tokenizer, job)
+    data = llm.adapter_bytes(adapter)
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    return hashlib.sha256(data).hexdigest(), data, info, where
+
+
+def _check_reachable(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(
+            f"training.ray_address {address!r} is not HOST:PORT, 'auto' or empty (a local Ray)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"no Ray cluster answers at training.ray_address {address!r} ({exc}); start one "
+            "with `ray start --head`, or leave ray_address empty for a local Ray"
+        ) from None
+
+
+class RayExecutor:
+    """Each candidate a Ray task; see the module's docstring. ``max_retries``: how often Ray
+    reruns a task whose worker died (a killed process, a lost node) before the round fails;
+    the round then resumes as any interrupted round does."""
+
+    def __init__(
+        self,
+        model: WorkerModel,
+        address: str = "",
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        max_retries: int = 3,
+        local_cpus: int | None = None,
+    ) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError(
+                'training.executor = "ray" needs Ray: pip install "crowd-sft[scale]"'
+            ) from None
+        if num_cpus <= 0 or num_gpus < 0:
+            raise ConfigError("training.num_cpus must be > 0 and training.num_gpus >= 0")
+        if address not in ("", "auto"):
+            _check_reachable(address)
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            options: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
+            if address:
+                options["address"] = address
+            elif local_cpus is not None:
+                options["num_cpus"] = local_cpus
+            try:
+                ray.init(**options)
+            except ConnectionError as exc:
+                raise ConfigError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
+        self.model = model
+        self.num_gpus = num_gpus
+        self.placements: list[dict[str, Any]] = []  # where each candidate ran, in arrival order
+        self._task = ray.remote(train_remote).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries
+        )
+
+    def train(
+        self,
+        space: Any,
+        base: Candidate,
+        jobs: Sequence[CandidateJob],
+        started: Started = lambda job: None,
+    ) -> Iterator[tuple[int, str]]:
+        import ray
+
+        if not (hasattr(space, "job") and hasattr(space, "record_trained")):
+            raise TypeError("the Ray executor trains LLM candidates: the space must be an LLMSpace")
+        folder = space.adapter_dir
+        lineage = [(d, (folder / f"{d}.safetensors").read_bytes()) for d in base.lineage]
+        lineage = [(d, _verified(d, data)) for d, data in lineage]
+        lineage_ref = ray.put(lineage)
+        pending = {}
+        for job in jobs:
+            work = space.job(job.members, job.weights, job.rng)
+            pending[self._task.remote(self.model, lineage_ref, work, self.num_gpus)] = job
+            started(job)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(ready[0])
+                digest, data, info, where = ray.get(ready[0])
+                atomic.write_bytes(folder / f"{digest}.safetensors", _verified(digest, data))
+                space.record_trained(digest, info | {"worker": where})
+                self.placements.append({"group": job.group} | where)
+                yield job.group, digest
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        import ray
+
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": "ray", "placements": list(self.placements)}
+
+
+def make_executor(config: Any) -> Any:
+    """The executor that ``[training] executor`` names (``local`` by default)."""
+    t = config.training
+    if t.executor == "local":
+        return LocalExecutor()
+    return RayExecutor(
+        WorkerModel(config.model.base, config.model.device),
+        address=t.ray_address,
+        num_cpus=t.num_cpus,
+        num_gpus=t.num_gpus,
+    )

@@ -1,0 +1,127 @@
+"""Candidates trained as Ray tasks give the rounds the local executor gives: the same
+winners, points and (within rounding) scores, on the tiny LM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+ray = pytest.importorskip("ray")
+
+from crowdsft.coordinator.rounds.runner import RoundRunner  # noqa: E402
+from crowdsft.coordinator.training import lora as llm  # noqa: E402
+from crowdsft.coordinator.training.distributed import (  # noqa: E402
+    RayExecutor,
+    WorkerModel,
+    make_executor,
+)
+from crowdsft.coordinator.training.space import GenerationConfig, LLMSpace  # noqa: E402
+from crowdsft.envelope import sign_contribution  # noqa: E402
+from crowdsft.errors import ConfigError  # noqa: E402
+from crowdsft.keys import Identity  # noqa: E402
+from crowdsft.plugins.evaluation import L2  # noqa: E402
+
+TRAIN = llm.TrainingConfig(
+    rank=4,
+    alpha=8,
+    learning_rate=2e-2,
+    epochs=3,
+    batch_size=2,
+    max_length=48,
+    seed=1,
+    target_modules=("q_proj", "v_proj"),
+)
+IDENTITIES = [Identity.generate() for _ in range(6)]
+ANSWERS = ["yes yes yes", "yes yes", "no no no", "no", "yes no yes", "maybe yes"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def tiny_folder(tiny, tmp_path):
+    model, tok = tiny
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def coordinator_with_data(make_coordinator):
+    coord = make_coordinator(
+        rounds={"groups": 3, "judging_error": 0.0, "consume": "none", "seed": 7},
+        admission={"reject_duplicate_examples": False, "near_duplicate_threshold": 0.0},
+    )
+    with coord.client() as c:
+        for ident, answer in zip(IDENTITIES, ANSWERS, strict=True):
+            for prompt in ("say it", "again?"):
+                c.submit_one(sign_contribution(ident, [{"prompt": prompt, "response": answer}]))
+    return coord
+
+
+def runner(coord, folder, embedder, executor=None):
+    model, tok = llm.load_base_model(str(folder), llm.torch.device("cpu"), llm.torch.float32)
+    space = LLMSpace(
+        model,
+        tok,
+        embedder,
+        [],
+        eval_prompts=[{"prompt": "say it"}, {"prompt": "again?"}],
+        target_responses=["yes yes yes", "yes yes yes"],
+        evaluation=L2(),
+        training=TRAIN,
+        adapter_dir=coord.config.adapter_dir,
+        generation=GenerationConfig(max_new_tokens=6, batch_size=2),
+        credit_targets=[{"prompt": "say it", "response": "yes yes yes"}],
+    )
+    return RoundRunner(coord.config, coord.coordinator.store, space, executor=executor)
+
+
+def test_ray_and_local_executors_decide_rounds_alike(
+    local_ray, make_coordinator, tiny_folder, char_embedder
+):
+    local = runner(coordinator_with_data(make_coordinator), tiny_folder, char_embedder)
+    executor = RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_cpus=1)
+    remote = runner(coordinator_with_data(make_coordinator), tiny_folder, char_embedder, executor)
+    for _ in range(2):  # the second round starts from the first one's winner: lineage travels
+        a, b = local.run(), remote.run()
+        assert a.groups == b.groups and a.winner == b.winner and a.ranking == b.ranking
+        # a worker runs with one thread, the coordinator with two: the last bits may differ
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+        assert b.points == pytest.approx(a.points)
+    assert len(executor.placements) == 6  # every candidate ran as a Ray task
+    # what the training took travels back with the adapter (credit included)
+    info = remote.space.training_info(b.adapters[0])
+    assert len(info["member_credit"]) == len(b.groups[0]) and "node_id" in info["worker"]
+    expected = local.space.training_info(a.adapters[0])["member_credit"]
+    np.testing.assert_allclose(info["member_credit"], expected, rtol=1e-3, atol=1e-7)
+    executor.close()  # it did not start this Ray, so it leaves it running
+    assert ray.is_initialized()
+
+
+def test_a_bad_ray_address_is_a_config_error_at_once():
+    with pytest.raises(ConfigError, match="no Ray cluster answers"):
+        RayExecutor(WorkerModel("unused"), address="127.0.0.1:1")
+    with pytest.raises(ConfigError, match="not HOST:PORT"):
+        RayExecutor(WorkerModel("unused"), address="nowhere")
+
+
+def test_the_executor_comes_from_the_config(make_coordinator):
+    import dataclasses
+
+    from crowdsft.coordinator.rounds.executor import LocalExecutor
+
+    config = make_coordinator().config
+    assert isinstance(make_executor(config), LocalExecutor)
+    with pytest.raises(ConfigError, match="executor must be local or ray"):
+        dataclasses.replace(config.training, executor="slurm")
+    with pytest.raises(ConfigError, match="num_cpus"):
+        dataclasses.replace(config.training, num_cpus=0)
