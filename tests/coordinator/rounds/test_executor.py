@@ -3,6 +3,11 @@ winners, points and (within rounding) scores, on the tiny LM."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -125,3 +130,44 @@ def test_the_executor_comes_from_the_config(make_coordinator):
         dataclasses.replace(config.training, executor="slurm")
     with pytest.raises(ConfigError, match="num_cpus"):
         dataclasses.replace(config.training, num_cpus=0)
+
+
+def _kill_one_training_worker(stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the first Ray worker seen running a candidate's training (Ray titles a
+    worker process ``ray::train_remote`` while it runs that task)."""
+    import psutil
+
+    while not stop.is_set() and not killed:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if cmd.startswith("ray::train_remote"):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+        time.sleep(0.05)
+
+
+def test_a_worker_killed_while_training_is_retried_and_the_round_finishes_once(
+    local_ray, make_coordinator, tiny_folder, char_embedder
+):
+    from crowdsft.coordinator.store.chain import ledger_entries
+    from crowdsft.ledger import verify_ledger
+
+    local = runner(coordinator_with_data(make_coordinator), tiny_folder, char_embedder)
+    executor = RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_cpus=1, max_retries=2)
+    coord = coordinator_with_data(make_coordinator)
+    remote = runner(coord, tiny_folder, char_embedder, executor)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_one_training_worker, args=(stop, killed))
+    killer.start()
+    try:
+        b = remote.run()
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no training worker was seen to kill"
+    a = local.run()
+    assert b.round_id == 1 and b.winner == a.winner and b.points == pytest.approx(a.points)
+    assert len(b.adapters) == 3 and remote.unfinished() is None
+    report = verify_ledger(ledger_entries(coord.coordinator.store), coord.public_key)
+    assert report.ok and report.rounds == 1
