@@ -42,6 +42,8 @@ def main() -> int:
         "rounds": report.rounds,
         "payload_files": report.payload_files,
         "round_resumptions_after_a_kill": resumed,
+        "kills_in_round": report.kills_in_round,
+        "kills_in_upload": report.kills_in_upload,
         "seconds": round(report.seconds, 1),
         "problems": report.problems,
     }
@@ -49,7 +51,9 @@ def main() -> int:
         print(json.dumps(figures, indent=2))
     else:
         print(
-            f"{report.kills} SIGKILLs; {report.acknowledged} contributions acknowledged; "
+            f"{report.kills} SIGKILLs ({report.kills_in_round} during a round, "
+            f"{report.kills_in_upload} during an upload); "
+            f"{report.acknowledged} contributions acknowledged; "
             f"{report.rounds} rounds; an interrupted round was resumed {resumed} times; "
             f"{report.seconds:.0f} s"
         )

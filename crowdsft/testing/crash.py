@@ -67,7 +67,13 @@ def serve(config_path: Path, step_delay_s: float, min_new: int = 5) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"READY {coord.address}", flush=True)
     space = StandInSpace(config.adapter_dir, delay_s=step_delay_s)
-    runner = RoundRunner(config, coord.store, space)
+
+    def event(kind: str, info: dict) -> None:
+        # The driver aims kills at rounds by these lines: a round is in progress from its
+        # planning (or resumption) to its finish.
+        print(f"EVENT {kind}", flush=True)
+
+    runner = RoundRunner(config, coord.store, space, on_event=event)
     try:
         while not stop.is_set():
             # A round to finish, or enough new data for one (as automatic rounds would).
@@ -94,6 +100,8 @@ class HarnessReport:
     seconds: float
     problems: list[str]
     payload_files: int = 0  # acknowledged contributions stored in files beside the database
+    kills_in_upload: int = 0  # kills that struck while some node had an upload in flight
+    kills_in_round: int = 0  # kills that struck while a round was between planned and finished
 
     @property
     def ok(self) -> bool:
@@ -129,6 +137,7 @@ class Process:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline().decode()
             if line.startswith("READY"):
+                self.in_round = False
                 self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
                 self._drainer.start()
                 return
@@ -138,11 +147,16 @@ class Process:
                 )
         raise RuntimeError(f"coordinator did not start in {timeout}s; see {self.log}")
 
-    @staticmethod
-    def _drain(proc: subprocess.Popen) -> None:
+    in_round = False  # a round has been planned (or resumed) and not yet finished
+
+    def _drain(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
-        for _ in proc.stdout:
-            pass
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line in ("EVENT round_planned", "EVENT round_resumed"):
+                self.in_round = True
+            elif line == "EVENT round_finished":
+                self.in_round = False
 
     def _reap(self, sig: int, timeout: float | None) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -183,6 +197,7 @@ class Node(threading.Thread):
         self.stop_event = stop
         self.receipts: dict[bytes, envelope_pb2.SignedReceipt] = {}
         self.sent = 0
+        self.in_flight = False  # an upload sent and not yet acknowledged
 
     def run(self) -> None:
         client = CoordinatorClient(
@@ -210,7 +225,9 @@ class Node(threading.Thread):
                     ]
                 env = sign_contribution(self.identity, examples)
                 # Retried through crashes until a receipt (or a duplicate's original) comes.
+                self.in_flight = True
                 receipt, _ = client.submit_one(env)
+                self.in_flight = False
                 self.receipts[contribution_id(env.payload)] = receipt
                 self.sent = i + 1
                 if self.stop_event.is_set():
@@ -251,14 +268,30 @@ def run_harness(
     threads = [Node(address, ident, contributions, stop, pace_s) for ident in identities]
     for t in threads:
         t.start()
-    done = 0
+    done = in_upload = in_round = 0
     try:
         for k in range(kills):
+            # Aim at work: every other kill waits for a round in progress, the others for
+            # an upload in flight (each at most a few seconds, then it strikes anyway),
+            # after a random pause so that kills land at different points of that work.
             time.sleep(rng.uniform(*interval_s))
+            if k % 2 == 0:
+                _wait_for(lambda: process.in_round, 5.0)
+                time.sleep(rng.uniform(0, 3 * step_delay_s))
+            else:
+                _wait_for(lambda: any(t.in_flight for t in threads), 5.0)
+            round_hit = process.in_round
+            upload_hit = any(t.in_flight for t in threads)
             process.kill()
             done += 1
+            in_round += round_hit
+            in_upload += upload_hit
             acked = sum(len(t.receipts) for t in threads)
-            say(f"kill {k + 1}/{kills}: {acked} contributions acknowledged so far")
+            say(
+                f"kill {k + 1}/{kills}: {acked} contributions acknowledged so far"
+                f"{'; during a round' if round_hit else ''}"
+                f"{'; during an upload' if upload_hit else ''}"
+            )
             process.start()
         for t in threads:
             t.join(timeout=120)
@@ -271,8 +304,24 @@ def run_harness(
     problems = check(load_coordinator_config(config_path), receipts, identities)
     rounds, files = _counts(load_coordinator_config(config_path))
     return HarnessReport(
-        done, len(receipts), rounds, time.monotonic() - started, problems, payload_files=files
+        done,
+        len(receipts),
+        rounds,
+        time.monotonic() - started,
+        problems,
+        payload_files=files,
+        kills_in_upload=in_upload,
+        kills_in_round=in_round,
     )
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _counts(config: CoordinatorConfig) -> tuple[int, int]:
