@@ -15,31 +15,12 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 ray = pytest.importorskip("ray")
 
-from crowdsft.coordinator.rounds.runner import RoundRunner  # noqa: E402
-from crowdsft.coordinator.training import lora as llm  # noqa: E402
 from crowdsft.coordinator.training.distributed import (  # noqa: E402
     RayExecutor,
     WorkerModel,
     make_executor,
 )
-from crowdsft.coordinator.training.space import GenerationConfig, LLMSpace  # noqa: E402
-from crowdsft.envelope import sign_contribution  # noqa: E402
 from crowdsft.errors import ConfigError  # noqa: E402
-from crowdsft.keys import Identity  # noqa: E402
-from crowdsft.plugins.evaluation import L2  # noqa: E402
-
-TRAIN = llm.TrainingConfig(
-    rank=4,
-    alpha=8,
-    learning_rate=2e-2,
-    epochs=3,
-    batch_size=2,
-    max_length=48,
-    seed=1,
-    target_modules=("q_proj", "v_proj"),
-)
-IDENTITIES = [Identity.generate() for _ in range(6)]
-ANSWERS = ["yes yes yes", "yes yes", "no no no", "no", "yes no yes", "maybe yes"]
 
 
 @pytest.fixture(scope="module")
@@ -51,51 +32,12 @@ def local_ray():
         ray.shutdown()
 
 
-@pytest.fixture
-def tiny_folder(tiny, tmp_path):
-    model, tok = tiny
-    folder = tmp_path / "tiny-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def coordinator_with_data(make_coordinator):
-    coord = make_coordinator(
-        rounds={"groups": 3, "judging_error": 0.0, "consume": "none", "seed": 7},
-        admission={"reject_duplicate_examples": False, "near_duplicate_threshold": 0.0},
-    )
-    with coord.client() as c:
-        for ident, answer in zip(IDENTITIES, ANSWERS, strict=True):
-            for prompt in ("say it", "again?"):
-                c.submit_one(sign_contribution(ident, [{"prompt": prompt, "response": answer}]))
-    return coord
-
-
-def runner(coord, folder, embedder, executor=None):
-    model, tok = llm.load_base_model(str(folder), llm.torch.device("cpu"), llm.torch.float32)
-    space = LLMSpace(
-        model,
-        tok,
-        embedder,
-        [],
-        eval_prompts=[{"prompt": "say it"}, {"prompt": "again?"}],
-        target_responses=["yes yes yes", "yes yes yes"],
-        evaluation=L2(),
-        training=TRAIN,
-        adapter_dir=coord.config.adapter_dir,
-        generation=GenerationConfig(max_new_tokens=6, batch_size=2),
-        credit_targets=[{"prompt": "say it", "response": "yes yes yes"}],
-    )
-    return RoundRunner(coord.config, coord.coordinator.store, space, executor=executor)
-
-
 def test_ray_and_local_executors_decide_rounds_alike(
-    local_ray, make_coordinator, tiny_folder, char_embedder
+    local_ray, data_coordinator, round_runner, tiny_folder
 ):
-    local = runner(coordinator_with_data(make_coordinator), tiny_folder, char_embedder)
+    local = round_runner(data_coordinator())
     executor = RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_cpus=1)
-    remote = runner(coordinator_with_data(make_coordinator), tiny_folder, char_embedder, executor)
+    remote = round_runner(data_coordinator(), executor)
     for _ in range(2):  # the second round starts from the first one's winner: lineage travels
         a, b = local.run(), remote.run()
         assert a.groups == b.groups and a.winner == b.winner and a.ranking == b.ranking
@@ -148,15 +90,15 @@ def _kill_one_training_worker(stop: threading.Event, killed: list[int]) -> None:
 
 
 def test_a_worker_killed_while_training_is_retried_and_the_round_finishes_once(
-    local_ray, make_coordinator, tiny_folder, char_embedder
+    local_ray, data_coordinator, round_runner, tiny_folder
 ):
     from crowdsft.coordinator.store.chain import ledger_entries
     from crowdsft.ledger import verify_ledger
 
-    local = runner(coordinator_with_data(make_coordinator), tiny_folder, char_embedder)
+    local = round_runner(data_coordinator())
     executor = RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_cpus=1, max_retries=2)
-    coord = coordinator_with_data(make_coordinator)
-    remote = runner(coord, tiny_folder, char_embedder, executor)
+    coord = data_coordinator()
+    remote = round_runner(coord, executor)
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_one_training_worker, args=(stop, killed))
     killer.start()
