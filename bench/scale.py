@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ns = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantisation bar
 
     import ray
 
@@ -61,6 +63,7 @@ def main() -> int:
                 if name == "ray":
                     t0 = time.perf_counter()
                     ray.init(
+                        address="local",
                         num_cpus=ns.workers,
                         include_dashboard=False,
                         log_to_driver=False,

@@ -146,9 +146,9 @@ class RayExecutor:
                 "log_to_driver": False,
                 "configure_logging": False,
             }
-            if address:
-                options["address"] = address
-            elif local_cpus is not None:
+            # "local": a new local Ray even where `ray start` left a cluster file behind
+            options["address"] = address or "local"
+            if not address and local_cpus is not None:
                 options["num_cpus"] = local_cpus
             try:
                 ray.init(**options)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def two_nodes():
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        # `ray start --head` names its cluster in a file that later ray.init() calls read;
+        # leave none naming this one, which is gone
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_a_round_of_four_candidates_runs_on_both_nodes(
