@@ -33,6 +33,21 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host, number
 
 
+def check_ray_address(address: str, setting: str) -> None:
+    """ConfigError unless something listens at the Ray head ``HOST:PORT``: Ray itself waits
+    a long time on an address where nobody listens."""
+    import socket
+
+    host, port = parse_hostport(address)
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"no Ray cluster answers at {setting} {address!r} ({exc}); start one with "
+            "`ray start --head`"
+        ) from None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"

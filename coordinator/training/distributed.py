@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from crowdsft import atomic
+from crowdsft.config import check_ray_address
 from crowdsft.coordinator.rounds.executor import CandidateJob, LocalExecutor, Started
 from crowdsft.coordinator.rounds.space import Candidate
 from crowdsft.errors import ConfigError
@@ -100,21 +100,6 @@ def train_remote(
     return hashlib.sha256(data).hexdigest(), data, info, where
 
 
-def _check_reachable(address: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(
-            f"training.ray_address {address!r} is not HOST:PORT, 'auto' or empty (a local Ray)"
-        )
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"no Ray cluster answers at training.ray_address {address!r} ({exc}); start one "
-            "with `ray start --head`, or leave ray_address empty for a local Ray"
-        ) from None
-
-
 class RayExecutor:
     """Each candidate a Ray task; see the module's docstring. ``max_retries``: how often Ray
     reruns a task whose worker died (a killed process, a lost node) before the round fails;
@@ -138,7 +123,7 @@ class RayExecutor:
         if num_cpus <= 0 or num_gpus < 0:
             raise ConfigError("training.num_cpus must be > 0 and training.num_gpus >= 0")
         if address not in ("", "auto"):
-            _check_reachable(address)
+            check_ray_address(address, "training.ray_address")
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             options: dict[str, Any] = {

@@ -156,6 +156,16 @@ def simulate(
 @click.option(
     "--workers", default=0, type=click.IntRange(0), help="Processes to use [default: one per CPU]."
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run every game and cell as a Ray task: alone, on a local Ray; with 'auto' or "
+    "HOST:PORT, on that cluster (its nodes need this package and the data at the same path).",
+)
 @click.option("--no-plots", is_flag=True, help="Write summary.csv only.")
 @click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
 @_data_option
@@ -176,6 +186,7 @@ def sweep(
     runs,
     seed,
     workers,
+    ray_address,
     no_plots,
     no_progress,
     data_dir,
@@ -236,7 +247,11 @@ def sweep(
     t0 = time.perf_counter()
     with progress_bar(work_units(cells), f"{len(cells)} cells", enabled=not no_progress) as bar:
         results = run_sweep(
-            cells, data_dir or default_data_dir(), workers=workers or None, progress=bar
+            cells,
+            data_dir or default_data_dir(),
+            workers=workers or None,
+            progress=bar,
+            ray_address=ray_address,
         )
     elapsed = time.perf_counter() - t0
     write_summary(results, out / "summary.csv")

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from crowdsft.errors import InputError
+from crowdsft.config import check_ray_address
+from crowdsft.errors import ConfigError, InputError
 from crowdsft.plots import pyplot, save
 from crowdsft.plugins.evaluation import Evaluation
 from crowdsft.plugins.manager import get_plugins
@@ -305,11 +306,42 @@ def sweep(
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
     strategy_options: dict[str, Any] | None = None,
+    ray_address: str | None = None,
 ) -> list[CellResult]:
     """Run ``cells`` on ``workers`` processes: first every distinct Shapley game, then the
-    tournaments. ``progress(n)`` is called as work completes (games, then cells)."""
+    tournaments. ``progress(n)`` is called as work completes (games, then cells).
+
+    ``ray_address``: run every game and every cell as a Ray task instead (``"local"``: a
+    local Ray; ``"auto"`` or ``HOST:PORT``: a running cluster, whose nodes need this package
+    and the data at the same path). The results are the same as a local sweep's."""
+    if ray_address is not None:
+        return _sweep_with(_ray_map(ray_address), cells, Path(data_dir), progress, strategy_options)
     workers = workers or os.cpu_count() or 1
     data_dir = Path(data_dir)
+    pool_ctx = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        if pool_ctx is None:
+            return _sweep_with(map, cells, data_dir, progress, strategy_options)
+        pool = pool_ctx
+
+        def mapper(fn: Callable[..., Any], jobs: Sequence[Any]) -> Iterable[Any]:
+            # many small games in chunks; the fewer, longer cells one at a time
+            chunk = max(1, len(jobs) // (workers * 8)) if fn is _shapley_job else 1
+            return pool.map(fn, jobs, chunksize=chunk)
+
+        return _sweep_with(mapper, cells, data_dir, progress, strategy_options)
+    finally:
+        if pool_ctx:
+            pool_ctx.shutdown()
+
+
+def _sweep_with(
+    mapper: Callable[..., Iterable[Any]],
+    cells: Sequence[Cell],
+    data_dir: Path,
+    progress: Callable[[int], None] | None,
+    strategy_options: dict[str, Any] | None,
+) -> list[CellResult]:
     load_movielens(data_dir)  # fail early, in this process, on bad data
     games = sorted(
         {
@@ -320,32 +352,51 @@ def sweep(
     )
     jobs = [(*g, str(data_dir)) for g in games]
     table: dict[GameKey, dict[int, np.ndarray]] = {}
-    pool_ctx = ProcessPoolExecutor(workers) if workers > 1 else None
-    try:
-        mapper: Callable[..., Iterable[Any]] = pool_ctx.map if pool_ctx else map
-        chunk = {"chunksize": max(1, len(jobs) // (workers * 8))} if pool_ctx else {}
-        for key, expert, values in mapper(_shapley_job, jobs, **chunk):
-            table.setdefault(key, {})[expert] = values
-            if progress:
-                progress(1)
-        cell_jobs = [
-            (
-                c,
-                str(data_dir),
-                table.get((c.users, c.evaluation, c.valuation, c.seed), {}),
-                strategy_options,
-            )
-            for c in cells
-        ]
-        results = []
-        for result in mapper(_cell_job, cell_jobs):
-            results.append(result)
-            if progress:
-                progress(1)
-    finally:
-        if pool_ctx:
-            pool_ctx.shutdown()
+    for key, expert, values in mapper(_shapley_job, jobs):
+        table.setdefault(key, {})[expert] = values
+        if progress:
+            progress(1)
+    cell_jobs = [
+        (
+            c,
+            str(data_dir),
+            table.get((c.users, c.evaluation, c.valuation, c.seed), {}),
+            strategy_options,
+        )
+        for c in cells
+    ]
+    results = []
+    for result in mapper(_cell_job, cell_jobs):
+        results.append(result)
+        if progress:
+            progress(1)
     return results
+
+
+def _ray_map(address: str) -> Callable[..., Iterable[Any]]:
+    """A ``map`` whose calls are Ray tasks (results in the order of the jobs)."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError('a sweep on Ray needs Ray: pip install "crowd-sft[scale]"') from None
+    if address not in ("local", "auto"):
+        check_ray_address(address, "--ray")
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    tasks: dict[Any, Any] = {}
+
+    def mapper(fn: Callable[..., Any], jobs: Sequence[Any]) -> Iterable[Any]:
+        task = tasks.setdefault(fn, ray.remote(fn))
+        refs = [task.remote(job) for job in jobs]
+        for ref in refs:
+            yield ray.get(ref)
+
+    return mapper
 
 
 def work_units(cells: Sequence[Cell]) -> int:

@@ -165,3 +165,38 @@ def test_sweep_on_a_small_grid(tmp_path, synthetic_movielens):
 def test_default_data_dir_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CROWDSFT_DATA", str(tmp_path))
     assert default_data_dir() == Path(tmp_path)
+
+
+def test_a_sweep_on_ray_gives_the_local_sweeps_summary(tmp_path, synthetic_movielens):
+    ray = pytest.importorskip("ray")
+    args = [
+        "sweep",
+        "--users",
+        "10",
+        "--groups",
+        "2,3",
+        "--grouping",
+        "random",
+        "--evaluation",
+        "l2",
+        "--runs",
+        "2",
+        "--rounds",
+        "10",
+        "--no-progress",
+        "--no-plots",
+        "--data",
+        str(synthetic_movielens),
+    ]
+    local = CliRunner().invoke(main, [*args, "--workers", "1", "--out", str(tmp_path / "a")])
+    assert local.exit_code == 0, local.output
+    try:
+        on_ray = CliRunner().invoke(main, [*args, "--ray", "--out", str(tmp_path / "b")])
+    finally:
+        ray.shutdown()
+    assert on_ray.exit_code == 0, on_ray.output
+    assert (tmp_path / "a" / "summary.csv").read_text() == (
+        tmp_path / "b" / "summary.csv"
+    ).read_text()
+    bad = CliRunner().invoke(main, [*args, "--ray", "127.0.0.1:1", "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "no Ray cluster answers" in bad.output + bad.stderr

@@ -63,7 +63,7 @@ def test_ray_and_local_executors_decide_rounds_alike(
 def test_a_bad_ray_address_is_a_config_error_at_once():
     with pytest.raises(ConfigError, match="no Ray cluster answers"):
         RayExecutor(WorkerModel("unused"), address="127.0.0.1:1")
-    with pytest.raises(ConfigError, match="not HOST:PORT"):
+    with pytest.raises(ConfigError, match="is not HOST:PORT"):
         RayExecutor(WorkerModel("unused"), address="nowhere")
 
 
