@@ -77,9 +77,13 @@ def _worker_model(
         cached = _CACHE["key"]
     done = len(cached[1])
     model = _CACHE["model"]
-    for digest, data in lineage[done:]:
-        adapter = load(_verified(digest, data))
-        model = llm.merge_adapter(model, adapter, training)
+    try:
+        for digest, data in lineage[done:]:
+            adapter = load(_verified(digest, data))
+            model = llm.merge_adapter(model, adapter, training)  # merges in place
+    except BaseException:
+        _CACHE.clear()  # the cached model may be half merged: load afresh next time
+        raise
     _CACHE.update(key=(spec, digests), model=model)
     return model, _CACHE["tokenizer"]
 
