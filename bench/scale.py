@@ -6,9 +6,11 @@ start-up cost, whether both picked the same winner, and how many Ray nodes ran c
     python bench/scale.py [--workers 2] [--seed 0] [--json]
 
 The crowd and the training settings are the demo's (12 contributors, 4 groups of 3, 6 LoRA
-steps per candidate). Scoring (generation and embedding) runs in the coordinator either
-way. On a machine with as many cores as workers, the local executor already uses them all
-through PyTorch's threads, so the speed-up there measures scheduling, not extra hardware.
+steps per candidate). The Ray tasks also generate their candidate's answers to the
+evaluation prompts; the coordinator embeds and scores them (the local executor does all of
+it in the coordinator). On a machine with as many cores as workers, the local executor
+already uses them all through PyTorch's threads, so the speed-up there measures
+scheduling, not extra hardware.
 """
 
 from __future__ import annotations

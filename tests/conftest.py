@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,29 @@ from crowdsft.coordinator.server.app import Coordinator
 from crowdsft.coordinator.server.scaffold import init_coordinator
 from crowdsft.keys import Identity
 from crowdsft.node.client import Backoff, CoordinatorClient
+
+
+# Ray token authentication off in every Ray these tests start or join: a process that has
+# started a local Ray with it on refuses workers of a cluster without it (and `ray start`
+# turns it on only where a token file happens to exist), so one setting for all of them.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests need CUDA: skipped, with the reason, where torch sees no GPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    try:
+        import torch
+
+        available = torch.cuda.is_available()
+    except ImportError:
+        available = False
+    if not available:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present")
+        for item in gpu:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

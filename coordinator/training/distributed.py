@@ -1,7 +1,9 @@
 """Candidates trained as Ray tasks: ``[training] executor = "ray"``.
 
 Each candidate of a round is one Ray task with declared resources (``num_cpus``,
-``num_gpus``; a fraction of a GPU packs several small candidates on one card). A task gets
+``num_gpus``; a fraction of a GPU packs several small candidates on one card): it trains
+the candidate and generates its answers to the evaluation prompts (the coordinator embeds
+and scores them, and a resumed round whose answers were lost generates them itself). A task gets
 the base model's spec, the adapters of the current lineage (their bytes, put once per round
 in Ray's object store, checked against their hashes on arrival) and its job (examples,
 weights, seed, credit targets); it loads the base model once per worker process, merges the
@@ -35,7 +37,7 @@ from crowdsft.coordinator.rounds.executor import CandidateJob, LocalExecutor, St
 from crowdsft.coordinator.rounds.space import Candidate
 from crowdsft.errors import ConfigError
 
-from .space import TrainingJob, train_job
+from .space import AnswerJob, TrainingJob, answer, train_job
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,6 @@ def _worker_model(
     spec: WorkerModel, lineage: list[tuple[str, bytes]], num_gpus: float, training: Any
 ) -> Any:
     """The model of ``lineage`` in this worker process, from its cache where it can."""
-    import torch
     from safetensors.torch import load
 
     from . import lora as llm
@@ -68,10 +69,10 @@ def _worker_model(
     digests = tuple(d for d, _ in lineage)
     cached = _CACHE.get("key")
     if cached is None or cached[0] != spec or digests[: len(cached[1])] != cached[1]:
-        if num_gpus > 0 and torch.cuda.is_available():
-            device, dtype = torch.device("cuda"), torch.bfloat16
-        else:
-            device, dtype = llm.device_and_dtype(spec.device)
+        # A task given a GPU sees only its card(s) (Ray sets CUDA_VISIBLE_DEVICES), one given
+        # none sees no card: "cuda" is then the assigned card, and CPU otherwise.
+        prefer = "cuda" if num_gpus > 0 else "cpu" if spec.device == "auto" else spec.device
+        device, dtype = llm.device_and_dtype(prefer)
         model, tokenizer = llm.load_base_model(spec.base, device, dtype)
         _CACHE.update(key=(spec, ()), model=model, tokenizer=tokenizer)
         cached = _CACHE["key"]
@@ -89,19 +90,40 @@ def _worker_model(
 
 
 def train_remote(
-    spec: WorkerModel, lineage: list[tuple[str, bytes]], job: TrainingJob, num_gpus: float
-) -> tuple[str, bytes, dict[str, Any], dict[str, Any]]:
-    """The Ray task: train one candidate; return its adapter's hash and bytes, what the
-    training took, and where it ran."""
+    spec: WorkerModel,
+    lineage: list[tuple[str, bytes]],
+    job: TrainingJob,
+    num_gpus: float,
+    answers: AnswerJob | None = None,
+) -> tuple[str, bytes, dict[str, Any], dict[str, Any], list[str] | None]:
+    """The Ray task: train one candidate and (given ``answers``) generate its answers to the
+    evaluation prompts; return its adapter's hash and bytes, what the training took, where
+    it ran (with the seconds each part took), and the answers."""
+    import time
+
     import ray
 
     from . import lora as llm
 
+    started_at = time.time()
+    t0 = time.perf_counter()
     model, tokenizer = _worker_model(spec, lineage, num_gpus, job.training)
+    t1 = time.perf_counter()
     adapter, info = train_job(model, tokenizer, job)
+    t2 = time.perf_counter()
+    texts = answer(model, tokenizer, adapter, job.training, answers) if answers else None
+    t3 = time.perf_counter()
     data = llm.adapter_bytes(adapter)
-    where = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-    return hashlib.sha256(data).hexdigest(), data, info, where
+    where = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "load_seconds": round(t1 - t0, 3),
+        "train_seconds": round(t2 - t1, 3),
+        "answer_seconds": round(t3 - t2, 3),
+        "started_at": started_at,  # wall clock, to see which tasks overlapped
+        "finished_at": time.time(),
+    }
+    return hashlib.sha256(data).hexdigest(), data, info, where, texts
 
 
 class RayExecutor:
@@ -126,6 +148,11 @@ class RayExecutor:
             ) from None
         if num_cpus <= 0 or num_gpus < 0:
             raise ConfigError("training.num_cpus must be > 0 and training.num_gpus >= 0")
+        if model.device == "cuda" and num_gpus <= 0:
+            raise ConfigError(
+                'model.device = "cuda" with the Ray executor needs training.num_gpus > 0: Ray '
+                "shows a task only the GPUs it declares (0.25 packs four candidates on a card)"
+            )
         if address not in ("", "auto"):
             check_ray_address(address, "training.ray_address")
         self._owns_ray = not ray.is_initialized()
@@ -142,7 +169,16 @@ class RayExecutor:
             try:
                 ray.init(**options)
             except ConnectionError as exc:
-                raise ConfigError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
+                hint = ""
+                if "auth" in f"{exc} {exc.__cause__}".lower():
+                    hint = (
+                        "; the cluster asks for a token: set RAY_AUTH_MODE=token on the "
+                        "coordinator, with the cluster's token in RAY_AUTH_TOKEN or "
+                        "~/.ray/auth_token"
+                    )
+                raise ConfigError(
+                    f"cannot join the Ray cluster at {address!r}: {exc}{hint}"
+                ) from None
         self.model = model
         self.num_gpus = num_gpus
         self.placements: list[dict[str, Any]] = []  # where each candidate ran, in arrival order
@@ -165,18 +201,23 @@ class RayExecutor:
         lineage = [(d, (folder / f"{d}.safetensors").read_bytes()) for d in base.lineage]
         lineage = [(d, _verified(d, data)) for d, data in lineage]
         lineage_ref = ray.put(lineage)
+        # The scoring generations run on the worker too, with the model it trained on.
+        answers = space.answer_job() if hasattr(space, "answer_job") else None
         pending = {}
         for job in jobs:
             work = space.job(job.members, job.weights, job.rng)
-            pending[self._task.remote(self.model, lineage_ref, work, self.num_gpus)] = job
+            ref = self._task.remote(self.model, lineage_ref, work, self.num_gpus, answers)
+            pending[ref] = job
             started(job)
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 job = pending.pop(ready[0])
-                digest, data, info, where = ray.get(ready[0])
+                digest, data, info, where, texts = ray.get(ready[0])
                 atomic.write_bytes(folder / f"{digest}.safetensors", _verified(digest, data))
                 space.record_trained(digest, info | {"worker": where})
+                if texts is not None:
+                    space.record_answers(Candidate(base.lineage, digest), texts)
                 self.placements.append({"group": job.group} | where)
                 yield job.group, digest
         finally:

@@ -43,9 +43,12 @@ FALLBACK_TEMPLATE = (
 
 
 def device_and_dtype(prefer: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 when a GPU is present (and not refused), else CPU with float32."""
+    """CUDA when a GPU is present (and not refused), in bf16 where the card supports it
+    (Ampere and later; float32 on older cards, where fp16 training would need loss scaling),
+    else CPU with float32. Under Ray, "cuda" is the card Ray assigned to the task."""
     if prefer in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.device("cuda"), torch.bfloat16 if bf16 else torch.float32
     if prefer == "cuda":
         raise ConfigError("device 'cuda' asked for, but no CUDA device is available")
     return torch.device("cpu"), torch.float32

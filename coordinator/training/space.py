@@ -27,7 +27,7 @@ from crowdsft.coordinator.training import lora as llm
 from crowdsft.plugins.embedding import Embedder
 from crowdsft.plugins.evaluation import Evaluation
 
-__all__ = ["Candidate", "GenerationConfig", "LLMSpace", "build_llm_space"]
+__all__ = ["AnswerJob", "Candidate", "GenerationConfig", "LLMSpace", "build_llm_space"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,7 @@ def answer_and_score(
     """``model`` with ``adapter`` (None: as it is) answers ``prompts``; returns the mean
     per-prompt score of the answers against ``target`` (one embedding per prompt) and the
     answers."""
-    g = generation
-    with llm.with_adapter(model, adapter, training) as m:
-        texts = llm.generate(
-            m, tokenizer, prompts, g.max_new_tokens, g.batch_size, g.greedy, g.seed
-        )
+    texts = answer(model, tokenizer, adapter, training, AnswerJob(list(prompts), generation))
     emb = np.asarray(embedder.embed(texts), dtype=float)
     return float(np.mean(per_prompt_scores(evaluation, emb, target))), texts
 
@@ -82,6 +78,31 @@ class TrainingJob:
     training: llm.TrainingConfig  # with the candidate's seed
     credit_targets: list[dict[str, str]] | None = None
     heldout_credit_targets: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class AnswerJob:
+    """What scoring a candidate asks of its model: answers to the evaluation prompts, with
+    these generation settings. A worker that trained the candidate can answer them there
+    (``answer_job``); embedding and scoring the answers stays with the space."""
+
+    prompts: list[dict[str, str]]
+    generation: GenerationConfig
+
+
+def answer(
+    model: Any,
+    tokenizer: Any,
+    adapter: dict[str, Any] | None,
+    training: llm.TrainingConfig,
+    job: AnswerJob,
+) -> list[str]:
+    """``model`` with ``adapter`` (None: as it is) answers ``job``'s prompts."""
+    g = job.generation
+    with llm.with_adapter(model, adapter, training) as m:
+        return llm.generate(
+            m, tokenizer, job.prompts, g.max_new_tokens, g.batch_size, g.greedy, g.seed
+        )
 
 
 def train_job(
@@ -104,6 +125,8 @@ def train_job(
         "tokens": result.tokens,
         "losses": result.losses,
         "seed": job.training.seed,
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     if credit is not None:
         from .valuation import credit_by_owner
@@ -238,6 +261,26 @@ class LLMSpace:
         trained elsewhere (an executor's worker)."""
         self.train_log.append({"adapter": digest} | info)
 
+    def answer_job(self) -> AnswerJob:
+        """What scoring asks of a candidate's model, for a worker to answer where it trained
+        the candidate (``record_answers`` then scores the answers here)."""
+        return AnswerJob(list(self.eval_prompts), self.generation)
+
+    def record_answers(self, model: Candidate, texts: Sequence[str]) -> float:
+        """Score ``model`` from its answers to ``answer_job()``'s prompts, given in order
+        (answered elsewhere); ``score`` then takes the score from here."""
+        if len(texts) != len(self.eval_prompts):
+            raise ValueError(
+                f"{len(texts)} answers for {len(self.eval_prompts)} evaluation prompts"
+            )
+        emb = np.asarray(self.embedder.embed(list(texts)), dtype=float)
+        score = float(np.mean(per_prompt_scores(self.evaluation, emb, self.target)))
+        key = model.lineage
+        self._scores[key] = score
+        self.last_generations[key] = list(texts)
+        self.on_event("scored", {"adapter": model.adapter, "score": score})
+        return score
+
     def propose(self, base: Candidate, members: np.ndarray, weights: np.ndarray, rng) -> Candidate:
         self.materialise(base)
         job = self.job(members, weights, rng)
@@ -266,21 +309,8 @@ class LLMSpace:
         if model.chain != self.chain:
             self.materialise(Candidate(model.chain))
         adapter = llm.load_adapter(self.adapter_dir, model.adapter) if model.adapter else None
-        score, texts = answer_and_score(
-            self.model,
-            self.tokenizer,
-            adapter,
-            self.training,
-            self.eval_prompts,
-            self.generation,
-            self.embedder,
-            self.evaluation,
-            self.target,
-        )
-        self._scores[key] = score
-        self.last_generations[key] = texts
-        self.on_event("scored", {"adapter": model.adapter, "score": score})
-        return score
+        texts = answer(self.model, self.tokenizer, adapter, self.training, self.answer_job())
+        return self.record_answers(model, texts)
 
 
 def build_llm_space(

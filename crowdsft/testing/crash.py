@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from crowdsft.config import CoordinatorConfig, load_coordinator_config
 from crowdsft.envelope import contribution_id, sign_contribution
@@ -55,7 +56,46 @@ def free_port() -> int:
 # -- the process under test ------------------------------------------------------------------
 
 
-def serve(config_path: Path, step_delay_s: float, min_new: int = 5) -> None:
+def tiny_llm_space(config: CoordinatorConfig, model: Path) -> Any:
+    """The LLM space over the tiny LM saved in ``model`` (``crowdsft.testing.tiny``), with a
+    character embedder: real LoRA training and generation, in a second or two a round."""
+    from crowdsft.coordinator.training import lora as llm
+    from crowdsft.coordinator.training.space import GenerationConfig, LLMSpace
+    from crowdsft.plugins.evaluation import L2
+    from crowdsft.testing.tiny import CharEmbedder
+
+    base, tokenizer = llm.load_base_model(str(model), llm.torch.device("cpu"), llm.torch.float32)
+    return LLMSpace(
+        base,
+        tokenizer,
+        CharEmbedder(),
+        [],
+        eval_prompts=[{"prompt": "say it"}, {"prompt": "again?"}],
+        target_responses=["yes yes yes", "no no no"],
+        evaluation=L2(),
+        training=llm.TrainingConfig(
+            rank=4,
+            alpha=8,
+            epochs=1,
+            batch_size=4,
+            max_length=32,
+            seed=1,
+            target_modules=("q_proj", "v_proj"),
+        ),
+        adapter_dir=config.adapter_dir,
+        generation=GenerationConfig(max_new_tokens=4, batch_size=2),
+    )
+
+
+def serve(
+    config_path: Path,
+    step_delay_s: float,
+    min_new: int = 5,
+    model: Path | None = None,
+    ray_address: str | None = None,
+) -> None:
+    """``model``: a tiny LM's folder, trained for real (else the model-free stand-in);
+    ``ray_address``: train candidates as Ray tasks on the cluster there."""
     from crowdsft.coordinator.rounds.auto import new_contributions
     from crowdsft.coordinator.rounds.runner import NotEnoughContributors, RoundRunner
     from crowdsft.coordinator.server.app import Coordinator
@@ -65,27 +105,45 @@ def serve(config_path: Path, step_delay_s: float, min_new: int = 5) -> None:
     coord = Coordinator(config).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    space: Any
+    executor = None
+    if model is not None:
+        space = tiny_llm_space(config, model)
+        if ray_address is not None:
+            from crowdsft.coordinator.training.distributed import RayExecutor, WorkerModel
+
+            executor = RayExecutor(WorkerModel(str(model), "cpu"), address=ray_address)
+    else:
+        space = StandInSpace(config.adapter_dir, delay_s=step_delay_s)
     print(f"READY {coord.address}", flush=True)
-    space = StandInSpace(config.adapter_dir, delay_s=step_delay_s)
 
     def event(kind: str, info: dict) -> None:
         # The driver aims kills at rounds by these lines: a round is in progress from its
         # planning (or resumption) to its finish.
         print(f"EVENT {kind}", flush=True)
 
-    runner = RoundRunner(config, coord.store, space, on_event=event)
+    runner = RoundRunner(config, coord.store, space, on_event=event, executor=executor)
     try:
+        idle = False
         while not stop.is_set():
             # A round to finish, or enough new data for one (as automatic rounds would).
             if runner.unfinished() is None and new_contributions(coord.store) < min_new:
+                if not idle:  # the driver waits for this before its final checks
+                    print("EVENT idle", flush=True)
+                    idle = True
                 stop.wait(0.05)
                 continue
+            idle = False
             try:
                 summary = runner.run()
                 print(f"ROUND {summary.round_id}", flush=True)
             except NotEnoughContributors:
+                print("EVENT idle", flush=True)
+                idle = True
                 stop.wait(0.1)
     finally:
+        if executor is not None:
+            executor.close()
         coord.stop(1)
 
 
@@ -109,10 +167,13 @@ class HarnessReport:
 
 
 class Process:
-    def __init__(self, config_path: Path, step_delay_s: float, log: Path) -> None:
+    def __init__(
+        self, config_path: Path, step_delay_s: float, log: Path, extra: list[str] | None = None
+    ) -> None:
         self.config_path = config_path
         self.step_delay_s = step_delay_s
         self.log = log
+        self.extra = extra or []
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> None:
@@ -126,6 +187,7 @@ class Process:
                 str(self.config_path),
                 "--step-delay",
                 str(self.step_delay_s),
+                *self.extra,
             ],
             stdout=subprocess.PIPE,
             stderr=log,
@@ -137,7 +199,7 @@ class Process:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline().decode()
             if line.startswith("READY"):
-                self.in_round = False
+                self.in_round = self.idle = False
                 self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
                 self._drainer.start()
                 return
@@ -148,6 +210,7 @@ class Process:
         raise RuntimeError(f"coordinator did not start in {timeout}s; see {self.log}")
 
     in_round = False  # a round has been planned (or resumed) and not yet finished
+    idle = False  # no round to finish and too little new data to plan one
 
     def _drain(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
@@ -155,8 +218,11 @@ class Process:
             line = raw.decode(errors="replace").strip()
             if line in ("EVENT round_planned", "EVENT round_resumed"):
                 self.in_round = True
+                self.idle = False
             elif line == "EVENT round_finished":
                 self.in_round = False
+            elif line == "EVENT idle":
+                self.idle = True
 
     def _reap(self, sig: int, timeout: float | None) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -247,9 +313,14 @@ def run_harness(
     step_delay_s: float = 0.05,
     seed: int = 0,
     say: Callable[[str], None] = lambda s: None,
+    model: Path | None = None,
+    ray_address: str | None = None,
+    final_wait_s: float = 300.0,
 ) -> HarnessReport:
     """Kill and restart a coordinator ``kills`` times while ``nodes`` node threads submit
-    ``contributions`` each and rounds run; then check everything (see the module doc)."""
+    ``contributions`` each and rounds run; then check everything (see the module doc).
+    ``model``: rounds train the tiny LM saved there (``tiny_llm_space``) instead of the
+    stand-in; ``ray_address``: as Ray tasks on that cluster, which outlives the kills."""
     from crowdsft.coordinator.server.scaffold import init_coordinator
 
     started = time.monotonic()
@@ -261,7 +332,10 @@ def run_harness(
     text = text.replace("judging_error = 0.05", "judging_error = 0.0")
     text = text.replace("contributions_per_s = 50.0", "contributions_per_s = 100000.0")
     config_path.write_text(text)
-    process = Process(config_path, step_delay_s, root / "coordinator.log")
+    extra = ["--model", str(model)] if model is not None else []
+    if ray_address is not None:
+        extra += ["--ray-address", ray_address]
+    process = Process(config_path, step_delay_s, root / "coordinator.log", extra)
     process.start()
     stop = threading.Event()
     identities = [Identity.generate() for _ in range(nodes)]
@@ -297,8 +371,10 @@ def run_harness(
             t.join(timeout=120)
     finally:
         stop.set()
-    # Let the last process finish the round it may be in, then stop it cleanly.
-    time.sleep(max(1.0, 20 * step_delay_s))
+    # Let the last process finish the round it may be in (and any that the data left calls
+    # for), then stop it cleanly.
+    if not _wait_for(lambda: process.idle, final_wait_s):
+        say(f"the coordinator was still busy {final_wait_s:.0f} s after the last kill")
     process.terminate()
     receipts = {cid: r for t in threads for cid, r in t.receipts.items()}
     problems = check(load_coordinator_config(config_path), receipts, identities)
@@ -449,9 +525,11 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("serve", help="the coordinator process under test")
     s.add_argument("config", type=Path)
     s.add_argument("--step-delay", type=float, default=0.05)
+    s.add_argument("--model", type=Path, help="a tiny LM's folder: train it for real")
+    s.add_argument("--ray-address", help="train candidates as Ray tasks on this cluster")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    serve(args.config, args.step_delay)
+    serve(args.config, args.step_delay, model=args.model, ray_address=args.ray_address)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from crowdsft.plugins.embedding import Embedder
+
 CORPUS = [
     "the cat sat on the mat",
     "yes yes yes",
@@ -56,7 +58,7 @@ def tiny_model(seed: int = 0, corpus: list[str] | None = None) -> tuple[Any, Any
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
-class CharEmbedder:
+class CharEmbedder(Embedder):
     """Bag of characters, normalised (``dims`` buckets): a model-free embedder for tests and
     ``--quick`` runs, enough to tell "yes yes yes" from "no no no"."""
 

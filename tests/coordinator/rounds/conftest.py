@@ -51,16 +51,15 @@ def data_coordinator(make_coordinator):
 
 @pytest.fixture
 def round_runner(tiny_folder, char_embedder):
-    """``make(coord, executor=None)``: a runner over the tiny LM loaded from its folder."""
+    """``make(coord, executor=None, device="cpu")``: a runner over the tiny LM loaded from
+    its folder (on ``device``: "cuda" in bf16 where the card has it)."""
     from crowdsft.coordinator.rounds.runner import RoundRunner
     from crowdsft.coordinator.training import lora as llm
     from crowdsft.coordinator.training.space import GenerationConfig, LLMSpace
     from crowdsft.plugins.evaluation import L2
 
-    def make(coord, executor=None):
-        model, tok = llm.load_base_model(
-            str(tiny_folder), llm.torch.device("cpu"), llm.torch.float32
-        )
+    def make(coord, executor=None, device="cpu"):
+        model, tok = llm.load_base_model(str(tiny_folder), *llm.device_and_dtype(device))
         space = LLMSpace(
             model,
             tok,

@@ -39,18 +39,36 @@ def local_ray():
 
 
 def test_ray_and_local_executors_decide_rounds_alike(
-    local_ray, data_coordinator, round_runner, tiny_folder
+    local_ray, data_coordinator, round_runner, tiny_folder, monkeypatch
 ):
+    from crowdsft.coordinator.training import lora as llm
+
+    generated = {"local": 0, "ray": 0}  # generations in this (the coordinator's) process
+    side = "local"
+
+    def counting(*args, **kwargs):
+        generated[side] += 1
+        return real(*args, **kwargs)
+
+    real = llm.generate
+    monkeypatch.setattr(llm, "generate", counting)
     local = round_runner(data_coordinator())
     executor = RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_cpus=1)
     remote = round_runner(data_coordinator(), executor)
     for _ in range(2):  # the second round starts from the first one's winner: lineage travels
-        a, b = local.run(), remote.run()
+        side = "local"
+        a = local.run()
+        side = "ray"
+        b = remote.run()
         assert a.groups == b.groups and a.winner == b.winner and a.ranking == b.ranking
         # a worker runs with one thread, the coordinator with two: the last bits may differ
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5)
         assert b.points == pytest.approx(a.points)
     assert len(executor.placements) == 6  # every candidate ran as a Ray task
+    # ... and answered the evaluation prompts there: here only the first base was scored
+    # (the second round's base is the first one's winner, whose score is known)
+    assert generated == {"local": 1 + 6, "ray": 1}
+    assert all(p["answer_seconds"] > 0 for p in executor.placements)
     # what the training took travels back with the adapter (credit included)
     info = remote.space.training_info(b.adapters[0])
     assert len(info["member_credit"]) == len(b.groups[0]) and "node_id" in info["worker"]
@@ -65,6 +83,8 @@ def test_a_bad_ray_address_is_a_config_error_at_once():
         RayExecutor(WorkerModel("unused"), address="127.0.0.1:1")
     with pytest.raises(ConfigError, match="is not HOST:PORT"):
         RayExecutor(WorkerModel("unused"), address="nowhere")
+    with pytest.raises(ConfigError, match=r"needs training\.num_gpus > 0"):
+        RayExecutor(WorkerModel("unused", device="cuda"), address="nowhere")
 
 
 def test_the_executor_comes_from_the_config(make_coordinator):
