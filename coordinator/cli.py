@@ -216,14 +216,30 @@ def serve(config_path: Path, listen: str | None) -> None:
     # so that a worker busy with a large envelope delays an honest call by less.
     sys.setswitchinterval(config.server.switch_interval_ms / 1000)
     coord = Coordinator(config).start()
+    web = None
+    try:
+        if config.metrics.listen:
+            from crowdsft.coordinator.web.serve import WebServer
+
+            web = WebServer(config, coord.store, coord.metrics).start()
+    except BaseException:
+        coord.stop()
+        raise
     if coord.heavy is not None:
         coord.heavy.start()
     auto = _auto_rounds(config, coord)
     click.echo(f"serving on {coord.address}; press Ctrl-C to stop", err=True)
+    if web is not None:
+        click.echo(
+            f"live page http://{web.address}/ , Prometheus metrics http://{web.address}/metrics",
+            err=True,
+        )
     try:
         coord.wait(stop)
     finally:
         auto.close()
+        if web is not None:
+            web.stop()
         coord.stop()
 
 
@@ -265,7 +281,11 @@ def _auto_rounds(config, coord):
 
         if "runner" not in state:
             state["runner"] = RoundRunner(
-                config, coord.store, build_llm_space(config), executor=make_executor(config)
+                config,
+                coord.store,
+                build_llm_space(config),
+                executor=make_executor(config),
+                on_event=coord.metrics.on_event if coord.metrics else None,
             )
         summary = state["runner"].run()
         logger.info("automatic round %d done", summary.round_id)
@@ -415,10 +435,10 @@ def export(config_path: Path, out: Path) -> None:
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder for index.html, report.json and the PNG plots.",
+    help="Folder for index.html, report.json and the PNG plots (default: report/ in the "
+    "data folder, where the live page shows it).",
 )
-def report(config_path: Path, out: Path) -> None:
+def report(config_path: Path, out: Path | None) -> None:
     """Write an HTML report of the rounds, points and Shapley values, with report.json."""
     from crowdsft.config import load_coordinator_config
     from crowdsft.coordinator.report.build import build_report
@@ -427,6 +447,8 @@ def report(config_path: Path, out: Path) -> None:
     from crowdsft.plugins.manager import get_plugins
 
     config = load_coordinator_config(config_path)
+    if out is None:
+        out = config.data_dir / "report"
     if config.target_path is None:
         raise ConfigError("the report needs evaluation.target_file in the config")
     targets = [r.response for r in read_records(config.target_path)]

@@ -153,6 +153,17 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT of the HTTP server: Prometheus metrics, the live page and its JSON; "" (the
+    # default) serves none of them.
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_hostport(self.listen)
+
+
+@dataclass(frozen=True)
 class IdentityConfig:
     key_file: Path = Path("coordinator.key")
     passphrase_env: str = "CROWDSFT_COORDINATOR_PASSPHRASE"
@@ -407,6 +418,7 @@ class CoordinatorConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     valuation: ValuationConfig = field(default_factory=ValuationConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def valuation_method(self) -> str:
@@ -456,6 +468,7 @@ _SECTIONS: dict[str, type] = {
     "evaluation": EvaluationConfig,
     "rounds": RoundsConfig,
     "valuation": ValuationConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -699,4 +712,10 @@ in_run = false
 # Held-out prompts (JSONL like the target file) that no choice sees: training is also
 # credited against them, and the report's grounded values come from that credit.
 # heldout_file = "heldout.jsonl"
+
+[metrics]
+# An HTTP address (such as "127.0.0.1:9464") serving Prometheus metrics at /metrics, the
+# live page at / and its JSON under /api/ (read-only; pip install "crowd-sft[monitor]").
+# Empty: none of them.
+listen = ""
 """

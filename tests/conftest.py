@@ -16,7 +16,6 @@ from crowdsft.coordinator.server.scaffold import init_coordinator
 from crowdsft.keys import Identity
 from crowdsft.node.client import Backoff, CoordinatorClient
 
-
 # Ray token authentication off in every Ray these tests start or join: a process that has
 # started a local Ray with it on refuses workers of a cluster without it (and `ray start`
 # turns it on only where a token file happens to exist), so one setting for all of them.

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from crowdsft.config import CoordinatorConfig
 from crowdsft.errors import ConfigError
@@ -21,6 +22,7 @@ from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc
 from ..store.db import Store
 from . import memory
 from .heavy import HeavyLane
+from .metrics import Metrics
 from .service import CoordinatorService, prune_nonces
 from .servicer import CoordinatorServicer
 
@@ -98,6 +100,8 @@ class Coordinator:
             if pruned:
                 logger.info("forgot %d expired nonces", pruned)
             self.service = CoordinatorService(config, self.identity, self.store)
+            # Prometheus metrics, where [metrics] listen will serve them (coordinator.web)
+            self.metrics = Metrics(self.store, config.db_path) if config.metrics.listen else None
             self.heavy: HeavyLane | None = None
             if config.server.heavy_envelope_bytes:
                 self.heavy = HeavyLane(max_waiting=max(2, config.server.max_workers // 4))
@@ -124,9 +128,20 @@ class Coordinator:
             maximum_concurrent_rpcs=config.server.max_concurrent_streams,
         )
         self._servicer = CoordinatorServicer(self.service, config.server, self._executor)
+        self._servicer.metrics = self.metrics
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self._servicer, self.server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        # Server reflection: generic gRPC tools (grpcurl, grpcui, Postman) list and call the
+        # API without the .proto files.
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
         try:
             credentials = server_credentials(config)
             if credentials is None:

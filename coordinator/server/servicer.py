@@ -17,11 +17,12 @@ import functools
 import logging
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -43,6 +44,9 @@ from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
 from .ratelimit import peer_host
 from .service import CoordinatorService
 from .upload import upload
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +96,22 @@ class Answer:
         return tuple(out)
 
 
-def answer(exc: BaseException) -> Answer:
-    """The answer to a failed call, by ``ERROR_TABLE``."""
+def _code(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code of a failure, by ``ERROR_TABLE`` (None: an internal error)."""
     code = next((ERROR_TABLE[c] for c in type(exc).__mro__ if c in ERROR_TABLE), None)
     if isinstance(exc, ProtocolError) and type(exc) not in ERROR_TABLE:
         code = getattr(Code, exc.status_name, code)
+    return code
+
+
+def code_name(exc: BaseException) -> str:
+    """The name of the status code a failure is answered with (``INTERNAL`` where unknown)."""
+    return (_code(exc) or Code.INTERNAL).name
+
+
+def answer(exc: BaseException) -> Answer:
+    """The answer to a failed call, by ``ERROR_TABLE``."""
+    code = _code(exc)
     if code is None:
         logger.error("internal error", exc_info=exc)
         return Answer(Code.INTERNAL, INTERNAL_MESSAGE)
@@ -301,6 +316,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.service = service
         self.config = config
         self.executor = executor
+        self.metrics: Metrics | None = None  # set where [metrics] listen serves them
         self.stopping = asyncio.Event()  # set on shutdown: ends the watch streams
         self.watch_slots = StreamSlots(
             "watch", config.max_watch_streams, config.max_streams_per_peer
@@ -358,10 +374,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @unary
     async def SubmitContribution(self, request, context):
-        self._admit(context, request)
-        peer = context.peer()
-        future = await self._run_for(peer, self.service.submit_async, request, peer)
-        receipt = await asyncio.wait_for(asyncio.wrap_future(future), WRITE_TIMEOUT_S)
+        began = time.perf_counter()
+        try:
+            self._admit(context, request)
+            peer = context.peer()
+            future = await self._run_for(peer, self.service.submit_async, request, peer)
+            receipt = await asyncio.wait_for(asyncio.wrap_future(future), WRITE_TIMEOUT_S)
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.submitted(code_name(exc), time.perf_counter() - began)
+            raise
+        if self.metrics is not None:
+            self.metrics.submitted("OK", time.perf_counter() - began)
         return coordinator_pb2.SubmitContributionResponse(receipt=receipt)
 
     async def _open(self, slots: StreamSlots, context: Any, request: Any = None) -> str:
@@ -410,6 +434,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             run = functools.partial(self._run_for, peer)
             stream = upload(context, peer, self.service, run, self.config, self.tarpit.hold)
             async for index, cid, ok, value in stream:
+                if self.metrics is not None:
+                    self.metrics.submitted("OK" if ok else code_name(value))
                 yield result(index, cid, ok, value)
         finally:
             self.upload_slots.release(host)

@@ -75,6 +75,25 @@ def test_info_and_health(coord):
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_reflection_lists_and_describes_the_api(coord):
+    """Generic gRPC tools find the services and their messages without our .proto files."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(coord.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"crowdsft.v1.Coordinator", "grpc.health.v1.Health"} <= services
+        pool = DescriptorPool(db)
+        service = pool.FindServiceByName("crowdsft.v1.Coordinator")
+        methods = {m.name for m in service.methods}
+        assert "SubmitContribution" in methods
+        submit = service.methods_by_name["SubmitContribution"]
+        assert submit.input_type.full_name == "crowdsft.v1.SignedEnvelope"
+
+
 def test_tampered_payload(coord, identity):
     env = sign_envelope(identity, payload())
     env.payload = env.payload.replace(b"SFT", b"RLHF")

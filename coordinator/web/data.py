@@ -1,0 +1,180 @@
+"""What the live page shows, read from the store (and the last report, where one was
+written): plain dicts, served as JSON under ``/api/`` and rendered into the page."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from crowdsft.config import CoordinatorConfig
+from crowdsft.ledger import record_hash
+
+from ..report.build import distance_of
+from ..store import queries
+from ..store.db import Store
+
+
+def report_dir(config: CoordinatorConfig) -> Path:
+    """Where ``crowdsft coordinator report`` writes by default, and the page reads from."""
+    return config.data_dir / "report"
+
+
+def last_report(config: CoordinatorConfig) -> dict[str, Any] | None:
+    path = report_dir(config) / "report.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def ledger_head(store: Store) -> dict[str, Any] | None:
+    """The last signed ledger record: its round, hash and signature (hex)."""
+    rows = store.query(
+        "SELECT round_id, record, signature FROM ledger ORDER BY round_id DESC LIMIT 1"
+    )
+    if not rows:
+        return None
+    rid, record, signature = rows[0]
+    rec = json.loads(bytes(record))
+    return {
+        "round_id": rid,
+        "record_hash": record_hash(bytes(record)).hex(),
+        "prev_hash": rec.get("prev_hash"),
+        "signature": bytes(signature).hex(),
+        "height": rid,
+    }
+
+
+def _round(r: queries.RoundRow, evaluation: str) -> dict[str, Any]:
+    def dist(score: float | None) -> float | None:
+        return None if score is None else distance_of(score, evaluation)
+
+    return {
+        "round_id": r.round_id,
+        "status": r.status,
+        "started_ms": r.started_ms,
+        "finished_ms": r.finished_ms,
+        "groups": r.groups,
+        "updated": r.updated,
+        "winner": r.winner,
+        "ranking": r.ranking,
+        "base_lineage": r.base_lineage,
+        "base_distance": dist(r.base_score),
+        "candidates": [
+            {"group": c.group, "adapter": c.adapter, "distance": dist(c.score)}
+            for c in sorted(r.candidates, key=lambda c: c.group)
+        ],
+    }
+
+
+def rounds(store: Store, config: CoordinatorConfig) -> list[dict[str, Any]]:
+    """Every round, planned or finished, newest first; scores as distances (lower is better)."""
+    ev = config.evaluation.function
+    return [_round(r, ev) for r in reversed(queries.rounds(store))]
+
+
+def round_detail(store: Store, config: CoordinatorConfig, round_id: int) -> dict[str, Any] | None:
+    found = [
+        r for r in queries.rounds(store, after_round_id=round_id - 1) if r.round_id == round_id
+    ]
+    return _round(found[0], config.evaluation.function) if found else None
+
+
+def lineage(store: Store) -> list[dict[str, Any]]:
+    """The current model: the base and each adapter merged into it, with the round it won."""
+    won: dict[str, int] = {}
+    for r in queries.finished_rounds(store):
+        if r.updated and r.winner is not None:
+            for c in r.candidates:
+                if c.group == r.winner:
+                    won[c.adapter] = r.round_id
+    return [{"adapter": a, "round_id": won.get(a)} for a in queries.lineage(store)]
+
+
+def leaderboard(store: Store, config: CoordinatorConfig) -> list[dict[str, Any]]:
+    """Every node: points, rounds joined, contributions, and its value (± standard error)
+    from the last report, where one was written."""
+    joined: dict[str, int] = {}
+    for r in queries.finished_rounds(store):
+        for group in r.groups:
+            for node in group:
+                joined[node] = joined.get(node, 0) + 1
+    contributions = dict(
+        store.query("SELECT node_id, COUNT(*) FROM contributions GROUP BY node_id")
+    )
+    report = last_report(config) or {}
+    values = {c["node_id"]: c for c in report.get("contributors", []) if "node_id" in c}
+    rows = []
+    for node_id, name, points in store.query("SELECT node_id, display_name, points FROM nodes"):
+        v = values.get(node_id, {})
+        stderr = v.get("shapley_stderr")
+        rows.append(
+            {
+                "node_id": node_id,
+                "name": name or "",
+                "points": points,
+                "rounds_joined": joined.get(node_id, 0),
+                "contributions": contributions.get(node_id, 0),
+                "value": v.get("shapley"),
+                "value_stderr": None if stderr is None or math.isnan(stderr) else stderr,
+            }
+        )
+    rows.sort(key=lambda r: (-r["points"], -r["contributions"], r["node_id"]))
+    for i, row in enumerate(rows):
+        row["place"] = i + 1
+    return rows
+
+
+def node(store: Store, config: CoordinatorConfig, node_id: str) -> dict[str, Any] | None:
+    """A node's registration, points, receipts (its contributions) and rounds."""
+    row = queries.node_row(store, node_id)
+    if row is None:
+        return None
+    receipts = [
+        {
+            "contribution_id": bytes(cid).hex(),
+            "accepted_at_ms": at,
+            "examples": n,
+            # the signed receipt (crowdsft.v1.Receipt) and the coordinator's signature
+            "receipt": bytes(receipt).hex(),
+            "receipt_signature": bytes(signature).hex(),
+        }
+        for cid, at, n, receipt, signature in store.query(
+            "SELECT id, accepted_at_ms, example_count, receipt, receipt_signature "
+            "FROM contributions WHERE node_id=? ORDER BY seq",
+            (node_id,),
+        )
+    ]
+    return {
+        "node_id": node_id,
+        "name": row.display_name,
+        "registered_at_ms": row.registered_at_ms,
+        "points": row.points,
+        "receipts": receipts,
+        "rounds": queries.participation(store, node_id),
+    }
+
+
+def overview(store: Store, config: CoordinatorConfig) -> dict[str, Any]:
+    """The page's head: the round in progress (if any), the last finished, the lineage, the
+    ledger head and the counts."""
+    all_rounds = rounds(store, config)
+    current = next((r for r in all_rounds if r["status"] != "finished"), None)
+    last = next((r for r in all_rounds if r["status"] == "finished"), None)
+    counts = store.query(
+        "SELECT (SELECT COUNT(*) FROM nodes), (SELECT COUNT(*) FROM contributions)"
+    )[0]
+    return {
+        "round_in_progress": current,
+        "last_round": last,
+        "rounds_finished": sum(r["status"] == "finished" for r in all_rounds),
+        "lineage": lineage(store),
+        "ledger_head": ledger_head(store),
+        "nodes": counts[0],
+        "contributions": counts[1],
+        "evaluation": config.evaluation.function,
+        "report": last_report(config) is not None,
+    }
