@@ -16,8 +16,11 @@ Tokens per second counts the training tokens of all G candidates over the round'
 (which also holds scoring: generation and embedding). MFU takes 4 N FLOPs per training
 token (N parameters: a forward pass is 2 N; the backward pass through frozen weights
 another 2 N; LoRA's own weights are too small to count) and compares the round's FLOPs with
-the card's dense bf16 peak (a table by card name, or ``--peak-tflops``). Generation is not
-counted, so this is a lower bound on how busy the card was.
+the card's dense bf16 peak (a table by card name, or ``--peak-tflops``). It is an estimate:
+generation and in-run credit passes are not counted (the card did more than this), and the
+output layer is counted at every token though the loss needs it only at response tokens
+(less than this). Each GPU task loads the base model afresh (Ray may give a reused worker
+another card), which the round's time includes.
 """
 
 from __future__ import annotations

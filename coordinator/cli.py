@@ -227,7 +227,13 @@ def serve(config_path: Path, listen: str | None) -> None:
         raise
     if coord.heavy is not None:
         coord.heavy.start()
-    auto = _auto_rounds(config, coord)
+    try:
+        auto = _auto_rounds(config, coord)
+    except BaseException:
+        if web is not None:
+            web.stop()
+        coord.stop()
+        raise
     click.echo(f"serving on {coord.address}; press Ctrl-C to stop", err=True)
     if web is not None:
         click.echo(
@@ -273,6 +279,12 @@ def _auto_rounds(config, coord):
     from crowdsft.coordinator.rounds.auto import AutoRounds
 
     state: dict = {}
+    if config.rounds.auto_after_contributions or config.rounds.auto_interval_s:
+        # A bad executor setting (Ray missing, an unreachable address, resources no node
+        # has) stops `serve` at once, not the first automatic round in the background.
+        from crowdsft.coordinator.training.distributed import make_executor
+
+        state["executor"] = make_executor(config)
 
     def run_round():
         from crowdsft.coordinator.rounds.runner import RoundRunner
@@ -284,7 +296,7 @@ def _auto_rounds(config, coord):
                 config,
                 coord.store,
                 build_llm_space(config),
-                executor=make_executor(config),
+                executor=state.get("executor") or make_executor(config),
                 on_event=coord.metrics.on_event if coord.metrics else None,
             )
         summary = state["runner"].run()

@@ -337,6 +337,12 @@ class RoundsConfig:
     auto_after_contributions: int = 0
     # ... or every this many seconds while there is new data (0: off).
     auto_interval_s: int = 0
+    # Keyword options for each strategy's factory ([rounds.reward_options] and so on);
+    # checked against the factory when the config loads, and named in the ledger records.
+    grouping_options: dict[str, Any] = field(default_factory=dict)
+    selection_options: dict[str, Any] = field(default_factory=dict)
+    reward_options: dict[str, Any] = field(default_factory=dict)
+    influence_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.groups < 1:
@@ -350,6 +356,16 @@ class RoundsConfig:
         """The round strategies by name, as the tournament builds them."""
         from crowdsft.tournament import StrategyNames
 
+        options = {
+            kind: dict(opts)
+            for kind, opts in (
+                ("grouping", self.grouping_options),
+                ("selection", self.selection_options),
+                ("reward", self.reward_options),
+                ("influence", self.influence_options),
+            )
+            if opts
+        }
         return StrategyNames(
             grouping=self.grouping,
             groups=self.groups,
@@ -357,6 +373,7 @@ class RoundsConfig:
             judging_error=self.judging_error,
             reward=self.reward,
             influence=self.influence,
+            options=options,
         )
 
 
@@ -480,7 +497,10 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {where}.{key} (known keys: {known})")
         default = fields[key].default
-        if isinstance(default, Path) or key.endswith(("_file", "_dir")):
+        if fields[key].default_factory is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must be a table ([{where}.{key}])")
+        elif isinstance(default, Path) or key.endswith(("_file", "_dir")):
             if not isinstance(value, str):
                 raise ConfigError(f"{where}.{key} must be a path string")
             value = Path(value) if value else None
@@ -527,7 +547,53 @@ def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
             raise ConfigError(f"{path}: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"{path}: [{name}]: {exc}") from None
-    return CoordinatorConfig(path=path, **sections)
+    config = CoordinatorConfig(path=path, **sections)
+    check_strategies(config)
+    return config
+
+
+# Every setting that names a strategy: (section, key, strategy kind).
+STRATEGY_SETTINGS: tuple[tuple[str, str, str], ...] = (
+    ("rounds", "grouping", "grouping"),
+    ("rounds", "selection", "selection"),
+    ("rounds", "reward", "reward"),
+    ("rounds", "influence", "influence"),
+    ("rounds", "valuation", "valuation"),
+    ("valuation", "method", "valuation"),
+    ("evaluation", "function", "evaluation"),
+    ("evaluation", "embedder", "embedder"),
+    ("admission", "policy", "admission"),
+)
+
+
+def check_strategies(config: CoordinatorConfig, plugins: Any = None) -> None:
+    """Every strategy the config names is registered, and the round strategies build with
+    their options: a ConfigError naming the file and the key otherwise, when the config
+    loads (not when a round runs, after the model has loaded)."""
+    from crowdsft.plugins.manager import PluginError, get_plugins
+
+    p = plugins or get_plugins()
+    where = f"{config.path}: " if config.path else ""
+    for section, key, kind in STRATEGY_SETTINGS:
+        name = getattr(getattr(config, section), key)
+        if not name:
+            continue  # valuation.method "": rounds.valuation decides
+        try:
+            p.get(kind, name)
+        except PluginError as exc:
+            raise ConfigError(f"{where}{section}.{key} = {name!r}: {exc}") from None
+    r = config.rounds
+    built_with: dict[str, dict[str, Any]] = {
+        "grouping": {"groups": r.groups},
+        "selection": {"error": r.judging_error},
+    }
+    for kind in ("grouping", "selection", "reward", "influence"):
+        options = getattr(r, f"{kind}_options")
+        try:
+            p.create(kind, getattr(r, kind), **built_with.get(kind, {}), **options)
+        except (PluginError, ValueError, TypeError) as exc:
+            setting = f"rounds.{kind}_options" if options else f"rounds.{kind}"
+            raise ConfigError(f"{where}{setting}: {exc}") from None
 
 
 DEFAULT_COORDINATOR_TOML = """\
@@ -694,6 +760,11 @@ seed = 0
 # Automatic rounds: after this many new contributions, or every this many seconds (0: off).
 auto_after_contributions = 0
 auto_interval_s = 0
+# Options for a strategy's factory go in a table of their own (grouping_options,
+# selection_options, reward_options, influence_options); `crowdsft plugins list` shows the
+# strategies. For example:
+# [rounds.reward_options]
+# scale = 10.0
 
 [valuation]
 # How the report values contributors: permutation (Monte Carlo), exact (small crowds), or

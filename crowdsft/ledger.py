@@ -347,8 +347,9 @@ def _check_points(
 ) -> list[Problem]:
     rid = rec["round_id"]
     name = rec["strategies"]["reward"]
+    options = rec["strategies"].get("options", {}).get("reward", {})
     try:
-        reward = plugins.create("reward", name)
+        reward = plugins.create("reward", name, **options)
     except Exception as exc:  # an unknown rule is a finding, not a crash
         return [Problem(rid, "points", f"cannot recompute: reward rule {name!r}: {exc}")]
     try:

@@ -97,8 +97,9 @@ class StrategyNames:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """The names and settings as a ledger record lists them."""
-        return {
+        """The names and settings as a ledger record lists them (``options`` only where a
+        strategy has some: nodes rebuild the reward rule with them)."""
+        out: dict[str, Any] = {
             "grouping": self.grouping,
             "groups": self.groups,
             "selection": self.selection,
@@ -106,6 +107,10 @@ class StrategyNames:
             "reward": self.reward,
             "influence": self.influence,
         }
+        options = {k: dict(v) for k, v in self.options.items() if v}
+        if options:
+            out["options"] = options
+        return out
 
 
 # -- what a round decided -----------------------------------------------------------------------

@@ -15,25 +15,54 @@ def plugins() -> None:
 @plugins.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the strategies as JSON.")
 def list_(as_json: bool) -> None:
-    """Every registered strategy by kind, with the plugin it came from."""
+    """Every registered strategy by kind, with the plugin, package and version it came
+    from; then any plugin that failed to load or conflicts with another, and warnings."""
     from crowdsft.plugins.manager import KINDS, get_plugins
 
-    registry = get_plugins().registry()
+    plugins = get_plugins()
+    registry = plugins.registry()
+
+    def package(plugin: str) -> str:
+        info = plugins.info(plugin)
+        return f"{info.package} {info.version}" if info else "registered in code"
+
     if as_json:
         echo_json(
             {
                 kind: [
-                    {"name": s.name, "plugin": s.plugin, "summary": s.summary}
+                    {
+                        "name": s.name,
+                        "plugin": s.plugin,
+                        "package": package(s.plugin),
+                        "summary": s.summary,
+                    }
                     for s in sorted(registry[kind].values(), key=lambda s: s.name)
                 ]
                 for kind in KINDS
+            }
+            | {
+                "problems": [
+                    {
+                        "kind": p.kind,
+                        "plugin": p.plugin,
+                        "package": p.package,
+                        "where": p.where,
+                        "message": p.message,
+                    }
+                    for p in plugins.problems
+                ]
             }
         )
         return
     for kind in KINDS:
         click.echo(f"{kind}:")
         for s in sorted(registry[kind].values(), key=lambda s: s.name):
-            click.echo(f"  {s.name:16} {s.plugin:34} {s.summary}")
+            click.echo(f"  {s.name:16} {s.plugin:28} {package(s.plugin):22} {s.summary}")
+    problems = plugins.problems
+    if problems:
+        click.echo(f"problems ({len(problems)}):")
+        for p in problems:
+            click.echo(f"  {p.line()}")
 
 
 @click.command()

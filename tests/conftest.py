@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from crowdsft.config import CoordinatorConfig, load_coordinator_config
+from crowdsft.config import CoordinatorConfig, check_strategies, load_coordinator_config
 from crowdsft.coordinator.server.app import Coordinator
 from crowdsft.coordinator.server.scaffold import init_coordinator
 from crowdsft.keys import Identity
@@ -62,6 +62,7 @@ class Harness:
             config = dataclasses.replace(
                 config, **{section: dataclasses.replace(getattr(config, section), **values)}
             )
+        check_strategies(config)  # as loading the file would
         self.config: CoordinatorConfig = config
         self.coordinator: Coordinator | None = None
         self.start()

@@ -282,11 +282,20 @@ class RoundRunner:
         self, round_id: int, base: Candidate, adapters: list[str]
     ) -> tuple[float, list[float]]:
         row = queries.round_row(self.store, round_id)
+        stored = {c.group: c.score for c in row.candidates}
+        # An executor that generates elsewhere answers for every model still to score, so
+        # that all of a round's scores come from the same kind of worker.
+        prepare = getattr(self.executor, "prepare_scores", None)
+        if prepare is not None:
+            missing = [base] if row.base_score is None else []
+            missing += [
+                Candidate(base.lineage, a) for g, a in enumerate(adapters) if stored.get(g) is None
+            ]
+            prepare(self.space, missing)
         base_score = row.base_score
         if base_score is None:
             base_score = float(self.space.score([base])[0])
             self._write(queries.set_base_score, round_id, base_score)
-        stored = {c.group: c.score for c in row.candidates}
         scores = []
         for g, adapter in enumerate(adapters):
             s = stored.get(g)

@@ -101,22 +101,22 @@ def train_remote(
     it ran (with the seconds each part took), and the answers."""
     import time
 
-    import ray
-
     from . import lora as llm
 
     started_at = time.time()
-    t0 = time.perf_counter()
-    model, tokenizer = _worker_model(spec, lineage, num_gpus, job.training)
-    t1 = time.perf_counter()
-    adapter, info = train_job(model, tokenizer, job)
-    t2 = time.perf_counter()
-    texts = answer(model, tokenizer, adapter, job.training, answers) if answers else None
-    t3 = time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        model, tokenizer = _worker_model(spec, lineage, num_gpus, job.training)
+        t1 = time.perf_counter()
+        adapter, info = train_job(model, tokenizer, job)
+        t2 = time.perf_counter()
+        texts = answer(model, tokenizer, adapter, job.training, answers) if answers else None
+        t3 = time.perf_counter()
+    except BaseException:
+        _CACHE.clear()  # whatever failed may have left the cached model changed
+        raise
     data = llm.adapter_bytes(adapter)
-    where = {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "pid": os.getpid(),
+    where = _where() | {
         "load_seconds": round(t1 - t0, 3),
         "train_seconds": round(t2 - t1, 3),
         "answer_seconds": round(t3 - t2, 3),
@@ -124,6 +124,41 @@ def train_remote(
         "finished_at": time.time(),
     }
     return hashlib.sha256(data).hexdigest(), data, info, where, texts
+
+
+def _where() -> dict[str, Any]:
+    import ray
+
+    context = ray.get_runtime_context()
+    return {
+        "node_id": context.get_node_id(),
+        "pid": os.getpid(),
+        "gpu_ids": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
+    }
+
+
+def answer_remote(
+    spec: WorkerModel,
+    lineage: list[tuple[str, bytes]],
+    adapter: tuple[str, bytes] | None,
+    training: Any,
+    answers: AnswerJob,
+    num_gpus: float,
+) -> tuple[list[str], dict[str, Any]]:
+    """The Ray task that answers the evaluation prompts with the model of ``lineage`` (plus
+    ``adapter``, where given), on a worker like the ones that train: so that every score of
+    a round comes from the same kind of worker (the base's, and a resumed round's
+    candidates whose answers were lost with the coordinator)."""
+    from safetensors.torch import load
+
+    try:
+        model, tokenizer = _worker_model(spec, lineage, num_gpus, training)
+        tensors = load(_verified(*adapter)) if adapter is not None else None
+        texts = answer(model, tokenizer, tensors, training, answers)
+    except BaseException:
+        _CACHE.clear()
+        raise
+    return texts, _where()
 
 
 class RayExecutor:
@@ -179,12 +214,68 @@ class RayExecutor:
                 raise ConfigError(
                     f"cannot join the Ray cluster at {address!r}: {exc}{hint}"
                 ) from None
+        self._check_resources(num_cpus, num_gpus)
         self.model = model
         self.num_gpus = num_gpus
         self.placements: list[dict[str, Any]] = []  # where each candidate ran, in arrival order
-        self._task = ray.remote(train_remote).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries
-        )
+        # A worker that held a GPU is not reused: Ray may give its next task another card,
+        # which a process whose CUDA is set up cannot switch to. (Each GPU task loads the
+        # base model afresh; CPU workers keep theirs.)
+        remote = ray.remote(max_calls=1 if num_gpus > 0 else 0)
+        options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
+        self._task = remote(train_remote).options(**options)
+        self._answer_task = remote(answer_remote).options(**options)
+
+    @staticmethod
+    def _check_resources(num_cpus: float, num_gpus: float) -> None:
+        """Refuse tasks that no node of the cluster could run: Ray would wait for ever."""
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if num_gpus > 0 and not any(r.get("GPU", 0) >= min(num_gpus, 1) for r in nodes):
+            raise ConfigError(
+                f"training.num_gpus = {num_gpus}, but no node of the Ray cluster has a GPU "
+                "(set num_gpus = 0, or add a node with one)"
+            )
+        if not any(r.get("CPU", 0) >= num_cpus for r in nodes):
+            most = max((r.get("CPU", 0) for r in nodes), default=0)
+            raise ConfigError(
+                f"training.num_cpus = {num_cpus}, but the largest node of the Ray cluster "
+                f"has {most:g} CPUs"
+            )
+
+    def prepare_scores(self, space: Any, models: Sequence[Candidate]) -> None:
+        """Answer the evaluation prompts for ``models`` whose score ``space`` does not know
+        yet, as Ray tasks (so a round's scores all come from workers); ``space.score`` then
+        takes them from the space."""
+        import ray
+
+        if not hasattr(space, "answer_job"):
+            return
+        todo = [m for m in models if not space.has_score(m)]
+        if not todo:
+            return
+        folder = space.adapter_dir
+        answers = space.answer_job()
+
+        def read(digest: str) -> tuple[str, bytes]:
+            return digest, _verified(digest, (folder / f"{digest}.safetensors").read_bytes())
+
+        refs = {}
+        for model in todo:
+            lineage = [read(d) for d in model.chain]
+            adapter = read(model.adapter) if model.adapter else None
+            ref = self._answer_task.remote(
+                self.model, lineage, adapter, space.training, answers, self.num_gpus
+            )
+            refs[ref] = model
+        try:
+            for ref, model in refs.items():
+                texts, _ = ray.get(ref)
+                space.record_answers(model, texts)
+        finally:
+            for ref in refs:
+                ray.cancel(ref, force=True)
 
     def train(
         self,

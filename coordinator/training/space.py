@@ -266,6 +266,10 @@ class LLMSpace:
         the candidate (``record_answers`` then scores the answers here)."""
         return AnswerJob(list(self.eval_prompts), self.generation)
 
+    def has_score(self, model: Candidate) -> bool:
+        """Whether ``score`` knows ``model``'s score without generating."""
+        return model.lineage in self._scores
+
     def record_answers(self, model: Candidate, texts: Sequence[str]) -> float:
         """Score ``model`` from its answers to ``answer_job()``'s prompts, given in order
         (answered elsewhere); ``score`` then takes the score from here."""

@@ -36,6 +36,43 @@ def _check_names(kind: str, names: list[str]) -> None:
         plugins.get(kind, name)  # PluginError names the registered ones
 
 
+def _parse_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+    """``KIND.KEY=VALUE`` (VALUE read as JSON where it parses, else as a string) into
+    ``{kind: {key: value}}``."""
+    import json
+
+    kinds = ("grouping", "selection", "reward", "influence", "evaluation")
+    out: dict[str, dict] = {}
+    for item in values:
+        target, sep, raw = item.partition("=")
+        kind, dot, key = target.partition(".")
+        if not sep or not dot or not key or kind not in kinds:
+            raise click.BadParameter(
+                f"{item!r}: give KIND.KEY=VALUE with KIND one of {', '.join(kinds)}"
+            )
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(kind, {})[key] = value
+    return out
+
+
+def _check_options(options: dict, names: dict, groups: int, error: float) -> None:
+    """Build each strategy that has options once with them: a bad key or value is a clear
+    error before any run starts."""
+    from crowdsft.plugins.manager import get_plugins
+
+    engine: dict[str, dict] = {"grouping": {"groups": groups}, "selection": {"error": error}}
+    for kind, opts in options.items():
+        try:
+            get_plugins().create(kind, names[kind], **engine.get(kind, {}), **opts)
+        except ValueError as exc:
+            raise click.BadParameter(
+                f"{kind} options {opts}: {exc}", param_hint="--option"
+            ) from None
+
+
 def _data_option(f):
     return click.option(
         "--data",
@@ -69,6 +106,15 @@ def _fmt(v: float, spec: str = ".3f") -> str:
 @click.option("--rounds", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--runs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    callback=_parse_options,
+    metavar="KIND.KEY=VALUE",
+    help="An option for a strategy's factory, such as reward.scale=5 (repeatable; VALUE is "
+    "read as JSON where it parses).",
+)
 @_data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def simulate(
@@ -83,6 +129,7 @@ def simulate(
     rounds,
     runs,
     seed,
+    options,
     data_dir,
     as_json,
 ) -> None:
@@ -104,6 +151,13 @@ def simulate(
         ("influence", influence),
     ):
         _check_names(kind, [name])
+    _check_options(
+        options,
+        {"grouping": grouping, "selection": "best", "reward": reward, "influence": influence}
+        | {"evaluation": evaluation},
+        groups,
+        error,
+    )
     cell = Cell(
         users=users,
         groups=groups,
@@ -118,7 +172,7 @@ def simulate(
         seed=seed,
     )
     t0 = time.perf_counter()
-    result = run_cell(cell, data_dir or default_data_dir())
+    result = run_cell(cell, data_dir or default_data_dir(), strategy_options=options)
     summary = result.summary()
     summary["runs_reaching_5"] = int(np.count_nonzero(~np.isnan(result.rounds_to_5)))
     summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -104,7 +104,6 @@ def serve(
     config = load_coordinator_config(config_path)
     coord = Coordinator(config).start()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     space: Any
     executor = None
     if model is not None:
@@ -115,6 +114,8 @@ def serve(
             executor = RayExecutor(WorkerModel(str(model), "cpu"), address=ray_address)
     else:
         space = StandInSpace(config.adapter_dir, delay_s=step_delay_s)
+    # after ray.init, which installs a SIGTERM handler of its own
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"READY {coord.address}", flush=True)
 
     def event(kind: str, info: dict) -> None:
@@ -124,22 +125,23 @@ def serve(
 
     runner = RoundRunner(config, coord.store, space, on_event=event, executor=executor)
     try:
-        idle = False
+        said = -1
         while not stop.is_set():
             # A round to finish, or enough new data for one (as automatic rounds would).
             if runner.unfinished() is None and new_contributions(coord.store) < min_new:
-                if not idle:  # the driver waits for this before its final checks
-                    print("EVENT idle", flush=True)
-                    idle = True
+                # Idle, with every contribution stored so far: the driver waits for an idle
+                # line that covers all it was acknowledged before its final checks.
+                stored = coord.store.query("SELECT COUNT(*) FROM contributions")[0][0]
+                if stored != said:
+                    print(f"IDLE {stored}", flush=True)
+                    said = stored
                 stop.wait(0.05)
                 continue
-            idle = False
+            said = -1
             try:
                 summary = runner.run()
                 print(f"ROUND {summary.round_id}", flush=True)
             except NotEnoughContributors:
-                print("EVENT idle", flush=True)
-                idle = True
                 stop.wait(0.1)
     finally:
         if executor is not None:
@@ -199,7 +201,8 @@ class Process:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline().decode()
             if line.startswith("READY"):
-                self.in_round = self.idle = False
+                self.in_round = False
+                self.idle_with = -1
                 self._drainer = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
                 self._drainer.start()
                 return
@@ -210,7 +213,9 @@ class Process:
         raise RuntimeError(f"coordinator did not start in {timeout}s; see {self.log}")
 
     in_round = False  # a round has been planned (or resumed) and not yet finished
-    idle = False  # no round to finish and too little new data to plan one
+    # idle (no round to finish, too little new data to plan one) with this many
+    # contributions stored; -1: busy, or not known to be idle
+    idle_with = -1
 
     def _drain(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
@@ -218,11 +223,11 @@ class Process:
             line = raw.decode(errors="replace").strip()
             if line in ("EVENT round_planned", "EVENT round_resumed"):
                 self.in_round = True
-                self.idle = False
+                self.idle_with = -1
             elif line == "EVENT round_finished":
                 self.in_round = False
-            elif line == "EVENT idle":
-                self.idle = True
+            elif line.startswith("IDLE "):
+                self.idle_with = int(line.split()[1])
 
     def _reap(self, sig: int, timeout: float | None) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -336,7 +341,9 @@ def run_harness(
     if ray_address is not None:
         extra += ["--ray-address", ray_address]
     process = Process(config_path, step_delay_s, root / "coordinator.log", extra)
-    process.start()
+    # a real model (torch, transformers, Ray) takes a while to import on a busy machine
+    start_timeout = 180.0 if model is not None else 60.0
+    process.start(start_timeout)
     stop = threading.Event()
     identities = [Identity.generate() for _ in range(nodes)]
     threads = [Node(address, ident, contributions, stop, pace_s) for ident in identities]
@@ -366,14 +373,15 @@ def run_harness(
                 f"{'; during a round' if round_hit else ''}"
                 f"{'; during an upload' if upload_hit else ''}"
             )
-            process.start()
+            process.start(start_timeout)
         for t in threads:
             t.join(timeout=120)
     finally:
         stop.set()
     # Let the last process finish the round it may be in (and any that the data left calls
     # for), then stop it cleanly.
-    if not _wait_for(lambda: process.idle, final_wait_s):
+    acknowledged = sum(len(t.receipts) for t in threads)
+    if not _wait_for(lambda: process.idle_with >= acknowledged, final_wait_s):
         say(f"the coordinator was still busy {final_wait_s:.0f} s after the last kill")
     process.terminate()
     receipts = {cid: r for t in threads for cid, r in t.receipts.items()}

@@ -61,10 +61,66 @@ def test_bad_allowlist_entry_is_named(tmp_path):
 
 
 def test_unknown_admission_policy_is_named_at_start(make_coordinator):
-    from crowdsft.plugins.manager import PluginError
-
-    with pytest.raises(PluginError, match=r"no admission strategy named 'closed'.*invite"):
+    with pytest.raises(
+        ConfigError,
+        match=r"admission.policy = 'closed': no admission strategy named 'closed'.*invite",
+    ):
         make_coordinator(admission={"policy": "closed"})
+
+
+def _config_with(tmp_path, old: str, new: str):
+    from crowdsft.coordinator.server.scaffold import init_coordinator
+
+    path = init_coordinator(tmp_path / "c", listen="127.0.0.1:0", force=True)
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ('reward = "rank"', 'reward = "rnak"', "rounds.reward = 'rnak'"),
+        ('grouping = "random"', 'grouping = "randm"', "rounds.grouping = 'randm'"),
+        ('method = "permutation"', 'method = "tmc"', "valuation.method = 'tmc'"),
+        ('function = "l2"', 'function = "l3"', "evaluation.function = 'l3'"),
+        ('embedder = "minilm"', 'embedder = "minlm"', "evaluation.embedder = 'minlm'"),
+    ],
+)
+def test_a_misspelled_strategy_is_refused_when_the_config_loads(tmp_path, old, new, key):
+    path = _config_with(tmp_path, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_coordinator_config(path)
+    message = str(info.value)
+    assert str(path) in message and key in message and "registered:" in message
+
+
+def test_strategy_options_come_from_the_config_and_are_checked(tmp_path):
+    good = _config_with(
+        tmp_path / "g",
+        "auto_interval_s = 0\n",
+        "auto_interval_s = 0\n[rounds.reward_options]\nscale = 5.0\n",
+    )
+    good.write_text(good.read_text().replace('reward = "rank"', 'reward = "regression"'))
+    config = load_coordinator_config(good)
+    assert config.rounds.reward_options == {"scale": 5.0}
+    names = config.rounds.names()
+    assert names.build().reward.scale == 5.0
+    assert names.as_dict()["options"] == {"reward": {"scale": 5.0}}  # named in the ledger
+    bad = _config_with(
+        tmp_path / "b",
+        "auto_interval_s = 0\n",
+        "auto_interval_s = 0\n[rounds.reward_options]\nscael = 5.0\n",
+    )
+    bad.write_text(bad.read_text().replace('reward = "rank"', 'reward = "regression"'))
+    with pytest.raises(ConfigError, match=r"rounds.reward_options: .*scael"):
+        load_coordinator_config(bad)
+    wrong = _config_with(
+        tmp_path / "w", "auto_interval_s = 0\n", "auto_interval_s = 0\nreward_options = 3\n"
+    )
+    with pytest.raises(ConfigError, match=r"rounds.reward_options must be a table"):
+        load_coordinator_config(wrong)
 
 
 def test_valuation_settings_build_the_estimator(tmp_path):

@@ -79,7 +79,7 @@ def test_unknown_names_and_bad_options_are_clear():
         plugins.create("grouping", "random", colour=1)
 
 
-def test_two_plugins_cannot_claim_one_name():
+def test_two_plugins_cannot_claim_one_name_but_the_rest_still_works():
     plugins = Plugins(create_plugin_manager(load_entry_points=False))
 
     class Clash:
@@ -89,8 +89,14 @@ def test_two_plugins_cannot_claim_one_name():
 
     plugins.register(Clash(), name="clash")
     try:
-        with pytest.raises(PluginError, match="registered by both"):
-            plugins.registry()
+        with pytest.raises(
+            PluginError, match=r"registered by both.*CROWDSFT_DISABLE_PLUGINS=clash"
+        ):
+            plugins.get("reward", "rank")
+        assert plugins.create("reward", "regression") is not None  # the others still work
+        (problem,) = plugins.problems
+        assert problem.kind == "conflict" and problem.plugin == "clash"
+        assert "CROWDSFT_DISABLE_PLUGINS=clash" in problem.line()
     finally:
         plugins.unregister("clash")
     assert plugins.get("reward", "rank").plugin == "crowdsft.plugins.reward"
@@ -297,3 +303,64 @@ def test_every_hookspec_has_a_test():
         used |= hooks_used_in(path.read_text())
     missing = [name for name in specs if name not in used]
     assert not missing, f"hookspecs without a test: {missing}"
+
+
+def _fake_distribution(root, entry_points: dict[str, str], modules: dict[str, str]):
+    """An installed package on ``root`` (dist-info with entry points), as pip leaves one."""
+    for name, code in modules.items():
+        (root / f"{name}.py").write_text(code)
+    info = root / "crowdsft_fake-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crowdsft-fake\nVersion: 1.0\n")
+    lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[crowdsft]\n{lines}")
+
+
+def test_a_broken_or_sloppy_plugin_is_reported_and_the_rest_loads(tmp_path, monkeypatch, caplog):
+    from click.testing import CliRunner
+
+    from crowdsft.cli import main
+
+    _fake_distribution(
+        tmp_path,
+        {"broken": "broken_plugin", "sloppy": "sloppy_plugin", "empty": "empty_plugin"},
+        {
+            "broken_plugin": "import numpy\nimport no_such_module_xyz\n",
+            "sloppy_plugin": (
+                "from crowdsft.plugins.hookspecs import hookimpl\n"
+                "@hookimpl\n"
+                "def crowdsft_register_rewards(register):\n"
+                "    register('typo', dict)\n"
+                "def crowdsft_register_grouping(register):\n"
+                "    register('unmarked', dict)\n"
+            ),
+            "empty_plugin": "X = 1\n",
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins(create_plugin_manager())
+    by_plugin = {}
+    for p in plugins.problems:
+        by_plugin.setdefault(p.plugin, []).append(p)
+    (broken,) = by_plugin["broken"]
+    assert broken.kind == "broken" and broken.package == "crowdsft-fake 1.0"
+    assert broken.where.endswith("broken_plugin.py:2") and "no_such_module_xyz" in broken.message
+    assert "CROWDSFT_DISABLE_PLUGINS=broken" in broken.line()
+    sloppy = " / ".join(p.message for p in by_plugin["sloppy"])
+    assert "crowdsft_register_rewards is not a Crowd-SFT hook" in sloppy
+    assert "did you mean crowdsft_register_reward" in sloppy
+    assert "crowdsft_register_grouping has no @hookimpl" in sloppy
+    assert any("registers nothing" in p.message for p in by_plugin["empty"])
+    assert "rank" in plugins.names("reward")  # the built-ins still load
+    # and the command line still lists everything, broken plugins included
+    get_plugins.cache_clear()
+    try:
+        result = CliRunner().invoke(main, ["plugins", "list"])
+    finally:
+        get_plugins.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "crowd-sft" in result.output and "problems (" in result.output
+    assert "plugin 'broken' (crowdsft-fake 1.0" in result.output
+    # disabling it as the line says silences it
+    monkeypatch.setenv("CROWDSFT_DISABLE_PLUGINS", "broken")
+    assert "broken" not in {p.plugin for p in Plugins(create_plugin_manager()).problems}

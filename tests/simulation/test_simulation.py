@@ -115,6 +115,24 @@ def test_simulate_cli(tmp_path):
     assert bad.exit_code == 2 and "no reward strategy named 'nope'" in bad.output
 
 
+def test_simulate_takes_strategy_options_and_checks_them(synthetic_movielens):
+    base = ["simulate", "--users", "10", "--groups", "2", "--runs", "2", "--rounds", "10"]
+    base += ["--valuation", "exact", "--data", str(synthetic_movielens), "--json"]
+    runs = {}
+    for scale in (2, 20):
+        out = CliRunner().invoke(
+            main, [*base, "--reward", "regression", "--option", f"reward.scale={scale}"]
+        )
+        assert out.exit_code == 0, out.output
+        runs[scale] = {k: v for k, v in json.loads(out.output).items() if k != "seconds"}
+    # the option reached the rule: the points (and so the influence weights) differ
+    assert runs[2] != runs[20]
+    typo = CliRunner().invoke(main, [*base, "--reward", "regression", "--option", "reward.scael=2"])
+    assert typo.exit_code == 2 and "scael" in typo.output
+    shape = CliRunner().invoke(main, [*base, "--option", "scale=2"])
+    assert shape.exit_code == 2 and "KIND.KEY=VALUE" in shape.output
+
+
 def test_sweep_on_a_small_grid(tmp_path, synthetic_movielens):
     out_dir = tmp_path / "sweep"
     result = CliRunner().invoke(

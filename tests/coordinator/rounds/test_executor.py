@@ -65,9 +65,9 @@ def test_ray_and_local_executors_decide_rounds_alike(
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5)
         assert b.points == pytest.approx(a.points)
     assert len(executor.placements) == 6  # every candidate ran as a Ray task
-    # ... and answered the evaluation prompts there: here only the first base was scored
-    # (the second round's base is the first one's winner, whose score is known)
-    assert generated == {"local": 1 + 6, "ray": 1}
+    # ... and answered the evaluation prompts there, as did the base (here: none at all;
+    # the second round's base is the first one's winner, whose score is known)
+    assert generated == {"local": 1 + 6, "ray": 0}
     assert all(p["answer_seconds"] > 0 for p in executor.placements)
     # what the training took travels back with the adapter (credit included)
     info = remote.space.training_info(b.adapters[0])
@@ -139,3 +139,11 @@ def test_a_worker_killed_while_training_is_retried_and_the_round_finishes_once(
     assert len(b.adapters) == 3 and remote.unfinished() is None
     report = verify_ledger(ledger_entries(coord.coordinator.store), coord.public_key)
     assert report.ok and report.rounds == 1
+
+
+def test_resources_no_node_has_are_refused_at_once(local_ray, tiny_folder):
+    """Ray would keep such tasks pending for ever."""
+    with pytest.raises(ConfigError, match="no node of the Ray cluster has a GPU"):
+        RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_gpus=0.25)
+    with pytest.raises(ConfigError, match="largest node of the Ray cluster has 2 CPUs"):
+        RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_cpus=64)

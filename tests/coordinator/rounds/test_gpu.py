@@ -25,7 +25,6 @@ def test_a_round_runs_on_the_gpu(data_coordinator, round_runner):
     for adapter in summary.adapters:
         info = runner.space.training_info(adapter)
         assert info["device"].startswith("cuda") and info["dtype"] == _expected_dtype()
-    assert sum(summary.points.values()) > 0
 
 
 def test_ray_packs_four_candidates_on_one_gpu(data_coordinator, round_runner, tiny_folder):
@@ -47,7 +46,8 @@ def test_ray_packs_four_candidates_on_one_gpu(data_coordinator, round_runner, ti
         # a quarter of the card each: they ran at the same time on it
         spans = [(p["started_at"], p["finished_at"]) for p in executor.placements]
         overlapping = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
-        assert overlapping >= 2, spans
+        assert overlapping >= 2, executor.placements
+        assert {p["gpu_ids"][0] for p in executor.placements} == {"0"}  # all on the one card
         executor.close()
     finally:
         ray.shutdown()
