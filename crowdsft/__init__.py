@@ -21,7 +21,11 @@ def __getattr__(name: str):
         from crowdsft.plugins.hookspecs import hookimpl
 
         return hookimpl
+    if name in ("Node", "Receipt", "SubmitResult"):  # the contributor's SDK
+        from crowdsft.node import sdk
+
+        return getattr(sdk, name)
     raise AttributeError(f"module 'crowdsft' has no attribute {name!r}")
 
 
-__all__ = ["PROTOCOL", "__version__", "hookimpl"]
+__all__ = ["PROTOCOL", "Node", "Receipt", "SubmitResult", "__version__", "hookimpl"]

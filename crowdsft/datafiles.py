@@ -13,8 +13,10 @@ Blank lines are skipped. Nothing is sent while any line is bad.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from crowdsft.errors import InputError
 from crowdsft.validation import Limits, example_problems
@@ -67,7 +69,11 @@ def _from_messages(messages: object) -> tuple[str, str, str | None]:
 
 
 def parse_record(line: str) -> tuple[str, str, str | None]:
-    obj = json.loads(line)
+    return parse_object(json.loads(line))
+
+
+def parse_object(obj: object) -> tuple[str, str, str | None]:
+    """(prompt, response, system) of one record (a dict of either shape), or ValueError."""
     if not isinstance(obj, dict):
         raise ValueError("a record must be a JSON object")
     if "messages" in obj:
@@ -87,10 +93,133 @@ def parse_record(line: str) -> tuple[str, str, str | None]:
     return obj["prompt"], obj["response"], obj.get("system")
 
 
-def read_records(path: Path, limits: Limits | None = None) -> list[Record]:
-    """Every record of a JSONL file, or InputError listing the bad lines (all of them checked)."""
+def records_from_dicts(
+    items: Iterable[Mapping[str, Any]], name: str = "examples", limits: Limits | None = None
+) -> list[Record]:
+    """Records from dicts of either shape (the SDK's input), or InputError listing every
+    bad item by its index (``examples[3]: ...``); ``Record.line`` is the index + 1."""
     limits = limits or Limits()
+    records: list[Record] = []
+    problems: list[str] = []
+    for i, obj in enumerate(items):
+        where = f"{name}[{i}]"
+        try:
+            prompt, response, system = parse_object(dict(obj) if isinstance(obj, Mapping) else obj)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        bad = example_problems(prompt, response, system, limits)
+        if bad:
+            problems.extend(f"{where}: {p}" for p in bad)
+            continue
+        records.append(Record(i + 1, prompt, response, system))
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        more = len(problems) - len(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        raise InputError(
+            f"{len(problems)} problem(s) in {name}; nothing was sent:\n  "
+            + "\n  ".join(shown)
+            + tail
+        )
+    if not records:
+        raise InputError(f"{name}: no examples given")
+    return records
+
+
+FORMATS = ("jsonl", "csv", "parquet", "datasets")
+
+
+def detect_format(path: Path) -> str:
+    """The format of ``path`` by its extension (a folder: a Hugging Face dataset saved with
+    ``save_to_disk``); JSONL otherwise."""
     path = Path(path)
+    if path.is_dir():
+        return "datasets"
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    return "jsonl"
+
+
+def _table_rows(path: Path, fmt: str) -> Iterator[object]:
+    """The rows of a CSV file, a Parquet file or a saved Hugging Face dataset, as dicts (a
+    ``messages`` cell of a CSV file is JSON text)."""
+    if fmt == "csv":
+        import csv
+
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:
+                dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+                for row in csv.DictReader(fh, dialect=dialect):
+                    out: dict[str, object] = {k: v for k, v in row.items() if k is not None}
+                    if None in row:
+                        out["(extra cells)"] = row[None]
+                    if "system" in out and out["system"] == "":
+                        del out["system"]  # an empty cell: no system prompt
+                    if isinstance(out.get("messages"), str):
+                        try:
+                            out["messages"] = json.loads(str(out["messages"]))
+                        except json.JSONDecodeError as exc:
+                            out["messages"] = f"not JSON: {exc.msg}"
+                    yield out
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path} is not UTF-8 text ({exc.reason})") from None
+        return
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputError(
+                'reading Parquet needs the "data" extra: pip install "crowd-sft[data]"'
+            ) from None
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+        yield from _without_nulls(table.to_pylist())
+        return
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            'reading a saved Hugging Face dataset needs the "data" extra: '
+            'pip install "crowd-sft[data]"'
+        ) from None
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise InputError(f"{path}: not a dataset saved with save_to_disk ({exc})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise InputError(
+                f"{path} holds the splits {', '.join(data)}: give the folder of one of them"
+            )
+        data = next(iter(data.values()))
+    yield from _without_nulls(data)
+
+
+def _without_nulls(rows: Iterable[dict]) -> Iterator[dict]:
+    for row in rows:  # a table has every column in every row: a null is an absent value
+        yield {k: v for k, v in row.items() if v is not None}
+
+
+def read_records(
+    path: Path, limits: Limits | None = None, format: str | None = None
+) -> list[Record]:
+    """Every record of a file (JSONL, CSV, Parquet, or a saved Hugging Face dataset; see
+    ``detect_format``), or InputError listing the bad lines or rows (all of them checked)."""
+    path = Path(path)
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}: {', '.join(FORMATS)}")
+    if fmt != "jsonl":
+        if not path.exists():
+            raise InputError(f"no such file: {path}")
+        return _read_table(path, fmt, limits or Limits())
+    limits = limits or Limits()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -113,6 +242,32 @@ def read_records(path: Path, limits: Limits | None = None) -> list[Record]:
         bad = example_problems(prompt, response, system, limits)
         if bad:
             problems.extend(f"line {n}: {p}" for p in bad)
+            continue
+        records.append(Record(n, prompt, response, system))
+    if problems:
+        shown = problems[:MAX_REPORTED]
+        more = len(problems) - len(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        raise InputError(
+            f"{path}: {len(problems)} problem(s); nothing was sent:\n  " + "\n  ".join(shown) + tail
+        )
+    if not records:
+        raise InputError(f"{path} holds no records")
+    return records
+
+
+def _read_table(path: Path, fmt: str, limits: Limits) -> list[Record]:
+    records: list[Record] = []
+    problems: list[str] = []
+    for n, row in enumerate(_table_rows(path, fmt), 1):
+        try:
+            prompt, response, system = parse_object(row)
+        except ValueError as exc:
+            problems.append(f"row {n}: {exc}")
+            continue
+        bad = example_problems(prompt, response, system, limits)
+        if bad:
+            problems.extend(f"row {n}: {p}" for p in bad)
             continue
         records.append(Record(n, prompt, response, system))
     if problems:

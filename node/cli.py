@@ -167,7 +167,14 @@ def keygen(
 @node.command()
 @_coordinator_option
 @_key_option
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv", "parquet", "datasets"]),
+    help="The file's format [default: by its extension: .csv/.tsv, .parquet, a folder saved "
+    "with Hugging Face datasets' save_to_disk; JSONL otherwise].",
+)
 @click.option(
     "--examples-per-contribution",
     default=1,
@@ -189,6 +196,7 @@ def submit(
     key_path: Path,
     passphrase_env: str,
     file: Path,
+    fmt: str | None,
     examples_per_contribution: int,
     license_: str,
     consent: bool,
@@ -196,18 +204,20 @@ def submit(
     no_progress: bool,
     as_json: bool,
 ) -> None:
-    """Sign and submit the examples in FILE (JSONL) to the coordinator.
+    """Sign and submit the examples in FILE to the coordinator.
 
-    Each line is {"prompt": ..., "response": ...} (optional "system") or {"messages": [...]}
-    in chat format. Every line is checked before anything is sent. Submitting the same file
-    again sends nothing new; an interrupted upload resumes where it stopped.
+    FILE is JSONL (each line {"prompt": ..., "response": ...}, optional "system", or
+    {"messages": [...]} in chat format), CSV or Parquet with those columns, or a folder
+    saved with Hugging Face datasets. Every line or row is checked before anything is sent.
+    Submitting the same file again sends nothing new; an interrupted upload resumes where it
+    stopped.
     """
     from crowdsft.datafiles import read_records
     from crowdsft.node.state import NodeState
     from crowdsft.node.submit import Metadata, upload
 
     identity = _load(key_path, passphrase_env)
-    records = read_records(file)
+    records = read_records(file, format=fmt)
     chunks = -(-len(records) // examples_per_contribution)
     with (
         _client(address) as client,
@@ -338,51 +348,15 @@ def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> 
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 def watch(address: str, after: int, count: int, as_json: bool) -> None:
     """Follow the coordinator's fine-tuning rounds live."""
-    import time
-
-    import grpc
-
-    from crowdsft.errors import CoordinatorError
+    from crowdsft.node.watch import follow_rounds
 
     seen = 0
-    cursor = {"planned": after, "finished": after}
-    reconnects = 0
     with _client(address) as client:
-        while True:
-            # Resume after what was shown: the coordinator closes old connections now and
-            # then (server.max_connection_age_s), and restarts; the watch goes on.
-            stream = client.watch_rounds(min(cursor.values()), timeout=None)
-            opened = time.monotonic()
-            try:
-                for ev in stream:
-                    if ev.round_id <= cursor[ev.kind]:
-                        continue  # shown before the reconnect
-                    cursor[ev.kind] = ev.round_id
-                    reconnects = 0
-                    _show_event(ev, as_json)
-                    seen += 1
-                    if count and seen >= count:
-                        stream.cancel()
-                        return
-                # The coordinator ended the stream (it shut down): reconnect as below.
-                failure = ("UNAVAILABLE", "the coordinator closed the stream")
-            except grpc.RpcError as err:
-                code = err.code()
-                if code == grpc.StatusCode.CANCELLED:
-                    return
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    raise CoordinatorError(
-                        f"watching {address} failed: {code.name}: {err.details()}", code.name
-                    ) from None
-                failure = (code.name, err.details())
-            if time.monotonic() - opened > 30:
-                reconnects = 0  # a stream that lived a while ended: a fresh start, not a retry
-            if reconnects >= client.backoff.attempts:
-                raise CoordinatorError(
-                    f"watching {address} failed: {failure[0]}: {failure[1]}", failure[0]
-                )
-            time.sleep(client.backoff.delay(reconnects))
-            reconnects += 1
+        for ev in follow_rounds(client, after):
+            _show_event(ev, as_json)
+            seen += 1
+            if count and seen >= count:
+                return
 
 
 def _show_event(ev, as_json: bool) -> None:

@@ -1,0 +1,58 @@
+"""Following the coordinator's rounds live (``node watch``, ``Node.watch``): reconnecting
+through coordinator restarts and connection recycling, never showing an event twice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from typing import Any
+
+import grpc
+
+from crowdsft.errors import CoordinatorError
+
+from .client import CoordinatorClient
+
+
+def follow_rounds(client: CoordinatorClient, after: int = 0) -> Generator[Any, None, None]:
+    """Round events (``crowdsft.v1.RoundEvent``: planned, then finished) after round
+    ``after``, as they happen, until the caller stops iterating. The coordinator closes old
+    connections now and then (``server.max_connection_age_s``) and may restart: the stream
+    is reopened after the last event seen, with backoff; CoordinatorError when it stays
+    unreachable or refuses."""
+    cursor = {"planned": after, "finished": after}
+    reconnects = 0
+    address = client.address
+    while True:
+        stream = client.watch_rounds(min(cursor.values()), timeout=None)
+        opened = time.monotonic()
+        try:
+            for ev in stream:
+                if ev.round_id <= cursor[ev.kind]:
+                    continue  # shown before the reconnect
+                cursor[ev.kind] = ev.round_id
+                reconnects = 0
+                try:
+                    yield ev
+                except GeneratorExit:
+                    getattr(stream, "cancel", lambda: None)()  # a grpc call: end it now
+                    raise
+            # The coordinator ended the stream (it shut down): reconnect as below.
+            failure = ("UNAVAILABLE", "the coordinator closed the stream")
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.CANCELLED:
+                return
+            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise CoordinatorError(
+                    f"watching {address} failed: {code.name}: {err.details()}", code.name
+                ) from None
+            failure = (code.name, err.details())
+        if time.monotonic() - opened > 30:
+            reconnects = 0  # a stream that lived a while ended: a fresh start, not a retry
+        if reconnects >= client.backoff.attempts:
+            raise CoordinatorError(
+                f"watching {address} failed: {failure[0]}: {failure[1]}", failure[0]
+            )
+        time.sleep(client.backoff.delay(reconnects))
+        reconnects += 1
