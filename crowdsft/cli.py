@@ -67,13 +67,14 @@ def _register_commands() -> None:
     from crowdsft.experiment.cli import fit_goemotions, paper_llm
     from crowdsft.node.cli import node
     from crowdsft.plugins.cli import embed, plugins
-    from crowdsft.simulation.cli import simulate, sweep
+    from crowdsft.simulation.cli import data, simulate, sweep
 
     main.add_command(node)
     main.add_command(coordinator)
     main.add_command(quickstart)
     main.add_command(simulate)
     main.add_command(sweep)
+    main.add_command(data)
     main.add_command(plugins)
     main.add_command(demo)
     main.add_command(experiment)

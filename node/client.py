@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 RECEIPT_TRAILER = "crowdsft-receipt-bin"
 RETRY_AFTER_TRAILER = "crowdsft-retry-after-ms"
+PUSHBACK_TRAILER = "grpc-retry-pushback-ms"  # gRPC's standard name, sent beside ours
 TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -116,7 +117,7 @@ class CoordinatorClient:
                         f"{what} failed: {code.name}: {err.details()}{advice}",
                         code.name,
                     ) from None
-                hint = _trailer(err, RETRY_AFTER_TRAILER)
+                hint = _trailer(err, RETRY_AFTER_TRAILER) or _trailer(err, PUSHBACK_TRAILER)
                 wait = self.backoff.delay(attempt, float(hint) / 1000 if hint else 0.0)
                 logger.info("%s: %s; retrying in %.2fs", what, code.name, wait)
                 time.sleep(wait)

@@ -40,11 +40,15 @@ CREATE TABLE IF NOT EXISTS submissions (
 
 
 def default_home() -> Path:
-    """``$CROWDSFT_HOME``, else ``$XDG_DATA_HOME/crowdsft``, else ``~/.local/share/crowdsft``."""
+    """``$CROWDSFT_HOME``, else the platform's data folder for crowdsft (``platformdirs``):
+    ``$XDG_DATA_HOME/crowdsft`` or ``~/.local/share/crowdsft`` on Linux,
+    ``~/Library/Application Support/crowdsft`` on macOS, ``%LOCALAPPDATA%\\crowdsft`` on
+    Windows."""
     if os.environ.get("CROWDSFT_HOME"):
         return Path(os.environ["CROWDSFT_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "crowdsft"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("crowdsft", appauthor=False))
 
 
 def default_key_path() -> Path:

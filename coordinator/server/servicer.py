@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 RECEIPT_TRAILER = "crowdsft-receipt-bin"
 RETRY_AFTER_TRAILER = "crowdsft-retry-after-ms"
+# gRPC's own retry pushback (gRFC A6): clients with retry policies honour it as they are
+PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 WRITE_TIMEOUT_S = 60.0
 WATCH_POLL_S = 0.5
 UNAVAILABLE_RETRY_MS = 1000
@@ -93,6 +95,7 @@ class Answer:
             out.append((RECEIPT_TRAILER, self.receipt.SerializeToString()))
         if self.retry_after_ms:
             out.append((RETRY_AFTER_TRAILER, str(self.retry_after_ms)))
+            out.append((PUSHBACK_TRAILER, str(self.retry_after_ms)))
         return tuple(out)
 
 

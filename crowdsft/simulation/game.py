@@ -51,16 +51,23 @@ SUMMARY_COLUMNS = (
 
 
 def default_data_dir() -> Path:
-    """``$CROWDSFT_DATA``, else the shared MovieLens folder beside the checkout."""
+    """``$CROWDSFT_DATA``; else what ``crowdsft data fetch movielens`` fetched (the user's data
+    folder); else the shared MovieLens folder beside a development checkout; else the
+    user's data folder (missing: ``load_movielens`` says how to fetch it)."""
+    from .fetch import movielens_home
+
     env = os.environ.get("CROWDSFT_DATA")
     if env:
         return Path(env)
+    fetched = movielens_home()
+    if fetched.is_dir():
+        return fetched
     here = Path(__file__).resolve()
     for parent in here.parents:
         candidate = parent.parent / "shared" / "data" / DEFAULT_DATA
         if candidate.is_dir():
             return candidate
-    return Path.cwd().parent / "shared" / "data" / DEFAULT_DATA
+    return fetched
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,8 @@ def load_movielens(data_dir: Path) -> MovieLens:
     for p in (movies_path, ratings_path):
         if not p.is_file():
             raise InputError(
-                f"{p} not found: --data must name a MovieLens folder with movies.csv and "
-                "ratings.csv (ml-latest-small)"
+                f"{p} not found: fetch the MovieLens data with `crowdsft data fetch movielens`, "
+                "or name a folder with movies.csv and ratings.csv (ml-latest-small) with --data"
             )
     movie_genres: dict[int, list[str]] = {}
     with movies_path.open(newline="", encoding="utf-8") as fh:

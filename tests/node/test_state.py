@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from crowdsft.node.state import KeyMismatchError, NodeState, Submission
@@ -56,3 +59,18 @@ def test_state_lives_under_the_node_id(tmp_path):
         assert state.path.exists()
     finally:
         state.close()
+
+
+def test_the_default_home_follows_the_platform(monkeypatch, tmp_path):
+    import platformdirs
+
+    from crowdsft.node.state import default_home, default_key_path
+
+    monkeypatch.setenv("CROWDSFT_HOME", str(tmp_path / "mine"))
+    assert default_home() == tmp_path / "mine"
+    monkeypatch.delenv("CROWDSFT_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    expected = Path(platformdirs.user_data_dir("crowdsft", appauthor=False))
+    assert default_home() == expected and default_key_path() == expected / "node.key"
+    if sys.platform.startswith("linux"):
+        assert expected == tmp_path / "xdg" / "crowdsft"

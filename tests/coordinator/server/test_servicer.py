@@ -116,8 +116,10 @@ def test_unary_and_stream_answers_agree(exc, method):
     if expected.retry_after_ms:
         assert streamed.retry_after_ms == expected.retry_after_ms
         assert trailers[RETRY_AFTER_TRAILER] == str(expected.retry_after_ms)
+        assert trailers["grpc-retry-pushback-ms"] == str(expected.retry_after_ms)
     else:
         assert streamed.retry_after_ms == 0 and RETRY_AFTER_TRAILER not in trailers
+        assert "grpc-retry-pushback-ms" not in trailers
 
 
 def test_retry_hints():
