@@ -211,6 +211,8 @@ def build_report(
                     r["candidates"][r["winner"]]["score"] if r["updated"] else r["base_score"], ev
                 ),
                 "candidates": [distance_of(c["score"], ev) for c in r["candidates"]],
+                # the group whose candidate became the model (None: the base was kept)
+                "winner_group": r["winner"] if r["updated"] else None,
             }
             for r in history
         ],
@@ -261,10 +263,29 @@ def build_report(
 def _pairs_line(pairs: list[list[str]] | None) -> str:
     if pairs is None:
         return "The valuation method gives no error estimate: the order of close values is unknown."
+    n = len(pairs)
     return (
-        f"{len(pairs)} pairs of contributors whose order the Shapley estimate does not settle "
-        "at 95% (listed in report.json as unresolved_pairs)."
+        f"{n} pair{'' if n == 1 else 's'} of contributors whose order the Shapley estimate "
+        "does not settle at 95% (listed in report.json as unresolved_pairs)."
     )
+
+
+def _fmt(v: Any) -> str:
+    """A figure as people read it: integers as they are, other numbers to 4 significant
+    digits (3 decimals for correlations), percentages with a %."""
+    if isinstance(v, bool) or v is None:
+        return "n/a" if v is None else ("yes" if v else "no")
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _integer_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -279,24 +300,56 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
             [0, *xs],
             [rounds[0]["base"], *[r["winner"] for r in rounds]],
             marker="o",
-            label="current model",
+            label="current model (round 0: the base model)",
         )
         if "single_model_distance" in data:
             ax.axhline(
                 data["single_model_distance"], color="grey", ls="--", label="single-model baseline"
             )
+        ax.legend()
     ax.set(
         xlabel="round",
         ylabel="target distance (lower is better)",
         title="Target distance per round",
     )
-    ax.legend()
+    _integer_rounds(ax)
     paths["distance"] = save(fig, out / "distance_per_round.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    labelled: set[str] = set()
+
+    def label(text: str) -> str | None:
+        if text in labelled:
+            return None
+        labelled.add(text)
+        return text
+
     for r in rounds:
-        ax.scatter([r["round_id"]] * len(r["candidates"]), r["candidates"], color="tab:blue")
-    ax.set(xlabel="round", ylabel="target distance", title="Candidates per round")
+        won = r.get("winner_group")
+        others = [d for g, d in enumerate(r["candidates"]) if g != won]
+        x = r["round_id"]
+        ax.scatter([x] * len(others), others, color="tab:blue", label=label("candidate"))
+        if won is not None:
+            ax.scatter(
+                [x],
+                [r["candidates"][won]],
+                color="tab:green",
+                marker="*",
+                s=160,
+                label=label("winner"),
+            )
+        ax.scatter(
+            [x],
+            [r["base"]],
+            color="grey",
+            marker="_",
+            s=300,
+            label=label("base (the round's starting model)"),
+        )
+    ax.set(xlabel="round", ylabel="target distance (lower is better)", title="Candidates per round")
+    _integer_rounds(ax)
+    if rounds:
+        ax.legend(fontsize=8)
     paths["candidates"] = save(fig, out / "candidates_per_round.png")
 
     contributors = data["contributors"]
@@ -314,7 +367,7 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
     ax.set(
         xlabel="Shapley value (embedding game)",
         ylabel="points",
-        title=f"Points vs Shapley values (Pearson {r:.2f})"
+        title=f"Points vs Shapley values (Pearson {r:.3f})"
         if r is not None
         else "Points vs Shapley values",
     )
@@ -322,50 +375,111 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
+# The report's own figures, in the order and words the page shows them (the rest of the
+# data is in tables; extras a caller adds, such as the demo's, follow these).
+HEADLINE = (
+    ("valuation_method", "valuation"),
+    ("pearson_points_shapley", "Pearson(points, Shapley)"),
+    ("spearman_points_shapley", "Spearman(points, Shapley)"),
+    ("grounded_method", "grounded values"),
+    ("grounded_on", "grounded on prompts"),
+    ("pearson_points_grounded", "Pearson(points, grounded)"),
+    ("spearman_points_grounded", "Spearman(points, grounded)"),
+    ("grounded_note", "note"),
+)
+
+
 def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
+    esc = html.escape
+
     def img(key: str) -> str:
         b64 = base64.b64encode(pngs[key].read_bytes()).decode()
-        return f'<img alt="{key}" src="data:image/png;base64,{b64}">'
+        return (
+            f'<figure><img alt="{key}" src="data:image/png;base64,{b64}">'
+            f'<figcaption><a href="{pngs[key].name}">{pngs[key].name}</a></figcaption></figure>'
+        )
 
-    rows = "".join(
-        f"<tr><td>{r['round_id']}</td><td>{r['base']:.4f}</td>"
-        f"<td>{', '.join(f'{c:.4f}' for c in r['candidates'])}</td><td>{r['winner']:.4f}</td></tr>"
-        for r in data["distance_per_round"]
-    )
+    def corr(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    def distance(d: float) -> str:
+        return f"{d:.4f}"
+
+    rows = []
+    for r in data["distance_per_round"]:
+        won = r.get("winner_group")
+        cells = []
+        for g, d in enumerate(r["candidates"]):
+            text = f"group {g}: {distance(d)}"
+            cells.append(f'<span class="win">{text} ★</span>' if g == won else text)
+        result = f"group {won} won" if won is not None else "base kept"
+        rows.append(
+            f"<tr><td class=num>{r['round_id']}</td><td class=num>{distance(r['base'])}</td>"
+            f"<td>{'<br>'.join(cells)}</td><td class=num>{distance(r['winner'])}</td>"
+            f"<td>{result}</td></tr>"
+        )
 
     def shap(c: dict[str, Any]) -> str:
         if c["shapley"] is None:
-            return ""
+            return "n/a"
         se = c.get("shapley_stderr") or 0.0
         return f"{c['shapley']:.4f}" + (f" ± {1.96 * se:.4f}" if se else "")
 
     people = "".join(
-        f"<tr><td>{html.escape(c['name'])}</td><td><code>{c['node_id'][:12]}</code></td>"
-        f"<td>{c['points']:g}</td><td>{shap(c)}</td>"
-        + (f"<td>{c['grounded']:.4g}</td>" if c.get("grounded") is not None else "")
+        f"<tr><td>{esc(c['name'])}</td><td><code>{esc(c['node_id'][:16])}</code></td>"
+        f"<td class=num>{c['points']:.2f}</td><td class=num>{shap(c)}</td>"
+        + (f"<td class=num>{c['grounded']:.4g}</td>" if c.get("grounded") is not None else "")
         + "</tr>"
         for c in data["contributors"]
     )
     grounded_head = (
-        f"<th>in-run credit ({html.escape(str(data.get('grounded_on')))} prompts)</th>"
+        f"<th>in-run credit ({esc(str(data.get('grounded_on')))} prompts)</th>"
         if data.get("grounded_method")
         else ""
     )
-    summary = "".join(
-        f"<li>{html.escape(k.replace('_', ' '))}: {html.escape(str(v))}</li>"
-        for k, v in data.items()
-        if isinstance(v, int | float | str) and k != "evaluation"
+    headline = []
+    for key, label in HEADLINE:
+        v = data.get(key)
+        if v is None:
+            continue
+        shown = corr(v) if key.startswith(("pearson", "spearman")) else _fmt(v)
+        headline.append(f"<tr><th>{esc(label)}</th><td>{esc(shown)}</td></tr>")
+    extras = []
+    for key, v in data.items():
+        if key in REPORT_FIELDS or not isinstance(v, int | float | str) or isinstance(v, bool):
+            continue
+        shown = _fmt(v)
+        if key.endswith("_percent") and isinstance(v, int | float):
+            shown = f"{v:.1f}%"
+        extras.append(f"<tr><th>{esc(key.replace('_', ' '))}</th><td>{esc(shown)}</td></tr>")
+    files = " · ".join(
+        f'<a href="{name}">{name}</a>' for name in ["report.json", *(p.name for p in pngs.values())]
     )
+    n_rounds, n_people = len(data["rounds"]), len(data["contributors"])
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Crowd-SFT report</title>
-<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-img{{max-width:48%;margin:1%}}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>Crowd-SFT report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d2330;
+max-width:1040px;margin:2em auto;padding:0 1em}}
+h1{{font-size:22px}} h2{{font-size:17px;margin-top:1.8em}}
+table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border-bottom:1px solid #dde2ea;padding:4px 12px 4px 0;text-align:left;vertical-align:top}}
+th{{color:#5b6475;font-weight:600}} td.num{{text-align:right;font-variant-numeric:tabular-nums}}
+.win{{color:#1f7a3d;font-weight:600}} .muted{{color:#5b6475}}
+figure{{display:inline-block;width:48%;margin:1%}} figure img{{width:100%}}
+figcaption{{font-size:12px;color:#5b6475}}
+</style></head><body>
 <h1>Crowd-SFT report</h1>
-<ul>{summary}<li>Pearson(points, Shapley): {data["pearson_points_shapley"]}</li></ul>
+<p class=muted>{n_rounds} finished round(s), {n_people} contributor(s); target distances by
+{esc(data["evaluation"])} (lower is better). Files: {files}</p>
+<table>{"".join(headline)}{"".join(extras)}</table>
+<h2>Plots</h2>
 {img("distance")}{img("candidates")}{img("points")}{img("shapley")}
-<h2>Rounds (target distance, {html.escape(data["evaluation"])})</h2>
-<table><tr><th>round</th><th>base</th><th>candidates</th><th>after</th></tr>{rows}</table>
+<h2>Rounds</h2>
+<table><tr><th>round</th><th>base</th><th>candidates (★ winner)</th><th>after</th>
+<th>result</th></tr>{"".join(rows)}</table>
+<p class=muted>Base: the model the round started from. After: the model the round left.</p>
 <h2>Contributors</h2>
 <table><tr><th>name</th><th>node</th><th>points</th><th>Shapley (± 95%)</th>{grounded_head}</tr>
 {people}</table>

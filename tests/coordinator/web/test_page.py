@@ -112,3 +112,25 @@ def test_the_live_page_renders_in_a_browser(busy, nodes):
     done = _browser(f"--screenshot={shot}", "--window-size=1280,2600", url)
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_the_report_reads_well_in_a_browser(busy):
+    """Figures formatted (no raw floats), the winner marked, integer round ticks (by the
+    plot code), links to the files; a screenshot beside the live page's."""
+    import re
+
+    _, web, _ = busy
+    url = f"http://{web.address}/report/index.html"
+    dom = _browser("--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    text = re.sub(r"<[^>]+>|data:image/png;base64,[A-Za-z0-9+/=]+", " ", html)
+    assert not re.search(r"\d\.\d{6,}", text), "a raw float is printed"
+    assert text.count("Pearson(points, Shapley)") == 1
+    assert "★" in text and ("won" in text or "base kept" in text)
+    assert 'href="report.json"' in html and 'href="distance_per_round.png"' in html
+    shot = (ARTIFACTS / "report.png").resolve()
+    shot.unlink(missing_ok=True)
+    done = _browser(f"--screenshot={shot}", "--window-size=1200,2200", url)
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    assert shot.stat().st_size > 20_000
