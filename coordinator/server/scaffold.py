@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from crowdsft.errors import ConfigError
@@ -59,3 +60,26 @@ def init_coordinator(
     config = load_coordinator_config(config_path)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     return config_path
+
+
+# `coordinator init` writes this beside the config as target.example.jsonl: the shape of a
+# target file (evaluation prompts, each with the expert's response; "system" optional).
+EXAMPLE_TARGETS = [
+    {
+        "prompt": "In one sentence, why does the sky look blue?",
+        "response": "Air molecules scatter short blue wavelengths of sunlight far more than red "
+        "ones, so blue light reaches us from every direction.",
+    },
+    {
+        "prompt": "What should I do if a pan of oil catches fire?",
+        "response": "Turn off the heat and cover the pan with a lid or damp towel; never pour "
+        "water on it.",
+    },
+    {
+        "prompt": "Summarise the rule of thumb for a good password.",
+        "response": "Use a long, unique passphrase for every account and keep them in a "
+        "password manager.",
+        "system": "Answer in one sentence.",
+    },
+]
+EXAMPLE_TARGET = "".join(json.dumps(t) + "\n" for t in EXAMPLE_TARGETS)

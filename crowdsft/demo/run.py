@@ -409,11 +409,13 @@ def _progress(say: Callable[[str], None]) -> Callable[[str, dict[str, Any]], Non
     def event(kind: str, info: dict[str, Any]) -> None:
         if kind == "candidate_training":
             started["t"] = time.perf_counter()
-            say(f"  training candidate {info['group'] + 1} ({info['members']} contributors) ...")
+            say(
+                f"  training group {info['group']}'s candidate ({info['members']} contributors) ..."
+            )
         elif kind == "candidate_trained":
             say(f"    done in {time.perf_counter() - started.get('t', time.perf_counter()):.0f}s")
         elif kind == "candidate_scored":
-            say(f"  scored candidate {info['group'] + 1}")
+            say(f"  scored group {info['group']}'s candidate")
 
     return event
 
@@ -421,13 +423,14 @@ def _progress(say: Callable[[str], None]) -> Callable[[str, dict[str, Any]], Non
 def _print_round(summary: Any, names: dict[str, str], ev: str, say: Callable[[str], None]) -> None:
     from crowdsft.coordinator.report.build import distance_of
 
-    say(f"  {'group':6} {'distance':>9}  {'rank':>4}  members")
+    # Groups and ranks count from 0 everywhere (the ledger's indices; rank 0 is the winner).
+    say(f"  {'group':6} {'distance':>9}  {'rank':>4}  members   (distance: lower is better)")
     say(f"  {'base':6} {distance_of(summary.base_score, ev):9.4f}")
     for g, members in enumerate(summary.groups):
         mark = "*" if g == summary.winner else " "
-        rank = str(summary.ranking.index(g) + 1) if summary.ranking else "-"
+        rank = str(summary.ranking.index(g)) if summary.ranking else "-"
         who = ", ".join(names.get(m, m[:8]) for m in members)
-        say(f"  {mark}{g + 1:<5} {distance_of(summary.scores[g], ev):9.4f}  {rank:>4}  {who}")
+        say(f"  {mark}{g:<5} {distance_of(summary.scores[g], ev):9.4f}  {rank:>4}  {who}")
     if not summary.updated:
         say("  no candidate beat the current model: nothing changed this round")
 
