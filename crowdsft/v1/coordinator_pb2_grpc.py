@@ -27,7 +27,9 @@ if _version_not_supported:
 
 
 class CoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """What a node calls; every RPC, its status codes and its retries: docs/protocol.md sections 2
+    and 8.6.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -78,17 +80,21 @@ class CoordinatorStub:
 
 
 class CoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """What a node calls; every RPC, its status codes and its retries: docs/protocol.md sections 2
+    and 8.6.
+    """
 
     def GetCoordinatorInfo(self, request, context):
-        """Public facts a node needs before it signs: the coordinator key and the limits. Unsigned.
+        """Public facts a node needs before it signs: the coordinator key and the limits. Unsigned:
+        pin the key on first use (docs/protocol.md sections 2, 3.3).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RegisterNode(self, request, context):
-        """Register (or re-register) the signing node. Envelope payload: RegisterPayload.
+        """Register (or re-register) the signing node. Envelope payload: RegisterPayload
+        (docs/protocol.md section 9.1).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,7 +104,9 @@ class CoordinatorServicer:
         """Submit one contribution. Envelope payload: ContributionPayload. On ALREADY_EXISTS for a
         contribution accepted before, the original SignedReceipt travels in the trailing metadata
         key "crowdsft-receipt-bin"; ALREADY_EXISTS without it means an example duplicates one
-        already stored (the earlier submitter keeps the credit).
+        already stored (the earlier submitter keeps the credit). Refusals with a retry hint carry
+        "crowdsft-retry-after-ms" (and "grpc-retry-pushback-ms"). Retries resend the identical
+        bytes. See docs/protocol.md section 8.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,14 +114,16 @@ class CoordinatorServicer:
 
     def SubmitContributions(self, request_iterator, context):
         """Bulk upload: one SubmitResult per envelope, in order. A rejected contribution does not
-        end the stream; its result carries the status code and message instead of a receipt.
+        end the stream; its result carries the status code and message instead of a receipt
+        (docs/protocol.md section 8.2).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetNodeStatus(self, request, context):
-        """The signing node's standing. Envelope payload: StatusRequestPayload.
+        """The signing node's standing. Envelope payload: StatusRequestPayload (docs/protocol.md
+        section 9.2).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,7 +132,7 @@ class CoordinatorServicer:
     def WatchRounds(self, request, context):
         """Follow the fine-tuning rounds live: one event when a round is planned and one when it
         finishes, for every round after `after_round_id`, until the caller cancels. Unsigned:
-        rounds are public.
+        rounds are public (docs/protocol.md section 10).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,7 +140,8 @@ class CoordinatorServicer:
 
     def GetLedger(self, request, context):
         """The verifiable ledger: the signed record of every finished round after `after_round_id`,
-        in order, hash-chained (see crowdsft/ledger.py for the record format). Unsigned: public.
+        in order, hash-chained; the stream ends after the last record (record format, hashing
+        and verification: docs/protocol.md section 11). Unsigned: public.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +149,8 @@ class CoordinatorServicer:
 
     def GetInclusionProofs(self, request, context):
         """Merkle inclusion proofs: for each contribution id asked for, one proof per round that
-        used it, against that round's record. Unsigned: contribution ids reveal no content.
+        used it, against that round's record (docs/protocol.md section 11.6). Unsigned:
+        contribution ids reveal no content.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,7 +208,9 @@ def add_CoordinatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
-    """Missing associated documentation comment in .proto file."""
+    """What a node calls; every RPC, its status codes and its retries: docs/protocol.md sections 2
+    and 8.6.
+    """
 
     @staticmethod
     def GetCoordinatorInfo(request,

@@ -27,7 +27,11 @@ def test_default_file_loads_with_defaults(tmp_path):
         ("[protocol]\ntimestamp_window_s = 'soon'", "must be an integer"),
         ("[protocol]\nmax_field_bytes = 0", "max_field_bytes must be at least 1"),
         ("[admission]\npolicy = ''", "admission.policy must name a policy"),
-        ("[admission]\nallowlist = [1]", "must be a list of strings"),
+        ("[admission]\nallowlist = [1]", r"admission.allowlist\[0\] must be a string"),
+        ("[admission]\nallowlist = 'ab'", "admission.allowlist must be a list of strings"),
+        ("[training]\nlayers = '8'", r"training.layers must be an integer, not '8' \(str\)"),
+        ("[training]\nmax_steps = 2.5", "training.max_steps must be an integer"),
+        ("[model]\ndevice = 1", "model.device must be a string"),
         ("[server]\nlisten = 'nohost'", "not HOST:PORT"),
         ("[rate_limit]\ncontributions_per_s = 0", "must be > 0"),
         ("[valuation]\nbudget = 0", "valuation.budget must be at least 1"),
@@ -83,7 +87,7 @@ def _config_with(tmp_path, old: str, new: str):
     [
         ('reward = "rank"', 'reward = "rnak"', "rounds.reward = 'rnak'"),
         ('grouping = "random"', 'grouping = "randm"', "rounds.grouping = 'randm'"),
-        ('method = "permutation"', 'method = "tmc"', "valuation.method = 'tmc'"),
+        ('method = ""', 'method = "tmc"', "valuation.method = 'tmc'"),
         ('function = "l2"', 'function = "l3"', "evaluation.function = 'l3'"),
         ('embedder = "minilm"', 'embedder = "minlm"', "evaluation.embedder = 'minlm'"),
     ],
@@ -132,21 +136,81 @@ def test_valuation_settings_build_the_estimator(tmp_path):
 
     cfg = load_coordinator_config(_cfg(tmp_path, DEFAULT_COORDINATOR_TOML))
     assert cfg.valuation_method == "permutation"
-    text = DEFAULT_COORDINATOR_TOML.replace('method = "permutation"', 'method = "exact"')
+    text = DEFAULT_COORDINATOR_TOML.replace('method = ""', 'method = "exact"')
     assert load_coordinator_config(_cfg(tmp_path, text)).valuation_method == "exact"
     older = load_coordinator_config(_cfg(tmp_path, "[rounds]\nvaluation = 'kernelshap'"))
     assert older.valuation_method == "kernelshap"  # files without [valuation] keep working
     budget = DEFAULT_COORDINATOR_TOML.replace("budget = 20000", "budget = 64").replace(
         "target_stderr = 0.01", "target_stderr = 1e-9"
     )
-    method = load_coordinator_config(_cfg(tmp_path, budget)).valuation.build("x", get_plugins())
+    method = load_coordinator_config(_cfg(tmp_path, budget)).valuation.build(
+        "permutation", get_plugins()
+    )
     rng = np.random.default_rng(0)
     game = CentroidGame(rng.uniform(size=(30, 4)), rng.uniform(size=4), L2())
     result = method(game, rng)
     assert result.samples == 64 and not result.converged  # the budget stopped it
     trunc = budget.replace("truncation = 0.0", "truncation = 0.01")
-    tmc = load_coordinator_config(_cfg(tmp_path, trunc)).valuation.build("x", get_plugins())
+    tmc = load_coordinator_config(_cfg(tmp_path, trunc)).valuation.build(
+        "permutation", get_plugins()
+    )
     calls = []
     tmc(FunctionGame(10, lambda m: calls.append(1) or float(min(m.sum(), 2))), rng)
     # 64 samples of an antithetic pair: without truncation 2 * 9 values each
     assert 0 < len(calls) <= 64 * 2 * 2 + 4 < 64 * 2 * 9  # + the two ends, per batch
+
+
+def test_environment_variables_override_the_file_and_are_checked(tmp_path, monkeypatch):
+    path = _cfg(tmp_path, DEFAULT_COORDINATOR_TOML)
+    monkeypatch.setenv("CROWDSFT_TRAINING__LAYERS", "4")
+    monkeypatch.setenv("CROWDSFT_TRAINING__TARGET_MODULES", '["q_proj", "k_proj"]')
+    monkeypatch.setenv("CROWDSFT_SERVER__LISTEN", "0.0.0.0:6000")
+    monkeypatch.setenv("CROWDSFT_HOME", str(tmp_path))  # not a config key: left alone
+    cfg = load_coordinator_config(path)
+    assert cfg.training.layers == 4 and cfg.training.target_modules == ("q_proj", "k_proj")
+    assert cfg.server.listen == "0.0.0.0:6000"
+    assert cfg.training.learning_rate == 0.001  # the file's value where nothing overrides it
+    monkeypatch.setenv("CROWDSFT_TRAINING__LAYERS", "four")
+    with pytest.raises(
+        ConfigError,
+        match=r"environment variable CROWDSFT_TRAINING__LAYERS: "
+        r"training.layers must be an integer, not 'four'",
+    ):
+        load_coordinator_config(path)
+    monkeypatch.delenv("CROWDSFT_TRAINING__LAYERS")
+    monkeypatch.setenv("CROWDSFT_TRAINING__LAYRS", "4")
+    with pytest.raises(
+        ConfigError,
+        match=r"environment variable CROWDSFT_TRAINING__LAYRS: unknown key training\.layrs",
+    ):
+        load_coordinator_config(path)
+
+
+def test_the_template_shows_every_key_with_its_default():
+    """The commented template and the sections' defaults cannot drift apart: every key of
+    every section is in the template (commented out where it has no default), with the
+    section's own default value."""
+    import dataclasses
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from crowdsft.config import _SECTIONS
+
+    parsed = tomllib.loads(DEFAULT_COORDINATOR_TOML)
+    for name, cls in _SECTIONS.items():
+        table = parsed.get(name, {})
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name in table:
+                value = table[f.name]
+                if isinstance(default, Path):
+                    value = Path(value)
+                elif isinstance(default, tuple):
+                    value = tuple(value)
+                assert value == default, f"{name}.{f.name}: template {value!r}, default {default!r}"
+            else:
+                # no default worth writing (None, an empty table): shown commented out
+                assert default in (None, {}), f"{name}.{f.name} is missing from the template"
+                pattern = rf"^# (\[{name}\.)?{f.name}( =|\])"
+                assert re.search(pattern, DEFAULT_COORDINATOR_TOML, re.M), f"{name}.{f.name}"
