@@ -440,9 +440,11 @@ def round_(config_path: Path, as_json: bool) -> None:
         click.echo("  no candidate beat the current model; nothing changed")
 
 
-def export_model(config, out: Path) -> dict:
+def export_model(config, out: Path, adapters: bool = False) -> dict:
     """Merge the current lineage into the base model and save it where
-    ``AutoModelForCausalLM.from_pretrained(out)`` loads it. Returns what was written."""
+    ``AutoModelForCausalLM.from_pretrained(out)`` loads it. ``adapters``: also write each
+    winning adapter in PEFT's format under ``out/adapters/NN-<hash>/`` (in lineage order:
+    adapter k applies over the base with adapters 1..k-1 merged). Returns what was written."""
     from crowdsft import atomic
     from crowdsft.coordinator.store import queries
     from crowdsft.coordinator.store.db import Store
@@ -452,11 +454,13 @@ def export_model(config, out: Path) -> dict:
         lineage = queries.lineage(store)
     device, dtype = llm.device_and_dtype("cpu")
     model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
-    for digest in lineage:
-        model = llm.merge_adapter(
-            model, llm.load_adapter(config.adapter_dir, digest), config.training
-        )
     with atomic.folder(out) as tmp:  # a half-written export never replaces a whole one
+        for k, digest in enumerate(lineage, 1):
+            adapter = llm.load_adapter(config.adapter_dir, digest)
+            if adapters:
+                folder = tmp / "adapters" / f"{k:02d}-{digest[:12]}"
+                llm.save_peft(adapter, config.training, model, folder, config.model.base)
+            model = llm.merge_adapter(model, adapter, config.training)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return {"out": str(out), "base": config.model.base, "lineage": lineage}
@@ -470,11 +474,17 @@ def export_model(config, out: Path) -> dict:
     required=True,
     help="Folder for the merged model.",
 )
-def export(config_path: Path, out: Path) -> None:
+@click.option(
+    "--adapters",
+    is_flag=True,
+    help="Also write each winning adapter in PEFT's format under OUT/adapters/ (in lineage "
+    "order; PeftModel.from_pretrained loads each over the model with the earlier ones merged).",
+)
+def export(config_path: Path, out: Path, adapters: bool) -> None:
     """Write the current best model, merged, as a Hugging Face model folder."""
     from crowdsft.config import load_coordinator_config
 
-    info = export_model(load_coordinator_config(config_path), out)
+    info = export_model(load_coordinator_config(config_path), out, adapters=adapters)
     click.echo(
         f"wrote {info['out']}: {info['base']} with {len(info['lineage'])} winning "
         "adapter(s) merged in"

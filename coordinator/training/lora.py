@@ -460,6 +460,28 @@ def adapter_bytes(adapter: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.contiguous() for k, v in sorted(adapter.items())})
 
 
+def save_peft(
+    adapter: dict[str, torch.Tensor],
+    config: TrainingConfig,
+    model: Any,
+    folder: Path,
+    base_name: str = "",
+) -> None:
+    """Write ``adapter`` in PEFT's own format (``adapter_config.json`` and
+    ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes them) into
+    ``folder``, for ``PeftModel.from_pretrained(model, folder)``. ``model``: the model the
+    adapter was trained on (for the layer count); ``base_name``: recorded as the base."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lcfg = lora_config(config, model)
+    lcfg.base_model_name_or_path = base_name or None
+    lcfg.save_pretrained(str(folder))
+    tensors = {k: v.contiguous() for k, v in sorted(adapter.items())}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def save_adapter(adapter: dict[str, torch.Tensor], folder: Path) -> str:
     """Write the adapter as ``<sha256>.safetensors`` in ``folder`` (atomically: a temporary
     file, fsync, rename, fsync of the folder) and return the hash. Writing the same adapter

@@ -336,7 +336,7 @@ def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny,
         )
     )
     out = tmp_path / "export"
-    info = export_model(coord.config, out)
+    info = export_model(coord.config, out, adapters=True)
     assert info["lineage"] == [digest]
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     batch = llm.encode(tok, [{"prompt": "p", "response": "yes"}])
@@ -344,6 +344,17 @@ def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny,
         expected = m(input_ids=batch.input_ids).logits
         got = loaded(input_ids=batch.input_ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # the adapter in PEFT's own format: PeftModel.from_pretrained loads it over the base
+    from peft import PeftModel
+
+    (folder,) = (out / "adapters").iterdir()
+    assert folder.name == f"01-{digest[:12]}"
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    peft = PeftModel.from_pretrained(fresh, str(folder)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            peft(input_ids=batch.input_ids).logits, expected, rtol=1e-4, atol=1e-4
+        )
 
 
 def dataclasses_asdict(config):
