@@ -39,7 +39,8 @@ def minilm_path() -> Path:
 
 
 class SentenceEmbedder(Embedder):
-    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 by default)."""
+    """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2 by default), through
+    ``sentence-transformers``, on ``device`` (the coordinator passes its model's device)."""
 
     def __init__(
         self,
@@ -48,34 +49,29 @@ class SentenceEmbedder(Embedder):
         max_length: int = 256,
         device: str = "cpu",
     ) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
 
         path = str(model) if model else str(minilm_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model: Any = AutoModel.from_pretrained(path).to(device).eval()
+        self.model: Any = SentenceTransformer(path, device=device)
+        self.model.max_seq_length = max_length
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
-        self._torch = torch
 
     def embed(self, texts):
-        torch = self._torch
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(
-                    list(texts[i : i + self.batch_size]),
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 0))
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, 0))
+        return np.asarray(
+            self.model.encode(
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            ),
+            dtype=np.float32,
+        )
 
 
 @hookimpl

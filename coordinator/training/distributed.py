@@ -269,13 +269,19 @@ class RayExecutor:
                 self.model, lineage, adapter, space.training, answers, self.num_gpus
             )
             refs[ref] = model
+        fetched: set[Any] = set()
         try:
             for ref, model in refs.items():
                 texts, _ = ray.get(ref)
+                fetched.add(ref)
                 space.record_answers(model, texts)
-        finally:
+        except BaseException:
+            # only tasks not yet answered: cancelling a finished one races with its reply,
+            # which Ray (2.60) treats as a fatal error in the driver
             for ref in refs:
-                ray.cancel(ref, force=True)
+                if ref not in fetched:
+                    ray.cancel(ref, force=True)
+            raise
 
     def train(
         self,
@@ -312,8 +318,10 @@ class RayExecutor:
                 self.placements.append({"group": job.group} | where)
                 yield job.group, digest
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            if pending:  # stopped early: cancel what still runs (not what has finished)
+                _, running = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                for ref in running:
+                    ray.cancel(ref, force=True)
 
     def close(self) -> None:
         import ray

@@ -14,6 +14,7 @@ well. The paper's LLM experiment used a single prompt, where the two coincide.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -351,7 +352,14 @@ def build_llm_space(
     device, dtype = llm.device_and_dtype(config.model.device)
     logger.info("loading base model %s on %s", config.model.base, device)
     model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
-    embedder = plugins.create("embedder", config.evaluation.embedder)
+    # the embedder on the model's device, where its factory takes one
+    factory = plugins.get("embedder", config.evaluation.embedder).factory
+    try:
+        takes_device = "device" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_device = False
+    options = {"device": device.type} if takes_device else {}
+    embedder = plugins.create("embedder", config.evaluation.embedder, **options)
     e = config.evaluation
     return LLMSpace(
         model,

@@ -102,15 +102,20 @@ def test_the_executor_comes_from_the_config(make_coordinator):
 
 def _kill_one_training_worker(stop: threading.Event, killed: list[int]) -> None:
     """SIGKILL the first Ray worker seen running a candidate's training (Ray titles a
-    worker process ``ray::train_remote`` while it runs that task)."""
+    worker process ``ray::train_remote`` while it runs that task): only this test's own
+    (the local Ray's workers descend from this process), never another Ray's on the machine."""
     import psutil
 
+    me = psutil.Process()
     while not stop.is_set() and not killed:
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
+        for proc in me.children(recursive=True):
+            try:
+                cmd = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
             if cmd.startswith("ray::train_remote"):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
                 return
         time.sleep(0.05)
 
