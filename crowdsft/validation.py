@@ -143,16 +143,17 @@ def example_problems(
     for name, value in (("prompt", prompt), ("response", response), ("system", system)):
         if value is None:
             continue
+        size = len(value.encode("utf-8"))
+        if size > limits.max_field_bytes:  # also a blank system prompt: every field is bounded
+            problems.append(
+                f"{where}{name} is {size} bytes; the limit is {limits.max_field_bytes} bytes"
+            )
+            continue
         if not value.strip():
             if name != "system":
                 problems.append(f"{where}{name} is empty")
             continue
-        size = len(value.encode("utf-8"))
-        if size > limits.max_field_bytes:
-            problems.append(
-                f"{where}{name} is {size} bytes; the limit is {limits.max_field_bytes} bytes"
-            )
-        elif has_long_combining_run(value):
+        if has_long_combining_run(value):
             problems.append(
                 f"{where}{name} has more than {MAX_COMBINING_RUN} combining marks in a row "
                 "(Unicode's stream-safe limit)"

@@ -50,3 +50,12 @@ def test_unknown_fields_are_found_in_nested_messages():
     )
     found = unknown_fields(payload)
     assert len(found) == 2 and "examples[0]" in found[1]
+
+
+def test_a_blank_system_prompt_is_bounded_like_every_field():
+    from crowdsft.validation import Limits, example_problems
+
+    limits = Limits(max_field_bytes=100)
+    assert example_problems("p", "r", " " * 100, limits) == []  # blank: no system prompt
+    (problem,) = example_problems("p", "r", " " * 101, limits)
+    assert problem == "system is 101 bytes; the limit is 100 bytes"
