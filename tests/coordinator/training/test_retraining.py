@@ -254,6 +254,9 @@ def test_the_coordinator_config_credits_against_held_out_prompts(
     real = get_plugins()
 
     class Plugins:
+        def get(self, kind, name):
+            return real.get(kind, name)
+
         def create(self, kind, name, **kw):
             return char_embedder if kind == "embedder" else real.create(kind, name, **kw)
 
