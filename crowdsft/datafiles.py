@@ -13,8 +13,9 @@ Blank lines are skipped. Nothing is sent while any line is bad.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +94,25 @@ def parse_object(obj: object) -> tuple[str, str, str | None]:
     return obj["prompt"], obj["response"], obj.get("system")
 
 
-def records_from_dicts(
-    items: Iterable[Mapping[str, Any]], name: str = "examples", limits: Limits | None = None
+Parse = Callable[[], tuple[str, str, str | None]]
+
+
+def _collect(
+    entries: Iterable[tuple[int, str, Parse]],
+    limits: Limits,
+    heading: Callable[[int], str],
+    empty: str,
 ) -> list[Record]:
-    """Records from dicts of either shape (the SDK's input), or InputError listing every
-    bad item by its index (``examples[3]: ...``); ``Record.line`` is the index + 1."""
-    limits = limits or Limits()
+    """Every entry parsed and checked (``(number, label, parse)``), or InputError listing each
+    bad one by its label under ``heading(count)``; ``empty`` when there is none at all."""
     records: list[Record] = []
     problems: list[str] = []
-    for i, obj in enumerate(items):
-        where = f"{name}[{i}]"
+    for number, where, parse in entries:
         try:
-            prompt, response, system = parse_object(dict(obj) if isinstance(obj, Mapping) else obj)
+            prompt, response, system = parse()
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})")
+            continue
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
@@ -112,19 +120,35 @@ def records_from_dicts(
         if bad:
             problems.extend(f"{where}: {p}" for p in bad)
             continue
-        records.append(Record(i + 1, prompt, response, system))
+        records.append(Record(number, prompt, response, system))
     if problems:
         shown = problems[:MAX_REPORTED]
         more = len(problems) - len(shown)
         tail = f"\n  ... and {more} more" if more else ""
-        raise InputError(
-            f"{len(problems)} problem(s) in {name}; nothing was sent:\n  "
-            + "\n  ".join(shown)
-            + tail
-        )
+        raise InputError(heading(len(problems)) + "\n  " + "\n  ".join(shown) + tail)
     if not records:
-        raise InputError(f"{name}: no examples given")
+        raise InputError(empty)
     return records
+
+
+def records_from_dicts(
+    items: Iterable[Mapping[str, Any]], name: str = "examples", limits: Limits | None = None
+) -> list[Record]:
+    """Records from dicts of either shape (the SDK's input), or InputError listing every
+    bad item by its index (``examples[3]: ...``); ``Record.line`` is the index + 1."""
+    return _collect(
+        (
+            (
+                i + 1,
+                f"{name}[{i}]",
+                partial(parse_object, dict(obj) if isinstance(obj, Mapping) else obj),
+            )
+            for i, obj in enumerate(items)
+        ),
+        limits or Limits(),
+        lambda n: f"{n} problem(s) in {name}; nothing was sent:",
+        f"{name}: no examples given",
+    )
 
 
 FORMATS = ("jsonl", "csv", "parquet", "datasets")
@@ -215,68 +239,31 @@ def read_records(
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}: {', '.join(FORMATS)}")
-    if fmt != "jsonl":
+    entries: Iterable[tuple[int, str, Parse]]
+    if fmt == "jsonl":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"no such file: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
+        entries = (
+            (n, f"line {n}", partial(parse_record, line))
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        )
+    else:
         if not path.exists():
             raise InputError(f"no such file: {path}")
-        return _read_table(path, fmt, limits or Limits())
-    limits = limits or Limits()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"no such file: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    records: list[Record] = []
-    problems: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            prompt, response, system = parse_record(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {n}: not valid JSON: {exc.msg} (column {exc.colno})")
-            continue
-        except ValueError as exc:
-            problems.append(f"line {n}: {exc}")
-            continue
-        bad = example_problems(prompt, response, system, limits)
-        if bad:
-            problems.extend(f"line {n}: {p}" for p in bad)
-            continue
-        records.append(Record(n, prompt, response, system))
-    if problems:
-        shown = problems[:MAX_REPORTED]
-        more = len(problems) - len(shown)
-        tail = f"\n  ... and {more} more" if more else ""
-        raise InputError(
-            f"{path}: {len(problems)} problem(s); nothing was sent:\n  " + "\n  ".join(shown) + tail
+        entries = (
+            (n, f"row {n}", partial(parse_object, row))
+            for n, row in enumerate(_table_rows(path, fmt), 1)
         )
-    if not records:
-        raise InputError(f"{path} holds no records")
-    return records
-
-
-def _read_table(path: Path, fmt: str, limits: Limits) -> list[Record]:
-    records: list[Record] = []
-    problems: list[str] = []
-    for n, row in enumerate(_table_rows(path, fmt), 1):
-        try:
-            prompt, response, system = parse_object(row)
-        except ValueError as exc:
-            problems.append(f"row {n}: {exc}")
-            continue
-        bad = example_problems(prompt, response, system, limits)
-        if bad:
-            problems.extend(f"row {n}: {p}" for p in bad)
-            continue
-        records.append(Record(n, prompt, response, system))
-    if problems:
-        shown = problems[:MAX_REPORTED]
-        more = len(problems) - len(shown)
-        tail = f"\n  ... and {more} more" if more else ""
-        raise InputError(
-            f"{path}: {len(problems)} problem(s); nothing was sent:\n  " + "\n  ".join(shown) + tail
-        )
-    if not records:
-        raise InputError(f"{path} holds no records")
-    return records
+    return _collect(
+        entries,
+        limits or Limits(),
+        lambda k: f"{path}: {k} problem(s); nothing was sent:",
+        f"{path} holds no records",
+    )

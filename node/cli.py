@@ -362,19 +362,9 @@ def watch(address: str, after: int, count: int, as_json: bool) -> None:
 def _show_event(ev, as_json: bool) -> None:
     import json as jsonlib
 
-    info = {
-        "round_id": ev.round_id,
-        "kind": ev.kind,
-        "groups": ev.groups,
-        "contributors": ev.contributors,
-    }
-    if ev.kind == "finished":
-        info |= {
-            "scores": list(ev.scores),
-            "base_score": ev.base_score,
-            "updated": ev.updated,
-            "winner": ev.winner,
-        }
+    from crowdsft.node.watch import event_dict
+
+    info = event_dict(ev)
     if as_json:
         click.echo(jsonlib.dumps(info))
     elif ev.kind == "planned":

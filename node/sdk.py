@@ -29,7 +29,7 @@ from .client import CoordinatorClient, TLSClient
 from .state import NodeState, default_key_path
 from .submit import Metadata, UploadReport, chunk_key, upload
 from .verify import NodeVerification, held_receipts, verify_node
-from .watch import follow_rounds
+from .watch import event_dict, follow_rounds
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,10 @@ class Node:
                 metadata=metadata,
                 trust_new_key=self.trust_new_coordinator_key,
             )
-            coord_key = self.client.info().public_key
-            k = max(1, examples_per_contribution)
-            limits_k = min(k, _max_per_contribution(self.client))
+            info = self.client.info()
+            coord_key = info.public_key
+            # as upload split them: at most the coordinator's examples per contribution
+            limits_k = max(1, min(examples_per_contribution, info.max_examples_per_contribution))
             receipts = []
             for i in range(0, len(records), limits_k):
                 chunk: list[Record] = records[i : i + limits_k]
@@ -205,23 +206,6 @@ class Node:
         events = follow_rounds(self.client, after)
         try:
             for ev in events:
-                info: dict[str, Any] = {
-                    "round_id": ev.round_id,
-                    "kind": ev.kind,
-                    "groups": ev.groups,
-                    "contributors": ev.contributors,
-                }
-                if ev.kind == "finished":
-                    info |= {
-                        "scores": list(ev.scores),
-                        "base_score": ev.base_score,
-                        "updated": ev.updated,
-                        "winner": ev.winner,
-                    }
-                yield info
+                yield event_dict(ev)
         finally:
             events.close()
-
-
-def _max_per_contribution(client: CoordinatorClient) -> int:
-    return int(client.info().max_examples_per_contribution) or 1

@@ -56,3 +56,23 @@ def follow_rounds(client: CoordinatorClient, after: int = 0) -> Generator[Any, N
             )
         time.sleep(client.backoff.delay(reconnects))
         reconnects += 1
+
+
+def event_dict(ev: Any) -> dict[str, Any]:
+    """A round event as plain data (``node watch --json``, ``Node.watch``): ``round_id``,
+    ``kind``, ``groups``, ``contributors``; finished events add ``scores``, ``base_score``,
+    ``updated`` and ``winner``."""
+    info: dict[str, Any] = {
+        "round_id": ev.round_id,
+        "kind": ev.kind,
+        "groups": ev.groups,
+        "contributors": ev.contributors,
+    }
+    if ev.kind == "finished":
+        info |= {
+            "scores": list(ev.scores),
+            "base_score": ev.base_score,
+            "updated": ev.updated,
+            "winner": ev.winner,
+        }
+    return info
