@@ -11,11 +11,14 @@ import sys
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from crowdsft.v1 import contribution_pb2
+
+_Example = TypeVar("_Example", bound=Mapping[str, str])
 
 MIN_NONCE_BYTES = 16
 MAX_NONCE_BYTES = 64
@@ -315,3 +318,16 @@ def examples_to_proto(examples: Sequence[Mapping[str, str]]) -> list[contributio
 def payload_examples(payload: bytes) -> list[dict[str, str]]:
     """The examples of a stored (signed) contribution payload, as dicts."""
     return example_dicts(contribution_pb2.ContributionPayload.FromString(payload))
+
+
+def training_order(examples: Sequence[_Example]) -> list[_Example]:
+    """A contributor's examples in the order a round trains on them: sorted by the SHA-256 of
+    their exact fields. Fine-tuning depends on order, and neither the order in which a node's
+    contributions arrived (its upload stream may commit them out of file order) nor how it
+    batched examples into contributions may change a round's result."""
+
+    def key(e: _Example) -> bytes:
+        fields = (e.get("system", "\x00"), e["prompt"], e["response"])
+        return hashlib.sha256("\x1f".join(fields).encode("utf-8")).digest()
+
+    return sorted(examples, key=key)

@@ -35,7 +35,7 @@ from crowdsft.errors import ConfigError, CrowdSFTError
 from crowdsft.keys import Identity
 from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.tournament import Strategies, Tournament, check_credit, replay_points
-from crowdsft.validation import payload_examples
+from crowdsft.validation import payload_examples, training_order
 
 from ..store import queries
 from ..store.chain import append_record, decided_rounds
@@ -246,7 +246,7 @@ class RoundRunner:
         data: dict[str, list[dict[str, str]]] = {n: [] for n in contributors}
         for node_id, payload in queries.round_payloads(self.store, round_id):
             data[node_id] += payload_examples(payload)
-        return [data[n] for n in contributors]
+        return [training_order(data[n]) for n in contributors]
 
     # -- train and score ---------------------------------------------------------------------
 

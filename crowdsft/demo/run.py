@@ -344,7 +344,7 @@ def _round_data(store: Any, space: Any, config: Any) -> list[dict[str, str]]:
     so that the single-model baseline and the tournament see the same data."""
     from crowdsft.coordinator.rounds import copies
     from crowdsft.coordinator.store import queries
-    from crowdsft.validation import payload_examples
+    from crowdsft.validation import payload_examples, training_order
 
     rows = queries.unflagged_contributions(store)
     flagged: set[int] = set()
@@ -357,10 +357,13 @@ def _round_data(store: Any, space: Any, config: Any) -> list[dict[str, str]]:
             threshold,
         )
         flagged = {copy.seq for copy, _, _ in found}
-    # in node order, each node's in its own submission order: the store's order interleaves
-    # the nodes as their uploads happened to arrive, which would make the baseline vary
-    kept = sorted((r for r in rows if r.seq not in flagged), key=lambda r: (r.node_id, r.seq))
-    return [e for r in kept for e in payload_examples(r.payload)]
+    # in node order, each node's in the order rounds train on them: the store's order
+    # follows the uploads' arrival, which would make the baseline vary from run to run
+    by_node: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        if r.seq not in flagged:
+            by_node.setdefault(r.node_id, []).extend(payload_examples(r.payload))
+    return [e for n in sorted(by_node) for e in training_order(by_node[n])]
 
 
 def held_out_distance(

@@ -143,3 +143,25 @@ def test_a_round_resumed_under_another_reward_rule_is_refused(make_runner, make_
     with pytest.raises(ConfigError, match="planned under reward 'rank'"):
         changed.run()
     assert runner.run().round_id == 1  # under the rule it was planned with, it finishes
+
+
+def test_a_round_trains_each_node_on_the_same_data_whatever_order_it_arrived_in(make_runner):
+    """A node's upload stream may commit its contributions out of file order; fine-tuning is
+    order-sensitive, so a round must hand each group the same examples in the same order."""
+    seen = []
+
+    def run(order):
+        coord, runner = make_runner()
+        with coord.client() as c:
+            for ident in NODES:
+                examples = [{"prompt": f"q{j}", "response": f"{ident.node_id} {j}"} for j in order]
+                for ex in examples:
+                    c.submit_one(sign_contribution(ident, [ex]))
+        set_data = runner.space.set_data
+        runner.space.set_data = lambda data: (seen.append(data), set_data(data))
+        runner.run()
+
+    run([0, 1, 2, 3])
+    run([3, 1, 0, 2])
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert [len(examples) for examples in seen[0]] == [4] * len(NODES)
