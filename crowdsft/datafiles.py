@@ -2,10 +2,14 @@
 
 Two record shapes are accepted, one JSON object per line:
 
-* ``{"prompt": "...", "response": "...", "system": "..."}`` (``system`` optional);
+* ``{"prompt": "...", "response": "...", "system": "..."}`` (``system`` optional; a
+  conversation's earlier turns may come as ``"history": [{"user": "...", "assistant": "..."}]``,
+  oldest first);
 * ``{"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
-  {"role": "assistant", "content": "..."}]}`` (chat format; one optional system message, then
-  one user turn and one assistant turn).
+  {"role": "assistant", "content": "..."}, ...]}`` (chat format: one optional system message
+  first, then user and assistant turns in alternation, starting with the user and ending with
+  the assistant). The last assistant turn is the response that training teaches; the turns
+  before the last user turn are its context.
 
 Blank lines are skipped. Nothing is sent while any line is bad.
 """
@@ -25,25 +29,38 @@ from crowdsft.validation import Limits, example_problems
 MAX_REPORTED = 20
 
 
+Turns = tuple[tuple[str, str], ...]  # a conversation's earlier (user, assistant) turns
+
+
 @dataclass(frozen=True)
 class Record:
     line: int
     prompt: str
     response: str
     system: str | None = None
+    history: Turns = ()
 
-    def as_dict(self) -> dict[str, str]:
-        d = {"prompt": self.prompt, "response": self.response}
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"prompt": self.prompt, "response": self.response}
         if self.system is not None:
             d["system"] = self.system
+        if self.history:
+            d["history"] = [{"user": u, "assistant": a} for u, a in self.history]
         return d
 
 
-def _from_messages(messages: object) -> tuple[str, str, str | None]:
+Parsed = tuple[str, str, str | None, Turns]  # prompt, response, system, history
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
+def _from_messages(messages: object) -> Parsed:
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
     system = None
-    turns = []
+    texts: list[str] = []
     for i, m in enumerate(messages):
         if (
             not isinstance(m, dict)
@@ -51,30 +68,59 @@ def _from_messages(messages: object) -> tuple[str, str, str | None]:
             or not isinstance(m.get("content"), str)
         ):
             raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] == "system":
+        role = m["role"]
+        if role == "system":
             if i != 0:
-                raise ValueError("a system message may only come first")
+                raise ValueError(f"messages[{i}] is a system message; only the first may be one")
             system = m["content"]
-        elif m["role"] in ("user", "assistant"):
-            turns.append((m["role"], m["content"]))
+        elif role in ("user", "assistant"):
+            expected = "user" if len(texts) % 2 == 0 else "assistant"
+            if role != expected:
+                raise ValueError(
+                    f"messages[{i}] is {_a(role)} turn where {_a(expected)} turn belongs: "
+                    "user and assistant turns alternate, starting with the user"
+                )
+            texts.append(m["content"])
         else:
-            raise ValueError(f"messages[{i}] has unknown role {m['role']!r}")
-    if [r for r, _ in turns] != ["user", "assistant"]:
-        if len(turns) > 2:
             raise ValueError(
-                "multi-turn conversations are not supported yet: give one user turn and one "
-                "assistant turn"
+                f"messages[{i}] has unknown role {role!r} (roles: system, user, assistant)"
             )
-        raise ValueError("messages must hold one user turn followed by one assistant turn")
-    return turns[0][1], turns[1][1], system
+    if not texts or len(texts) % 2:
+        raise ValueError(
+            "messages must end with an assistant turn (the response to learn)"
+            if texts
+            else "messages hold no user turn"
+        )
+    pairs = tuple(zip(texts[0::2], texts[1::2], strict=True))
+    (prompt, response), history = pairs[-1], pairs[:-1]
+    return prompt, response, system, history
 
 
-def parse_record(line: str) -> tuple[str, str, str | None]:
+def _from_history(value: object) -> Turns:
+    if not isinstance(value, list):
+        raise ValueError('"history" must be a list of {"user": ..., "assistant": ...} objects')
+    turns = []
+    for i, t in enumerate(value):
+        if (
+            not isinstance(t, dict)
+            or set(t) != {"user", "assistant"}
+            or not all(isinstance(v, str) for v in t.values())
+        ):
+            raise ValueError(
+                f"history[{i}] must be an object with exactly the string keys 'user' and "
+                "'assistant'"
+            )
+        turns.append((t["user"], t["assistant"]))
+    return tuple(turns)
+
+
+def parse_record(line: str) -> Parsed:
     return parse_object(json.loads(line))
 
 
-def parse_object(obj: object) -> tuple[str, str, str | None]:
-    """(prompt, response, system) of one record (a dict of either shape), or ValueError."""
+def parse_object(obj: object) -> Parsed:
+    """(prompt, response, system, history) of one record (a dict of either shape), or
+    ValueError."""
     if not isinstance(obj, dict):
         raise ValueError("a record must be a JSON object")
     if "messages" in obj:
@@ -82,7 +128,7 @@ def parse_object(obj: object) -> tuple[str, str, str | None]:
         if extra:
             raise ValueError(f"unexpected keys beside 'messages': {', '.join(sorted(extra))}")
         return _from_messages(obj["messages"])
-    extra = set(obj) - {"prompt", "response", "system"}
+    extra = set(obj) - {"prompt", "response", "system", "history"}
     if extra:
         raise ValueError(f"unexpected keys: {', '.join(sorted(extra))}")
     for key in ("prompt", "response"):
@@ -91,10 +137,11 @@ def parse_object(obj: object) -> tuple[str, str, str | None]:
     for key in ("prompt", "response", "system"):
         if key in obj and not isinstance(obj[key], str):
             raise ValueError(f'"{key}" must be a string')
-    return obj["prompt"], obj["response"], obj.get("system")
+    history = _from_history(obj["history"]) if "history" in obj else ()
+    return obj["prompt"], obj["response"], obj.get("system"), history
 
 
-Parse = Callable[[], tuple[str, str, str | None]]
+Parse = Callable[[], Parsed]
 
 
 def _collect(
@@ -109,18 +156,18 @@ def _collect(
     problems: list[str] = []
     for number, where, parse in entries:
         try:
-            prompt, response, system = parse()
+            prompt, response, system, history = parse()
         except json.JSONDecodeError as exc:
             problems.append(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})")
             continue
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        bad = example_problems(prompt, response, system, limits)
+        bad = example_problems(prompt, response, system, limits, history=history)
         if bad:
             problems.extend(f"{where}: {p}" for p in bad)
             continue
-        records.append(Record(number, prompt, response, system))
+        records.append(Record(number, prompt, response, system, history))
     if problems:
         shown = problems[:MAX_REPORTED]
         more = len(problems) - len(shown)
@@ -170,7 +217,7 @@ def detect_format(path: Path) -> str:
 
 def _table_rows(path: Path, fmt: str) -> Iterator[object]:
     """The rows of a CSV file, a Parquet file or a saved Hugging Face dataset, as dicts (a
-    ``messages`` cell of a CSV file is JSON text)."""
+    ``messages`` or ``history`` cell of a CSV file is JSON text)."""
     if fmt == "csv":
         import csv
 
@@ -183,11 +230,14 @@ def _table_rows(path: Path, fmt: str) -> Iterator[object]:
                         out["(extra cells)"] = row[None]
                     if "system" in out and out["system"] == "":
                         del out["system"]  # an empty cell: no system prompt
-                    if isinstance(out.get("messages"), str):
-                        try:
-                            out["messages"] = json.loads(str(out["messages"]))
-                        except json.JSONDecodeError as exc:
-                            out["messages"] = f"not JSON: {exc.msg}"
+                    if out.get("history") == "":
+                        del out["history"]  # an empty cell: a single-turn example
+                    for key in ("messages", "history"):
+                        if isinstance(out.get(key), str):
+                            try:
+                                out[key] = json.loads(str(out[key]))
+                            except json.JSONDecodeError as exc:
+                                out[key] = f"not JSON: {exc.msg}"
                     yield out
         except UnicodeDecodeError as exc:
             raise InputError(f"{path} is not UTF-8 text ({exc.reason})") from None

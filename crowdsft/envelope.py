@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -65,11 +65,12 @@ def sign_envelope(identity: Identity, payload: Message) -> envelope_pb2.SignedEn
 
 def sign_contribution(
     identity: Identity,
-    examples: Sequence[Mapping[str, str]],
+    examples: Sequence[Mapping[str, Any]],
     metadata: contribution_pb2.ContributionMetadata | None = None,
 ) -> envelope_pb2.SignedEnvelope:
     """A signed contribution of ``examples`` (dicts with ``prompt``, ``response`` and
-    optionally ``system``), with a fresh nonce and the current time: the one way every sender
+    optionally ``system`` and ``history``, a conversation's earlier turns as ``{"user",
+    "assistant"}`` dicts), with a fresh nonce and the current time: the one way every sender
     (the node, the demo, the load test, the crash harness, the benchmarks) builds one."""
     from crowdsft.validation import examples_to_proto
 

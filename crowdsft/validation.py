@@ -11,20 +11,23 @@ import sys
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from crowdsft.v1 import contribution_pb2
 
-_Example = TypeVar("_Example", bound=Mapping[str, str])
+_Example = TypeVar("_Example", bound=Mapping[str, Any])
 
 MIN_NONCE_BYTES = 16
 MAX_NONCE_BYTES = 64
 MAX_LICENSE_CHARS = 256
 MAX_LABELS = 32
 MAX_LABEL_CHARS = 256
+# Earlier turns of a conversation one example may carry (each turn: a user message and the
+# assistant's answer). A protocol constant, like the label limits: not configurable.
+MAX_HISTORY_TURNS = 64
 # Unicode's stream-safe text format allows at most 30 non-starters (combining marks) in a row.
 # Longer runs make normalisation quadratic (canonical reordering sorts each run), so they are
 # refused before anything is normalised.
@@ -139,11 +142,23 @@ class Limits:
 
 
 def example_problems(
-    prompt: str, response: str, system: str | None, limits: Limits, where: str = ""
+    prompt: str,
+    response: str,
+    system: str | None,
+    limits: Limits,
+    where: str = "",
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
-    """What is wrong with one example, as messages (empty when it is fine)."""
+    """What is wrong with one example, as messages (empty when it is fine). ``history``: the
+    conversation's earlier turns, (user, assistant) pairs, oldest first."""
+    if len(history) > MAX_HISTORY_TURNS:
+        return [f"{where}history has {len(history)} turns; the limit is {MAX_HISTORY_TURNS}"]
     problems = []
-    for name, value in (("prompt", prompt), ("response", response), ("system", system)):
+    fields: list[tuple[str, str | None]] = [("system", system)]
+    for i, (user, assistant) in enumerate(history):
+        fields += [(f"history[{i}].user", user), (f"history[{i}].assistant", assistant)]
+    fields += [("prompt", prompt), ("response", response)]
+    for name, value in fields:
         if value is None:
             continue
         size = len(value.encode("utf-8"))
@@ -261,7 +276,9 @@ def check_payload(payload: contribution_pb2.ContributionPayload, limits: Limits)
                 break
     for i, ex in enumerate(payload.examples):
         system = ex.system if ex.HasField("system") else None
-        problems += example_problems(ex.prompt, ex.response, system, limits, f"examples[{i}].")
+        problems += example_problems(
+            ex.prompt, ex.response, system, limits, f"examples[{i}].", _turns(ex)
+        )
         if len(problems) > MAX_LISTED_PROBLEMS:
             break  # enough to say what is wrong; the rest is not worth the work
     if problems:
@@ -281,41 +298,67 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
-def example_fingerprint(prompt: str, response: str, system: str | None = None) -> bytes:
+def example_fingerprint(
+    prompt: str,
+    response: str,
+    system: str | None = None,
+    history: Sequence[tuple[str, str]] = (),
+) -> bytes:
     """SHA-256 of an example's normalised fields: equal for examples that differ only in case,
-    whitespace or Unicode form (what an exact copy with trivial edits looks like)."""
-    parts = (normalise(system or ""), normalise(prompt), normalise(response))
+    whitespace or Unicode form (what an exact copy with trivial edits looks like). The earlier
+    turns of a conversation count too; a single-turn example's fingerprint has none."""
+    parts = [normalise(system or ""), normalise(prompt), normalise(response)]
+    parts += [normalise(text) for turn in history for text in turn]
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+
+
+def _turns(example: contribution_pb2.Example) -> list[tuple[str, str]]:
+    return [(t.user, t.assistant) for t in example.history]
 
 
 def fingerprints(payload: contribution_pb2.ContributionPayload) -> list[bytes]:
     """``example_fingerprint`` of every example of a contribution, in order."""
     return [
-        example_fingerprint(e.prompt, e.response, e.system if e.HasField("system") else None)
+        example_fingerprint(
+            e.prompt, e.response, e.system if e.HasField("system") else None, _turns(e)
+        )
         for e in payload.examples
     ]
 
 
-def example_dicts(payload: contribution_pb2.ContributionPayload) -> list[dict[str, str]]:
-    """A contribution's examples as dicts: ``prompt``, ``response`` and ``system`` if given."""
+def history_pairs(example: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The earlier turns of an example dict (its ``history``), as (user, assistant) pairs."""
+    return [(t["user"], t["assistant"]) for t in example.get("history") or ()]
+
+
+def example_dicts(payload: contribution_pb2.ContributionPayload) -> list[dict[str, Any]]:
+    """A contribution's examples as dicts: ``prompt``, ``response``, and ``system`` and
+    ``history`` (a list of ``{"user", "assistant"}`` dicts, oldest first) where given."""
     return [
         {"prompt": e.prompt, "response": e.response}
         | ({"system": e.system} if e.HasField("system") else {})
+        | (
+            {"history": [{"user": u, "assistant": a} for u, a in _turns(e)]}
+            if len(e.history)
+            else {}
+        )
         for e in payload.examples
     ]
 
 
-def examples_to_proto(examples: Sequence[Mapping[str, str]]) -> list[contribution_pb2.Example]:
+def examples_to_proto(examples: Sequence[Mapping[str, Any]]) -> list[contribution_pb2.Example]:
     out = []
     for ex in examples:
         msg = contribution_pb2.Example(prompt=ex["prompt"], response=ex["response"])
         if ex.get("system") is not None:
             msg.system = ex["system"]
+        for user, assistant in history_pairs(ex):
+            msg.history.add(user=user, assistant=assistant)
         out.append(msg)
     return out
 
 
-def payload_examples(payload: bytes) -> list[dict[str, str]]:
+def payload_examples(payload: bytes) -> list[dict[str, Any]]:
     """The examples of a stored (signed) contribution payload, as dicts."""
     return example_dicts(contribution_pb2.ContributionPayload.FromString(payload))
 
@@ -327,7 +370,8 @@ def training_order(examples: Sequence[_Example]) -> list[_Example]:
     batched examples into contributions may change a round's result."""
 
     def key(e: _Example) -> bytes:
-        fields = (e.get("system", "\x00"), e["prompt"], e["response"])
+        fields = [e.get("system", "\x00"), e["prompt"], e["response"]]
+        fields += [text for turn in history_pairs(e) for text in turn]
         return hashlib.sha256("\x1f".join(fields).encode("utf-8")).digest()
 
     return sorted(examples, key=key)

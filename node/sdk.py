@@ -121,7 +121,8 @@ class Node:
         source: str = "sdk",
     ) -> SubmitResult:
         """Sign and submit ``examples`` (dicts with ``prompt``, ``response`` and optional
-        ``system``, or a chat ``messages`` list), ``examples_per_contribution`` per
+        ``system`` and ``history``, or a chat ``messages`` list, a whole conversation
+        allowed), ``examples_per_contribution`` per
         contribution. Every example is checked first (InputError naming each bad item by
         its index; nothing is sent). Resumes an interrupted upload of the same examples and
         sends nothing already receipted; rejected contributions are in

@@ -119,7 +119,7 @@ def check_against(records: Sequence[Record], limits: Limits, name: str) -> None:
     problems = [
         f"line {r.line}: {p}"
         for r in records
-        for p in example_problems(r.prompt, r.response, r.system, limits)
+        for p in example_problems(r.prompt, r.response, r.system, limits, history=r.history)
     ]
     if problems:
         raise InputError(

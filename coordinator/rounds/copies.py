@@ -10,21 +10,24 @@ the same ones.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from crowdsft.validation import payload_examples
+from crowdsft.validation import history_pairs, payload_examples
 
 from ..store.queries import StoredContribution
 
 CHUNK = 512
 
 
-def example_text(e: dict[str, str]) -> str:
-    """The text of an example that copies are compared on."""
-    return f"{e.get('system', '')}\n{e['prompt']}\n{e['response']}"
+def example_text(e: Mapping[str, Any]) -> str:
+    """The text of an example that copies are compared on (a conversation's earlier turns
+    included)."""
+    turns = "".join(f"{u}\n{a}\n" for u, a in history_pairs(e))
+    return f"{e.get('system', '')}\n{turns}{e['prompt']}\n{e['response']}"
 
 
 def example_texts(rows: Sequence[StoredContribution]) -> tuple[list[str], np.ndarray]:

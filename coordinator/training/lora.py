@@ -17,7 +17,7 @@ import importlib.util
 import io
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,10 +124,15 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _messages(example: dict[str, str]) -> list[dict[str, str]]:
+def _messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The chat messages before the response: the system prompt, a conversation's earlier
+    turns, and the prompt."""
     msgs = []
     if example.get("system"):
         msgs.append({"role": "system", "content": example["system"]})
+    for turn in example.get("history") or ():
+        msgs.append({"role": "user", "content": turn["user"]})
+        msgs.append({"role": "assistant", "content": turn["assistant"]})
     msgs.append({"role": "user", "content": example["prompt"]})
     return msgs
 
@@ -136,7 +141,7 @@ def _ids(tokenizer: Any, rendered: str) -> list[int]:
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-def prompt_text(tokenizer: Any, example: dict[str, str]) -> str:
+def prompt_text(tokenizer: Any, example: Mapping[str, Any]) -> str:
     return tokenizer.apply_chat_template(
         _messages(example), add_generation_prompt=True, tokenize=False
     )
@@ -152,12 +157,14 @@ class Batch:
 
 def encode(
     tokenizer: Any,
-    examples: Sequence[dict[str, str]],
+    examples: Sequence[Mapping[str, Any]],
     weights: Sequence[float] | None = None,
     max_length: int = 128,
 ) -> Batch:
     """Tokenise examples with the chat template; labels are -100 except on response tokens
-    (the response and the end-of-turn marker that closes it). Right-padded for training."""
+    (the response and the end-of-turn marker that closes it). Right-padded for training.
+    Longer than ``max_length`` tokens, a single-turn example loses its end; a conversation
+    loses its oldest turns first, so that the response it teaches stays in."""
     rows, labels = [], []
     for ex in examples:
         prompt = prompt_text(tokenizer, ex)
@@ -170,8 +177,12 @@ def encode(
         f_ids = _ids(tokenizer, full)
         if f_ids[: len(p_ids)] != p_ids:
             f_ids = p_ids + _ids(tokenizer, full[len(prompt) :])
+        context = len(p_ids)
+        if ex.get("history") and len(f_ids) > max_length:
+            cut = min(len(f_ids) - max_length, context)
+            f_ids, context = f_ids[cut:], context - cut
         ids = f_ids[:max_length]
-        lab = [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids) :]
+        lab = [-100] * min(context, len(ids)) + ids[context:]
         rows.append(ids)
         labels.append(lab[: len(ids)])
     width = max(len(r) for r in rows)

@@ -7,14 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Example(_message.Message):
-    __slots__ = ("prompt", "response", "system")
+    __slots__ = ("prompt", "response", "system", "history")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     response: str
     system: str
-    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., system: _Optional[str] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[Turn]
+    def __init__(self, prompt: _Optional[str] = ..., response: _Optional[str] = ..., system: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+
+class Turn(_message.Message):
+    __slots__ = ("user", "assistant")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    assistant: str
+    def __init__(self, user: _Optional[str] = ..., assistant: _Optional[str] = ...) -> None: ...
 
 class ContributionMetadata(_message.Message):
     __slots__ = ("license", "consent", "labels")

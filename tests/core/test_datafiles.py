@@ -50,33 +50,118 @@ def test_every_bad_line_is_reported_by_number(tmp_path):
             json.dumps({"messages": [{"role": "assistant", "content": "x"}]}),
             json.dumps({"prompt": "p", "response": "r", "extra": 1}),
             json.dumps(["a list"]),
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": "1"},
-                        {"role": "assistant", "content": "2"},
-                        {"role": "user", "content": "3"},
-                        {"role": "assistant", "content": "4"},
-                    ]
-                }
-            ),
         ],
     )
     with pytest.raises(InputError) as info:
         read_records(p)
     msg = str(info.value)
-    assert "7 problem(s); nothing was sent" in msg
+    assert "6 problem(s); nothing was sent" in msg
     for n, what in [
         (2, "not valid JSON"),
         (3, "prompt is empty"),
         (4, 'missing "response"'),
-        (5, "one user turn"),
+        (5, "messages[0] is an assistant turn where a user turn belongs"),
         (6, "unexpected keys: extra"),
-        (7, "must be a JSON object"),
-        (8, "multi-turn"),
+        (7, "a record must be a JSON object"),
     ]:
-        assert f"line {n}: " in msg and what in msg
+        assert f"line {n}: {what}" in msg
     assert "line 1:" not in msg
+
+
+def _chat(*turns, system=None):
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    roles = ("user", "assistant")
+    return {"messages": msgs + [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]}
+
+
+def test_a_conversation_teaches_its_last_answer_after_its_earlier_turns(tmp_path):
+    """Chat records of several turns (roles alternate, one optional system message first),
+    and the flat shape's ``history``, read into the same record."""
+    p = _write(
+        tmp_path,
+        [
+            json.dumps(_chat("hi", "hello", "how are you?", "fine", system="be brief")),
+            json.dumps(
+                {
+                    "system": "be brief",
+                    "history": [{"user": "hi", "assistant": "hello"}],
+                    "prompt": "how are you?",
+                    "response": "fine",
+                }
+            ),
+        ],
+    )
+    a, b = read_records(p)
+    assert (a.prompt, a.response, a.system, a.history) == (
+        "how are you?",
+        "fine",
+        "be brief",
+        (("hi", "hello"),),
+    )
+    assert (b.prompt, b.response, b.system, b.history) == (
+        a.prompt,
+        a.response,
+        a.system,
+        a.history,
+    )
+    assert a.as_dict() == {
+        "prompt": "how are you?",
+        "response": "fine",
+        "system": "be brief",
+        "history": [{"user": "hi", "assistant": "hello"}],
+    }
+    (single,) = read_records(_write(tmp_path, [json.dumps(_chat("q", "a"))]))
+    assert "history" not in single.as_dict()
+
+
+def test_every_malformed_conversation_is_named_by_line_and_message(tmp_path):
+    p = _write(
+        tmp_path,
+        [
+            json.dumps(_chat("q", "a", "again")),  # ends with the user
+            json.dumps(
+                _chat("q", "a", system="s")
+                | {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "system", "content": "s"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ),
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "user", "content": "q2"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ),
+            json.dumps(_chat("q", "  ", "q2", "a")),  # an empty earlier answer
+            json.dumps({"prompt": "p", "response": "r", "history": [{"user": "u"}]}),
+            json.dumps({"prompt": "p", "response": "r", "history": "u: hi"}),
+            json.dumps(_chat(*["x"] * (2 * 65 + 2))),
+            json.dumps({"messages": [{"role": "system", "content": "s"}]}),
+            json.dumps({"messages": [{"role": "tool", "content": "t"}]}),
+        ],
+    )
+    with pytest.raises(InputError) as info:
+        read_records(p)
+    msg = str(info.value)
+    assert "9 problem(s)" in msg
+    for n, what in [
+        (1, "messages must end with an assistant turn"),
+        (2, "messages[1] is a system message; only the first may be one"),
+        (3, "messages[1] is a user turn where an assistant turn belongs"),
+        (4, "history[0].assistant is empty"),
+        (5, "history[0] must be an object with exactly the string keys"),
+        (6, '"history" must be a list'),
+        (7, "history has 65 turns; the limit is 64"),
+        (8, "messages hold no user turn"),
+        (9, "messages[0] has unknown role 'tool'"),
+    ]:
+        assert f"line {n}: {what}" in msg
 
 
 def test_oversized_field(tmp_path):

@@ -176,6 +176,46 @@ def test_contribution_vector_is_a_valid_contribution_with_empty_and_absent_syste
     assert b"\x1a" not in msg.examples[2].SerializeToString()
 
 
+def spec_fingerprint(system: str, turns: list[tuple[str, str]], prompt: str, response: str):
+    """The fingerprint by the formula of §6.1, written out apart from the library's."""
+    import unicodedata
+
+    def normalise(t: str) -> str:
+        return " ".join(unicodedata.normalize("NFKC", t).casefold().split())
+
+    text = "\x1f".join([normalise(system), normalise(prompt), normalise(response)])
+    for user, assistant in turns:
+        text += "\x1f" + normalise(user) + "\x1f" + normalise(assistant)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_conversation_vector_bytes_and_fingerprint():
+    v = vectors()["conversation"]
+    f = v["fields"]
+    turns = [(t["user"], t["assistant"]) for t in f["history"]]
+    example = contribution_pb2.Example(
+        prompt=f["prompt"], response=f["response"], system=f["system"]
+    )
+    for user, assistant in turns:
+        example.history.add(user=user, assistant=assistant)
+    assert example.SerializeToString().hex() == v["example"]
+    payload = contribution_pb2.ContributionPayload(
+        examples=[example], nonce=bytes(16), timestamp_ms=1
+    )
+    checked = check_payload(payload, Limits())
+    assert checked.problems == []
+    assert checked.fingerprints[0].hex() == v["fingerprint"]
+    assert spec_fingerprint(f["system"], turns, f["prompt"], f["response"]) == v["fingerprint"]
+    # the same last turn without its history is another example
+    assert spec_fingerprint(f["system"], [], f["prompt"], f["response"]) != v["fingerprint"]
+
+
+def test_single_turn_fingerprints_follow_the_formula():
+    msg = build("contribution")
+    for example, fp in zip(msg.examples, check_payload(msg, Limits()).fingerprints, strict=True):
+        assert fp.hex() == spec_fingerprint(example.system, [], example.prompt, example.response)
+
+
 # -- receipts ------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ CHAT = [
     {"role": "assistant", "content": "Hello!"},
 ]
 
+HISTORY = [{"user": "Hi?", "assistant": "Hello!"}]
+
 
 def _expected():
     return [(r["prompt"], r["response"], r["system"]) for r in ROWS]
@@ -46,6 +48,18 @@ def test_csv_by_extension_with_empty_system_cells_and_chat_json(tmp_path):
         w.writeheader()
         w.writerow({"messages": json.dumps(CHAT)})
     assert _as_tuples(read_records(chat)) == [("Hi?", "Hello!", "Be kind.")]
+    turns = tmp_path / "turns.csv"
+    with open(turns, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, ["prompt", "response", "history"])
+        w.writeheader()
+        w.writerow({"prompt": "And?", "response": "Done.", "history": json.dumps(HISTORY)})
+        w.writerow({"prompt": "Alone?", "response": "Yes.", "history": ""})
+        w.writerow({"prompt": "Bad?", "response": "Yes.", "history": "[{"})
+    with pytest.raises(InputError, match=r"row 3: \"history\" must be a list"):
+        read_records(turns)
+    turns.write_text("\n".join(turns.read_text().splitlines()[:3]) + "\n")
+    a, b = read_records(turns)
+    assert a.history == (("Hi?", "Hello!"),) and b.history == ()
 
 
 def test_csv_errors_name_every_bad_row(tmp_path):
@@ -64,15 +78,25 @@ def test_parquet_and_a_saved_dataset(tmp_path):
     table = pa.Table.from_pylist(ROWS)
     pq.write_table(table, tmp_path / "data.parquet")
     assert _as_tuples(read_records(tmp_path / "data.parquet")) == _expected()
+    rows = [r | {"history": HISTORY if r["system"] else None} for r in ROWS]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "turns.parquet")
+    assert [r.history for r in read_records(tmp_path / "turns.parquet")] == [
+        (),
+        (("Hi?", "Hello!"),),
+    ]
     folder = tmp_path / "saved"
-    datasets.Dataset.from_list([{"messages": CHAT}, {"messages": CHAT[1:]}]).save_to_disk(
-        str(folder)
-    )
+    longer = [*CHAT, {"role": "user", "content": "Well?"}, {"role": "assistant", "content": "Ok."}]
+    datasets.Dataset.from_list(
+        [{"messages": CHAT}, {"messages": CHAT[1:]}, {"messages": longer}]
+    ).save_to_disk(str(folder))
     assert detect_format(folder) == "datasets"
-    assert _as_tuples(read_records(folder)) == [
+    records = read_records(folder)
+    assert _as_tuples(records) == [
         ("Hi?", "Hello!", "Be kind."),
         ("Hi?", "Hello!", None),
+        ("Well?", "Ok.", "Be kind."),
     ]
+    assert records[2].history == (("Hi?", "Hello!"),)
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "p", "response": "r"}, {"prompt": "p"}]), bad)
     with pytest.raises(InputError, match=r"row 2: missing \"response\""):
@@ -101,3 +125,47 @@ def test_node_submit_reads_a_csv_file(coord, tmp_path):
     )
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["accepted"] == 2
+
+
+def test_a_conversation_goes_from_a_file_to_the_rounds_whole(coord, tmp_path):
+    """A multi-turn chat record is signed with its earlier turns, stored as signed, and handed
+    to training with them; its last turn alone is another example (no copy)."""
+    from crowdsft.cli import main
+    from crowdsft.coordinator.store import queries
+    from crowdsft.validation import payload_examples
+
+    turns = ["Hi?", "Hello!", "And your name?", "Crowd."]
+    roles = ["user", "assistant"] * 2
+    chat = [CHAT[0]] + [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        json.dumps({"messages": chat})
+        + "\n"
+        # the same last turn without the earlier one: another example
+        + json.dumps({"prompt": "And your name?", "response": "Crowd.", "system": "Be kind."})
+        + "\n",
+        encoding="utf-8",
+    )
+    key = tmp_path / "node.key"
+    runner = CliRunner()
+    assert runner.invoke(main, ["node", "keygen", "--out", str(key)]).exit_code == 0
+    out = runner.invoke(
+        main,
+        ["node", "submit", "--coordinator", coord.address, "--key", str(key), str(path), "--json"],
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["accepted"] == 2
+    stored = [
+        e
+        for row in queries.all_contributions(coord.coordinator.store)
+        for e in payload_examples(row.payload)
+    ]
+    assert sorted(stored, key=len) == [
+        {"prompt": "And your name?", "response": "Crowd.", "system": "Be kind."},
+        {
+            "prompt": "And your name?",
+            "response": "Crowd.",
+            "system": "Be kind.",
+            "history": [{"user": "Hi?", "assistant": "Hello!"}],
+        },
+    ]

@@ -201,6 +201,14 @@ def test_duplicate_returns_original_receipt(coord, identity):
         (lambda: payload(0), "contribution has no examples"),
         (lambda: payload(nonce=b"short"), "nonce has 5 bytes"),
         (lambda: payload(ts=0), "timestamp_ms is missing"),
+        (
+            lambda: payload(history=[contribution_pb2.Turn(user="hi", assistant=" ")]),
+            "examples[0].history[0].assistant is empty",
+        ),
+        (
+            lambda: payload(history=[contribution_pb2.Turn(user="u", assistant="a")] * 65),
+            "examples[0].history has 65 turns; the limit is 64",
+        ),
     ],
 )
 def test_invalid_payloads(coord, identity, make, match):

@@ -51,6 +51,45 @@ def test_labels_cover_the_response_only(tiny):
         assert batch.attention_mask[i].sum() > prompt_len
 
 
+CONVERSATION = {
+    "system": "be brief",
+    "history": [
+        {"user": "hello there", "assistant": "hi"},
+        {"user": "say no", "assistant": "no no"},
+    ],
+    "prompt": "now say yes",
+    "response": "yes yes yes",
+}
+
+
+def test_a_conversation_is_context_and_only_its_last_answer_carries_loss(tiny):
+    _, tok = tiny
+    batch = llm.encode(tok, [CONVERSATION], max_length=128)
+    rendered = llm.prompt_text(tok, CONVERSATION)
+    for text in ("be brief", "hello there", "hi", "say no", "no no", "now say yes"):
+        assert text in rendered
+    assert rendered.index("hello there") < rendered.index("say no") < rendered.index("now say")
+    labelled = tok.decode([t for t in batch.labels[0].tolist() if t != -100])
+    assert labelled.startswith("yes yes yes") and "no no" not in labelled
+
+
+def test_a_long_conversation_loses_its_oldest_turns_not_its_answer(tiny):
+    _, tok = tiny
+    full = llm.encode(tok, [CONVERSATION], max_length=512)
+    length = int(full.attention_mask[0].sum())
+    cut = llm.encode(tok, [CONVERSATION], max_length=length - 10)
+    assert int(cut.attention_mask[0].sum()) == length - 10
+    # the response and its labels are whole: the first 10 tokens of the context went
+    assert cut.input_ids[0, : length - 10].tolist() == full.input_ids[0, 10:length].tolist()
+    assert cut.labels[0, : length - 10].tolist() == full.labels[0, 10:length].tolist()
+    # a single-turn example keeps its start and loses its end, as before
+    single = {k: CONVERSATION[k] for k in ("system", "prompt", "response")}
+    whole = llm.encode(tok, [single], max_length=512)
+    n = int(whole.attention_mask[0].sum())
+    short = llm.encode(tok, [single], max_length=n - 2)
+    assert short.input_ids[0].tolist() == whole.input_ids[0, : n - 2].tolist()
+
+
 def test_only_response_tokens_carry_loss(tiny):
     model, tok = tiny
     batch = llm.encode(tok, EXAMPLES, max_length=64)
