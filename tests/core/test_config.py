@@ -214,3 +214,56 @@ def test_the_template_shows_every_key_with_its_default():
                 assert default in (None, {}), f"{name}.{f.name} is missing from the template"
                 pattern = rf"^# (\[{name}\.)?{f.name}( =|\])"
                 assert re.search(pattern, DEFAULT_COORDINATOR_TOML, re.M), f"{name}.{f.name}"
+
+
+def test_the_template_is_rendered_from_the_sections_defaults_and_docs(monkeypatch):
+    """One source: a section's keys, defaults and docs make the template; a key without a
+    default shows its example commented out, an options table its example entries."""
+    import tomllib
+    from pathlib import Path
+    from typing import Any
+
+    import pydantic
+
+    from crowdsft import config
+
+    @pydantic.dataclasses.dataclass(frozen=True)
+    class Demo:
+        name: str = config.setting('a "quoted" é', "What it is called.")
+        path: Path = config.setting(Path("data/x"))
+        modules: tuple[str, ...] = config.setting(("q", "v"), "Modules.")
+        on: bool = config.setting(False)
+        rate: float = config.setting(1e-3)
+        layers: int | None = config.setting(None, "Unset: all.", example=8)
+        opts: dict[str, Any] = config.setting(factory=dict, doc="Options:", example={"k": 2.5})
+
+    monkeypatch.setattr(config, "_SECTIONS", {"demo": Demo})
+    text = config.render_template()
+    assert "\n[demo]\n# What it is called.\nname = " in text
+    assert "# Unset: all.\n# layers = 8\n" in text
+    assert text.endswith("# Options:\n# [demo.opts]\n# k = 2.5\n")
+    parsed = tomllib.loads(text)["demo"]
+    assert parsed == {
+        "name": 'a "quoted" é',
+        "path": "data/x",
+        "modules": ["q", "v"],
+        "on": False,
+        "rate": 0.001,
+    }
+    uncommented = "\n".join(line.removeprefix("# ") for line in text.splitlines()[-2:])
+    assert tomllib.loads(uncommented) == {"demo": {"opts": {"k": 2.5}}}
+
+
+def test_every_section_of_the_real_template_is_documented():
+    import dataclasses
+
+    from crowdsft.config import _SECTIONS, render_template
+
+    assert render_template() == DEFAULT_COORDINATOR_TOML
+    for name, cls in _SECTIONS.items():
+        fields = dataclasses.fields(cls)
+        assert fields[0].metadata.get("doc"), f"[{name}] starts with a key without a comment"
+        for f in fields:
+            assert "doc" in f.metadata, f"{name}.{f.name} is not declared with setting()"
+            if f.default is None:
+                assert f.metadata["example"] is not None, f"{name}.{f.name} shows no example"
