@@ -74,7 +74,7 @@ def main() -> int:
 
     import ray
 
-    from crowdsft.config import load_coordinator_config
+    from crowdsft.config import load_coordinator_config, update_config_file
     from crowdsft.coordinator.rounds.runner import RoundRunner
     from crowdsft.coordinator.server.app import Coordinator
     from crowdsft.coordinator.server.scaffold import init_coordinator
@@ -102,8 +102,7 @@ def main() -> int:
         for k, (name, num_gpus) in enumerate(modes):
             path = init_coordinator(Path(tmp) / f"mode{k}", listen="127.0.0.1:0", force=True)
             _configure(path, settings)
-            text = path.read_text().replace('device = "auto"', f'device = "{ns.device}"', 1)
-            path.write_text(text)
+            update_config_file(path, {"model": {"device": ns.device}})
             _write_jsonl(path.parent / "target.jsonl", prompts)
             config = load_coordinator_config(path)
             with Coordinator(config) as coord:

@@ -17,7 +17,7 @@ import json
 import os
 import textwrap
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -394,8 +394,8 @@ class TrainingConfig:
     batch_size: int = setting(8)
     max_length: int = setting(
         128,
-        "Tokens per training example at most: a longer single-turn example loses its end, a "
-        "longer conversation the start of its earlier turns.",
+        "Tokens per training example at most: a longer conversation loses whole earlier "
+        "turns, oldest first; past that, and for a single-turn example, the end is cut.",
     )
     seed: int = setting(0)
     executor: str = setting(
@@ -526,7 +526,8 @@ class RoundsConfig:
         factory=dict,
         doc="Options for a strategy's factory go in a table of their own, after the keys above "
         "(`crowdsft plugins list` shows the strategies); they are checked against the factory "
-        "when the config loads and named in the ledger records. The tables, with an example:",
+        "when the config loads and named in the ledger records. The tables, with an example "
+        '(for reward = "regression"):',
     )
     selection_options: dict[str, Any] = setting(factory=dict)
     influence_options: dict[str, Any] = setting(factory=dict)
@@ -891,11 +892,22 @@ TEMPLATE_HEADER = (
 )
 
 
-def render_template() -> str:
+def render_template(values: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The commented coordinator.toml that ``coordinator init`` writes, generated from the
-    sections' defaults and the docs of their keys (``setting``): one source for both."""
+    sections' defaults and the docs of their keys (``setting``): one source for both.
+    ``values`` (``{section: {key: value}}``) are written instead of the defaults, a key
+    without a default uncommented and an options table with its entries; an unknown section
+    or key is a ConfigError."""
+    values = values or {}
+    for name, table in values.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(_SECTIONS)})")
+        known = {f.name for f in dataclasses.fields(_SECTIONS[name])}
+        for key in set(table) - known:
+            raise ConfigError(f"unknown key {name}.{key}")
     lines = _comment(TEMPLATE_HEADER)
     for name, cls in _SECTIONS.items():
+        given = values.get(name, {})
         lines += ["", f"[{name}]"]
         tables = []
         for f in dataclasses.fields(cls):
@@ -904,15 +916,28 @@ def render_template() -> str:
                 tables.append((f.name, doc, example))
                 continue
             lines += _comment(doc)
-            if f.default is None:
+            value = given.get(f.name, f.default)
+            if value is None:
                 lines.append(f"# {f.name} = {_toml(example)}")
             else:
-                lines.append(f"{f.name} = {_toml(f.default)}")
+                lines.append(f"{f.name} = {_toml(value)}")
         for key, doc, example in tables:
             lines += _comment(doc)
-            lines.append(f"# [{name}.{key}]")
-            lines += [f"# {k} = {_toml(v)}" for k, v in (example or {}).items()]
+            if given.get(key):
+                lines.append(f"[{name}.{key}]")
+                lines += [f"{k} = {_toml(v)}" for k, v in given[key].items()]
+            else:
+                lines.append(f"# [{name}.{key}]")
+                lines += [f"# {k} = {_toml(v)}" for k, v in (example or {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def update_config_file(path: Path, values: Mapping[str, Mapping[str, Any]]) -> None:
+    """Rewrite the coordinator.toml at ``path`` with ``values`` (``{section: {key: value}}``)
+    set over what it holds, as the commented template (for tools that write configs)."""
+    held = tomllib.loads(path.read_text())
+    merged = {name: dict(held.get(name, {})) | dict(values.get(name, {})) for name in _SECTIONS}
+    path.write_text(render_template(merged))
 
 
 DEFAULT_COORDINATOR_TOML = render_template()

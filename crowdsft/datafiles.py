@@ -52,11 +52,30 @@ class Record:
 Parsed = tuple[str, str, str | None, Turns]  # prompt, response, system, history
 
 
+@dataclass(frozen=True)
+class NotJSON:
+    """A table cell that should hold JSON (``messages``, ``history``) and does not."""
+
+    error: str
+
+
+def _listed(value: object, keys: tuple[str, str]) -> object:
+    """A list of dicts as a table's nested column may store it: a dict of equal-length
+    lists (Hugging Face ``Sequence`` features) becomes a list of dicts; anything else is
+    returned as it is."""
+    if isinstance(value, dict) and set(value) == set(keys):
+        columns = [value[k] for k in keys]
+        if all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1:
+            return [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
+    return value
+
+
 def _a(role: str) -> str:
     return f"an {role}" if role == "assistant" else f"a {role}"
 
 
 def _from_messages(messages: object) -> Parsed:
+    messages = _listed(messages, ("role", "content"))
     if not isinstance(messages, list) or not messages:
         raise ValueError('"messages" must be a non-empty list')
     system = None
@@ -97,6 +116,7 @@ def _from_messages(messages: object) -> Parsed:
 
 
 def _from_history(value: object) -> Turns:
+    value = _listed(value, ("user", "assistant"))
     if not isinstance(value, list):
         raise ValueError('"history" must be a list of {"user": ..., "assistant": ...} objects')
     turns = []
@@ -123,6 +143,9 @@ def parse_object(obj: object) -> Parsed:
     ValueError."""
     if not isinstance(obj, dict):
         raise ValueError("a record must be a JSON object")
+    for key, value in obj.items():
+        if isinstance(value, NotJSON):
+            raise ValueError(f'the "{key}" cell is not valid JSON: {value.error}')
     if "messages" in obj:
         extra = set(obj) - {"messages"}
         if extra:
@@ -237,7 +260,7 @@ def _table_rows(path: Path, fmt: str) -> Iterator[object]:
                             try:
                                 out[key] = json.loads(str(out[key]))
                             except json.JSONDecodeError as exc:
-                                out[key] = f"not JSON: {exc.msg}"
+                                out[key] = NotJSON(exc.msg)
                     yield out
         except UnicodeDecodeError as exc:
             raise InputError(f"{path} is not UTF-8 text ({exc.reason})") from None

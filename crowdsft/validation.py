@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import sys
 import unicodedata
@@ -104,6 +105,23 @@ def summarise(problems: Sequence[str], what: str = "") -> str:
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"
     return text
+
+
+def turn_counts(payload: contribution_pb2.ContributionPayload) -> list[str]:
+    """Examples with more earlier turns than the protocol allows: checked first, in constant
+    time per example, so that a payload of a million empty turns costs no more work than
+    its parsing."""
+    return [
+        f"examples[{i}].history has {len(ex.history)} turns; the limit is {MAX_HISTORY_TURNS}"
+        for i, ex in enumerate(payload.examples)
+        if len(ex.history) > MAX_HISTORY_TURNS
+    ][:MAX_LISTED_PROBLEMS]
+
+
+def structure_problems(payload: contribution_pb2.ContributionPayload) -> list[str]:
+    """What no schema-level check may pass: too many turns (first, cheaply), then fields the
+    schema does not know."""
+    return turn_counts(payload) or unknown_fields(payload)
 
 
 def unknown_fields(message: Message, where: str = "payload") -> list[str]:
@@ -275,6 +293,9 @@ def check_payload(payload: contribution_pb2.ContributionPayload, limits: Limits)
                 )
                 break
     for i, ex in enumerate(payload.examples):
+        if len(ex.history) > MAX_HISTORY_TURNS:
+            problems += turn_counts(payload)
+            break
         system = ex.system if ex.HasField("system") else None
         problems += example_problems(
             ex.prompt, ex.response, system, limits, f"examples[{i}].", _turns(ex)
@@ -369,9 +390,12 @@ def training_order(examples: Sequence[_Example]) -> list[_Example]:
     contributions arrived (its upload stream may commit them out of file order) nor how it
     batched examples into contributions may change a round's result."""
 
-    def key(e: _Example) -> bytes:
+    def key(e: _Example) -> tuple[bytes, str]:
         fields = [e.get("system", "\x00"), e["prompt"], e["response"]]
         fields += [text for turn in history_pairs(e) for text in turn]
-        return hashlib.sha256("\x1f".join(fields).encode("utf-8")).digest()
+        digest = hashlib.sha256("\x1f".join(fields).encode("utf-8")).digest()
+        # the digest joins fields that may hold the separator: distinct examples can tie,
+        # and then the whole example decides
+        return digest, json.dumps(e, sort_keys=True, ensure_ascii=False)
 
     return sorted(examples, key=key)

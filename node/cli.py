@@ -206,9 +206,10 @@ def submit(
 ) -> None:
     """Sign and submit the examples in FILE to the coordinator.
 
-    FILE is JSONL (each line {"prompt": ..., "response": ...}, optional "system", or
-    {"messages": [...]} in chat format), CSV or Parquet with those columns, or a folder
-    saved with Hugging Face datasets. Every line or row is checked before anything is sent.
+    FILE is JSONL (each line {"prompt": ..., "response": ...}, optional "system" and
+    "history", or {"messages": [...]} in chat format, a whole conversation allowed: training
+    learns its last answer), CSV or Parquet with those columns, or a folder saved with
+    Hugging Face datasets. Every line or row is checked before anything is sent.
     Submitting the same file again sends nothing new; an interrupted upload resumes where it
     stopped.
     """

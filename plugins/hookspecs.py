@@ -79,11 +79,13 @@ def crowdsft_register_admission(register: Register) -> None:
 
 
 @hookspec
-def crowdsft_validate_contribution(node_id: str, examples: Sequence[dict[str, str]]) -> str | None:
+def crowdsft_validate_contribution(node_id: str, examples: Sequence[dict[str, Any]]) -> str | None:
     """Check a contribution before it is stored. Return a reason to reject it, or None.
 
-    ``examples`` are dicts with ``prompt``, ``response`` and optionally ``system``. Every
-    plugin is asked; any reason rejects the contribution with INVALID_ARGUMENT.
+    ``examples`` are dicts with ``prompt``, ``response`` (strings) and optionally ``system``
+    (a string) and ``history`` (a conversation's earlier turns, oldest first: a list of
+    ``{"user": str, "assistant": str}`` dicts). Every plugin is asked; any reason rejects the
+    contribution with INVALID_ARGUMENT.
     """
 
 

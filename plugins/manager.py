@@ -345,7 +345,7 @@ class Plugins:
         except TypeError as exc:
             raise PluginError(f"cannot build {kind} strategy {name!r}: {exc}") from None
 
-    def validate_contribution(self, node_id: str, examples: Sequence[dict[str, str]]) -> list[str]:
+    def validate_contribution(self, node_id: str, examples: Sequence[dict[str, Any]]) -> list[str]:
         """Every plugin's rejection reason for a contribution (empty: accept)."""
         reasons = self.pm.hook.crowdsft_validate_contribution(node_id=node_id, examples=examples)
         return [r for r in reasons if r]

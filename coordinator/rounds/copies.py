@@ -24,10 +24,10 @@ CHUNK = 512
 
 
 def example_text(e: Mapping[str, Any]) -> str:
-    """The text of an example that copies are compared on (a conversation's earlier turns
-    included)."""
-    turns = "".join(f"{u}\n{a}\n" for u, a in history_pairs(e))
-    return f"{e.get('system', '')}\n{turns}{e['prompt']}\n{e['response']}"
+    """The text of an example that copies are compared on: a conversation's earlier turns
+    come last, so that an embedder that truncates long texts still sees what is taught."""
+    turns = "".join(f"\n{u}\n{a}" for u, a in history_pairs(e))
+    return f"{e.get('system', '')}\n{e['prompt']}\n{e['response']}{turns}"
 
 
 def example_texts(rows: Sequence[StoredContribution]) -> tuple[list[str], np.ndarray]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from crowdsft.envelope import verify_envelope
 from crowdsft.errors import AuthenticationError, InvalidPayloadError, UnavailableError
 from crowdsft.v1 import contribution_pb2, envelope_pb2
-from crowdsft.validation import Limits, check_payload, count_field, summarise, unknown_fields
+from crowdsft.validation import Limits, check_payload, count_field, structure_problems, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def inspect(envelope_bytes: bytes, limits: Limits) -> Inspection:
         return Inspection("signature", str(exc))
     except InvalidPayloadError as exc:
         return Inspection("payload", str(exc))
-    unknown = unknown_fields(payload)
+    unknown = structure_problems(payload)
     if unknown:
         return Inspection("payload", summarise(unknown))
     checked = check_payload(payload, limits)

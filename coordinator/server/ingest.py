@@ -32,8 +32,8 @@ from crowdsft.validation import (
     example_dicts,
     fingerprints,
     printable,
+    structure_problems,
     summarise,
-    unknown_fields,
 )
 
 from ..store import queries
@@ -124,7 +124,7 @@ class Ingest:
             if peer:
                 self.peers.bad_signature(peer)
             raise
-        unknown = unknown_fields(payload)
+        unknown = structure_problems(payload)
         if unknown:
             raise InvalidPayloadError(summarise(unknown))
         checked = check_payload(payload, self.limits)

@@ -26,7 +26,7 @@ def init_coordinator(
     a self-signed server certificate for ``tls_names`` (default: localhost, loopback and this
     host's name); with ``mtls`` also a CA for client certificates. Returns the config path.
     Refuses to touch an existing key or config unless ``force``."""
-    from crowdsft.config import DEFAULT_COORDINATOR_TOML, load_coordinator_config
+    from crowdsft.config import load_coordinator_config, render_template
     from crowdsft.keys import Identity, write_private_key
 
     directory = directory.resolve()
@@ -34,23 +34,19 @@ def init_coordinator(
     if config_path.exists() and not force:
         raise ConfigError(f"{config_path} already exists; refusing to overwrite it (use --force)")
     directory.mkdir(parents=True, exist_ok=True)
-    text = DEFAULT_COORDINATOR_TOML
-    if listen:
-        text = text.replace('listen = "127.0.0.1:50051"', f'listen = "{listen}"', 1)
+    server: dict[str, str] = {"listen": listen} if listen else {}
     if tls or mtls:
         from crowdsft import tls as tlslib
 
         names = list(tls_names) or tlslib.default_names()
         tlslib.self_signed_server(directory / TLS_CERT, directory / TLS_KEY, names, force=force)
-        text = text.replace(f'# tls_cert_file = "{TLS_CERT}"', f'tls_cert_file = "{TLS_CERT}"')
-        text = text.replace(f'# tls_key_file = "{TLS_KEY}"', f'tls_key_file = "{TLS_KEY}"')
+        server |= {"tls_cert_file": TLS_CERT, "tls_key_file": TLS_KEY}
         if mtls:
             tlslib.new_ca(
                 directory / CLIENT_CA, directory / CLIENT_CA_KEY, "crowdsft node CA", force=force
             )
-            text = text.replace(
-                '# tls_client_ca_file = "tls/clients-ca.crt"', f'tls_client_ca_file = "{CLIENT_CA}"'
-            )
+            server["tls_client_ca_file"] = CLIENT_CA
+    text = render_template({"server": server})
     key_path = directory / "coordinator.key"
     if not key_path.exists():
         write_private_key(Identity.generate(), key_path)

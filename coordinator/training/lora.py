@@ -5,9 +5,10 @@ Plain functions, as in litgpt and nanoGPT: ``load_base_model``, ``encode``, ``we
 ``save_adapter``/``load_adapter`` (adapter weights only, named by content hash).
 Heavy imports happen here and only here; nothing imports this module at start-up.
 
-Loss is on response tokens only: the prompt (system and user turns, rendered with the
-model's chat template) is masked out. Each example carries a weight (from the influence
-strategy): the loss is the weighted mean over examples of each example's mean token loss.
+Loss is on response tokens only: the prompt (the system turn, a conversation's earlier
+turns and the user's turn, rendered with the model's chat template) is masked out. Each
+example carries a weight (from the influence strategy): the loss is the weighted mean over
+examples of each example's mean token loss.
 """
 
 from __future__ import annotations
@@ -147,6 +148,23 @@ def prompt_text(tokenizer: Any, example: Mapping[str, Any]) -> str:
     )
 
 
+def _fitting(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> Mapping[str, Any]:
+    """``example`` without as many of its oldest earlier turns as it takes to fit in
+    ``max_length`` tokens (all of them, if even the last exchange alone does not fit)."""
+    history = list(example.get("history") or ())
+    if not history:
+        return example
+    while history:
+        ex = dict(example, history=history)
+        full = tokenizer.apply_chat_template(
+            [*_messages(ex), {"role": "assistant", "content": ex["response"]}], tokenize=False
+        )
+        if len(_ids(tokenizer, full)) <= max_length:
+            return ex
+        history = history[1:]
+    return {k: v for k, v in example.items() if k != "history"}
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor
@@ -163,10 +181,12 @@ def encode(
 ) -> Batch:
     """Tokenise examples with the chat template; labels are -100 except on response tokens
     (the response and the end-of-turn marker that closes it). Right-padded for training.
-    Longer than ``max_length`` tokens, a single-turn example loses its end; a conversation
-    loses its oldest turns first, so that the response it teaches stays in."""
+    Longer than ``max_length`` tokens, a conversation loses whole earlier turns, oldest first
+    (its system prompt stays), so that the answer it teaches stays in; past that, and for a
+    single-turn example, the end is cut."""
     rows, labels = [], []
     for ex in examples:
+        ex = _fitting(tokenizer, ex, max_length)
         prompt = prompt_text(tokenizer, ex)
         full = tokenizer.apply_chat_template(
             [*_messages(ex), {"role": "assistant", "content": ex["response"]}], tokenize=False
@@ -177,12 +197,8 @@ def encode(
         f_ids = _ids(tokenizer, full)
         if f_ids[: len(p_ids)] != p_ids:
             f_ids = p_ids + _ids(tokenizer, full[len(prompt) :])
-        context = len(p_ids)
-        if ex.get("history") and len(f_ids) > max_length:
-            cut = min(len(f_ids) - max_length, context)
-            f_ids, context = f_ids[cut:], context - cut
         ids = f_ids[:max_length]
-        lab = [-100] * min(context, len(ids)) + ids[context:]
+        lab = [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids) :]
         rows.append(ids)
         labels.append(lab[: len(ids)])
     width = max(len(r) for r in rows)

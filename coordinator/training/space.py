@@ -25,6 +25,7 @@ import numpy as np
 
 from crowdsft.coordinator.rounds.space import Candidate
 from crowdsft.coordinator.training import lora as llm
+from crowdsft.datafiles import Record
 from crowdsft.plugins.embedding import Embedder
 from crowdsft.plugins.evaluation import Evaluation
 
@@ -318,6 +319,17 @@ class LLMSpace:
         return self.record_answers(model, texts)
 
 
+def _target(record: Record, with_response: bool = True) -> dict[str, Any]:
+    """A target file's record as the space takes it: its prompt, its earlier turns and its
+    system prompt (an empty one is none), with or without the expert's response."""
+    d = record.as_dict()
+    if not d.get("system"):
+        d.pop("system", None)
+    if not with_response:
+        del d["response"]
+    return d
+
+
 def build_llm_space(
     config: Any, plugins: Any = None, on_event: Callable[[str, dict[str, Any]], None] | None = None
 ) -> LLMSpace:
@@ -344,11 +356,7 @@ def build_llm_space(
                 "valuation.heldout_file credits training against held-out prompts, which "
                 "needs in-run credit: set valuation.in_run = true"
             )
-        heldout = [
-            {"prompt": r.prompt, "response": r.response}
-            | ({"system": r.system} if r.system else {})
-            for r in read_records(config.resolve(v.heldout_file))
-        ]
+        heldout = [_target(r) for r in read_records(config.resolve(v.heldout_file))]
     device, dtype = llm.device_and_dtype(config.model.device)
     logger.info("loading base model %s on %s", config.model.base, device)
     model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
@@ -366,9 +374,7 @@ def build_llm_space(
         tokenizer,
         embedder,
         [],
-        eval_prompts=[
-            {"prompt": r.prompt} | ({"system": r.system} if r.system else {}) for r in records
-        ],
+        eval_prompts=[_target(r, with_response=False) for r in records],
         target_responses=[r.response for r in records],
         evaluation=plugins.create("evaluation", e.function),
         training=config.training,
@@ -376,11 +382,7 @@ def build_llm_space(
         generation=GenerationConfig(e.max_new_tokens, e.batch_size, e.greedy, e.seed),
         on_event=on_event,
         credit_targets=(
-            [
-                {"prompt": r.prompt, "response": r.response}
-                | ({"system": r.system} if r.system else {})
-                for r in records
-            ]
+            [_target(r) for r in records]
             if v.in_run or getattr(reward, "needs_credit", False)
             else None
         ),

@@ -55,28 +55,25 @@ class DemoSettings:
 
 
 def _configure(path: Path, s: DemoSettings) -> None:
-    text = path.read_text()
-    for old, new in [
-        ('# target_file = "target.jsonl"', 'target_file = "target.jsonl"'),
-        ("# layers = 8", f"layers = {s.layers}"),
-        ("# max_steps = 20", f"max_steps = {s.steps}"),
-        ("learning_rate = 0.001", f"learning_rate = {s.learning_rate}"),
-        (
-            'target_modules = ["q_proj", "v_proj"]',
-            'target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]',
-        ),
-        ("epochs = 1", "epochs = 100"),
-        ("batch_size = 8\nmax_length = 128", f"batch_size = {s.batch_size}\nmax_length = 96"),
-        ("max_new_tokens = 48", f"max_new_tokens = {s.max_new_tokens}"),
-        ("groups = 3", f"groups = {s.groups}"),
-        ('reward = "rank"', f'reward = "{s.reward}"'),
-        ("seed = 0\n# Automatic", f"seed = {s.seed}\n# Automatic"),
-        ("contributions_per_s = 50.0", "contributions_per_s = 1000.0"),
-    ]:
-        if old not in text:
-            raise AssertionError(f"default config changed; cannot set {new!r}")
-        text = text.replace(old, new, 1)
-    path.write_text(text)
+    from crowdsft.config import update_config_file
+
+    update_config_file(
+        path,
+        {
+            "evaluation": {"target_file": "target.jsonl", "max_new_tokens": s.max_new_tokens},
+            "training": {
+                "layers": s.layers,
+                "max_steps": s.steps,
+                "learning_rate": s.learning_rate,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "epochs": 100,
+                "batch_size": s.batch_size,
+                "max_length": 96,
+            },
+            "rounds": {"groups": s.groups, "reward": s.reward, "seed": s.seed},
+            "rate_limit": {"contributions_per_s": 1000.0},
+        },
+    )
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:

@@ -326,17 +326,20 @@ def run_harness(
     ``contributions`` each and rounds run; then check everything (see the module doc).
     ``model``: rounds train the tiny LM saved there (``tiny_llm_space``) instead of the
     stand-in; ``ray_address``: as Ray tasks on that cluster, which outlives the kills."""
+    from crowdsft.config import update_config_file
     from crowdsft.coordinator.server.scaffold import init_coordinator
 
     started = time.monotonic()
     rng = random.Random(seed)
     address = f"127.0.0.1:{free_port()}"
     config_path = init_coordinator(root, listen=address, force=True)
-    text = config_path.read_text()
-    text = text.replace("groups = 3", "groups = 2")
-    text = text.replace("judging_error = 0.05", "judging_error = 0.0")
-    text = text.replace("contributions_per_s = 50.0", "contributions_per_s = 100000.0")
-    config_path.write_text(text)
+    update_config_file(
+        config_path,
+        {
+            "rounds": {"groups": 2, "judging_error": 0.0},
+            "rate_limit": {"contributions_per_s": 100000.0},
+        },
+    )
     extra = ["--model", str(model)] if model is not None else []
     if ray_address is not None:
         extra += ["--ray-address", ray_address]

@@ -267,3 +267,22 @@ def test_every_section_of_the_real_template_is_documented():
             assert "doc" in f.metadata, f"{name}.{f.name} is not declared with setting()"
             if f.default is None:
                 assert f.metadata["example"] is not None, f"{name}.{f.name} shows no example"
+
+
+def test_tools_set_keys_through_the_template(tmp_path):
+    from crowdsft.config import render_template, update_config_file
+    from crowdsft.errors import ConfigError
+
+    path = _cfg(tmp_path, DEFAULT_COORDINATOR_TOML)
+    update_config_file(
+        path, {"training": {"layers": 4}, "rounds": {"selection_options": {"guard": False}}}
+    )
+    update_config_file(path, {"rounds": {"groups": 2}})  # what the file holds stays
+    cfg = load_coordinator_config(path)
+    assert (cfg.training.layers, cfg.rounds.groups) == (4, 2)
+    assert cfg.rounds.selection_options == {"guard": False}
+    assert "[rounds.selection_options]\nguard = false\n" in path.read_text()
+    with pytest.raises(ConfigError, match=r"unknown key training\.layrs"):
+        render_template({"training": {"layrs": 4}})
+    with pytest.raises(ConfigError, match=r"unknown section \[trainer\]"):
+        render_template({"trainer": {}})

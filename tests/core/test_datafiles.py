@@ -175,3 +175,19 @@ def test_empty_and_missing_file(tmp_path):
         read_records(tmp_path / "nope.jsonl")
     with pytest.raises(InputError, match="holds no records"):
         read_records(_write(tmp_path, [""]))
+
+
+def test_training_order_depends_on_content_only_even_where_digests_tie():
+    import itertools
+
+    from crowdsft.validation import training_order
+
+    examples = [
+        {"prompt": "p", "response": "r\x1fu\x1fa"},  # joined, the same text as the next one
+        {"prompt": "p", "response": "r", "history": [{"user": "u", "assistant": "a"}]},
+        {"prompt": "p", "response": "r", "system": "\x00"},
+        {"prompt": "p", "response": "r"},
+        {"prompt": "q", "response": "s"},
+    ]
+    orders = {json.dumps(training_order(list(perm))) for perm in itertools.permutations(examples)}
+    assert len(orders) == 1

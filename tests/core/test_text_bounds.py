@@ -59,3 +59,26 @@ def test_a_blank_system_prompt_is_bounded_like_every_field():
     assert example_problems("p", "r", " " * 100, limits) == []  # blank: no system prompt
     (problem,) = example_problems("p", "r", " " * 101, limits)
     assert problem == "system is 101 bytes; the limit is 100 bytes"
+
+
+def test_too_many_turns_are_refused_before_any_turn_is_looked_at():
+    """The turn limit is checked first, in constant time per example: a payload of many
+    (here malformed) turns is refused for their number, never walked turn by turn."""
+    from crowdsft.v1 import contribution_pb2
+    from crowdsft.validation import MAX_HISTORY_TURNS, Limits, check_payload, structure_problems
+
+    bad_turn = contribution_pb2.Turn(user="u", assistant="a")
+    bad_turn.MergeFromString(b"\x18\x01")  # field 3: unknown to the schema
+    example = contribution_pb2.Example(prompt="p", response="r")
+    example.history.extend([bad_turn] * (10 * MAX_HISTORY_TURNS))
+    payload = contribution_pb2.ContributionPayload(
+        examples=[example], nonce=bytes(16), timestamp_ms=1
+    )
+    assert structure_problems(payload) == [
+        f"examples[0].history has {10 * MAX_HISTORY_TURNS} turns; the limit is 64"
+    ]
+    assert check_payload(payload, Limits()).problems == structure_problems(payload)
+    sent = payload.examples[0]
+    sent.ClearField("history")
+    sent.history.append(bad_turn)  # one turn: now the unknown field is found
+    assert "payload.examples[0].history[0] has fields" in structure_problems(payload)[0]

@@ -30,3 +30,27 @@ def test_a_folder_that_is_not_a_demo_is_left_alone(tmp_path):
     with pytest.raises(ConfigError, match="not a demo's coordinator"):
         _clear_previous_run(tmp_path, lambda s: None)
     assert (tmp_path / "coordinator" / "precious.sqlite3").exists()
+
+
+def test_the_demo_configures_a_fresh_coordinator_folder(tmp_path):
+    """The demo's settings land in the coordinator.toml that `coordinator init` writes (fast:
+    the run itself is a slow test), and the file keeps its comments."""
+    from crowdsft.config import load_coordinator_config
+    from crowdsft.coordinator.server.scaffold import init_coordinator
+    from crowdsft.demo.run import DemoSettings, _configure
+
+    path = init_coordinator(tmp_path / "c", listen="127.0.0.1:0", force=True)
+    s = DemoSettings(seed=4, reward="credit")
+    _configure(path, s)
+    c = load_coordinator_config(path)
+    assert c.server.listen == "127.0.0.1:0"
+    assert (c.training.layers, c.training.max_steps, c.training.batch_size) == (
+        s.layers,
+        s.steps,
+        s.batch_size,
+    )
+    assert c.training.max_length == 96 and c.training.epochs == 100
+    assert c.evaluation.batch_size == 8  # the other batch_size is untouched
+    assert (c.rounds.groups, c.rounds.reward, c.rounds.seed) == (s.groups, "credit", 4)
+    assert c.evaluation.target_file is not None and c.evaluation.target_file.name == "target.jsonl"
+    assert "# Who trains a round's candidates" in path.read_text()

@@ -55,7 +55,7 @@ def test_csv_by_extension_with_empty_system_cells_and_chat_json(tmp_path):
         w.writerow({"prompt": "And?", "response": "Done.", "history": json.dumps(HISTORY)})
         w.writerow({"prompt": "Alone?", "response": "Yes.", "history": ""})
         w.writerow({"prompt": "Bad?", "response": "Yes.", "history": "[{"})
-    with pytest.raises(InputError, match=r"row 3: \"history\" must be a list"):
+    with pytest.raises(InputError, match=r"row 3: the \"history\" cell is not valid JSON: "):
         read_records(turns)
     turns.write_text("\n".join(turns.read_text().splitlines()[:3]) + "\n")
     a, b = read_records(turns)
@@ -97,6 +97,28 @@ def test_parquet_and_a_saved_dataset(tmp_path):
         ("Well?", "Ok.", "Be kind."),
     ]
     assert records[2].history == (("Hi?", "Hello!"),)
+    # a datasets Sequence feature stores a list of dicts as a dict of lists
+    features = datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "response": datasets.Value("string"),
+            "history": datasets.Sequence(
+                {"user": datasets.Value("string"), "assistant": datasets.Value("string")}
+            ),
+        }
+    )
+    sequenced = tmp_path / "sequenced"
+    datasets.Dataset.from_list(
+        [
+            {
+                "prompt": "Well?",
+                "response": "Ok.",
+                "history": {"user": ["Hi?"], "assistant": ["Hello!"]},
+            }
+        ],
+        features=features,
+    ).save_to_disk(str(sequenced))
+    assert [r.history for r in read_records(sequenced)] == [(("Hi?", "Hello!"),)]
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "p", "response": "r"}, {"prompt": "p"}]), bad)
     with pytest.raises(InputError, match=r"row 2: missing \"response\""):

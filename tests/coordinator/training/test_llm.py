@@ -77,17 +77,25 @@ def test_a_long_conversation_loses_its_oldest_turns_not_its_answer(tiny):
     _, tok = tiny
     full = llm.encode(tok, [CONVERSATION], max_length=512)
     length = int(full.attention_mask[0].sum())
-    cut = llm.encode(tok, [CONVERSATION], max_length=length - 10)
-    assert int(cut.attention_mask[0].sum()) == length - 10
-    # the response and its labels are whole: the first 10 tokens of the context went
-    assert cut.input_ids[0, : length - 10].tolist() == full.input_ids[0, 10:length].tolist()
-    assert cut.labels[0, : length - 10].tolist() == full.labels[0, 10:length].tolist()
-    # a single-turn example keeps its start and loses its end, as before
+    # one token short: the oldest turn goes, whole; the system prompt and the rest stay
+    cut = llm.encode(tok, [CONVERSATION], max_length=length - 1)
+    later = CONVERSATION | {"history": CONVERSATION["history"][1:]}
+    expected = llm.encode(tok, [later], max_length=512)
+    n = int(expected.attention_mask[0].sum())
+    assert n < length and int(cut.attention_mask[0].sum()) == n
+    assert cut.input_ids[0, :n].tolist() == expected.input_ids[0, :n].tolist()
+    assert cut.labels[0, :n].tolist() == expected.labels[0, :n].tolist()
+    assert "be brief" in tok.decode(cut.input_ids[0, :n]) and "hello there" not in tok.decode(
+        cut.input_ids[0, :n]
+    )
+    # too short for even the last exchange: every earlier turn goes, then the end is cut,
+    # as for a single-turn example
     single = {k: CONVERSATION[k] for k in ("system", "prompt", "response")}
     whole = llm.encode(tok, [single], max_length=512)
-    n = int(whole.attention_mask[0].sum())
-    short = llm.encode(tok, [single], max_length=n - 2)
-    assert short.input_ids[0].tolist() == whole.input_ids[0, : n - 2].tolist()
+    m = int(whole.attention_mask[0].sum())
+    assert llm.encode(tok, [CONVERSATION], max_length=m - 2).input_ids[0].tolist() == (
+        whole.input_ids[0, : m - 2].tolist()
+    )
 
 
 def test_only_response_tokens_carry_loss(tiny):
@@ -284,3 +292,26 @@ def test_a_round_picks_the_candidate_closest_to_the_target(tiny, tmp_path, char_
     # The winner becomes the next base: the next round trains on top of it.
     space.materialise(new.base)
     assert space.chain == (candidates[1].adapter,)
+
+
+def test_a_conversation_in_a_target_file_keeps_its_turns(tmp_path):
+    """Target and held-out files take conversations too: scoring asks the whole
+    conversation, and credit is measured on its last answer after its turns."""
+    import json
+
+    from crowdsft.coordinator.training.space import _target
+    from crowdsft.datafiles import read_records
+
+    path = tmp_path / "target.jsonl"
+    chat = [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and now?"},
+        {"role": "assistant", "content": "now this"},
+    ]
+    path.write_text(json.dumps({"messages": chat}) + "\n")
+    (record,) = read_records(path)
+    turns = [{"user": "hi", "assistant": "hello"}]
+    assert _target(record) == {"prompt": "and now?", "response": "now this", "history": turns}
+    assert _target(record, with_response=False) == {"prompt": "and now?", "history": turns}
