@@ -129,7 +129,7 @@ def _messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
     """The chat messages before the response: the system prompt, a conversation's earlier
     turns, and the prompt."""
     msgs = []
-    if example.get("system"):
+    if (example.get("system") or "").strip():  # a blank one is none, as for fingerprints
         msgs.append({"role": "system", "content": example["system"]})
     for turn in example.get("history") or ():
         msgs.append({"role": "user", "content": turn["user"]})

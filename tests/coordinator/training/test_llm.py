@@ -315,3 +315,11 @@ def test_a_conversation_in_a_target_file_keeps_its_turns(tmp_path):
     turns = [{"user": "hi", "assistant": "hello"}]
     assert _target(record) == {"prompt": "and now?", "response": "now this", "history": turns}
     assert _target(record, with_response=False) == {"prompt": "and now?", "history": turns}
+
+
+def test_a_blank_system_prompt_is_no_system_turn(tiny):
+    _, tok = tiny
+    bare = llm.prompt_text(tok, {"prompt": "hi"})
+    assert llm.prompt_text(tok, {"prompt": "hi", "system": "   "}) == bare
+    assert llm.prompt_text(tok, {"prompt": "hi", "system": ""}) == bare
+    assert llm.prompt_text(tok, {"prompt": "hi", "system": "be brief"}) != bare
