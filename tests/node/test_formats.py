@@ -133,11 +133,10 @@ def test_format_flag_overrides_the_extension(tmp_path):
     assert _as_tuples(read_records(path, format="csv")) == [("q", "a", None)]
 
 
-def test_node_submit_reads_a_csv_file(coord, tmp_path):
+def _node_submit(coord, tmp_path, path) -> dict:
+    """``crowdsft node submit --json`` of ``path`` with a new key; its report."""
     from crowdsft.cli import main
 
-    path = tmp_path / "data.csv"
-    path.write_text("prompt,response\nq1,a1\nq2,a2\n", encoding="utf-8")
     key = tmp_path / "node.key"
     runner = CliRunner()
     assert runner.invoke(main, ["node", "keygen", "--out", str(key)]).exit_code == 0
@@ -146,13 +145,18 @@ def test_node_submit_reads_a_csv_file(coord, tmp_path):
         ["node", "submit", "--coordinator", coord.address, "--key", str(key), str(path), "--json"],
     )
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["accepted"] == 2
+    return json.loads(out.output)
+
+
+def test_node_submit_reads_a_csv_file(coord, tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,response\nq1,a1\nq2,a2\n", encoding="utf-8")
+    assert _node_submit(coord, tmp_path, path)["accepted"] == 2
 
 
 def test_a_conversation_goes_from_a_file_to_the_rounds_whole(coord, tmp_path):
     """A multi-turn chat record is signed with its earlier turns, stored as signed, and handed
     to training with them; its last turn alone is another example (no copy)."""
-    from crowdsft.cli import main
     from crowdsft.coordinator.store import queries
     from crowdsft.validation import payload_examples
 
@@ -168,15 +172,7 @@ def test_a_conversation_goes_from_a_file_to_the_rounds_whole(coord, tmp_path):
         + "\n",
         encoding="utf-8",
     )
-    key = tmp_path / "node.key"
-    runner = CliRunner()
-    assert runner.invoke(main, ["node", "keygen", "--out", str(key)]).exit_code == 0
-    out = runner.invoke(
-        main,
-        ["node", "submit", "--coordinator", coord.address, "--key", str(key), str(path), "--json"],
-    )
-    assert out.exit_code == 0, out.output
-    assert json.loads(out.output)["accepted"] == 2
+    assert _node_submit(coord, tmp_path, path)["accepted"] == 2
     stored = [
         e
         for row in queries.all_contributions(coord.coordinator.store)
