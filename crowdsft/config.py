@@ -940,4 +940,9 @@ def update_config_file(path: Path, values: Mapping[str, Mapping[str, Any]]) -> N
     path.write_text(render_template(merged))
 
 
-DEFAULT_COORDINATOR_TOML = render_template()
+def __getattr__(name: str) -> Any:
+    # DEFAULT_COORDINATOR_TOML: the template with every default, rendered when asked for
+    # (not on every import of this module)
+    if name == "DEFAULT_COORDINATOR_TOML":
+        return render_template()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

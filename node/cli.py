@@ -285,6 +285,7 @@ def register(address: str, key_path: Path, passphrase_env: str, name: str, invit
 def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> None:
     """This node's standing at the coordinator: contributions, examples, points."""
     from crowdsft.node.state import NodeState
+    from crowdsft.node.watch import participation_dicts
 
     identity = _load(key_path, passphrase_env)
     with _client(address) as client:
@@ -305,16 +306,7 @@ def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> 
             else None
         ),
     }
-    data["rounds"] = [
-        {
-            "round_id": r.round_id,
-            "group": r.group,
-            "rank": r.rank if r.HasField("rank") else None,
-            "points_before": r.points_before,
-            "points_after": r.points_after,
-        }
-        for r in st.rounds
-    ]
+    data["rounds"] = participation_dicts(st)
     if as_json:
         echo_json(data)
         return

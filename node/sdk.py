@@ -29,7 +29,7 @@ from .client import CoordinatorClient, TLSClient
 from .state import NodeState, default_key_path
 from .submit import Metadata, UploadReport, chunk_key, upload
 from .verify import NodeVerification, held_receipts, verify_node
-from .watch import event_dict, follow_rounds
+from .watch import event_dict, follow_rounds, participation_dicts
 
 
 @dataclass(frozen=True)
@@ -178,16 +178,7 @@ class Node:
             "examples": st.examples,
             "points": st.points,
             "receipts_held": held,
-            "rounds": [
-                {
-                    "round_id": r.round_id,
-                    "group": r.group,
-                    "rank": r.rank if r.HasField("rank") else None,
-                    "points_before": r.points_before,
-                    "points_after": r.points_after,
-                }
-                for r in st.rounds
-            ],
+            "rounds": participation_dicts(st),
         }
 
     def verify(self) -> NodeVerification:

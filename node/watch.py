@@ -76,3 +76,19 @@ def event_dict(ev: Any) -> dict[str, Any]:
             "winner": ev.winner,
         }
     return info
+
+
+def participation_dicts(status: Any) -> list[dict[str, Any]]:
+    """The rounds of a ``NodeStatus`` as plain data (``node status --json``, ``Node.status``):
+    ``round_id``, ``group``, ``rank`` (None where the round ranked no group of it) and the
+    node's points before and after."""
+    return [
+        {
+            "round_id": r.round_id,
+            "group": r.group,
+            "rank": r.rank if r.HasField("rank") else None,
+            "points_before": r.points_before,
+            "points_after": r.points_after,
+        }
+        for r in status.rounds
+    ]
