@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 import pydantic.dataclasses
@@ -373,6 +373,15 @@ class AdmissionConfig:
             raise ConfigError("admission.near_duplicate_threshold must be in [0, 1]")
 
 
+def auto_epochs(n: int) -> int:
+    """Epochs for a fine-tuning job of ``n`` examples under the default of hosted fine-tuning
+    APIs (OpenAI's documented ``n_epochs: auto``, which the paper's scripts left in place):
+    3, raised to ``min(25, 100 // n)`` when ``3 n < 100``."""
+    if n < 1:
+        raise ValueError("a fine-tuning job needs at least one example")
+    return 3 if 3 * n >= 100 else min(25, 100 // n)
+
+
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class TrainingConfig:
     """LoRA hyperparameters. ``layers``: put LoRA on the last N transformer layers only (the
@@ -389,7 +398,12 @@ class TrainingConfig:
         example=8,
     )
     learning_rate: float = setting(1e-3)
-    epochs: int = setting(1)
+    epochs: int | Literal["auto"] = setting(
+        1,
+        'Passes over a candidate\'s examples; "auto": the rule of hosted fine-tuning APIs '
+        "(which the paper's experiments used): 3, raised to min(25, 100 // n) for n < 34 "
+        "examples, so that a small group's candidate still makes about 100 example passes.",
+    )
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.", example=20)
     batch_size: int = setting(8)
     max_length: int = setting(
@@ -415,6 +429,10 @@ class TrainingConfig:
     )
     num_gpus: float = setting(0.0)
 
+    def epochs_for(self, n: int) -> int:
+        """The passes over ``n`` examples that one fine-tuning job makes."""
+        return auto_epochs(n) if self.epochs == "auto" else int(self.epochs)
+
     def __post_init__(self) -> None:
         if self.executor not in ("local", "ray"):
             raise ConfigError(f"training.executor must be local or ray, not {self.executor!r}")
@@ -426,8 +444,12 @@ class TrainingConfig:
             raise ConfigError(
                 "training.learning_rate must be > 0, batch_size >= 1, max_length >= 8"
             )
-        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
-            raise ConfigError("training.epochs and training.max_steps must be at least 1")
+        if (self.epochs != "auto" and self.epochs < 1) or (
+            self.max_steps is not None and self.max_steps < 1
+        ):
+            raise ConfigError(
+                'training.epochs must be at least 1 or "auto", training.max_steps at least 1'
+            )
         if not self.target_modules:
             raise ConfigError("training.target_modules must name at least one module")
 
@@ -475,6 +497,27 @@ class EvaluationConfig:
     batch_size: int = setting(8)
     greedy: bool = setting(True)
     seed: int = setting(0)
+    temperature: float = setting(0.7, "Sampling temperature (greedy = false).")
+    samples: int = setting(
+        1,
+        "Answers per distinct prompt (with greedy = false). Expert responses that share a "
+        "prompt stand for a style: the target of that prompt is their mean embedding, and a "
+        "model's score the mean over its sampled answers (the paper's LLM experiment: one "
+        "prompt, many comments).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.samples < 1:
+            raise ConfigError(
+                "evaluation.max_new_tokens, batch_size and samples must be at least 1"
+            )
+        if not self.temperature > 0:
+            raise ConfigError("evaluation.temperature must be > 0")
+        if self.samples > 1 and self.greedy:
+            raise ConfigError(
+                "evaluation.samples > 1 asks for several answers per prompt: set "
+                "evaluation.greedy = false (greedy decoding repeats one answer)"
+            )
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,34 @@ class GenerationConfig:
     batch_size: int = 8
     greedy: bool = True
     seed: int = 0
+    samples: int = 1  # answers per distinct prompt (sampled: greedy would repeat one)
+    temperature: float = 0.7
+
+
+def centroid_targets(
+    prompts: Sequence[dict[str, Any]], responses: Sequence[str], embedder: Embedder
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The distinct prompts of a target file, in first-seen order, and each one's target:
+    the mean embedding of its expert responses. Several expert answers to one prompt stand
+    for a style, and a model's answers are compared with their centroid (the paper's LLM
+    experiment: one prompt, a hundred comments); a prompt with one expert answer keeps that
+    answer's embedding, so a file of distinct prompts is scored per prompt as before."""
+    keys: dict[str, int] = {}
+    distinct: list[dict[str, Any]] = []
+    owner: list[int] = []
+    for p in prompts:
+        key = json.dumps(p, sort_keys=True)
+        if key not in keys:
+            keys[key] = len(distinct)
+            distinct.append(dict(p))
+        owner.append(keys[key])
+    emb = np.asarray(embedder.embed(list(responses)), dtype=float)
+    target = np.zeros((len(distinct), emb.shape[1]))
+    counts = np.zeros(len(distinct))
+    for i, k in enumerate(owner):
+        target[k] += emb[i]
+        counts[k] += 1
+    return distinct, target / counts[:, None]
 
 
 def per_prompt_scores(
@@ -103,7 +132,14 @@ def answer(
     g = job.generation
     with llm.with_adapter(model, adapter, training) as m:
         return llm.generate(
-            m, tokenizer, job.prompts, g.max_new_tokens, g.batch_size, g.greedy, g.seed
+            m,
+            tokenizer,
+            job.prompts,
+            g.max_new_tokens,
+            g.batch_size,
+            g.greedy,
+            g.seed,
+            temperature=g.temperature,
         )
 
 
@@ -180,8 +216,8 @@ class LLMSpace:
         self.tokenizer = tokenizer
         self.embedder = embedder
         self.data = [list(d) for d in data]
-        self.eval_prompts = list(eval_prompts)
-        self.target = embedder.embed(list(target_responses))
+        # distinct prompts, each with the centroid of its expert responses
+        self.eval_prompts, self.target = centroid_targets(eval_prompts, target_responses, embedder)
         self.evaluation = evaluation
         self.training = training
         self.generation = generation or GenerationConfig()
@@ -266,7 +302,8 @@ class LLMSpace:
     def answer_job(self) -> AnswerJob:
         """What scoring asks of a candidate's model, for a worker to answer where it trained
         the candidate (``record_answers`` then scores the answers here)."""
-        return AnswerJob(list(self.eval_prompts), self.generation)
+        n = self.generation.samples
+        return AnswerJob([p for p in self.eval_prompts for _ in range(n)], self.generation)
 
     def has_score(self, model: Candidate) -> bool:
         """Whether ``score`` knows ``model``'s score without generating."""
@@ -275,12 +312,15 @@ class LLMSpace:
     def record_answers(self, model: Candidate, texts: Sequence[str]) -> float:
         """Score ``model`` from its answers to ``answer_job()``'s prompts, given in order
         (answered elsewhere); ``score`` then takes the score from here."""
-        if len(texts) != len(self.eval_prompts):
+        n = self.generation.samples
+        if len(texts) != n * len(self.eval_prompts):
             raise ValueError(
-                f"{len(texts)} answers for {len(self.eval_prompts)} evaluation prompts"
+                f"{len(texts)} answers for {len(self.eval_prompts)} evaluation prompts "
+                f"x {n} samples"
             )
         emb = np.asarray(self.embedder.embed(list(texts)), dtype=float)
-        score = float(np.mean(per_prompt_scores(self.evaluation, emb, self.target)))
+        targets = np.repeat(self.target, n, axis=0)
+        score = float(np.mean(per_prompt_scores(self.evaluation, emb, targets)))
         key = model.lineage
         self._scores[key] = score
         self.last_generations[key] = list(texts)
@@ -379,7 +419,9 @@ def build_llm_space(
         evaluation=plugins.create("evaluation", e.function),
         training=config.training,
         adapter_dir=config.adapter_dir,
-        generation=GenerationConfig(e.max_new_tokens, e.batch_size, e.greedy, e.seed),
+        generation=GenerationConfig(
+            e.max_new_tokens, e.batch_size, e.greedy, e.seed, e.samples, e.temperature
+        ),
         on_event=on_event,
         credit_targets=(
             [_target(r) for r in records]

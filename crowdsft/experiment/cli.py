@@ -50,8 +50,32 @@ DEFAULTS = PaperSettings()  # one source for the options' defaults
     type=click.IntRange(1),
     help="Longest answer, in tokens. [default: 20; 8 with --quick]",
 )
-@click.option("--epochs", default=DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
-@click.option("--learning-rate", default=DEFAULTS.learning_rate, show_default=True, type=float)
+@click.option(
+    "--schedule",
+    default=DEFAULTS.schedule,
+    show_default=True,
+    type=click.Choice(["ours", "paper"]),
+    help="ours: --epochs per fine-tune, every remaining comment in a segment. paper: the "
+    "paper's schedule: each fine-tune's epochs by the hosted API's rule (3, or min(25, "
+    "100 // n) for n < 34 comments; --epochs is ignored) and segments of len(remaining) // 3 "
+    "comments (33, 22, 15), the rest kept for later generations.",
+)
+@click.option(
+    "--epochs",
+    default=DEFAULTS.epochs,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Epochs per fine-tune under --schedule ours.",
+)
+@click.option(
+    "--batch-size", default=DEFAULTS.batch_size, show_default=True, type=click.IntRange(1)
+)
+@click.option(
+    "--learning-rate",
+    default=DEFAULTS.learning_rate,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+)
 @click.option(
     "--layers",
     default=DEFAULTS.layers or 0,
@@ -100,7 +124,9 @@ def paper_llm(
     first_seed: int,
     answers: int | None,
     max_new_tokens: int | None,
+    schedule: str,
     epochs: int,
+    batch_size: int,
     learning_rate: float,
     layers: int | None,
     embedder: str,
@@ -135,8 +161,10 @@ def paper_llm(
         answers=answers or (4 if quick else DEFAULTS.answers),
         max_new_tokens=max_new_tokens or (8 if quick else DEFAULTS.max_new_tokens),
         epochs=epochs,
+        batch_size=batch_size,
         learning_rate=learning_rate,
         layers=layers or None,
+        schedule=schedule,
     )
 
     done: dict = {}

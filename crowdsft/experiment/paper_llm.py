@@ -38,6 +38,10 @@ from crowdsft.stats import mean_ci95
 from .data import PROMPT, PaperData, mean_distance
 
 SINGLE_KS = (33, 66, 100)
+SCHEDULES = ("ours", "paper")
+# Bumped when a change to the code makes rows of the same settings differ (2: answers sampled
+# by lora.generate's own loop, one draw per token, instead of transformers' multinomial)
+CODE_VERSION = 2
 
 # The paper's headline (its generation-3 models are not in the published records): the
 # multi-model ends on average 28.5% closer to the target than the single k=100 model, over
@@ -61,13 +65,21 @@ class PaperSettings:
     rank: int = 8
     layers: int | None = 8  # LoRA on the last 8 of SmolLM2's 30 layers
     max_length: int = 96
+    # "ours": ``epochs`` per fine-tune, every remaining comment in a segment; "paper": the
+    # paper's schedule (the hosted API's epoch rule per fine-tune, ``auto_epochs``, and
+    # segments of len(remaining) // candidates comments, the rest left for later)
+    schedule: str = "ours"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
 
     def training(self, seed: int) -> TrainingConfig:
         return TrainingConfig(
             rank=self.rank,
             alpha=2 * self.rank,
             learning_rate=self.learning_rate,
-            epochs=self.epochs,
+            epochs="auto" if self.schedule == "paper" else self.epochs,
             batch_size=self.batch_size,
             max_length=self.max_length,
             layers=self.layers,
@@ -91,9 +103,13 @@ def run_key(
     """What makes two target-seed results comparable: the settings, the model and the
     precision it runs in, the embedder and the data. A resumed run reuses only rows with the
     same key."""
+    named = asdict(settings)
+    if named.get("schedule") == "ours":
+        del named["schedule"]  # as rows before the schedule was a setting name it
     blob = json.dumps(
         {
-            "settings": asdict(settings),
+            "settings": named,
+            "code": CODE_VERSION,
             "dtype": dtype,
             "model": "tiny" if quick else model_spec,
             "embedder": embedder_name,
@@ -129,11 +145,13 @@ def read_done(path: Path, key: str) -> tuple[dict[tuple[str, int], dict[str, Any
     return done, skipped
 
 
-def split(items: Sequence[int], parts: int) -> list[list[int]]:
-    """``items`` in ``parts`` consecutive slices whose sizes differ by at most one."""
+def split(items: Sequence[int], parts: int, equal: bool = False) -> list[list[int]]:
+    """``items`` in ``parts`` consecutive slices whose sizes differ by at most one; with
+    ``equal``, ``parts`` slices of ``len(items) // parts`` each, the rest left out (the
+    paper's segments)."""
     n, out, start = len(items), [], 0
     for i in range(parts):
-        size = n // parts + (1 if i < n % parts else 0)
+        size = n // parts + (1 if i < n % parts and not equal else 0)
         out.append(list(items[start : start + size]))
         start += size
     return out
@@ -257,7 +275,7 @@ class PaperExperiment:
         multi_compute = Compute()
         generations: list[dict[str, Any]] = []
         for gen in range(1, s.generations + 1):
-            segments = split(remaining, s.candidates)
+            segments = split(remaining, s.candidates, equal=s.schedule == "paper")
             candidates = []
             for c_i, segment in enumerate(segments, 1):
                 if not segment:
@@ -294,7 +312,8 @@ class PaperExperiment:
                 }
             )
             self.model = llm.merge_adapter(self.model, best[2], s.training(0))
-            remaining = [i for c in candidates if c is not best for i in c[1]]
+            retired = set(best[1])  # the winner's segment; the rest (and any left out) stays
+            remaining = [i for i in remaining if i not in retired]
             rng.shuffle(remaining)
 
         final = generations[-1]["distance"]

@@ -323,3 +323,184 @@ def test_a_blank_system_prompt_is_no_system_turn(tiny):
     assert llm.prompt_text(tok, {"prompt": "hi", "system": "   "}) == bare
     assert llm.prompt_text(tok, {"prompt": "hi", "system": ""}) == bare
     assert llm.prompt_text(tok, {"prompt": "hi", "system": "be brief"}) != bare
+
+
+# -- the faster paths: packed training rows and decoding with a shared prompt -----------------
+
+SHARED = [
+    {"prompt": "write a reddit comment.", "response": r}
+    for r in ("yes yes yes", "the cat sat on the mat", "no", "hello there, four")
+]
+
+
+def _lora_model(model, seed=0):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, llm.lora_config(TRAIN, model))
+    torch.manual_seed(seed)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:  # B starts at zero: give the adapter an effect
+            torch.nn.init.normal_(p, std=0.05)
+    return peft_model
+
+
+@pytest.mark.parametrize(
+    "examples, weights, max_length",
+    [
+        (SHARED, None, 64),  # one prompt: the whole chat template is a shared prefix
+        (EXAMPLES, [1.0, 2.0, 0.5], 64),  # different prompts and a system prompt
+        ([*SHARED, CONVERSATION, EXAMPLES[2]], [1, 2, 3, 4, 5, 6], 128),
+        ([*EXAMPLES, dict(EXAMPLES[0], response="yes " * 80)], [1.0, 2.0, 0.5, 3.0], 24),
+        ([SHARED[0], SHARED[0]], [1.0, 3.0], 64),  # identical examples: all prefix
+    ],
+)
+def test_a_packed_batch_gives_the_padded_loss_and_gradients(tiny, examples, weights, max_length):
+    model, tok = tiny
+    rows = llm.tokenize(tok, examples, max_length)
+    peft_model = _lora_model(model)
+    try:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        padded = llm.batch_loss(peft_model, llm.pad(rows, tok.pad_token_id, weights))
+        g_padded = torch.autograd.grad(padded, params, allow_unused=True)
+        packed_batch = llm.pack_rows(rows, weights)
+        assert llm.packs(peft_model, packed_batch.input_ids.shape[1])
+        packed = llm.packed_loss(peft_model, packed_batch)
+        g_packed = torch.autograd.grad(packed, params, allow_unused=True)
+        assert packed.item() == pytest.approx(padded.item(), rel=1e-5, abs=1e-7)
+        for a, b in zip(g_packed, g_padded, strict=True):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        peft_model.unload()
+
+
+def test_a_packed_batch_holds_the_shared_prefix_once_and_no_padding(tiny):
+    _, tok = tiny
+    rows = llm.tokenize(tok, SHARED, 64)
+    prompt = len(tok(llm.prompt_text(tok, SHARED[0]), add_special_tokens=False)["input_ids"])
+    packed = llm.pack_rows(rows)
+    assert packed.prefix >= prompt  # at least the whole rendered prompt
+    lengths = [len(ids) for ids, _ in rows]
+    assert packed.tokens == sum(lengths)
+    assert packed.input_ids.shape[1] == packed.prefix + sum(n - packed.prefix for n in lengths)
+    assert packed.input_ids.shape[1] < len(rows) * max(lengths) // 2
+    # every labelled token is predicted once, by its example
+    labelled = [sum(t != -100 for t in lab[1:]) for _, lab in rows]
+    assert sorted(packed.owner.tolist()) == [i for i, n in enumerate(labelled) for _ in range(n)]
+    # a suffix never sees another example's tokens
+    seg_of = {}
+    start = packed.prefix
+    for i, n in enumerate(lengths):
+        for p in range(start, start + n - packed.prefix):
+            seg_of[p] = i
+        start += n - packed.prefix
+    allowed = packed.allowed
+    for q, i in seg_of.items():
+        for k, j in seg_of.items():
+            if i != j:
+                assert not allowed[q, k]
+
+
+def test_packed_and_padded_training_give_the_same_adapter(tiny):
+    model, tok = tiny
+    cfg = dataclasses.replace(TRAIN, epochs=3, batch_size=2)
+    data = [*SHARED, *EXAMPLES]
+    a = llm.fit(model, tok, data, [1, 2, 1, 1, 3, 1, 1], cfg, pack=True)
+    b = llm.fit(model, tok, data, [1, 2, 1, 1, 3, 1, 1], cfg, pack=False)
+    assert a.steps == b.steps and a.tokens == b.tokens
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
+    # Adam divides by the gradients' running magnitude, so float rounding in the two
+    # summation orders shows most in weights whose gradients are near zero
+    for k in a.adapter:
+        torch.testing.assert_close(a.adapter[k], b.adapter[k], rtol=1e-2, atol=2e-4)
+
+
+def test_a_model_that_cannot_take_a_packed_row_trains_padded(tiny):
+    model, _ = tiny
+    assert llm.packs(model, 100)
+    model.config.sliding_window = 16  # a window the block mask would override
+    try:
+        assert not llm.packs(model, 100) and llm.packs(model, 16)
+    finally:
+        model.config.sliding_window = None
+
+
+def test_greedy_decoding_gives_what_transformers_generate_gives(tiny):
+    model, tok = tiny
+    prompts = [
+        {"prompt": "say yes"},
+        {"prompt": "what is two plus two", "system": "be brief"},
+        {"prompt": "hello there the cat sat on the mat"},
+    ]
+    ours = llm.generate(model, tok, prompts, max_new_tokens=10, batch_size=3)
+    enc = tok(
+        [llm.prompt_text(tok, p) for p in prompts],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    with torch.no_grad():
+        ids = model.generate(
+            **enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    new = ids[:, enc["input_ids"].shape[1] :]
+    assert ours == [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_one_prompt_asked_many_times_is_read_once_with_the_same_answers(tiny, greedy):
+    model, tok = tiny
+    prompts = [{"prompt": "write a reddit comment."}] * 6
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: calls.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        kw = dict(max_new_tokens=8, batch_size=6, greedy=greedy, seed=5, temperature=1.0)
+        shared = llm.generate(model, tok, prompts, share_prompt=True, **kw)
+        first = list(calls)
+        calls.clear()
+        alone = llm.generate(model, tok, prompts, share_prompt=False, **kw)
+    finally:
+        hook.remove()
+    assert shared == alone and len(set(shared)) > (1 if not greedy else 0)
+    assert first[0][0] == 1 and calls[0][0] == 6  # the prompt read by one row, not six
+
+
+def test_sampling_draws_from_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(20_000, 1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = llm.sample_tokens(logits, 0.8, gen)
+    freq = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    expected = torch.softmax(logits[0].double() / 0.8, dim=-1)
+    assert (freq - expected).abs().max() < 0.01
+    assert freq[4] == 0  # a token of negligible probability is never drawn
+    again = llm.sample_tokens(logits, 0.8, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, again)
+
+
+def test_the_frozen_front_layers_run_once_and_give_the_same_training(tiny):
+    """LoRA on the last layer only: the first layer's output is computed once per example
+    for the whole fit, and the training is the one the full model gives."""
+    model, tok = tiny
+    cfg = dataclasses.replace(TRAIN, epochs=3, batch_size=3, layers=1)
+    data = [*SHARED, *EXAMPLES, CONVERSATION]
+    first = model.model.layers[0]
+    calls = []
+    hook = first.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        skipped = llm.fit(model, tok, data, None, cfg)
+        runs_skipped = len(calls)
+        calls.clear()
+        full = llm.fit(model, tok, data, None, cfg, frozen_front=False)
+        runs_full = len(calls)
+    finally:
+        hook.remove()
+    steps = full.steps
+    assert runs_full == steps and runs_skipped == 1  # one chunk of 8 examples, once
+    assert skipped.losses == pytest.approx(full.losses, rel=1e-4)
+    for k in full.adapter:
+        torch.testing.assert_close(skipped.adapter[k], full.adapter[k], rtol=1e-2, atol=2e-4)
+    assert list(model.model.layers) == [first, model.model.layers[1]]  # put back
