@@ -436,6 +436,15 @@ def round_(config_path: Path, as_json: bool) -> None:
             + (f", rank {rank}" if rank is not None else "")
             + mark
         )
+    if summary.consolidated is not None:
+        n = len(summary.groups)
+        rank = summary.ranking.index(n) if summary.ranking else None
+        click.echo(
+            f"  consolidated: all {len(summary.consolidated)} contributors, distance "
+            f"{distance_of(summary.scores[n], ev):.4f}"
+            + (f", rank {rank}" if rank is not None else "")
+            + (" <- winner" if summary.consolidated_won else "")
+        )
     if not summary.updated:
         click.echo("  no candidate beat the current model; nothing changed")
 

@@ -365,6 +365,12 @@ class AdmissionConfig:
         "earlier example of another node are flagged when a round is planned and never train a "
         "candidate. 0 turns this off.",
     )
+    near_duplicate_embedder: str = setting(
+        "minilm",
+        "The embedder that near-duplicates are found with: one that places texts by what they "
+        "say (minilm), whatever evaluation.embedder is (a style or emotion space, such as "
+        "goemotions, places any two texts of one mood together).",
+    )
 
     def __post_init__(self) -> None:
         if not self.policy:
@@ -557,6 +563,14 @@ class RoundsConfig:
         'What a round retires: "winner" (the paper: the winning group\'s data; the rest is '
         'regrouped next round), "all" (everything the round used), or "none".',
     )
+    consolidate_every: int = setting(
+        0,
+        "A consolidated candidate every k-th round (1: every round; 0: none): trained from "
+        "the round's model on every contribution accepted so far, each contributor's "
+        "examples at the influence weight of its points, it competes with the group "
+        "candidates in the same selection. When it wins, nothing is consumed, and points "
+        "follow the groups' ranking among themselves (the credit reward pays its members).",
+    )
     planned_rounds: int = setting(10, "The schedule length that epsilon-greedy grouping assumes.")
     seed: int = setting(0)
     auto_after_contributions: int = setting(
@@ -583,6 +597,10 @@ class RoundsConfig:
             raise ConfigError(f"rounds.consume must be winner, all or none, not {self.consume!r}")
         if not 0 <= self.judging_error <= 1:
             raise ConfigError("rounds.judging_error must lie in [0, 1]")
+        if self.consolidate_every < 0:
+            raise ConfigError(
+                "rounds.consolidate_every must be >= 0 (0: no consolidated candidate)"
+            )
 
     def names(self) -> StrategyNames:
         """The round strategies by name, as the tournament builds them."""
@@ -877,6 +895,7 @@ STRATEGY_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("evaluation", "function", "evaluation"),
     ("evaluation", "embedder", "embedder"),
     ("admission", "policy", "admission"),
+    ("admission", "near_duplicate_embedder", "embedder"),
 )
 
 

@@ -217,8 +217,29 @@ def _format_problems(rid: int, rec: dict[str, Any]) -> list[str]:
         for n in members:
             if n not in population:
                 out.append(f"group {g} names {n}, who is not in the population")
-    if len(rec["groups"]) != len(rec["candidates"]) or len(rec["groups"]) != len(rec["weights"]):
+    extra = rec.get("consolidated")
+    if extra is not None:
+        if (
+            not isinstance(extra, dict)
+            or not isinstance(extra.get("members"), list)
+            or not isinstance(extra.get("weights"), list)
+            or len(extra["members"]) != len(extra["weights"])
+        ):
+            out.append("field 'consolidated' needs members and weights, one per member")
+        else:
+            for n in extra["members"]:
+                if n not in population:
+                    out.append(
+                        f"the consolidated candidate names {n}, who is not in the population"
+                    )
+    n_candidates = len(rec["groups"]) + (1 if extra is not None else 0)
+    if n_candidates != len(rec["candidates"]) or len(rec["groups"]) != len(rec["weights"]):
         out.append("groups, weights and candidates differ in number")
+    ranked = [x for x in rec["ranking"] if not isinstance(x, int) or not 0 <= x < n_candidates]
+    if ranked or len(set(rec["ranking"])) != len(rec["ranking"]):
+        out.append("the ranking names candidates that the record does not hold")
+    if rec["winner"] is not None and not 0 <= rec["winner"] < n_candidates:
+        out.append("the winner names a candidate that the record does not hold")
     if "reward" not in rec["strategies"]:
         out.append("strategies do not name the reward rule")
     return out

@@ -21,6 +21,7 @@ All randomness comes from the ``numpy.random.Generator`` passed in. Never import
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from crowdsft.errors import ConfigError
-from crowdsft.plugins.reward import Reward, RoundOutcome
+from crowdsft.plugins.reward import Consolidated, Reward, RoundOutcome
 
 if TYPE_CHECKING:
     from crowdsft.plugins.grouping import Grouping
@@ -129,6 +130,9 @@ class RoundRecord:
     points_after: np.ndarray
     population: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    # every candidate best first after any judging error, the consolidated one as index
+    # len(groups); None: the groups' order is the whole ranking (no consolidated candidate)
+    ranking: np.ndarray | None = None
 
     @property
     def round_index(self) -> int:
@@ -152,8 +156,15 @@ class RoundRecord:
 
     @property
     def order(self) -> np.ndarray | None:
-        """Groups best first after any judging error; None when nothing was updated."""
-        return self.outcome.order if self.updated else None
+        """Every candidate best first after any judging error (the consolidated candidate,
+        where there is one, as index ``len(groups)``); None when nothing was updated."""
+        if not self.updated:
+            return None
+        return self.ranking if self.ranking is not None else self.outcome.order
+
+    @property
+    def consolidated(self) -> Consolidated | None:
+        return self.outcome.consolidated
 
     @property
     def group_nodes(self) -> list[list[str]]:
@@ -162,12 +173,19 @@ class RoundRecord:
 
     @property
     def winner(self) -> int | None:
-        return int(self.outcome.order[0]) if self.updated else None
+        """The winning candidate: a group's, or ``len(groups)`` for the consolidated one."""
+        order = self.order
+        return int(order[0]) if order is not None else None
 
     @property
     def winner_score(self) -> float:
         w = self.winner
-        return float(self.scores[w]) if w is not None else self.base_score
+        if w is None:
+            return self.base_score
+        c = self.outcome.consolidated
+        if c is not None and w == len(self.groups):
+            return float(c.score)
+        return float(self.scores[w])
 
 
 @dataclass
@@ -195,43 +213,84 @@ class DecidedRound:
     scores: list[float]
     base_score: float
     updated: bool
-    ranking: list[int]
+    ranking: list[int]  # every candidate, the consolidated one as len(groups)
     credits: list[list[float]] | None = None  # members' in-run credit, where recorded
+    consolidated: DecidedConsolidated | None = None
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> DecidedRound:
+        n = len(rec["groups"])
+        groups = rec["candidates"][:n]
+        extra = rec.get("consolidated")
+        consolidated = None
+        if extra is not None:
+            cand = rec["candidates"][n]
+            consolidated = DecidedConsolidated(
+                members=[str(m) for m in extra["members"]],
+                weights=[float(x) for x in extra["weights"]],
+                score=float(cand["score"]),
+                credits=(
+                    [float(x) for x in cand["member_credit"]] if "member_credit" in cand else None
+                ),
+            )
         return cls(
             round_id=int(rec["round_id"]),
             groups=[list(g) for g in rec["groups"]],
             weights=[[float(x) for x in w] for w in rec["weights"]],
-            scores=[float(c["score"]) for c in rec["candidates"]],
+            scores=[float(c["score"]) for c in groups],
             base_score=float(rec["base_score"]),
             updated=bool(rec["updated"]),
             ranking=[int(x) for x in rec["ranking"]] if rec["updated"] else [],
             credits=(
-                [[float(x) for x in c["member_credit"]] for c in rec["candidates"]]
-                if rec["candidates"] and all("member_credit" in c for c in rec["candidates"])
+                [[float(x) for x in c["member_credit"]] for c in groups]
+                if groups and all("member_credit" in c for c in groups)
                 else None
             ),
+            consolidated=consolidated,
         )
 
     def outcome(self, index: Mapping[str, int]) -> RoundOutcome:
         """The reward rule's view of this round over a population ``index`` (node -> position)."""
-        missing = sorted({n for g in self.groups for n in g if n not in index})
+        named = {n for g in self.groups for n in g}
+        if self.consolidated is not None:
+            named |= set(self.consolidated.members)
+        missing = sorted(n for n in named if n not in index)
         if missing:
             raise ValueError(
                 f"round {self.round_id} names contributors missing from the population: "
                 + ", ".join(missing[:3])
             )
+        n_groups = len(self.groups)
+        ranking = self.ranking if self.updated else []
+        c = self.consolidated
         return RoundOutcome(
             self.round_id - 1,
             [np.array([index[n] for n in g], dtype=np.int64) for g in self.groups],
             np.asarray(self.scores, dtype=float),
             self.base_score,
-            np.asarray(self.ranking if self.updated else [], dtype=np.int64),
+            np.asarray([g for g in ranking if g < n_groups], dtype=np.int64),
             [np.asarray(w, dtype=float) for w in self.weights],
             None if self.credits is None else [np.asarray(c, dtype=float) for c in self.credits],
+            None
+            if c is None
+            else Consolidated(
+                members=np.array([index[m] for m in c.members], dtype=np.int64),
+                weights=np.asarray(c.weights, dtype=float),
+                score=c.score,
+                won=bool(ranking) and ranking[0] == n_groups,
+                credits=None if c.credits is None else np.asarray(c.credits, dtype=float),
+            ),
         )
+
+
+@dataclass(frozen=True)
+class DecidedConsolidated:
+    """A recorded round's consolidated candidate, in node ids."""
+
+    members: list[str]
+    weights: list[float]
+    score: float
+    credits: list[float] | None = None
 
 
 def replay_points(
@@ -281,10 +340,27 @@ class Tournament:
         strategies: Strategies,
         rounds: int,
         on_round: Callable[[RoundRecord], None] | None = None,
+        consolidate_every: int = 0,
     ) -> None:
+        """``consolidate_every``: k > 0 adds a consolidated candidate to every k-th round
+        (``consolidates``); 0: none."""
+        if consolidate_every < 0:
+            raise ValueError("consolidate_every must be >= 0")
         self.strategies = strategies
         self.rounds = rounds
         self.on_round = on_round
+        self.consolidate_every = consolidate_every
+
+    def consolidates(self, round_index: int) -> bool:
+        """Whether round ``round_index`` (from 0) has a consolidated candidate: every
+        ``consolidate_every``-th round, counted from 1 (k = 1: every round)."""
+        k = self.consolidate_every
+        return k > 0 and (round_index + 1) % k == 0
+
+    def plan_consolidated(self, points: np.ndarray) -> np.ndarray:
+        """The influence weight of every contributor in ``points`` (the consolidated
+        candidate's members) on the consolidated candidate."""
+        return self.strategies.influence.weights(points)
 
     def plan(
         self, points: np.ndarray, round_index: int, rng: np.random.Generator
@@ -306,14 +382,27 @@ class Tournament:
         rng: np.random.Generator,
         population: Sequence[str] = (),
         credits: Sequence[np.ndarray] | None = None,
+        consolidated: Consolidated | None = None,
     ) -> RoundRecord:
         """Selection (guard, judging error) and reward, given the scored candidates
-        (``credits``: each group's members' in-run credit, where the training recorded it)."""
+        (``credits``: each group's members' in-run credit, where the training recorded it).
+
+        ``consolidated`` (its ``won`` is ignored and decided here) competes in the same
+        selection as the groups' candidates, as index ``len(groups)``; the reward sees the
+        groups ranked among themselves and whether the consolidated candidate won."""
         s = self.strategies
         scores = np.asarray(scores, dtype=float)
-        ranking = s.selection.select(scores, base_score, rng)
-        order = ranking.order if ranking is not None else np.empty(0, dtype=np.int64)
-        outcome = RoundOutcome(round_index, groups, scores, base_score, order, weights, credits)
+        n_groups = len(groups)
+        every = scores if consolidated is None else np.append(scores, consolidated.score)
+        ranking = s.selection.select(every, base_score, rng)
+        full = ranking.order if ranking is not None else np.empty(0, dtype=np.int64)
+        order = np.asarray([g for g in full if g < n_groups], dtype=np.int64)
+        if consolidated is not None:
+            won = ranking is not None and int(full[0]) == n_groups
+            consolidated = dataclasses.replace(consolidated, won=won)
+        outcome = RoundOutcome(
+            round_index, groups, scores, base_score, order, weights, credits, consolidated
+        )
         after = award(s.reward, points, outcome, ranking is not None)
         names = tuple(population) or tuple(str(i) for i in range(len(points)))
         record = RoundRecord(
@@ -323,6 +412,7 @@ class Tournament:
             points_before=points,
             points_after=after,
             population=names,
+            ranking=np.asarray(full, dtype=np.int64),
         )
         if self.on_round is not None:
             self.on_round(record)
@@ -346,14 +436,28 @@ class Tournament:
             space.propose(state.base, g, w, rng) for g, w in zip(groups, weights, strict=True)
         ]
         scores = np.asarray(space.score(candidates), dtype=float)
+        consolidated = None
+        if self.consolidates(state.round_index):
+            everyone = np.arange(len(state.points))
+            w_all = self.plan_consolidated(state.points)
+            candidates.append(space.propose(state.base, everyone, w_all, rng))
+            score = float(space.score([candidates[-1]])[0])
+            consolidated = Consolidated(everyone, w_all, score, won=False)
         record = self.decide(
-            state.round_index, groups, weights, scores, state.base_score, state.points, rng
+            state.round_index,
+            groups,
+            weights,
+            scores,
+            state.base_score,
+            state.points,
+            rng,
+            consolidated=consolidated,
         )
         if record.updated:
             w = record.winner
             assert w is not None
             new = TournamentState(
-                candidates[w], float(scores[w]), record.points_after, state.round_index + 1
+                candidates[w], record.winner_score, record.points_after, state.round_index + 1
             )
         else:
             new = TournamentState(

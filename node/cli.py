@@ -366,7 +366,12 @@ def _show_event(ev, as_json: bool) -> None:
         )
     else:
         scores = ", ".join(f"{x:.4f}" for x in ev.scores)
-        result = f"group {ev.winner} won" if ev.updated else "no candidate beat the current model"
+        if not ev.updated:
+            result = "no candidate beat the current model"
+        elif ev.winner == ev.groups:  # the index after the groups': the consolidated one
+            result = "the consolidated candidate (everyone's data) won"
+        else:
+            result = f"group {ev.winner} won"
         click.echo(f"round {ev.round_id}: finished, scores [{scores}], {result}")
 
 

@@ -25,8 +25,26 @@ from .hookspecs import Register, hookimpl
 
 
 @dataclass(frozen=True)
+class Consolidated:
+    """A round's consolidated candidate: trained from the round's model on the data of
+    every contributor so far (``members``), each weighted by its influence weight; it
+    competes in the same selection as the group candidates."""
+
+    members: np.ndarray
+    weights: np.ndarray
+    score: float  # higher is better
+    won: bool  # it became the next model
+    credits: np.ndarray | None = None  # members' in-run credit, where recorded
+
+
+@dataclass(frozen=True)
 class RoundOutcome:
-    """What a reward rule may look at after a round."""
+    """What a reward rule may look at after a round.
+
+    ``order`` ranks the group candidates among themselves (best first, after any judging
+    error), also in a round that the consolidated candidate won: the groups' ranking is
+    still evidence of whose data helps, and the consolidated candidate, made of everyone's
+    data, tells nobody apart. ``consolidated`` is None in rounds without one."""
 
     round_index: int
     groups: Sequence[np.ndarray]
@@ -36,6 +54,7 @@ class RoundOutcome:
     weights: Sequence[np.ndarray] | None = None  # members' influence weights, per group
     # members' in-run credit against the target, per group (LLM rounds with in-run credit)
     credits: Sequence[np.ndarray] | None = None
+    consolidated: Consolidated | None = None
 
 
 class Reward(ABC):
@@ -160,6 +179,15 @@ class RegressionReward(Reward):
             self._rows.append(row)
             self._y.append(float(outcome.scores[g] - outcome.base_score))
             self._round.append(outcome.round_index)
+        c = outcome.consolidated
+        if c is not None:  # one more observation: everyone, at their influence weights
+            row = np.zeros(self.n)
+            w = np.asarray(c.weights, dtype=float)
+            total = w.sum()
+            row[c.members] = w / total if total > 0 else 1.0 / len(c.members)
+            self._rows.append(row)
+            self._y.append(float(c.score - outcome.base_score))
+            self._round.append(outcome.round_index)
 
     def update(self, points, outcome):
         beta = self.estimates()
@@ -209,6 +237,15 @@ class CreditReward(Reward):
     def observe(self, outcome):
         if len(outcome.order) == 0:
             return  # the old model was kept: nobody's data trained it this round
+        c = outcome.consolidated
+        if c is not None and c.won:  # everyone's data trained the new model
+            if c.credits is None:
+                return  # decided before credit was recorded: pays nobody
+            credit = np.asarray(c.credits, dtype=float)
+            if credit.shape != (len(c.members),):
+                raise ValueError("one in-run credit per member of the consolidated candidate")
+            self.totals[c.members] += credit
+            return
         if outcome.credits is None:
             # A round decided before credit was recorded (under another rule): it pays
             # nobody. The coordinator refuses to decide a new round without credit.

@@ -133,8 +133,9 @@ def in_run_values(store: Store) -> tuple[dict[str, float], str] | None:
         credit = cand.training.get(key) if cand is not None else None
         if credit is None:
             continue
-        for n, c in zip(r.groups[r.winner], credit, strict=True):
-            values[n] += float(c)
+        members = r.consolidated["members"] if r.consolidated_won else r.groups[r.winner]
+        for n, c in zip(members, credit, strict=True):
+            values[n] = values.get(n, 0.0) + float(c)
     return values, ("held-out" if heldout else "target")
 
 
@@ -211,8 +212,10 @@ def build_report(
                     r["candidates"][r["winner"]]["score"] if r["updated"] else r["base_score"], ev
                 ),
                 "candidates": [distance_of(c["score"], ev) for c in r["candidates"]],
-                # the group whose candidate became the model (None: the base was kept)
+                # the group whose candidate became the model (None: the base was kept;
+                # len(groups): the consolidated candidate)
                 "winner_group": r["winner"] if r["updated"] else None,
+                "consolidated": r["consolidated"] is not None,
             }
             for r in history
         ],
@@ -409,10 +412,17 @@ def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
     for r in data["distance_per_round"]:
         won = r.get("winner_group")
         cells = []
+        last = len(r["candidates"]) - 1
         for g, d in enumerate(r["candidates"]):
-            text = f"group {g}: {distance(d)}"
+            who = "consolidated" if r.get("consolidated") and g == last else f"group {g}"
+            text = f"{who}: {distance(d)}"
             cells.append(f'<span class="win">{text} ★</span>' if g == won else text)
-        result = f"group {won} won" if won is not None else "base kept"
+        if won is None:
+            result = "base kept"
+        elif r.get("consolidated") and won == last:
+            result = "the consolidated candidate won"
+        else:
+            result = f"group {won} won"
         rows.append(
             f"<tr><td class=num>{r['round_id']}</td><td class=num>{distance(r['base'])}</td>"
             f"<td>{'<br>'.join(cells)}</td><td class=num>{distance(r['winner'])}</td>"

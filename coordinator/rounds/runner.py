@@ -34,6 +34,7 @@ from crowdsft.envelope import now_ms
 from crowdsft.errors import ConfigError, CrowdSFTError
 from crowdsft.keys import Identity
 from crowdsft.plugins.manager import Plugins, get_plugins
+from crowdsft.plugins.reward import Consolidated
 from crowdsft.tournament import Strategies, Tournament, check_credit, replay_points
 from crowdsft.validation import payload_examples, training_order
 
@@ -61,14 +62,19 @@ class RoundInterrupted(CrowdSFTError):
 class RoundSummary:
     round_id: int
     groups: list[list[str]]  # node ids
-    scores: list[float]
+    scores: list[float]  # per candidate: the groups', then the consolidated one's
     base_score: float
     updated: bool
-    winner: int | None
+    winner: int | None  # a group, or len(groups): the consolidated candidate
     ranking: list[int]
     swapped: bool
     points: dict[str, float]  # node id -> points after the round
     adapters: list[str]
+    consolidated: list[str] | None = None  # the consolidated candidate's members
+
+    @property
+    def consolidated_won(self) -> bool:
+        return self.consolidated is not None and self.winner == len(self.groups)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -104,7 +110,10 @@ class RoundRunner:
         self._embeddings = copies.EmbeddingCache(embed) if embed is not None else None
 
     def _tournament(self) -> Tournament:
-        return Tournament(self._strategies(), self.config.rounds.planned_rounds)
+        r = self.config.rounds
+        return Tournament(
+            self._strategies(), r.planned_rounds, consolidate_every=r.consolidate_every
+        )
 
     def _strategies(self) -> Strategies:
         return self.config.rounds.names().build(self.plugins)
@@ -154,14 +163,22 @@ class RoundRunner:
         base = Candidate(tuple(row.base_lineage))
         contributors = [n for g in row.groups for n in g]
         index = {n: i for i, n in enumerate(contributors)}
-        self.space.set_data(self._data(round_id, contributors))
+        data = self._data(round_id, contributors)
         groups = [np.array([index[n] for n in g], dtype=np.int64) for g in row.groups]
+        if row.consolidated is not None:
+            # the consolidated candidate's members follow the groups' in the space's data,
+            # each with everything it contributed so far
+            members = list(row.consolidated["members"])
+            groups.append(np.arange(len(data), len(data) + len(members), dtype=np.int64))
+            weights.append(np.asarray(row.consolidated["weights"], dtype=float))
+            data += self._consolidated_data(row.consolidated)
+        self.space.set_data(data)
 
         adapters = self._train(round_id, base, groups, weights)
         self._maybe_stop(stop_after, "trained")
         base_score, scores = self._score(round_id, base, adapters)
         self._maybe_stop(stop_after, "scored")
-        return self._finish(round_id, row.groups, weights, adapters, scores, base_score, base)
+        return self._finish(round_id, row, adapters, scores, base_score, base)
 
     @staticmethod
     def _maybe_stop(stop_after: str | None, step: str) -> None:
@@ -183,9 +200,23 @@ class RoundRunner:
             )
         awarded = self.points()
         points = np.array([1.0 + awarded.get(n, 0.0) for n in nodes])
-        groups, weights = self._tournament().plan(points, round_id - 1, self._rng(round_id, 0))
+        tournament = self._tournament()
+        groups, weights = tournament.plan(points, round_id - 1, self._rng(round_id, 0))
         groups_nodes = [[nodes[i] for i in g] for g in groups]
+        consolidated = None
+        if tournament.consolidates(round_id - 1):
+            # every contributor so far, with all its data (consumed or not), at the influence
+            # weight of its current points
+            accepted = queries.accepted_pool(self.store)
+            members = sorted(accepted)
+            held = np.array([1.0 + awarded.get(n, 0.0) for n in members])
+            consolidated = {
+                "members": members,
+                "weights": tournament.plan_consolidated(held).tolist(),
+                "upto": max(seq for seqs in accepted.values() for seq in seqs),
+            }
         strategies = r.names().as_dict() | {
+            "consolidate_every": r.consolidate_every,
             "consume": r.consume,
             "evaluation": self.config.evaluation.function,
             "embedder": self.config.evaluation.embedder,
@@ -203,12 +234,28 @@ class RoundRunner:
                 groups=groups_nodes,
                 weights=[w.tolist() for w in weights],
                 contribution_seqs=[seq for n in nodes for seq in by_node[n]],
+                consolidated=consolidated,
             )
         )
         logger.info(
-            "round %d planned: %d contributors in %d groups", round_id, len(nodes), len(groups)
+            "round %d planned: %d contributors in %d groups%s",
+            round_id,
+            len(nodes),
+            len(groups),
+            (
+                f", and a consolidated candidate of all {len(consolidated['members'])}"
+                if consolidated
+                else ""
+            ),
         )
-        self.on_event("round_planned", {"round_id": round_id, "groups": groups_nodes})
+        self.on_event(
+            "round_planned",
+            {
+                "round_id": round_id,
+                "groups": groups_nodes,
+                "consolidated": consolidated["members"] if consolidated else None,
+            },
+        )
         return round_id
 
     def _flag_near_duplicates(self, round_id: int) -> None:
@@ -248,6 +295,15 @@ class RoundRunner:
             data[node_id] += payload_examples(payload)
         return [training_order(data[n]) for n in contributors]
 
+    def _consolidated_data(self, plan: dict[str, Any]) -> list[list[dict[str, str]]]:
+        """The consolidated candidate's members' examples: everything each contributed up to
+        the plan's last contribution, flagged ones left out, in training order."""
+        data: dict[str, list[dict[str, str]]] = {n: [] for n in plan["members"]}
+        for node_id, payload in queries.consolidated_payloads(self.store, int(plan["upto"])):
+            if node_id in data:
+                data[node_id] += payload_examples(payload)
+        return [training_order(data[n]) for n in plan["members"]]
+
     # -- train and score ---------------------------------------------------------------------
 
     def _train(
@@ -261,10 +317,18 @@ class RoundRunner:
             if g not in done
         ]
 
+        consolidated = row.consolidated is not None
+        n_groups = len(row.groups)
+
         def started(job: CandidateJob) -> None:
             self.on_event(
                 "candidate_training",
-                {"round_id": round_id, "group": job.group, "members": len(job.members)},
+                {
+                    "round_id": round_id,
+                    "group": job.group,
+                    "members": len(job.members),
+                    "consolidated": consolidated and job.group == n_groups,
+                },
             )
 
         for g, adapter in self.executor.train(self.space, base, jobs, started):
@@ -312,14 +376,17 @@ class RoundRunner:
     def _finish(
         self,
         round_id: int,
-        groups_nodes: list[list[str]],
-        weights: list[np.ndarray],
+        row: queries.RoundRow,
         adapters: list[str],
         scores: list[float],
         base_score: float,
         base: Candidate,
     ) -> RoundSummary:
         r = self.config.rounds
+        groups_nodes = row.groups
+        weights = [np.asarray(w, dtype=float) for w in row.weights]
+        n_groups = len(groups_nodes)
+        plan = row.consolidated
         everyone = queries.node_ids(self.store)
         index = {n: i for i, n in enumerate(everyone)}
         awarded = self.points()
@@ -336,7 +403,7 @@ class RoundRunner:
         # into the ledger record with the candidates, so that nodes can recompute the points
         # of a rule that pays from it.
         trained = {c.group: c.training for c in queries.round_row(self.store, round_id).candidates}
-        credit_lists = [trained.get(g, {}).get("member_credit") for g in range(len(groups))]
+        credit_lists = [trained.get(g, {}).get("member_credit") for g in range(len(adapters))]
         credits = (
             [np.asarray(c, dtype=float) for c in credit_lists]
             if all(c is not None for c in credit_lists)
@@ -348,16 +415,26 @@ class RoundRunner:
                 f"round {round_id}'s candidates were trained without in-run credit, and the "
                 "reward rule pays from it"
             )
+        consolidated = None
+        if plan is not None:
+            consolidated = Consolidated(
+                members=np.array([index[n] for n in plan["members"]], dtype=np.int64),
+                weights=np.asarray(plan["weights"], dtype=float),
+                score=float(scores[n_groups]),
+                won=False,  # decided below
+                credits=credits[n_groups] if credits is not None else None,
+            )
         record = tournament.decide(
             round_id - 1,
             groups,
             weights,
-            np.asarray(scores),
+            np.asarray(scores[:n_groups]),
             base_score,
             points,
             self._rng(round_id, 2),
             population=everyone,
-            credits=credits,
+            credits=credits[:n_groups] if credits is not None else None,
+            consolidated=consolidated,
         )
         after = {n: float(record.points_after[i]) - 1.0 for i, n in enumerate(everyone)}
         winner = record.winner
@@ -365,8 +442,12 @@ class RoundRunner:
             consumed_nodes: list[str] = []
         elif r.consume == "all":
             consumed_nodes = [n for g in groups_nodes for n in g]
+        elif winner is not None and winner < n_groups:
+            consumed_nodes = list(groups_nodes[winner])
         else:
-            consumed_nodes = list(groups_nodes[winner]) if winner is not None else []
+            # the consolidated candidate won: it trained on everyone's data, and retiring all
+            # of it would leave nothing to group; the groups play on with the new model
+            consumed_nodes = []
         ranking = [int(x) for x in record.order] if record.order is not None else []
         write = queries.FinishWrite(
             round_id=round_id,
@@ -383,44 +464,49 @@ class RoundRunner:
             consumed_nodes=consumed_nodes,
         )
 
+        def candidate_entry(g: int, adapter: str, score: float) -> dict[str, Any]:
+            entry: dict[str, Any] = ({"consolidated": True} if g == n_groups else {"group": g}) | {
+                "adapter": adapter,
+                "score": float(score),
+            }
+            if signs_credit and credits is not None:
+                entry["member_credit"] = [float(x) for x in credits[g]]
+            return entry
+
         def commit(conn) -> None:
             finished_ms = now_ms()
             stored = queries.finish_round(conn, write, finished_ms)
             if stored is None:  # finished by an earlier attempt: nothing to do twice
                 return
-            append_record(
-                conn,
-                self.identity,
-                round_id,
-                {
-                    "seed": stored.seed,
-                    "started_ms": stored.started_ms,
-                    "finished_ms": finished_ms,
-                    "strategies": stored.strategies,
-                    "base_lineage": list(base.lineage),
-                    "lineage": queries.lineage_in(conn),
-                    "population": everyone,
-                    "groups": groups_nodes,
-                    "weights": [[float(x) for x in w] for w in weights],
-                    "candidates": [
-                        {"group": g, "adapter": a, "score": float(s)}
-                        | (
-                            {"member_credit": [float(x) for x in credits[g]]}
-                            if signs_credit and credits is not None
-                            else {}
-                        )
-                        for g, (a, s) in enumerate(zip(adapters, scores, strict=True))
-                    ],
-                    "base_score": float(base_score),
-                    "updated": bool(record.updated),
-                    "ranking": ranking,
-                    "swapped": bool(record.swapped),
-                    "winner": winner,
-                    "consumed": {"policy": r.consume, "nodes": sorted(consumed_nodes)},
-                    "flagged": queries.flags_of_round(conn, round_id),
-                    "points": {n: [b, a] for n, (b, a) in write.points.items()},
-                },
-            )
+            body: dict[str, Any] = {
+                "seed": stored.seed,
+                "started_ms": stored.started_ms,
+                "finished_ms": finished_ms,
+                "strategies": stored.strategies,
+                "base_lineage": list(base.lineage),
+                "lineage": queries.lineage_in(conn),
+                "population": everyone,
+                "groups": groups_nodes,
+                "weights": [[float(x) for x in w] for w in weights],
+                "candidates": [
+                    candidate_entry(g, a, s)
+                    for g, (a, s) in enumerate(zip(adapters, scores, strict=True))
+                ],
+                "base_score": float(base_score),
+                "updated": bool(record.updated),
+                "ranking": ranking,
+                "swapped": bool(record.swapped),
+                "winner": winner,
+                "consumed": {"policy": r.consume, "nodes": sorted(consumed_nodes)},
+                "flagged": queries.flags_of_round(conn, round_id),
+                "points": {n: [b, a] for n, (b, a) in write.points.items()},
+            }
+            if plan is not None:
+                body["consolidated"] = {
+                    "members": list(plan["members"]),
+                    "weights": [float(x) for x in plan["weights"]],
+                }
+            append_record(conn, self.identity, round_id, body)
 
         self.store.write(commit)
         summary = RoundSummary(
@@ -434,11 +520,18 @@ class RoundRunner:
             swapped=record.swapped,
             points=after,
             adapters=adapters,
+            consolidated=list(plan["members"]) if plan is not None else None,
         )
         logger.info(
             "round %d finished: %s",
             round_id,
-            f"group {winner} won" if record.updated else "no candidate improved",
+            (
+                "no candidate improved"
+                if not record.updated
+                else "the consolidated candidate won"
+                if summary.consolidated_won
+                else f"group {winner} won"
+            ),
         )
         self.plugins.round_finished(record)
         self.on_event("round_finished", summary.as_dict())

@@ -38,7 +38,13 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: contributions.payload_file (payloads kept beside the database)
+# 2: contributions.payload_file (payloads kept beside the database); 3: rounds.consolidated
+SCHEMA_VERSION = 3
+# the columns each upgrade adds: (version it makes, table, column and type)
+UPGRADES = (
+    (2, "contributions", "payload_file TEXT"),
+    (3, "rounds", "consolidated TEXT"),
+)
 
 # Payloads at least this large are kept in files beside the database (see the module text).
 SIDE_PAYLOAD_BYTES = 65_536
@@ -81,9 +87,10 @@ CREATE TABLE IF NOT EXISTS rounds (
     weights TEXT NOT NULL,  -- JSON: influence weight per member, per group
     base_score REAL,
     updated INTEGER,
-    ranking TEXT,  -- JSON: groups best first after any judging error
+    ranking TEXT,  -- JSON: candidates best first after any judging error
     swapped INTEGER,
-    winner INTEGER
+    winner INTEGER,  -- a group (or the consolidated candidate: the index after the groups)
+    consolidated TEXT  -- JSON: members, weights and upto of the consolidated candidate, or NULL
 );
 CREATE TABLE IF NOT EXISTS round_contributions (
     round_id INTEGER NOT NULL REFERENCES rounds(round_id),
@@ -292,24 +299,33 @@ class Store:
             self._conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row[0]) == 1:  # version 1 kept every payload in the database
-            self._conn.execute("BEGIN IMMEDIATE")  # one transaction: a crash leaves either
-            try:
-                cols = [r[1] for r in self._conn.execute("PRAGMA table_info(contributions)")]
-                if "payload_file" not in cols:
-                    self._conn.execute("ALTER TABLE contributions ADD COLUMN payload_file TEXT")
-                self._conn.execute(
-                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            logger.info("%s: schema upgraded from version 1 to %d", self.path, SCHEMA_VERSION)
+        elif int(row[0]) < SCHEMA_VERSION:
+            self._upgrade(int(row[0]))
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {row[0]}; this coordinator reads {SCHEMA_VERSION}"
             )
+
+    def _upgrade(self, found: int) -> None:
+        """Bring a store of schema version ``found`` to ``SCHEMA_VERSION`` in one transaction
+        (a crash leaves either version): each upgrade adds a column, which reads as NULL in
+        the rows written before it."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for version, table, column in UPGRADES:
+                if version <= found:
+                    continue
+                cols = [r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")]
+                if column.split()[0] not in cols:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            self._conn.execute(
+                "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        logger.info("%s: schema upgraded from version %d to %d", self.path, found, SCHEMA_VERSION)
 
     # -- large payloads, kept beside the database ---------------------------------------------
 

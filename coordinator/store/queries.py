@@ -46,10 +46,15 @@ class RoundRow:
     weights: list[list[float]]
     base_score: float | None
     updated: bool
-    ranking: list[int]  # groups best first; empty when nothing was updated
+    ranking: list[int]  # candidates best first; empty when nothing was updated
     swapped: bool
-    winner: int | None
-    candidates: list[CandidateRow]
+    winner: int | None  # a group, or len(groups): the consolidated candidate
+    candidates: list[CandidateRow]  # per group, then the consolidated one where planned
+    consolidated: dict[str, Any] | None = None  # {members, weights, upto}
+
+    @property
+    def consolidated_won(self) -> bool:
+        return self.consolidated is not None and self.winner == len(self.groups)
 
     @property
     def finished(self) -> bool:
@@ -71,19 +76,24 @@ class RoundRow:
             "started_ms": self.started_ms,
             "finished_ms": self.finished_ms,
             "candidates": [c.as_dict() for c in self.candidates],
+            "consolidated": (
+                None
+                if self.consolidated is None
+                else {k: self.consolidated[k] for k in ("members", "weights")}
+            ),
         }
 
 
 _ROUND_COLUMNS = (
     "round_id, status, seed, started_ms, finished_ms, strategies, base_lineage, groups, "
-    "weights, base_score, updated, ranking, swapped, winner"
+    "weights, base_score, updated, ranking, swapped, winner, consolidated"
 )
 
 
 def _decode_round(row: Sequence[Any], candidates: list[CandidateRow]) -> RoundRow:
     """The one decoding of a ``rounds`` row."""
     (rid, status, seed, started, finished, strategies, lineage, groups, weights) = row[:9]
-    base_score, updated, ranking, swapped, winner = row[9:]
+    base_score, updated, ranking, swapped, winner, consolidated = row[9:]
     return RoundRow(
         round_id=rid,
         status=status,
@@ -100,6 +110,7 @@ def _decode_round(row: Sequence[Any], candidates: list[CandidateRow]) -> RoundRo
         swapped=bool(swapped),
         winner=winner,
         candidates=candidates,
+        consolidated=json.loads(consolidated) if consolidated else None,
     )
 
 
@@ -175,6 +186,19 @@ def unconsumed_pool(store: Store) -> dict[str, list[int]]:
     return by_node
 
 
+def accepted_pool(store: Store) -> dict[str, list[int]]:
+    """Per node, the store sequence numbers of all its contributions not flagged as
+    near-duplicates, consumed or not: the consolidated candidate's data."""
+    by_node: dict[str, list[int]] = {}
+    for node_id, seq in store.query(
+        "SELECT c.node_id, c.seq FROM contributions c "
+        "LEFT JOIN flagged f ON f.contribution_seq = c.seq "
+        "WHERE f.contribution_seq IS NULL ORDER BY c.node_id, c.seq"
+    ):
+        by_node.setdefault(node_id, []).append(seq)
+    return by_node
+
+
 def insert_planned_round(
     conn: sqlite3.Connection,
     round_id: int,
@@ -186,10 +210,11 @@ def insert_planned_round(
     groups: list[list[str]],
     weights: list[list[float]],
     contribution_seqs: Iterable[int],
+    consolidated: dict[str, Any] | None = None,
 ) -> None:
     conn.execute(
         "INSERT INTO rounds(round_id, status, seed, started_ms, strategies, base_lineage, "
-        "groups, weights) VALUES (?, 'planned', ?, ?, ?, ?, ?, ?)",
+        "groups, weights, consolidated) VALUES (?, 'planned', ?, ?, ?, ?, ?, ?, ?)",
         (
             round_id,
             seed,
@@ -198,6 +223,7 @@ def insert_planned_round(
             json.dumps(base_lineage),
             json.dumps(groups),
             json.dumps(weights),
+            json.dumps(consolidated) if consolidated is not None else None,
         ),
     )
     conn.executemany(
@@ -215,6 +241,22 @@ def round_payloads(store: Store, round_id: int) -> list[tuple[str, bytes]]:
             "JOIN contributions c ON c.seq = rc.contribution_seq "
             "WHERE rc.round_id=? ORDER BY c.seq",
             (round_id,),
+        )
+    ]
+
+
+def consolidated_payloads(store: Store, upto: int) -> list[tuple[str, bytes]]:
+    """(node id, signed payload bytes) of every contribution not flagged as a near-duplicate
+    up to store sequence number ``upto``, in store order: a consolidated candidate's data.
+    (Every one of them was in a round's contributions when the round was planned, so none
+    can be flagged later: flagging looks only at contributions no round has used.)"""
+    return [
+        (n, store.load_payload(p, f, bytes(cid)))
+        for n, p, f, cid in store.query(
+            "SELECT c.node_id, c.payload, c.payload_file, c.id FROM contributions c "
+            "LEFT JOIN flagged x ON x.contribution_seq = c.seq "
+            "WHERE c.seq <= ? AND x.contribution_seq IS NULL ORDER BY c.seq",
+            (upto,),
         )
     ]
 

@@ -202,6 +202,7 @@ class LLMSpace:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         credit_targets: Sequence[dict[str, str]] | None = None,
         heldout_credit_targets: Sequence[dict[str, str]] | None = None,
+        copy_embedder: Embedder | None = None,
     ) -> None:
         """``credit_targets``: prompt/response pairs (the coordinator's target); when given,
         every candidate's training credits its examples in-run (``InRunCredit``) against
@@ -215,6 +216,7 @@ class LLMSpace:
         self.model = model
         self.tokenizer = tokenizer
         self.embedder = embedder
+        self.copy_embedder = copy_embedder or embedder
         self.data = [list(d) for d in data]
         # distinct prompts, each with the centroid of its expert responses
         self.eval_prompts, self.target = centroid_targets(eval_prompts, target_responses, embedder)
@@ -241,8 +243,8 @@ class LLMSpace:
         self.n_contributors = len(self.data)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts in the evaluation embedding (for near-duplicate detection)."""
-        return np.asarray(self.embedder.embed(list(texts)), dtype=float)
+        """Texts in the near-duplicate detection's embedding (``copy_embedder``)."""
+        return np.asarray(self.copy_embedder.embed(list(texts)), dtype=float)
 
     def training_info(self, adapter: str) -> dict[str, Any]:
         for entry in reversed(self.train_log):
@@ -400,14 +402,25 @@ def build_llm_space(
     device, dtype = llm.device_and_dtype(config.model.device)
     logger.info("loading base model %s on %s", config.model.base, device)
     model, tokenizer = llm.load_base_model(config.model.base, device, dtype)
-    # the embedder on the model's device, where its factory takes one
-    factory = plugins.get("embedder", config.evaluation.embedder).factory
-    try:
-        takes_device = "device" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        takes_device = False
-    options = {"device": device.type} if takes_device else {}
-    embedder = plugins.create("embedder", config.evaluation.embedder, **options)
+
+    def make_embedder(name: str) -> Any:
+        # on the model's device, where its factory takes one
+        factory = plugins.get("embedder", name).factory
+        try:
+            takes_device = "device" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            takes_device = False
+        options = {"device": device.type} if takes_device else {}
+        return plugins.create("embedder", name, **options)
+
+    embedder = make_embedder(config.evaluation.embedder)
+    copies_with = config.admission.near_duplicate_embedder
+    copy_embedder = (
+        embedder
+        if copies_with == config.evaluation.embedder
+        or config.admission.near_duplicate_threshold <= 0
+        else make_embedder(copies_with)
+    )
     e = config.evaluation
     return LLMSpace(
         model,
@@ -429,4 +442,5 @@ def build_llm_space(
             else None
         ),
         heldout_credit_targets=heldout,
+        copy_embedder=copy_embedder,
     )

@@ -64,9 +64,25 @@ def _round(r: queries.RoundRow, evaluation: str) -> dict[str, Any]:
         "base_lineage": r.base_lineage,
         "base_distance": dist(r.base_score),
         "candidates": [
-            {"group": c.group, "adapter": c.adapter, "distance": dist(c.score)}
+            {
+                "group": c.group,
+                "consolidated": c.group == len(r.groups),
+                "adapter": c.adapter,
+                "distance": dist(c.score),
+            }
             for c in sorted(r.candidates, key=lambda c: c.group)
         ],
+        "consolidated": (
+            None if r.consolidated is None else {"members": len(r.consolidated["members"])}
+        ),
+        "n_candidates": len(r.groups) + (r.consolidated is not None),
+        "winner_label": (
+            None
+            if not r.updated or r.winner is None
+            else "the consolidated candidate"
+            if r.consolidated_won
+            else f"group {r.winner}"
+        ),
     }
 
 

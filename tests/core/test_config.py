@@ -89,7 +89,12 @@ def _config_with(tmp_path, old: str, new: str):
         ('grouping = "random"', 'grouping = "randm"', "rounds.grouping = 'randm'"),
         ('method = ""', 'method = "tmc"', "valuation.method = 'tmc'"),
         ('function = "l2"', 'function = "l3"', "evaluation.function = 'l3'"),
-        ('embedder = "minilm"', 'embedder = "minlm"', "evaluation.embedder = 'minlm'"),
+        ('\nembedder = "minilm"', '\nembedder = "minlm"', "evaluation.embedder = 'minlm'"),
+        (
+            'near_duplicate_embedder = "minilm"',
+            'near_duplicate_embedder = "minlm"',
+            "admission.near_duplicate_embedder = 'minlm'",
+        ),
     ],
 )
 def test_a_misspelled_strategy_is_refused_when_the_config_loads(tmp_path, old, new, key):

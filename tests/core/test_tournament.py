@@ -90,3 +90,33 @@ def test_distance_falls_over_rounds():
     for _ in range(30):
         state, _, _ = engine.step(state, rng)
     assert space.distance(state.base) < start / 2
+
+
+def test_a_consolidated_candidate_competes_and_the_groups_are_paid_by_their_own_order():
+    """Every round a candidate of everyone's data (at the points' influence weights) joins
+    the selection; where it wins it becomes the base, and the rank reward pays the groups
+    by their order among themselves."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 5, (9, 4))
+    space = VectorSpace(x, x.mean(axis=0), L2(), delta=1.0)  # the crowd mean is the target
+    strategies = Strategies(RandomGrouping(3), BestWithGuard(error=0.0), RankReward(), Uniform())
+    engine = Runner(space, Tournament(strategies, rounds=5, consolidate_every=1))
+    state = engine.start(np.full(4, 10.0))
+    new, record, candidates = engine.step(state, np.random.default_rng(1))
+    assert len(candidates) == 4 and record.consolidated is not None
+    assert record.winner == 3 and record.consolidated.won  # everyone's mean: nearest
+    np.testing.assert_allclose(new.base, candidates[3])
+    assert new.base_score == pytest.approx(record.consolidated.score)
+    assert record.order[0] == 3 and sorted(record.order.tolist()) == [0, 1, 2, 3]
+    assert record.outcome.order.tolist() == [g for g in record.order.tolist() if g < 3]
+    for rank, g in enumerate(record.outcome.order):
+        np.testing.assert_allclose(new.points[record.groups[g]], 1 + 3 - rank)
+
+
+def test_consolidate_every_k_rounds():
+    strategies = Strategies(RandomGrouping(2), BestWithGuard(error=0.0), RankReward(), Uniform())
+    engine = Tournament(strategies, rounds=6, consolidate_every=3)
+    assert [engine.consolidates(r) for r in range(6)] == [False, False, True] * 2
+    assert not any(Tournament(strategies, rounds=6).consolidates(r) for r in range(6))
+    with pytest.raises(ValueError):
+        Tournament(strategies, rounds=6, consolidate_every=-1)

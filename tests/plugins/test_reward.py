@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,26 @@ def test_a_rule_that_pays_from_credit_is_refused_where_nothing_records_it():
         check_credit(CreditReward(), NoCredit())
     check_credit(CreditReward(), WithCredit())
     check_credit(RankReward(), NoCredit())
+
+
+def test_regression_and_credit_see_the_consolidated_candidate():
+    from crowdsft.plugins.reward import Consolidated, RegressionReward
+
+    everyone = np.arange(5)
+    c = Consolidated(everyone, np.ones(5), 4.0, won=True, credits=np.array([1, 2, 3, 4, -1.0]))
+    won = RoundOutcome(
+        0, GROUPS, np.array([1.0, 3.0, 2.0]), 0.0, np.array([1, 2, 0]), consolidated=c
+    )
+    regression = RegressionReward()
+    regression.reset(5)
+    regression.observe(won)
+    assert len(regression._rows) == 4  # the three groups and the consolidated candidate
+    np.testing.assert_allclose(regression._rows[-1], np.full(5, 0.2))
+    credit = CreditReward()
+    credit.reset(5)
+    credit.observe(won)  # it won: every member is paid its credit, not the best group's
+    np.testing.assert_allclose(credit.totals, [1, 2, 3, 4, -1])
+    lost = dataclasses.replace(won, consolidated=dataclasses.replace(c, won=False))
+    credit.reset(5)
+    credit.observe(lost)  # a group won: that group's credit, as without one
+    assert credit.totals.tolist() == [0.0] * 5  # (this outcome carries no group credit)

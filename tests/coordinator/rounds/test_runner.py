@@ -10,6 +10,7 @@ import pytest
 from crowdsft import hookimpl, ledger, tournament
 from crowdsft.coordinator.rounds import runner as runner_module
 from crowdsft.coordinator.rounds.runner import RoundRunner
+from crowdsft.coordinator.store import queries
 from crowdsft.coordinator.store.chain import ledger_entries
 from crowdsft.coordinator.store.db import StoreError
 from crowdsft.demo.run import seeded_identity
@@ -165,3 +166,118 @@ def test_a_round_trains_each_node_on_the_same_data_whatever_order_it_arrived_in(
     run([3, 1, 0, 2])
     assert len(seen) == 2 and seen[0] == seen[1]
     assert [len(examples) for examples in seen[0]] == [4] * len(NODES)
+
+
+# -- the consolidated candidate ------------------------------------------------------------------
+
+
+class MoreDataHelps(StandInSpace):
+    """A stand-in in which a candidate trained on more examples scores higher, so that the
+    consolidated candidate (everyone's data) wins; ``records`` keeps each training's data."""
+
+    def __init__(self, adapter_dir, bonus=1.0):
+        super().__init__(adapter_dir)
+        self.bonus = bonus
+        self.trained: list[tuple[list[int], int]] = []
+
+    def propose(self, base, members, weights, rng):
+        cand = super().propose(base, members, weights, rng)
+        body = self._read(cand.adapter)
+        n = sum(len(self.data[m]) for m in members)
+        self.trained.append(([int(m) for m in members], n))
+        body["quality"] += self.bonus * n
+        data = json.dumps(body, sort_keys=True).encode()
+        import hashlib
+
+        from crowdsft import atomic
+
+        digest = hashlib.sha256(data).hexdigest()
+        atomic.write_bytes(self.adapter_dir / f"{digest}.json", data)
+        return type(cand)(cand.chain, digest)
+
+
+@pytest.fixture
+def consolidating(make_coordinator):
+    def make(every=1, bonus=1.0, reward="rank", consume="winner"):
+        coord = make_coordinator(
+            rounds={
+                "groups": 2,
+                "reward": reward,
+                "consume": consume,
+                "consolidate_every": every,
+                "judging_error": 0.0,
+            },
+            admission={"near_duplicate_threshold": 0.0},
+        )
+        space = MoreDataHelps(coord.config.adapter_dir, bonus)
+        return coord, RoundRunner(coord.config, coord.coordinator.store, space)
+
+    return make
+
+
+@pytest.mark.parametrize("reward", ["rank", "regression"])
+def test_a_consolidated_candidate_that_wins_consumes_nothing_and_nodes_verify(
+    consolidating, reward
+):
+    coord, runner = consolidating(reward=reward)
+    fill(coord, 0)
+    first = runner.run()
+    assert first.consolidated == sorted(i.node_id for i in NODES)
+    assert first.consolidated_won and first.winner == 2 and len(first.scores) == 3
+    store = coord.coordinator.store
+    assert store.query("SELECT COUNT(*) FROM consumed")[0][0] == 0  # nothing retired
+    assert runner.lineage() == [first.adapters[2]]
+    assert runner.space.trained[-1] == (list(range(6, 12)), 12)  # everyone, all their data
+    if reward == "rank":  # the groups, ranked among themselves, are paid as usual
+        group_order = [g for g in first.ranking if g < 2]
+        for rank, g in enumerate(group_order):
+            for node in first.groups[g]:
+                assert first.points[node] == 2 - rank
+    second = runner.run()  # nothing consumed: everyone is grouped again
+    assert sorted(n for g in second.groups for n in g) == first.consolidated
+    entries = ledger_entries(store)
+    records = [json.loads(e.record) for e in entries]
+    assert records[0]["consolidated"]["members"] == first.consolidated
+    assert records[0]["winner"] == 2 and records[0]["candidates"][2]["consolidated"] is True
+    report = verify_ledger(entries, coord.public_key)
+    assert report.ok, [str(p) for p in report.problems]
+    held = runner.points()
+    assert {n: report.points.get(n, 0.0) for n in held} == pytest.approx(held)
+
+
+def test_a_consolidated_candidate_trains_on_consumed_data_too(consolidating):
+    """Every second round: round 1 is groups only, a group wins and its data retires; round
+    2's consolidated candidate still trains on everything, at the points' weights."""
+    coord, runner = consolidating(every=2, bonus=0.0)
+    fill(coord, 0)
+    first = runner.run()
+    assert first.consolidated is None and first.updated and first.winner < 2
+    consumed = set(first.groups[first.winner])
+    held = runner.points()
+    second = runner.run()
+    assert second.consolidated == sorted(i.node_id for i in NODES)
+    plan = queries.round_row(coord.coordinator.store, 2).consolidated
+    # points-squared influence on the points held when the round was planned
+    assert plan["weights"] == pytest.approx(
+        [(1.0 + held.get(n, 0.0)) ** 2 for n in plan["members"]]
+    )
+    assert runner.space.trained[-1][1] == 12  # all 12, the consumed ones included
+    grouped = {x for g in second.groups for x in g}
+    assert grouped.isdisjoint(consumed) and len(grouped) == 6 - len(consumed)
+    report = verify_ledger(ledger_entries(coord.coordinator.store), coord.public_key)
+    assert report.ok, [str(p) for p in report.problems]
+
+
+def test_a_tampered_consolidated_record_is_caught(consolidating):
+    coord, runner = consolidating()
+    fill(coord, 0)
+    runner.run()
+    entries = ledger_entries(coord.coordinator.store)
+    rec = json.loads(entries[0].record)
+    rec["consolidated"]["members"].append("f" * 32)  # someone outside the population
+    rec["consolidated"]["weights"].append(1.0)
+    rec["ranking"].append(7)
+    data, sig = sign_record(coord.coordinator.identity.sign, rec)
+    found = verify_ledger([LedgerEntry(1, data, sig)], coord.public_key).problems
+    text = " ".join(str(p) for p in found)
+    assert "not in the population" in text and "ranking names candidates" in text

@@ -93,18 +93,23 @@ def test_orphan_files_removed_at_start_and_tampering_detected(coord, identity):
         queries.all_contributions(coord.coordinator.store)
 
 
-def test_version_1_store_is_upgraded(tmp_path):
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_an_older_store_is_upgraded(tmp_path, old_version):
     path = tmp_path / "old.sqlite"
     Store(path).close()
-    conn = sqlite3.connect(path)  # make it look like version 1: no payload_file column
-    conn.execute("ALTER TABLE contributions DROP COLUMN payload_file")
-    conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    conn = sqlite3.connect(path)  # make it look like the old version: without its columns
+    conn.execute("ALTER TABLE rounds DROP COLUMN consolidated")
+    if old_version == 1:
+        conn.execute("ALTER TABLE contributions DROP COLUMN payload_file")
+    conn.execute(f"UPDATE meta SET value='{old_version}' WHERE key='schema_version'")
     conn.commit()
     conn.close()
     with Store(path) as store:
         cols = [r[1] for r in store.query("PRAGMA table_info(contributions)")]
+        round_cols = [r[1] for r in store.query("PRAGMA table_info(rounds)")]
         version = store.query("SELECT value FROM meta WHERE key='schema_version'")[0][0]
-    assert "payload_file" in cols and int(version) == SCHEMA_VERSION
+    assert "payload_file" in cols and "consolidated" in round_cols
+    assert int(version) == SCHEMA_VERSION
 
 
 def test_a_second_store_on_the_same_database_does_not_sweep(coord, identity):
