@@ -133,7 +133,11 @@ def in_run_values(store: Store) -> tuple[dict[str, float], str] | None:
         credit = cand.training.get(key) if cand is not None else None
         if credit is None:
             continue
-        members = r.consolidated["members"] if r.consolidated_won else r.groups[r.winner]
+        members = (
+            r.consolidated["members"]
+            if r.consolidated is not None and r.consolidated_won
+            else r.groups[r.winner]
+        )
         for n, c in zip(members, credit, strict=True):
             values[n] = values.get(n, 0.0) + float(c)
     return values, ("held-out" if heldout else "target")
