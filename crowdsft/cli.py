@@ -64,7 +64,7 @@ def _register_commands() -> None:
     from crowdsft.coordinator.cli import coordinator
     from crowdsft.demo.cli import demo, experiment
     from crowdsft.demo.quickstart import quickstart
-    from crowdsft.experiment.cli import fit_goemotions, paper_llm
+    from crowdsft.experiment.cli import crowd, fit_goemotions, paper_llm
     from crowdsft.node.cli import node
     from crowdsft.plugins.cli import embed, plugins
     from crowdsft.simulation.cli import data, simulate, sweep
@@ -80,6 +80,7 @@ def _register_commands() -> None:
     main.add_command(experiment)
     main.add_command(embed)
     experiment.add_command(paper_llm)
+    experiment.add_command(crowd)
     experiment.add_command(fit_goemotions)
 
 

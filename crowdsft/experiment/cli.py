@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -253,3 +254,201 @@ def fidelity_lines(report: dict) -> list[str]:
         ),
         f"weights: {report['weights']} ({report['seconds']:.0f}s)",
     ]
+
+
+def _fractions(value: str) -> list[float]:
+    try:
+        out = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of fractions") from None
+    if not out or any(not 0.0 <= f < 1.0 for f in out) or len(set(out)) != len(out):
+        raise click.BadParameter("bad fractions are distinct numbers in [0, 1), e.g. 0,0.3,0.5")
+    return sorted(out)
+
+
+@click.command("crowd")
+@data_option
+@click.option(
+    "--targets",
+    default=None,
+    help="Comma-separated emotions, or N for N spread over the 28 (default: 8; 1 with --quick).",
+)
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--first-seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Seeds run are first-seed .. first-seed + seeds - 1.",
+)
+@click.option(
+    "--bad-fractions",
+    default="0,0.3,0.5",
+    show_default=True,
+    help="Fractions of bad contributors in the crowd, comma-separated.",
+)
+@click.option("--rounds", default=None, type=click.IntRange(1), help="Rounds per crowd. [3]")
+@click.option(
+    "--answers",
+    default=None,
+    type=click.IntRange(2),
+    help="Sampled answers per model in each set (selection, reported). [50; 4 with --quick]",
+)
+@click.option(
+    "--learning-rate", default=None, type=click.FloatRange(0, min_open=True), help="[3e-3]"
+)
+@click.option(
+    "--layers",
+    default=None,
+    type=click.IntRange(0),
+    help="LoRA on the last N layers; 0: every layer. [8]",
+)
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="[4]")
+@click.option(
+    "--consolidate-every",
+    default=None,
+    type=click.IntRange(0),
+    help="rounds.consolidate_every for the tournament (default: the product's default).",
+)
+@click.option(
+    "--reward",
+    default=None,
+    help="rounds.reward the rounds are decided with (default: the product's default). Every "
+    "rule's AUC is reported either way, from the same rounds.",
+)
+@click.option(
+    "--credit-targets",
+    default=None,
+    type=click.IntRange(0),
+    help="In-run credit against this many target comments in every candidate's training, "
+    "for the credit rule's points (0: none, no credit AUC). [10]",
+)
+@click.option("--model", "model_spec", default="smollm2", show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"])
+)
+@click.option(
+    "--via-grpc",
+    is_flag=True,
+    help="Contributors are node processes that sign and submit over gRPC, and every node "
+    "verifies the ledger at the end (slower; the figures are the same).",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="A tiny random model, one target, short answers: checks the machinery in seconds; its "
+    "distances mean nothing.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also append each row (target, seed, fraction) to this JSONL file as it finishes.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="With --out: reuse the rows already in that file from a run with the same settings, "
+    "model and data; run only the rest.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def crowd(
+    data: Path,
+    targets: str | None,
+    seeds: int,
+    first_seed: int,
+    bad_fractions: str,
+    rounds: int | None,
+    answers: int | None,
+    learning_rate: float | None,
+    layers: int | None,
+    batch_size: int | None,
+    consolidate_every: int | None,
+    reward: str | None,
+    credit_targets: int | None,
+    model_spec: str,
+    device: str,
+    dtype: str,
+    via_grpc: bool,
+    quick: bool,
+    out: Path | None,
+    resume: bool,
+    as_json: bool,
+) -> None:
+    """A crowd with bad contributors on the paper's real text, through the product's round
+    engine: per target emotion, honest contributors of 10 comments from its pool and bad ones
+    from the farthest emotions' pools, at each bad fraction. Arms: the tournament (the
+    product's defaults), single-all (one fine-tune on everything), single-clean (the honest
+    data only: the oracle), the base model; every distance on answers no choice saw; and
+    how well each reward rule's points separate honest from bad contributors (AUC)."""
+    from crowdsft.experiment import crowd as experiment
+    from crowdsft.experiment import data as paper_data
+    from crowdsft.experiment.paper_llm import device_and_precision
+    from crowdsft.plugins.manager import get_plugins
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    if resume and out is None:
+        raise click.UsageError("--resume needs --out (the file to resume from)")
+    fractions = _fractions(bad_fractions)
+    if reward is not None:
+        get_plugins().get("reward", reward)  # an unknown rule is refused before any work
+    records = paper_data.load(data)
+    chosen = paper_data.select_targets(records, targets if targets else (1 if quick else 8))
+    base = experiment.CrowdSettings()
+    if quick:
+        base = dataclasses.replace(
+            base, answers=4, max_new_tokens=8, per_contributor=25, rounds=2, credit_targets=2
+        )
+    settings = experiment.settings_with(
+        base,
+        rounds=rounds,
+        answers=answers,
+        learning_rate=learning_rate,
+        layers=None if layers is None else (layers or 0),
+        batch_size=batch_size,
+        consolidate_every=consolidate_every,
+        reward=reward,
+        credit_targets=credit_targets,
+    )
+    if layers == 0:
+        settings = dataclasses.replace(settings, layers=None)
+    done: dict = {}
+    if resume and out is not None:
+        precision = str(device_and_precision(device, dtype)[1]).removeprefix("torch.")
+        key = experiment.run_key(settings, model_spec, records.digest(), precision, quick)
+        done, skipped = experiment.read_done(out, key)
+        say(
+            f"resuming from {out}: {len(done)} rows reusable"
+            + (f", {skipped} rows from other settings passed over" if skipped else "")
+        )
+
+    def on_row(row: dict) -> None:
+        if out is not None:
+            with open(out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    result = experiment.run(
+        records,
+        chosen,
+        list(range(first_seed, first_seed + seeds)),
+        fractions,
+        settings,
+        model_spec=model_spec,
+        device=device,
+        dtype=dtype,
+        quick=quick,
+        say=say,
+        on_row=on_row,
+        done=done,
+        via_grpc=via_grpc,
+    )
+    if as_json:
+        echo_json(result)
+        return
+    for line in experiment.table(result):
+        click.echo(line)

@@ -1,0 +1,807 @@
+"""A crowd with bad contributors on real text, through the product's own round engine.
+
+For each target emotion of the paper's data and each seed:
+
+- **the crowd**: honest contributors of ``per_contributor`` real comments each, dealt from the
+  target's pool (its 100 nearest comments, shuffled by the seed), and bad contributors of as
+  many comments each from the emotions whose pools lie farthest from the target (by centroid
+  distance in the embedder's space; the bad contributors are spread over the ``far_pools``
+  farthest, since one emotion, gratitude, is the farthest from most targets). A bad fraction
+  ``f`` adds ``round(n_honest * f / (1 - f))`` bad contributors to the honest ones; the bad
+  contributors of a smaller fraction are among those of a larger one.
+- **the target**: the centroid of the target's pool in the embedder's space (the paper's);
+  the coordinator's target file holds the pool's comments as expert answers to the one
+  prompt, which the product scores against their centroid (``evaluation.samples``).
+- **the arms**: ``base`` (the untouched model), ``single_all`` (one fine-tune on everything
+  the coordinator accepted and would train on), ``single_clean`` (on the honest contributors'
+  part only: the oracle), and ``tournament``: a coordinator with the product's defaults, the
+  crowd's contributions signed by each contributor's key and submitted to it, ``rounds``
+  rounds run by its ``RoundRunner`` (grouping, LoRA candidates, the improvement guard and the
+  judging error, the reward, points, consumption, the ledger), the final model its lineage.
+- **held out**: rounds choose on ``answers`` sampled answers per candidate (the evaluation
+  seed); every reported distance comes from ``answers`` other answers, sampled with seeds no
+  choice used. The reported distance is the paper's: the mean L2 distance of the answers'
+  vectors to the target centroid.
+- **fairness**: for each reward rule (rank, regression, credit), the points it gives over the
+  recorded rounds (the round outcomes replayed through the rule, as ``node verify`` replays
+  them), and the AUC with which those points separate honest from bad contributors (the
+  chance that an honest contributor holds more points than a bad one; ties count half). The
+  rounds themselves were decided under the configured reward; the other rules' points are
+  what they would have awarded for the same rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crowdsft.stats import mean_ci95
+
+from .data import PROMPT, PaperData, mean_distance
+from .paper_llm import derived_seed
+
+BAD_FRACTIONS = (0.0, 0.3, 0.5)
+REWARDS = ("rank", "regression", "credit")
+# Bumped when a change to the code makes rows of the same settings differ.
+CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CrowdSettings:
+    per_contributor: int = 10  # comments per contributor
+    far_pools: int = 3  # the bad contributors' emotions: the farthest pools from the target
+    rounds: int = 3
+    answers: int = 50  # sampled answers per model and set (selection, reported)
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    # fine-tuning: the paper's epoch rule, and the settings tuned in bench/tune_paper_llm.py
+    learning_rate: float = 3e-3
+    layers: int | None = 8
+    batch_size: int = 4
+    rank: int = 8
+    max_length: int = 96
+    # the round engine: None keeps the product's default
+    consolidate_every: int | None = None
+    reward: str | None = None
+    # in-run credit against this many of the target's comments, recorded in every
+    # candidate's training, for the credit rule's points (0: none, and no credit AUC)
+    credit_targets: int = 10
+
+    def coordinator(self, seed: int) -> dict[str, dict[str, Any]]:
+        """The coordinator.toml values the experiment sets: its target, its evaluation and
+        fine-tuning; every other setting (grouping, selection, reward, consumption, ...)
+        is the product's default unless given here."""
+        rounds: dict[str, Any] = {"seed": seed}
+        if self.consolidate_every is not None:
+            rounds["consolidate_every"] = self.consolidate_every
+        if self.reward is not None:
+            rounds["reward"] = self.reward
+        return {
+            "evaluation": {
+                "target_file": "target.jsonl",
+                "embedder": "goemotions",
+                "samples": self.answers,
+                "greedy": False,
+                "temperature": self.temperature,
+                "max_new_tokens": self.max_new_tokens,
+                "batch_size": self.answers,
+                "seed": derived_seed(seed, "select"),
+            },
+            "training": {
+                "rank": self.rank,
+                "alpha": 2 * self.rank,
+                "learning_rate": self.learning_rate,
+                "epochs": "auto",
+                "batch_size": self.batch_size,
+                "max_length": self.max_length,
+                "layers": self.layers,
+            },
+            "rounds": rounds,
+            "rate_limit": {"contributions_per_s": 10_000.0, "burst": 10_000},
+        }
+
+
+def n_bad(n_honest: int, fraction: float) -> int:
+    """Bad contributors that make ``fraction`` of a crowd with ``n_honest`` honest ones."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError("a bad fraction lies in [0, 1)")
+    return round(n_honest * fraction / (1.0 - fraction))
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    honest: bool
+    source: str  # the emotion whose pool its comments come from
+    examples: list[dict[str, str]] = field(repr=False)
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def far_emotions(centroids: dict[str, np.ndarray], target: str, k: int) -> list[str]:
+    """The ``k`` emotions whose centroids lie farthest from ``target``'s, farthest first."""
+    here = centroids[target]
+    others = sorted(
+        (t for t in centroids if t != target),
+        key=lambda t: -float(np.linalg.norm(centroids[t] - here)),
+    )
+    return others[:k]
+
+
+def make_crowd(
+    data: PaperData,
+    target: str,
+    seed: int,
+    bad_count: int,
+    far: Sequence[str],
+    per: int = 10,
+) -> list[Member]:
+    """The honest contributors (the target's pool, shuffled by ``seed``, ``per`` comments
+    each) and ``bad_count`` bad ones (``per`` comments each from the ``far`` pools in turn,
+    none of them a comment of the target's pool). The same ``seed`` deals the same comments,
+    whatever ``bad_count``: a smaller crowd's bad contributors are the first of a larger's."""
+    pool = [p.text for p in data.pool(target)]
+    order = np.random.default_rng(derived_seed(target, seed, "crowd")).permutation(len(pool))
+    honest = [
+        Member(
+            f"honest-{i:02d}",
+            True,
+            target,
+            [{"prompt": PROMPT, "response": pool[j]} for j in order[i * per : (i + 1) * per]],
+        )
+        for i in range(len(pool) // per)
+    ]
+    taken = {_key(t) for t in pool}
+    queues: dict[str, list[str]] = {}
+    for name in far:
+        texts = []
+        for p in data.pool(name):
+            k = _key(p.text)
+            if k not in taken:
+                taken.add(k)
+                texts.append(p.text)
+        rng = np.random.default_rng(derived_seed(target, seed, "bad", name))
+        queues[name] = [texts[j] for j in rng.permutation(len(texts))]
+    bad = []
+    for b in range(bad_count):
+        name = far[b % len(far)]
+        texts, queues[name] = queues[name][:per], queues[name][per:]
+        if len(texts) < per:
+            raise ValueError(f"the {name} pool has too few comments left for bad contributor {b}")
+        bad.append(
+            Member(
+                f"bad-{b:02d}-{name}",
+                False,
+                name,
+                [{"prompt": PROMPT, "response": t} for t in texts],
+            )
+        )
+    return honest + bad
+
+
+def auc(honest: Sequence[float], bad: Sequence[float]) -> float | None:
+    """The chance that an honest contributor holds more points than a bad one (ties count
+    half): 1 separates them perfectly, 0.5 is chance. None without both kinds."""
+    if not honest or not bad:
+        return None
+    wins = sum((h > b) + 0.5 * (h == b) for h in honest for b in bad)
+    return float(wins / (len(honest) * len(bad)))
+
+
+def points_by_rule(
+    records: list[dict[str, Any]], credits: dict[int, list[list[float] | None]], plugins: Any
+) -> dict[str, dict[str, float] | None]:
+    """Each reward rule's points (starting at 1) for everyone in the last record's population,
+    over the recorded rounds: every round's outcome replayed through the rule, as node
+    verification replays the rule a record names. ``credits``: per round, each candidate's
+    members' in-run credit from the store (the records carry it only under the credit
+    rule); a rule that needs it gets None where a round lacks it."""
+    from crowdsft.tournament import DecidedRound, award
+
+    if not records:
+        return dict.fromkeys(REWARDS)
+    population = list(records[-1]["population"])
+    index = {n: i for i, n in enumerate(population)}
+    out: dict[str, dict[str, float] | None] = {}
+    for name in REWARDS:
+        reward = plugins.create("reward", name)
+        with_credit: list[dict[str, Any]] | None = []
+        for rec in records:
+            rec = json.loads(json.dumps(rec))
+            found = credits.get(int(rec["round_id"]), [])
+            if getattr(reward, "needs_credit", False):
+                if len(found) != len(rec["candidates"]) or any(c is None for c in found):
+                    with_credit = None
+                    break
+                for cand, c in zip(rec["candidates"], found, strict=True):
+                    cand["member_credit"] = c
+            assert with_credit is not None
+            with_credit.append(rec)
+        if with_credit is None:
+            out[name] = None
+            continue
+        reward.reset(len(population))
+        points = np.ones(len(population))
+        for rec in with_credit:
+            decided = DecidedRound.from_record(rec)
+            points = award(reward, points, decided.outcome(index), decided.updated)
+        out[name] = {n: float(points[i]) for i, n in enumerate(population)}
+    return out
+
+
+def run_key(settings: CrowdSettings, model: str, data_digest: str, dtype: str, quick: bool) -> str:
+    blob = json.dumps(
+        {
+            "settings": asdict(settings),
+            "code": CODE_VERSION,
+            "model": "tiny" if quick else model,
+            "dtype": dtype,
+            "data_sha256": data_digest,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class CrowdExperiment:
+    """One loaded model, tokenizer and embedder (and the near-duplicate check's), run over
+    targets, seeds and bad fractions."""
+
+    def __init__(
+        self,
+        data: PaperData,
+        model: Any,
+        tokenizer: Any,
+        embedder: Any,
+        copy_embedder: Any,
+        settings: CrowdSettings,
+        say: Callable[[str], None] = print,
+        via_grpc: bool = False,
+        workdir: Path | None = None,
+    ) -> None:
+        self.data, self.model, self.tokenizer = data, model, tokenizer
+        self.embedder, self.copy_embedder = embedder, copy_embedder
+        self.settings, self.say, self.via_grpc = settings, say, via_grpc
+        self.workdir = workdir
+        self.base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._centroids: dict[str, np.ndarray] | None = None
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def centroids(self) -> dict[str, np.ndarray]:
+        """Every emotion's pool centroid in the embedder's space (computed once)."""
+        if self._centroids is None:
+            self._centroids = {
+                t: np.asarray(self.embedder.embed([p.text for p in self.data.pool(t)])).mean(0)
+                for t in self.data.targets
+            }
+        return self._centroids
+
+    def _reset(self) -> None:
+        self.model.load_state_dict(self.base_state)
+
+    def _training(self, seed: int) -> Any:
+        from crowdsft.config import TrainingConfig
+
+        s = self.settings
+        return TrainingConfig(
+            rank=s.rank,
+            alpha=2 * s.rank,
+            learning_rate=s.learning_rate,
+            epochs="auto",
+            batch_size=s.batch_size,
+            max_length=s.max_length,
+            layers=s.layers,
+            seed=seed,
+        )
+
+    def _reported(self, adapter: Any, seed: int, goal: np.ndarray) -> float:
+        """The model (with ``adapter``) answers ``answers`` times with sampling seed ``seed``;
+        the mean L2 distance of the answers' vectors to ``goal``."""
+        from crowdsft.coordinator.training import lora as llm
+
+        s = self.settings
+        with llm.with_adapter(self.model, adapter, self._training(0)) as m:
+            texts = llm.generate(
+                m,
+                self.tokenizer,
+                [{"prompt": PROMPT}] * s.answers,
+                max_new_tokens=s.max_new_tokens,
+                batch_size=s.answers,
+                greedy=False,
+                seed=seed,
+                temperature=s.temperature,
+            )
+        return mean_distance(self.embedder.embed(texts), goal)
+
+    def _single(self, examples: list[dict[str, str]], seed: int, report_seed: int, goal) -> float:
+        from crowdsft.coordinator.training import lora as llm
+
+        self._reset()
+        fit = llm.fit(self.model, self.tokenizer, examples, None, self._training(seed))
+        return self._reported(fit.adapter, report_seed, goal)
+
+    # -- one target and seed, every fraction --------------------------------------------------
+
+    def run_target_seed(
+        self,
+        target: str,
+        seed: int,
+        fractions: Sequence[float],
+        done: dict[float, dict[str, Any]] | None = None,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rows for ``target`` and ``seed``, one per bad fraction (those in ``done`` reused);
+        the model is left as it was found."""
+        try:
+            return self._run_target_seed(target, seed, fractions, done or {}, on_row)
+        finally:
+            self._reset()
+
+    def _run_target_seed(self, target, seed, fractions, done, on_row) -> list[dict[str, Any]]:
+        s = self.settings
+        pool = self.data.pool(target)
+        goal = np.asarray(self.embedder.embed([p.text for p in pool])).mean(axis=0)
+        far = far_emotions(self.centroids(), target, s.far_pools)
+        n_honest = len(pool) // s.per_contributor
+        most = max(n_bad(n_honest, f) for f in fractions)
+        crowd = make_crowd(self.data, target, seed, most, far, s.per_contributor)
+        known = next(iter(done.values()), None)
+        base = known["base"] if known else None
+        single_clean = known["single_clean"] if known else None
+        rows = []
+        for f in fractions:
+            if f in done:
+                rows.append(done[f])
+                continue
+            started = time.monotonic()
+            if base is None:
+                self._reset()
+                base = self._reported(None, derived_seed(target, seed, "report", "base"), goal)
+                self.say(f"  base model: {base:.4f}")
+            members = crowd[:n_honest] + crowd[n_honest : n_honest + n_bad(n_honest, f)]
+            row = self._run_fraction(target, seed, f, members, goal, far, single_clean)
+            single_clean = row["single_clean"]
+            row["base"] = base
+            row["seconds"] = round(time.monotonic() - started, 1)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        return rows
+
+    def _run_fraction(
+        self,
+        target: str,
+        seed: int,
+        fraction: float,
+        members: list[Member],
+        goal: np.ndarray,
+        far: list[str],
+        single_clean: float | None,
+    ) -> dict[str, Any]:
+        from crowdsft.config import load_coordinator_config, update_config_file
+        from crowdsft.coordinator.rounds.runner import NotEnoughContributors, RoundRunner
+        from crowdsft.coordinator.server.app import Coordinator
+        from crowdsft.coordinator.server.scaffold import init_coordinator
+        from crowdsft.coordinator.store import queries
+        from crowdsft.coordinator.store.chain import ledger_entries
+        from crowdsft.coordinator.training.space import Candidate, GenerationConfig, LLMSpace
+        from crowdsft.demo.run import _spawn_nodes, _verify_nodes, seeded_identity
+        from crowdsft.envelope import sign_contribution
+        from crowdsft.plugins.manager import get_plugins
+
+        s = self.settings
+        tag = (target, seed)
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            root = Path(tmp)
+            config_path = init_coordinator(root / "coordinator", listen="127.0.0.1:0", force=True)
+            update_config_file(config_path, s.coordinator(derived_seed(*tag, "rounds")))
+            pool = self.data.pool(target)
+            target_rows = [{"prompt": PROMPT, "response": p.text} for p in pool]
+            (config_path.parent / "target.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in target_rows)
+            )
+            config = load_coordinator_config(config_path)
+            with Coordinator(config) as coord:
+                names: dict[str, str] = {}
+                if self.via_grpc:
+                    crowd = [_as_contributor(m) for m in members]
+                    names = _spawn_nodes(crowd, coord.address, root, derived_seed(*tag, "keys"))
+                else:
+                    for m in members:
+                        ident = seeded_identity(derived_seed(*tag, "keys"), m.name)
+                        names[ident.node_id] = m.name
+                        for ex in m.examples:
+                            coord.service.submit(sign_contribution(ident, [ex]))
+                honest = {n for n, name in names.items() if name.startswith("honest-")}
+                e = config.evaluation
+                space = LLMSpace(
+                    self.model,
+                    self.tokenizer,
+                    self.embedder,
+                    [],
+                    eval_prompts=[{"prompt": PROMPT}] * len(target_rows),
+                    target_responses=[r["response"] for r in target_rows],
+                    evaluation=get_plugins().create("evaluation", e.function),
+                    training=config.training,
+                    adapter_dir=config.adapter_dir,
+                    generation=GenerationConfig(
+                        e.max_new_tokens, e.batch_size, e.greedy, e.seed, e.samples, e.temperature
+                    ),
+                    credit_targets=target_rows[: s.credit_targets] if s.credit_targets else None,
+                    copy_embedder=self.copy_embedder,
+                )
+                # the data the rounds can use: accepted, near-duplicates left out
+                by_node = _round_data_by_node(coord.store, space, config)
+                everything = [ex for n in sorted(by_node) for ex in by_node[n]]
+                clean = [ex for n in sorted(by_node) if n in honest for ex in by_node[n]]
+                if single_clean is None:
+                    single_clean = self._single(
+                        clean,
+                        derived_seed(*tag, "single-clean"),
+                        derived_seed(*tag, "report", "single-clean"),
+                        goal,
+                    )
+                    self.say(f"  single-clean ({len(clean)} comments): {single_clean:.4f}")
+                if len(everything) == len(clean):
+                    single_all = single_clean  # no bad data: the same model
+                else:
+                    single_all = self._single(
+                        everything,
+                        derived_seed(*tag, "single-all", fraction),
+                        derived_seed(*tag, "report", "single-all", fraction),
+                        goal,
+                    )
+                self.say(
+                    f"  {fraction:.0%} bad: single-all ({len(everything)} comments): "
+                    f"{single_all:.4f}"
+                )
+                self._reset()
+                space.chain = ()
+                runner = RoundRunner(config, coord.store, space, on_event=self._progress())
+                summaries = []
+                for r in range(s.rounds):
+                    try:
+                        summaries.append(runner.run())
+                    except NotEnoughContributors as exc:
+                        self.say(f"  no round {r + 1}: {exc}")
+                        break
+                    self.say("  " + _round_line(summaries[-1], names))
+                final = Candidate(tuple(runner.lineage()))
+                space.materialise(final)
+                tournament = self._reported(
+                    None, derived_seed(*tag, "report", "tournament", fraction), goal
+                )
+                store = coord.store
+                records = [json.loads(x.record) for x in ledger_entries(store)]
+                credits = {
+                    r.round_id: [c.training.get("member_credit") for c in r.candidates]
+                    for r in queries.finished_rounds(store)
+                }
+                by_rule = points_by_rule(records, credits, get_plugins())
+                verified = None
+                if self.via_grpc:
+                    verified = _verify_nodes(
+                        [_as_contributor(m) for m in members], coord.address, root
+                    )
+        self._reset()
+        bad_names = {n for n in names if n not in honest}
+        aucs = {
+            rule: (
+                None
+                if pts is None
+                else auc([pts.get(n, 1.0) for n in honest], [pts.get(n, 1.0) for n in bad_names])
+            )
+            for rule, pts in by_rule.items()
+        }
+        reduction = 100.0 * (single_all - tournament) / single_all if single_all else float("nan")
+        row = {
+            "target": target,
+            "seed": seed,
+            "bad_fraction": fraction,
+            "honest": len(honest),
+            "bad": len(bad_names),
+            "bad_pools": far,
+            "examples": len(everything),
+            "single_all": single_all,
+            "single_clean": single_clean,
+            "tournament": tournament,
+            "reduction_percent": reduction,
+            "auc": aucs,
+            "rounds": [
+                {
+                    "round_id": sm.round_id,
+                    "updated": sm.updated,
+                    "winner": (
+                        None
+                        if not sm.updated
+                        else "consolidated"
+                        if sm.consolidated_won
+                        else sm.winner
+                    ),
+                    "base_distance": -sm.base_score,
+                    "distances": [-x for x in sm.scores],
+                    "bad_per_group": [sum(1 for n in g if n in bad_names) for g in sm.groups],
+                }
+                for sm in summaries
+            ],
+            "points": {
+                rule: None
+                if pts is None
+                else {
+                    "honest": statistics.fmean(pts.get(n, 1.0) for n in honest),
+                    "bad": (
+                        statistics.fmean(pts.get(n, 1.0) for n in bad_names) if bad_names else None
+                    ),
+                }
+                for rule, pts in by_rule.items()
+            },
+            "reward": config.rounds.reward,
+            "consolidate_every": config.rounds.consolidate_every,
+        }
+        if verified is not None:
+            row["nodes_verified"] = f"{verified['ok']} of {len(members)}"
+            row["verify_problems"] = verified["problems"][:5]
+        self.say(
+            f"  {fraction:.0%} bad: tournament {tournament:.4f} against single-all "
+            f"{single_all:.4f} ({reduction:+.1f}%), single-clean {single_clean:.4f}; AUC "
+            + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in aucs.items())
+        )
+        return row
+
+    def _progress(self) -> Callable[[str, dict[str, Any]], None]:
+        started: dict[str, float] = {}
+
+        def event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "candidate_training":
+                started["t"] = time.monotonic()
+            elif kind == "candidate_trained":
+                self.say(
+                    f"    round {info['round_id']}: candidate {info['group']} trained in "
+                    f"{time.monotonic() - started.get('t', time.monotonic()):.0f}s"
+                )
+
+        return event
+
+
+def _as_contributor(m: Member) -> Any:
+    from crowdsft.demo.crowd import Contributor
+
+    return Contributor(m.name, "honest" if m.honest else "bad", m.examples)
+
+
+def _round_data_by_node(store: Any, space: Any, config: Any) -> dict[str, list[dict[str, str]]]:
+    """``demo.run._round_data`` per node: what the rounds can train on, by contributor."""
+    from crowdsft.coordinator.rounds import copies
+    from crowdsft.coordinator.store import queries
+    from crowdsft.validation import payload_examples, training_order
+
+    rows = queries.unflagged_contributions(store)
+    flagged: set[int] = set()
+    threshold = config.admission.near_duplicate_threshold
+    if threshold > 0:
+        found = copies.flag_rows(
+            rows, queries.never_used_seqs(store), copies.EmbeddingCache(space.embed), threshold
+        )
+        flagged = {copy.seq for copy, _, _ in found}
+    by_node: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        if r.seq not in flagged:
+            by_node.setdefault(r.node_id, []).extend(payload_examples(r.payload))
+    return {n: training_order(v) for n, v in by_node.items()}
+
+
+def _round_line(summary: Any, names: dict[str, str]) -> str:
+    bad = [sum(1 for n in g if not names.get(n, "").startswith("honest-")) for g in summary.groups]
+    scores = ", ".join(f"{-x:.3f}" for x in summary.scores)
+    if not summary.updated:
+        result = "kept the model"
+    elif summary.consolidated_won:
+        result = "the consolidated candidate won"
+    else:
+        result = f"group {summary.winner} won"
+    return (
+        f"round {summary.round_id}: base {-summary.base_score:.3f}, candidates [{scores}] "
+        f"(bad members per group {bad}), {result}"
+    )
+
+
+# -- the whole run ----------------------------------------------------------------------------
+
+
+def read_done(path: Path, key: str) -> tuple[dict[tuple[str, int, float], dict[str, Any]], int]:
+    done: dict[tuple[str, int, float], dict[str, Any]] = {}
+    skipped = 0
+    if not path.exists():
+        return done, skipped
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ok = row.get("run_key") == key
+            ident = (str(row["target"]), int(row["seed"]), float(row["bad_fraction"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if ok:
+            done[ident] = row
+        else:
+            skipped += 1
+    return done, skipped
+
+
+def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[str, Any]:
+    """Means by bad fraction: the reduction against single-all, how much of the oracle's
+    room (single-all - single-clean) the tournament closes, on how many targets it is closer
+    than single-all (distances averaged over seeds first), the paired difference from
+    single-all with its 95% interval over target-seeds, and each rule's mean AUC."""
+    out: dict[str, Any] = {"mean_reduction_percent": {}, "by_fraction": {}}
+    for f in fractions:
+        mine = [r for r in rows if r["bad_fraction"] == f]
+        if not mine:
+            continue
+        key = f"{f:g}"
+        s_all = statistics.fmean(r["single_all"] for r in mine)
+        s_clean = statistics.fmean(r["single_clean"] for r in mine)
+        tour = statistics.fmean(r["tournament"] for r in mine)
+        diff_mean, diff_ci = mean_ci95([r["tournament"] - r["single_all"] for r in mine])
+        targets = sorted({r["target"] for r in mine})
+        closer = 0
+        for t in targets:
+            of_t = [r for r in mine if r["target"] == t]
+            closer += statistics.fmean(r["tournament"] for r in of_t) < statistics.fmean(
+                r["single_all"] for r in of_t
+            )
+        room = s_all - s_clean
+        aucs = {}
+        for rule in REWARDS:
+            vals = [r["auc"][rule] for r in mine if r["auc"].get(rule) is not None]
+            aucs[rule] = statistics.fmean(vals) if vals else None
+        out["mean_reduction_percent"][key] = statistics.fmean(r["reduction_percent"] for r in mine)
+        out["by_fraction"][key] = {
+            "target_seeds": len(mine),
+            "base": statistics.fmean(r["base"] for r in mine),
+            "single_all": s_all,
+            "single_clean": s_clean,
+            "tournament": tour,
+            "room_closed": (s_all - tour) / room if room > 0 else None,
+            "closer_than_single_all": f"{closer} of {len(targets)} targets",
+            "tournament_minus_single_all": diff_mean,
+            "tournament_minus_single_all_ci95": diff_ci,
+            "mean_auc": aucs,
+        }
+    return out
+
+
+def run(
+    data: PaperData,
+    targets: list[str],
+    seeds: list[int],
+    fractions: Sequence[float],
+    settings: CrowdSettings,
+    model_spec: str = "smollm2",
+    device: str = "auto",
+    dtype: str = "auto",
+    quick: bool = False,
+    say: Callable[[str], None] = print,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    done: dict[tuple[str, int, float], dict[str, Any]] | None = None,
+    via_grpc: bool = False,
+) -> dict[str, Any]:
+    """Load the model and the embedders once, run every target, seed and fraction."""
+    from crowdsft.coordinator.training import lora as llm
+    from crowdsft.experiment.paper_llm import device_and_precision
+    from crowdsft.plugins.manager import get_plugins
+
+    started = time.monotonic()
+    done = done or {}
+    dev, torch_dtype = device_and_precision(device, dtype)
+    precision = str(torch_dtype).removeprefix("torch.")
+    key = run_key(settings, model_spec, data.digest(), precision, quick)
+    wanted = [(t, s) for s in seeds for t in targets]
+    rows: list[dict[str, Any]] = []
+    missing = [(t, s) for t, s in wanted if any((t, s, f) not in done for f in fractions)]
+    if missing:
+        if quick:
+            from crowdsft.testing.tiny import tiny_model
+
+            model, tokenizer = tiny_model()
+            model = model.to(dev, torch_dtype)
+            model_spec = "tiny random Llama (--quick)"
+        else:
+            say(f"loading {model_spec} on {dev} ({precision}) and the embedders")
+            model, tokenizer = llm.load_base_model(model_spec, dev, torch_dtype)
+        plugins = get_plugins()
+        embedder = plugins.create("embedder", "goemotions", device=str(dev))
+        copy_embedder = plugins.create("embedder", "minilm", device=str(dev))
+        experiment = CrowdExperiment(
+            data, model, tokenizer, embedder, copy_embedder, settings, say, via_grpc
+        )
+    total = len(wanted)
+    for i, (target, seed) in enumerate(wanted, 1):
+        mine = {f: done[(target, seed, f)] for f in fractions if (target, seed, f) in done}
+        if len(mine) == len(fractions):
+            rows += [mine[f] for f in fractions]
+            say(f"[{i}/{total}] {target} seed {seed}: reused from the earlier run")
+            continue
+        say(f"[{i}/{total}] {target} seed {seed}:")
+
+        def tagged(row: dict[str, Any]) -> None:
+            row.update(run_key=key, device=str(dev), dtype=precision)
+            if on_row is not None:
+                on_row(row)
+
+        rows += experiment.run_target_seed(target, seed, fractions, mine, tagged)
+    return {
+        "targets": rows,
+        **summarise(rows, fractions),
+        "bad_fractions": list(fractions),
+        "held_out": True,
+        "selection_set": settings.answers,
+        "reported_set": settings.answers,
+        "settings": asdict(settings),
+        "model": model_spec,
+        "embedder": "goemotions",
+        "device": str(dev),
+        "dtype": precision,
+        "run_key": key,
+        "resumed": sum(1 for r in rows if (r["target"], r["seed"], r["bad_fraction"]) in done),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{'target':<15}{'seed':>5}{'bad':>5}{'base':>8}{'single-all':>11}{'single-clean':>13}"
+        f"{'tournament':>11}{'reduction':>10}   AUC rank / regression / credit"
+    ]
+
+    def fmt(v: float | None) -> str:
+        return " n/a" if v is None else f"{v:.2f}"
+
+    for r in result["targets"]:
+        a = r["auc"]
+        lines.append(
+            f"{r['target']:<15}{r['seed']:>5}{r['bad_fraction']:>5.0%}{r['base']:>8.4f}"
+            f"{r['single_all']:>11.4f}{r['single_clean']:>13.4f}{r['tournament']:>11.4f}"
+            f"{r['reduction_percent']:>9.1f}%   " + " / ".join(fmt(a.get(k)) for k in REWARDS)
+        )
+    lines.append("")
+    lines.append(
+        "distances: mean L2 of 50 sampled answers' vectors to the target centroid in the "
+        "goemotions space (lower is better), all on answers no choice saw"
+    )
+    for f, b in result["by_fraction"].items():
+        closed = b["room_closed"]
+        lines.append(
+            f"{float(f):.0%} bad ({b['target_seeds']} target-seeds): base {b['base']:.4f}, "
+            f"single-all {b['single_all']:.4f}, single-clean {b['single_clean']:.4f}, "
+            f"tournament {b['tournament']:.4f}; reduction vs single-all "
+            f"{result['mean_reduction_percent'][f]:+.1f}%, "
+            + ("" if closed is None else f"room closed {closed:.0%}, ")
+            + f"closer than single-all on {b['closer_than_single_all']}; tournament - "
+            f"single-all {b['tournament_minus_single_all']:+.4f} ± "
+            f"{b['tournament_minus_single_all_ci95']:.4f}; mean AUC "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in b["mean_auc"].items())
+        )
+    lines.append(
+        f"{len(result['targets'])} rows in {result['seconds']:.0f}s on {result['device']} "
+        f"({result['dtype']})" + (f", {result['resumed']} reused" if result.get("resumed") else "")
+    )
+    return lines
+
+
+def settings_with(settings: CrowdSettings, **changes: Any) -> CrowdSettings:
+    return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})

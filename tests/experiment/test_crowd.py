@@ -1,0 +1,154 @@
+"""The crowd experiment: who is in the crowd, the AUC, every rule's points replayed from the
+ledger, and the command end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from crowdsft.cli import main
+from crowdsft.experiment import crowd
+from crowdsft.experiment import data as paper_data
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "paper-llm"
+
+
+@pytest.fixture(scope="module")
+def records():
+    if not DATA.is_dir():
+        pytest.skip("shared/data/paper-llm is not here")
+    return paper_data.load(DATA)
+
+
+def test_bad_contributors_make_the_fraction_asked_for():
+    assert [crowd.n_bad(10, f) for f in (0.0, 0.3, 0.5)] == [0, 4, 10]
+    with pytest.raises(ValueError):
+        crowd.n_bad(10, 1.0)
+
+
+def test_the_crowd_honest_from_the_pool_bad_from_the_far_pools_nested(records):
+    far = ["gratitude", "amusement", "love"]
+    big = crowd.make_crowd(records, "joy", 0, 10, far)
+    small = crowd.make_crowd(records, "joy", 0, 4, far)
+    pool = {p.text for p in records.pool("joy")}
+    honest = [m for m in big if m.honest]
+    bad = [m for m in big if not m.honest]
+    assert len(honest) == 10 and all(len(m.examples) == 10 for m in big)
+    assert {e["response"] for m in honest for e in m.examples} == pool  # the whole pool, once
+    assert [m.source for m in bad] == [far[b % 3] for b in range(10)]  # spread over the pools
+    assert not {e["response"] for m in bad for e in m.examples} & pool
+    for m in bad:
+        source = {p.text for p in records.pool(m.source)}
+        assert {e["response"] for e in m.examples} <= source
+    assert small == big[:14]  # a smaller fraction's bad contributors are the first ones
+    assert crowd.make_crowd(records, "joy", 1, 4, far) != small  # another seed, another deal
+
+
+def test_far_emotions_are_the_farthest_centroids():
+    centroids = {
+        "a": np.zeros(2),
+        "b": np.array([1.0, 0]),
+        "c": np.array([3.0, 0]),
+        "d": -np.ones(2),
+    }
+    assert crowd.far_emotions(centroids, "a", 2) == ["c", "d"]
+
+
+def test_auc_is_the_chance_that_honest_beats_bad():
+    assert crowd.auc([3, 4], [1, 2]) == 1.0
+    assert crowd.auc([1, 2], [3, 4]) == 0.0
+    assert crowd.auc([1, 2], [1, 2]) == 0.5
+    assert crowd.auc([2, 2], [1, 3]) == 0.5
+    assert crowd.auc([1.0], []) is None
+
+
+def test_every_rules_points_replayed_from_the_ledger_are_the_coordinators(make_coordinator):
+    """Under the rule a coordinator ran, the points replayed from its records are the points
+    it awarded; the other rules' come from the same rounds."""
+    from crowdsft.coordinator.rounds.runner import RoundRunner
+    from crowdsft.coordinator.store.chain import ledger_entries
+    from crowdsft.envelope import sign_contribution
+    from crowdsft.keys import Identity
+    from crowdsft.plugins.manager import get_plugins
+    from crowdsft.testing.standin import StandInSpace
+
+    for rule in ("rank", "regression"):
+        coord = make_coordinator(
+            rounds={"groups": 2, "reward": rule, "consolidate_every": 2, "consume": "none"},
+            admission={"near_duplicate_threshold": 0.0},
+        )
+        nodes = [Identity.generate() for _ in range(6)]
+        with coord.client() as c:
+            for k, ident in enumerate(nodes):
+                for j in range(2):
+                    words = " ".join(["word"] * (2 + 4 * k + j))
+                    c.submit_one(
+                        sign_contribution(ident, [{"prompt": f"q{k}.{j}", "response": words}])
+                    )
+        runner = RoundRunner(
+            coord.config, coord.coordinator.store, StandInSpace(coord.config.adapter_dir)
+        )
+        for _ in range(3):
+            runner.run()
+        records = [json.loads(e.record) for e in ledger_entries(coord.coordinator.store)]
+        assert any("consolidated" in r for r in records)
+        by_rule = crowd.points_by_rule(records, {}, get_plugins())
+        held = runner.points()
+        assert by_rule[rule] == pytest.approx({n: 1.0 + held.get(n, 0.0) for n in by_rule[rule]})
+        assert by_rule["credit"] is None  # the stand-in records no in-run credit
+        other = "regression" if rule == "rank" else "rank"
+        assert by_rule[other] is not None and set(by_rule[other]) == set(by_rule[rule])
+
+
+def test_the_crowd_command_on_a_tiny_model_resumes_from_its_rows(records, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    args = [
+        "experiment", "crowd", "--data", str(DATA), "--quick", "--targets", "joy",
+        "--seeds", "1", "--bad-fractions", "0,0.3", "--rounds", "2",
+        "--consolidate-every", "1", "--out", str(out), "--json",
+    ]  # fmt: skip
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.stdout)
+    rows = result["targets"]
+    assert [(r["target"], r["seed"], r["bad_fraction"]) for r in rows] == [
+        ("joy", 0, 0.0),
+        ("joy", 0, 0.3),
+    ]
+    for r in rows:
+        for key in ("single_all", "single_clean", "tournament", "reduction_percent", "base"):
+            assert isinstance(r[key], float)
+        assert set(r["auc"]) == {"rank", "regression", "credit"}
+        assert r["reduction_percent"] == pytest.approx(
+            100 * (r["single_all"] - r["tournament"]) / r["single_all"]
+        )
+    clean, dirty = rows
+    assert clean["bad"] == 0 and clean["single_all"] == clean["single_clean"]
+    assert all(v is None for v in clean["auc"].values())  # nobody bad to tell apart
+    assert dirty["bad"] == 2 and dirty["single_clean"] == clean["single_clean"]
+    assert dirty["examples"] > clean["examples"]
+    assert all(v is not None and 0 <= v <= 1 for v in dirty["auc"].values())
+    assert any(r["winner"] == "consolidated" or r["winner"] is None or isinstance(r["winner"], int)
+               for r in dirty["rounds"])  # fmt: skip
+    assert result["held_out"] is True and set(result["mean_reduction_percent"]) == {"0", "0.3"}
+    assert len(out.read_text().splitlines()) == 2
+    again = CliRunner().invoke(main, [*args, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["resumed"] == 2
+    assert json.loads(again.stdout)["targets"] == rows
+    assert len(out.read_text().splitlines()) == 2  # nothing run, nothing appended
+
+
+def test_bad_fractions_are_checked_before_any_work(records):
+    bad = CliRunner().invoke(
+        main, ["experiment", "crowd", "--data", str(DATA), "--bad-fractions", "0,1"]
+    )
+    assert bad.exit_code == 2 and "[0, 1)" in bad.output
+    unknown = CliRunner().invoke(
+        main, ["experiment", "crowd", "--data", str(DATA), "--quick", "--reward", "rnak"]
+    )
+    assert unknown.exit_code != 0 and "rnak" in unknown.output
