@@ -250,15 +250,19 @@ class PackedBatch:
     n_examples: int
     tokens: int  # the examples' own tokens (what the padded batch holds unpadded)
     prefix: int  # length of the shared prefix
+    token_owner: torch.Tensor  # (L,): each token's example, -1 for the shared prefix
 
 
 def pack_rows(
-    rows: Sequence[tuple[list[int], list[int]]], weights: Sequence[float] | None = None
+    rows: Sequence[tuple[list[int], list[int]]],
+    weights: Sequence[float] | None = None,
+    share_prefix: bool = True,
 ) -> PackedBatch:
-    """Token ids and labels (``tokenize``) as one ``PackedBatch``."""
+    """Token ids and labels (``tokenize``) as one ``PackedBatch``; without ``share_prefix``,
+    every example whole, each token its own example's (what in-run credit reads)."""
     lengths = [len(ids) for ids, _ in rows]
     first = rows[0][0]
-    prefix = min(lengths)
+    prefix = min(lengths) if share_prefix else 0
     for ids, _ in rows[1:]:
         n = 0
         while n < prefix and ids[n] == first[n]:
@@ -290,6 +294,7 @@ def pack_rows(
     w = torch.ones(len(rows)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     assert len(ids_out) == total
     return PackedBatch(
+        token_owner=seg,
         input_ids=torch.tensor([ids_out]),
         position_ids=pos[None, :],
         allowed=causal & same,
@@ -583,10 +588,11 @@ def fit(
 
     Each example is tokenised once. ``pack``: each batch runs as one packed row
     (``packed_loss``: the shared prefix once, no padding; same loss and gradients) where the
-    model ``packs``; else as a padded batch (``batch_loss``), as it always does with
-    ``credit``, which reads each example's row of the batch. ``frozen_front``: with packed
-    rows and LoRA on the last layers only, the layers before them run once per example for
-    the whole fit (``FrozenFront``), not at every step.
+    model ``packs``; else as a padded batch (``batch_loss``). With ``credit``, which reads
+    each example's share of the backward pass, a packed row holds every example whole (no
+    shared prefix). ``frozen_front``: with packed rows and LoRA on the last layers only, the
+    layers before them run once per example for the whole fit (``FrozenFront``), not at
+    every step.
 
     ``credit``: an ``InRunCredit`` (``coordinator.training.valuation``) that credits each
     example during this training; it sees every step."""
@@ -602,12 +608,12 @@ def fit(
         gen = torch.Generator().manual_seed(config.seed)
         w = np.ones(len(examples)) if weights is None else np.asarray(weights, dtype=float)
         result = FitResult(adapter={})
-        if credit is not None:
-            credit.attach(peft_model, tokenizer, config, len(examples))
-        peft_model.train()
         tokens = tokenize(tokenizer, examples, config.max_length)
         longest = config.batch_size * max(len(ids) for ids, _ in tokens)
-        packed = pack and credit is None and packs(peft_model, longest)
+        packed = pack and packs(peft_model, longest)
+        if credit is not None:
+            credit.attach(peft_model, tokenizer, config, len(examples), packed=packed)
+        peft_model.train()
         front = FrozenFront.of(peft_model) if packed and frozen_front else None
         if front is not None:
             front.compute(tokens)
@@ -618,10 +624,14 @@ def fit(
                 idx = order[start : start + config.batch_size]
                 rows = [tokens[i] for i in idx]
                 if packed:
-                    p_batch = pack_rows(rows, w[idx].tolist())
+                    p_batch = pack_rows(rows, w[idx].tolist(), share_prefix=credit is None)
                     batch_front = front.select(idx) if front is not None else None
+                    if credit is not None:
+                        credit.before_step()
                     loss = packed_loss(peft_model, p_batch, batch_front)
                     loss.backward()
+                    if credit is not None:
+                        credit.after_backward(idx, p_batch, opt.param_groups[0]["lr"])
                     n_tokens = p_batch.tokens
                 else:
                     batch = pad(rows, tokenizer.pad_token_id, w[idx].tolist())

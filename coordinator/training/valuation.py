@@ -168,6 +168,7 @@ class InRunCredit:
         self._grads: dict[Any, Any] = {}
         self._target_grads: list[dict[Any, Any]] = []
         self._targets: list[Any] = []
+        self._packed_targets: list[tuple[Any, Any]] = []
 
     @property
     def credit(self) -> np.ndarray:
@@ -181,14 +182,30 @@ class InRunCredit:
 
     # -- called by lora.fit ------------------------------------------------------------------
 
-    def attach(self, peft_model: Any, tokenizer: Any, config: TrainingConfig, n: int) -> None:
+    def attach(
+        self,
+        peft_model: Any,
+        tokenizer: Any,
+        config: TrainingConfig,
+        n: int,
+        packed: bool = False,
+    ) -> None:
+        """``packed``: the training runs packed rows (``lora.packed_loss``), so the target
+        losses do too, each target set one packed row, the layers before the first trained
+        one run once (``lora.FrozenFront``)."""
         import torch
 
         self._model = peft_model
         self.credits = [np.zeros(n) for _ in self.target_sets]
-        self._targets = [
-            llm.encode(tokenizer, t, None, config.max_length) for t in self.target_sets
-        ]
+        tokenised = [llm.tokenize(tokenizer, t, config.max_length) for t in self.target_sets]
+        self._targets = [llm.pad(rows, tokenizer.pad_token_id, None) for rows in tokenised]
+        self._packed_targets = []
+        if packed:
+            for rows in tokenised:
+                front = llm.FrozenFront.of(peft_model)
+                if front is not None:
+                    front.compute(rows)
+                self._packed_targets.append((llm.pack_rows(rows), front))
         for j, target in enumerate(self._targets):
             if not bool((target.labels[:, 1:] != -100).any()):
                 raise ValueError(
@@ -225,8 +242,12 @@ class InRunCredit:
         model.eval()
         weights = [m.weight for m in self._modules]
         self._target_grads = []
-        for target in self._targets:
-            loss = llm.batch_loss(model, target)
+        for j, target in enumerate(self._targets):
+            if self._packed_targets:
+                row, front = self._packed_targets[j]
+                loss = llm.packed_loss(model, row, front)
+            else:
+                loss = llm.batch_loss(model, target)
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
             self._target_grads.append(
                 {
@@ -260,15 +281,26 @@ class InRunCredit:
         self._capturing = False
         size = len(idx)
         ghost = torch.zeros(len(self._targets), size, dtype=torch.float64)
+        owner = getattr(batch, "token_owner", None)
+        if owner is not None:  # one packed row: each token's example
+            if bool((owner < 0).any()):
+                raise ValueError("in-run credit needs rows whose tokens are each one example's")
+            member = (owner[None, :] == torch.arange(size)[:, None]).double()
         for m in self._modules:
             x, g = self._inputs.get(m), self._grads.get(m)
             if x is None or g is None:
                 continue
-            x = x.reshape(size, -1, x.shape[-1]).float()
-            g = g.reshape(size, -1, g.shape[-1]).float()
             for j, target_grad in enumerate(self._target_grads):
-                gx = x @ target_grad[m].float().T
-                ghost[j] += (g * gx).sum(dim=(1, 2)).detach().to("cpu", torch.float64)
+                if owner is not None:
+                    xt = x.reshape(-1, x.shape[-1]).float()
+                    gt = g.reshape(-1, g.shape[-1]).float()
+                    per_token = (gt * (xt @ target_grad[m].float().T)).sum(dim=1)
+                    ghost[j] += member @ per_token.detach().to("cpu", torch.float64)
+                    continue
+                xs = x.reshape(size, -1, x.shape[-1]).float()
+                gs = g.reshape(size, -1, g.shape[-1]).float()
+                gx = xs @ target_grad[m].float().T
+                ghost[j] += (gs * gx).sum(dim=(1, 2)).detach().to("cpu", torch.float64)
         # The batch loss is sum_i w_i L_i / W, so the backward pass holds each example's
         # share of the step, (w_i / W) grad L_i: the ghost products are already its credit.
         for j, credit in enumerate(self.credits):

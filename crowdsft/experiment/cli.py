@@ -295,7 +295,7 @@ def _fractions(value: str) -> list[float]:
     help="Sampled answers per model in each set (selection, reported). [50; 4 with --quick]",
 )
 @click.option(
-    "--learning-rate", default=None, type=click.FloatRange(0, min_open=True), help="[3e-3]"
+    "--learning-rate", default=None, type=click.FloatRange(0, min_open=True), help="[6e-3]"
 )
 @click.option(
     "--layers",

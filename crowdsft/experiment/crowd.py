@@ -65,7 +65,7 @@ class CrowdSettings:
     max_new_tokens: int = 20
     temperature: float = 1.0
     # fine-tuning: the paper's epoch rule, and the settings tuned in bench/tune_paper_llm.py
-    learning_rate: float = 3e-3
+    learning_rate: float = 6e-3
     layers: int | None = 8
     batch_size: int = 4
     rank: int = 8
@@ -127,7 +127,10 @@ class Member:
 
 
 def _key(text: str) -> str:
-    return " ".join(text.lower().split())
+    """Texts the coordinator takes for duplicates compare equal (``validation.normalise``)."""
+    from crowdsft.validation import normalise
+
+    return normalise(text)
 
 
 def far_emotions(centroids: dict[str, np.ndarray], target: str, k: int) -> list[str]:
@@ -148,11 +151,17 @@ def make_crowd(
     far: Sequence[str],
     per: int = 10,
 ) -> list[Member]:
-    """The honest contributors (the target's pool, shuffled by ``seed``, ``per`` comments
-    each) and ``bad_count`` bad ones (``per`` comments each from the ``far`` pools in turn,
-    none of them a comment of the target's pool). The same ``seed`` deals the same comments,
-    whatever ``bad_count``: a smaller crowd's bad contributors are the first of a larger's."""
-    pool = [p.text for p in data.pool(target)]
+    """The honest contributors (the target's pool without repeats, shuffled by ``seed``,
+    ``per`` comments each, the last one the rest) and ``bad_count`` bad ones (``per``
+    comments each from the ``far`` pools in turn, none of them a comment of the target's
+    pool). The same ``seed`` deals the same comments, whatever ``bad_count``: a smaller
+    crowd's bad contributors are the first of a larger's."""
+    pool: list[str] = []
+    taken: set[str] = set()
+    for p in data.pool(target):  # a comment the pool holds twice is submitted once
+        if _key(p.text) not in taken:
+            taken.add(_key(p.text))
+            pool.append(p.text)
     order = np.random.default_rng(derived_seed(target, seed, "crowd")).permutation(len(pool))
     honest = [
         Member(
@@ -161,9 +170,8 @@ def make_crowd(
             target,
             [{"prompt": PROMPT, "response": pool[j]} for j in order[i * per : (i + 1) * per]],
         )
-        for i in range(len(pool) // per)
+        for i in range(-(-len(pool) // per))
     ]
-    taken = {_key(t) for t in pool}
     queues: dict[str, list[str]] = {}
     for name in far:
         texts = []
@@ -355,7 +363,7 @@ class CrowdExperiment:
         pool = self.data.pool(target)
         goal = np.asarray(self.embedder.embed([p.text for p in pool])).mean(axis=0)
         far = far_emotions(self.centroids(), target, s.far_pools)
-        n_honest = len(pool) // s.per_contributor
+        n_honest = -(-len({_key(p.text) for p in pool}) // s.per_contributor)
         most = max(n_bad(n_honest, f) for f in fractions)
         crowd = make_crowd(self.data, target, seed, most, far, s.per_contributor)
         known = next(iter(done.values()), None)

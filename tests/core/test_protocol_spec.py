@@ -323,11 +323,19 @@ def test_ledger_verifies_and_points_follow_the_rank_rule():
         assert rec["strategies"]["influence"] == "points-squared"
         weights = [[(1.0 + awarded.get(n, 0.0)) ** 2 for n in g] for g in rec["groups"]]
         assert rec["weights"] == weights
+        n_groups = len(rec["groups"])
+        if "consolidated" in rec:  # section 12.6: everyone, at the same influence
+            members = rec["consolidated"]["members"]
+            assert members == rec["population"]
+            assert rec["consolidated"]["weights"] == [(1.0 + awarded[n]) ** 2 for n in members]
+            assert rec["candidates"][n_groups]["consolidated"] is True
+            assert rec["winner"] == n_groups and rec["consumed"]["nodes"] == []
         after = dict(awarded)
         if rec["updated"]:
-            for rank, g in enumerate(rec["ranking"]):
+            groups_order = [g for g in rec["ranking"] if g < n_groups]
+            for rank, g in enumerate(groups_order):
                 for n in rec["groups"][g]:
-                    after[n] = after.get(n, 0.0) + len(rec["groups"]) - rank
+                    after[n] = after.get(n, 0.0) + n_groups - rank
         changed = {n: [awarded.get(n, 0.0), a] for n, a in after.items() if a != awarded.get(n)}
         assert rec["points"] == changed
         awarded = after

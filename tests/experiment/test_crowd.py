@@ -37,8 +37,9 @@ def test_the_crowd_honest_from_the_pool_bad_from_the_far_pools_nested(records):
     pool = {p.text for p in records.pool("joy")}
     honest = [m for m in big if m.honest]
     bad = [m for m in big if not m.honest]
-    assert len(honest) == 10 and all(len(m.examples) == 10 for m in big)
+    assert len(honest) == 10 and all(len(m.examples) == 10 for m in big)  # joy: 100 distinct
     assert {e["response"] for m in honest for e in m.examples} == pool  # the whole pool, once
+    assert sum(len(m.examples) for m in honest) == len(pool)
     assert [m.source for m in bad] == [far[b % 3] for b in range(10)]  # spread over the pools
     assert not {e["response"] for m in bad for e in m.examples} & pool
     for m in bad:

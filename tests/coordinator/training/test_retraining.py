@@ -129,7 +129,14 @@ def _brute_force_first_step(model, tok, examples, weights, config):
         peft.unload()
 
 
-def test_in_run_credit_equals_per_example_gradients_on_the_first_step(tiny, monkeypatch):
+@pytest.mark.parametrize(
+    ("pack", "layers"), [(False, None), (True, None), (True, 1)], ids=["padded", "packed", "front"]
+)
+def test_in_run_credit_equals_per_example_gradients_on_the_first_step(
+    tiny, monkeypatch, pack, layers
+):
+    """The same credit from a padded batch, from a packed row, and from a packed row fed to
+    the trained layers only (LoRA on the last layer: the first runs once per fit)."""
     from crowdsft.coordinator.training.valuation import InRunCredit
 
     model, tok = tiny
@@ -152,14 +159,34 @@ def test_in_run_credit_equals_per_example_gradients_on_the_first_step(tiny, monk
         max_steps=1,
         seed=3,
         target_modules=("q_proj", "v_proj", "o_proj"),
+        layers=layers,
     )
     credit = InRunCredit(TARGET)
-    llm.fit(model, tok, examples, weights, config, credit=credit)
+    llm.fit(model, tok, examples, weights, config, credit=credit, pack=pack)
     # credits are kept per example index, whatever the order within the batch
     expected = _brute_force_first_step(model, tok, examples, weights, config)
     assert np.all(np.abs(expected) > 1e-9)  # A and B both carry gradient here
     np.testing.assert_allclose(credit.credit, expected, rtol=1e-4, atol=1e-10)
     assert credit.steps == 1 and credit.seconds > 0
+
+
+def test_in_run_credit_over_a_whole_fit_is_the_same_packed_or_padded(tiny):
+    from crowdsft.coordinator.training.valuation import InRunCredit
+
+    model, tok = tiny
+    examples = [*YES, *NO, {"prompt": "hello there", "response": "the cat sat on the mat"}]
+    config = llm.TrainingConfig(
+        rank=4, alpha=8, learning_rate=1e-2, epochs=2, batch_size=2, max_length=48, seed=0
+    )
+    runs = []
+    for pack in (False, True):
+        credit = InRunCredit(TARGET, also=[NO[:1]])
+        fit = llm.fit(model, tok, examples, None, config, credit=credit, pack=pack)
+        runs.append((credit, fit))
+    (padded, a), (packed, b) = runs
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
+    for x, y in zip(padded.credits, packed.credits, strict=True):
+        np.testing.assert_allclose(y, x, rtol=2e-3, atol=1e-9)
 
 
 def test_in_run_credit_is_zero_without_gradient_and_positive_for_the_target(tiny):
