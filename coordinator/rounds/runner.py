@@ -151,6 +151,9 @@ class RoundRunner:
         else:
             logger.info("resuming round %d", round_id)
             self.on_event("round_resumed", {"round_id": round_id})
+        begin = getattr(self.space, "begin_round", None)
+        if begin is not None:
+            begin(round_id)
         row = queries.round_row(self.store, round_id)
         planned = row.strategies.get("reward")
         if planned is not None and planned != self.config.rounds.reward:

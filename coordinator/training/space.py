@@ -14,6 +14,7 @@ well. The paper's LLM experiment used a single prompt, where the two coincide.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
@@ -251,6 +252,24 @@ class LLMSpace:
             if entry["adapter"] == adapter:
                 return {k: v for k, v in entry.items() if k != "adapter"}
         return {}
+
+    def begin_round(self, round_id: int) -> None:
+        """Scores of round ``round_id`` come from answers sampled for that round: with
+        sampled answers, every model (the round's starting model too) answers afresh with a
+        seed of the round's own. Otherwise the starting model would keep the score that made
+        it win the last round, the best of several draws, which flatters it and makes the
+        improvement guard harder to pass than it is. Greedy answers do not depend on a seed:
+        nothing changes for them."""
+        if self.generation.greedy:
+            return
+        if not hasattr(self, "_first_seed"):
+            self._first_seed = self.generation.seed
+        seed = int.from_bytes(
+            hashlib.sha256(f"{self._first_seed}/{round_id}".encode()).digest()[:4], "big"
+        )
+        if seed != self.generation.seed:
+            self.generation = dataclasses.replace(self.generation, seed=seed)
+            self._scores.clear()
 
     # -- the current model ----------------------------------------------------------------
 

@@ -409,9 +409,12 @@ def _progress(say: Callable[[str], None]) -> Callable[[str, dict[str, Any]], Non
     def event(kind: str, info: dict[str, Any]) -> None:
         if kind == "candidate_training":
             started["t"] = time.perf_counter()
-            say(
-                f"  training group {info['group']}'s candidate ({info['members']} contributors) ..."
+            who = (
+                "the consolidated candidate"
+                if info.get("consolidated")
+                else f"group {info['group']}'s candidate"
             )
+            say(f"  training {who} ({info['members']} contributors) ...")
         elif kind == "candidate_trained":
             say(f"    done in {time.perf_counter() - started.get('t', time.perf_counter()):.0f}s")
         elif kind == "candidate_scored":
@@ -431,6 +434,14 @@ def _print_round(summary: Any, names: dict[str, str], ev: str, say: Callable[[st
         rank = str(summary.ranking.index(g)) if summary.ranking else "-"
         who = ", ".join(names.get(m, m[:8]) for m in members)
         say(f"  {mark}{g:<5} {distance_of(summary.scores[g], ev):9.4f}  {rank:>4}  {who}")
+    if summary.consolidated is not None:  # every contributor's data, at its points' weight
+        n = len(summary.groups)
+        mark = "*" if summary.consolidated_won else " "
+        rank = str(summary.ranking.index(n)) if summary.ranking else "-"
+        say(
+            f"  {mark}{'all':<5} {distance_of(summary.scores[n], ev):9.4f}  {rank:>4}  "
+            f"the consolidated candidate: all {len(summary.consolidated)} contributors"
+        )
     if not summary.updated:
         say("  no candidate beat the current model: nothing changed this round")
 

@@ -504,3 +504,47 @@ def test_the_frozen_front_layers_run_once_and_give_the_same_training(tiny):
     for k in full.adapter:
         torch.testing.assert_close(skipped.adapter[k], full.adapter[k], rtol=1e-2, atol=2e-4)
     assert list(model.model.layers) == [first, model.model.layers[1]]  # put back
+
+
+def test_each_round_samples_its_answers_afresh(tiny, tmp_path, char_embedder):
+    """With sampled answers, a round's scores (its starting model's too) come from samples
+    of that round: the starting model does not keep the best-of-several score that made it
+    win. Greedy answers need no new samples."""
+    model, tok = tiny
+    sampled = GenerationConfig(max_new_tokens=4, batch_size=4, greedy=False, seed=7, samples=4)
+    space = LLMSpace(
+        model,
+        tok,
+        char_embedder,
+        [],
+        eval_prompts=[{"prompt": "say yes"}, {"prompt": "say yes"}],
+        target_responses=["yes yes yes", "yes yes"],
+        evaluation=L2(),
+        training=TRAIN,
+        adapter_dir=tmp_path,
+        generation=sampled,
+    )
+    assert len(space.eval_prompts) == 1 and len(space.answer_job().prompts) == 4
+    space.begin_round(1)
+    first = space.score([Candidate()])[0]
+    one = space.last_generations[()]
+    space.begin_round(1)  # the same round again (a resumed one): the same samples
+    assert space.has_score(Candidate()) and space.score([Candidate()])[0] == first
+    space.begin_round(2)
+    assert not space.has_score(Candidate())
+    space.score([Candidate()])
+    assert space.last_generations[()] != one
+    greedy = LLMSpace(
+        model,
+        tok,
+        char_embedder,
+        [],
+        eval_prompts=[{"prompt": "say yes"}],
+        target_responses=["yes"],
+        evaluation=L2(),
+        training=TRAIN,
+        adapter_dir=tmp_path,
+    )
+    greedy.score([Candidate()])
+    greedy.begin_round(5)
+    assert greedy.has_score(Candidate()) and greedy.generation.seed == 0
