@@ -564,7 +564,7 @@ class RoundsConfig:
         'regrouped next round), "all" (everything the round used), or "none".',
     )
     consolidate_every: int = setting(
-        0,
+        1,
         "A consolidated candidate every k-th round (1: every round; 0: none): trained from "
         "the round's model on every contribution accepted so far, each contributor's "
         "examples at the influence weight of its points, it competes with the group "

@@ -448,7 +448,12 @@ class CrowdExperiment:
                     generation=GenerationConfig(
                         e.max_new_tokens, e.batch_size, e.greedy, e.seed, e.samples, e.temperature
                     ),
-                    credit_targets=target_rows[: s.credit_targets] if s.credit_targets else None,
+                    # in-run credit only where there is someone to tell apart
+                    credit_targets=(
+                        target_rows[: s.credit_targets]
+                        if s.credit_targets and len(names) > len(honest)
+                        else None
+                    ),
                     copy_embedder=self.copy_embedder,
                 )
                 # the data the rounds can use: accepted, near-duplicates left out
