@@ -339,8 +339,8 @@ def _fractions(value: str) -> list[float]:
 @click.option(
     "--quick",
     is_flag=True,
-    help="A tiny random model, one target, short answers: checks the machinery in seconds; its "
-    "distances mean nothing.",
+    help="A tiny random model and a hashed-trigram embedder, one target, short answers: "
+    "checks the machinery in seconds; its distances mean nothing.",
 )
 @click.option(
     "--out",

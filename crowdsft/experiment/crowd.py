@@ -249,6 +249,18 @@ def points_by_rule(
     return out
 
 
+def answer_stats(texts: Sequence[str], vectors: np.ndarray) -> dict[str, float]:
+    """How varied a model's answers are: ``spread``, the mean L2 distance of their vectors
+    to their own centroid (the target pool's own spread is the reference: a model that
+    writes one prototypical comment over and over can come close to the target with a
+    spread near 0), and ``distinct``, the share of different answers."""
+    v = np.asarray(vectors, dtype=float)
+    return {
+        "spread": float(np.linalg.norm(v - v.mean(axis=0), axis=1).mean()),
+        "distinct": len(set(texts)) / len(texts) if texts else 0.0,
+    }
+
+
 def run_key(settings: CrowdSettings, model: str, data_digest: str, dtype: str, quick: bool) -> str:
     blob = json.dumps(
         {
@@ -285,6 +297,8 @@ class CrowdExperiment:
         self.workdir = workdir
         self.base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._centroids: dict[str, np.ndarray] | None = None
+        self.last_stats: dict[str, float] = {}
+        self._kept_stats: dict[str, dict[str, float]] = {}
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -332,7 +346,9 @@ class CrowdExperiment:
                 seed=seed,
                 temperature=s.temperature,
             )
-        return mean_distance(self.embedder.embed(texts), goal)
+        vectors = np.asarray(self.embedder.embed(texts))
+        self.last_stats = answer_stats(texts, vectors)
+        return mean_distance(vectors, goal)
 
     def _single(self, examples: list[dict[str, str]], seed: int, report_seed: int, goal) -> float:
         from crowdsft.coordinator.training import lora as llm
@@ -369,6 +385,9 @@ class CrowdExperiment:
         known = next(iter(done.values()), None)
         base = known["base"] if known else None
         single_clean = known["single_clean"] if known else None
+        self._kept_stats = dict(known.get("answers", {})) if known else {}
+        vectors = np.asarray(self.embedder.embed([p.text for p in pool]))
+        target_spread = answer_stats([p.text for p in pool], vectors)["spread"]
         rows = []
         for f in fractions:
             if f in done:
@@ -378,11 +397,18 @@ class CrowdExperiment:
             if base is None:
                 self._reset()
                 base = self._reported(None, derived_seed(target, seed, "report", "base"), goal)
+                self._kept_stats["base"] = self.last_stats
                 self.say(f"  base model: {base:.4f}")
             members = crowd[:n_honest] + crowd[n_honest : n_honest + n_bad(n_honest, f)]
             row = self._run_fraction(target, seed, f, members, goal, far, single_clean)
             single_clean = row["single_clean"]
             row["base"] = base
+            row["target_spread"] = target_spread
+            row["answers"] = {
+                "base": self._kept_stats.get("base"),
+                "single_clean": self._kept_stats.get("single_clean"),
+                **row.pop("answers_own"),
+            }
             row["seconds"] = round(time.monotonic() - started, 1)
             rows.append(row)
             if on_row is not None:
@@ -467,9 +493,11 @@ class CrowdExperiment:
                         derived_seed(*tag, "report", "single-clean"),
                         goal,
                     )
+                    self._kept_stats["single_clean"] = self.last_stats
                     self.say(f"  single-clean ({len(clean)} comments): {single_clean:.4f}")
                 if len(everything) == len(clean):
                     single_all = single_clean  # no bad data: the same model
+                    all_stats = self._kept_stats.get("single_clean")
                 else:
                     single_all = self._single(
                         everything,
@@ -477,6 +505,7 @@ class CrowdExperiment:
                         derived_seed(*tag, "report", "single-all", fraction),
                         goal,
                     )
+                    all_stats = self.last_stats
                 self.say(
                     f"  {fraction:.0%} bad: single-all ({len(everything)} comments): "
                     f"{single_all:.4f}"
@@ -497,6 +526,7 @@ class CrowdExperiment:
                 tournament = self._reported(
                     None, derived_seed(*tag, "report", "tournament", fraction), goal
                 )
+                tournament_stats = self.last_stats
                 store = coord.store
                 records = [json.loads(x.record) for x in ledger_entries(store)]
                 credits = {
@@ -533,6 +563,7 @@ class CrowdExperiment:
             "tournament": tournament,
             "reduction_percent": reduction,
             "auc": aucs,
+            "answers_own": {"single_all": all_stats, "tournament": tournament_stats},
             "rounds": [
                 {
                     "round_id": sm.round_id,
@@ -682,6 +713,12 @@ def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[st
         for rule in REWARDS:
             vals = [r["auc"][rule] for r in mine if r["auc"].get(rule) is not None]
             aucs[rule] = statistics.fmean(vals) if vals else None
+        spread = {}
+        for arm in ("base", "single_all", "single_clean", "tournament"):
+            vals = [r["answers"][arm]["spread"] for r in mine if (r.get("answers") or {}).get(arm)]
+            spread[arm] = statistics.fmean(vals) if vals else None
+        targets_spread = [r["target_spread"] for r in mine if "target_spread" in r]
+        spread["target_pool"] = statistics.fmean(targets_spread) if targets_spread else None
         out["mean_reduction_percent"][key] = statistics.fmean(r["reduction_percent"] for r in mine)
         out["by_fraction"][key] = {
             "target_seeds": len(mine),
@@ -694,6 +731,7 @@ def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[st
             "tournament_minus_single_all": diff_mean,
             "tournament_minus_single_all_ci95": diff_ci,
             "mean_auc": aucs,
+            "mean_spread": spread,
         }
     return out
 
@@ -736,9 +774,14 @@ def run(
         else:
             say(f"loading {model_spec} on {dev} ({precision}) and the embedders")
             model, tokenizer = llm.load_base_model(model_spec, dev, torch_dtype)
-        plugins = get_plugins()
-        embedder = plugins.create("embedder", "goemotions", device=str(dev))
-        copy_embedder = plugins.create("embedder", "minilm", device=str(dev))
+        if quick:  # no embedding model either: a machinery check
+            from crowdsft.testing.standin import TrigramEmbedder
+
+            embedder = copy_embedder = TrigramEmbedder()
+        else:
+            plugins = get_plugins()
+            embedder = plugins.create("embedder", "goemotions", device=str(dev))
+            copy_embedder = plugins.create("embedder", "minilm", device=str(dev))
         experiment = CrowdExperiment(
             data, model, tokenizer, embedder, copy_embedder, settings, say, via_grpc
         )
@@ -766,7 +809,7 @@ def run(
         "reported_set": settings.answers,
         "settings": asdict(settings),
         "model": model_spec,
-        "embedder": "goemotions",
+        "embedder": "trigrams (--quick)" if quick else "goemotions",
         "device": str(dev),
         "dtype": precision,
         "run_key": key,
@@ -808,6 +851,8 @@ def table(result: dict[str, Any]) -> list[str]:
             f"single-all {b['tournament_minus_single_all']:+.4f} ± "
             f"{b['tournament_minus_single_all_ci95']:.4f}; mean AUC "
             + ", ".join(f"{k} {fmt(v)}" for k, v in b["mean_auc"].items())
+            + "; answers' spread "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in b["mean_spread"].items())
         )
     lines.append(
         f"{len(result['targets'])} rows in {result['seconds']:.0f}s on {result['device']} "

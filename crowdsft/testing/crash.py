@@ -486,9 +486,10 @@ def check(
             )
         for r in all_rounds:
             scored = sum(c.score is not None for c in r.candidates)
-            if r.finished and scored != len(r.groups):
+            planned = len(r.groups) + (r.consolidated is not None)  # groups', consolidated
+            if r.finished and scored != planned:
                 problems.append(
-                    f"round {r.round_id}: {scored} scored candidates for {len(r.groups)} groups"
+                    f"round {r.round_id}: {scored} scored candidates for {planned} planned"
                 )
         report = verify_ledger(entries, load_identity(config).public_key)
         problems += [f"ledger: {p}" for p in report.problems]

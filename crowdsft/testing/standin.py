@@ -23,6 +23,27 @@ from crowdsft import atomic
 from crowdsft.coordinator.rounds.space import Candidate
 
 
+def trigram_embedding(texts: Sequence[str], dims: int = 256) -> np.ndarray:
+    """Hashed character trigrams: near-identical texts land close together. No model."""
+    out = np.zeros((len(texts), dims))
+    for i, t in enumerate(texts):
+        t = f"  {t.lower()} "
+        for j in range(len(t) - 2):
+            h = hashlib.blake2b(t[j : j + 3].encode(), digest_size=2).digest()
+            out[i, int.from_bytes(h, "big") % dims] += 1
+    return out
+
+
+class TrigramEmbedder:
+    """An embedder (``embed(texts)``) of hashed character trigrams, unit length: for runs
+    that check machinery without loading an embedding model."""
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        v = trigram_embedding(texts)
+        n = np.linalg.norm(v, axis=1, keepdims=True)
+        return v / np.where(n > 0, n, 1.0)
+
+
 def quality(example: dict[str, str], target_chars: int) -> float:
     return float(np.exp(-abs(len(example["response"]) - target_chars) / target_chars))
 
@@ -81,13 +102,7 @@ class StandInSpace:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Hashed character trigrams: near-identical texts land close together."""
-        out = np.zeros((len(texts), 256))
-        for i, t in enumerate(texts):
-            t = f"  {t.lower()} "
-            for j in range(len(t) - 2):
-                h = hashlib.blake2b(t[j : j + 3].encode(), digest_size=2).digest()
-                out[i, int.from_bytes(h, "big") % 256] += 1
-        return out
+        return trigram_embedding(texts)
 
     def training_info(self, adapter: str) -> dict[str, Any]:
         return {"quality": self._read(adapter)["quality"]}

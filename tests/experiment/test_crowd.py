@@ -127,6 +127,11 @@ def test_the_crowd_command_on_a_tiny_model_resumes_from_its_rows(records, tmp_pa
         assert r["reduction_percent"] == pytest.approx(
             100 * (r["single_all"] - r["tournament"]) / r["single_all"]
         )
+    for r in rows:
+        for arm in ("base", "single_all", "single_clean", "tournament"):
+            stats = r["answers"][arm]
+            assert stats["spread"] >= 0 and 0 < stats["distinct"] <= 1
+        assert r["target_spread"] > 0
     clean, dirty = rows
     assert clean["bad"] == 0 and clean["single_all"] == clean["single_clean"]
     assert all(v is None for v in clean["auc"].values())  # nobody bad to tell apart

@@ -74,7 +74,8 @@ def test_watch_yields_round_events(coord):
     runner.run()
     watcher.join(30)
     assert [e["kind"] for e in got] == ["planned", "finished"]
-    assert got[1]["round_id"] == 1 and len(got[1]["scores"]) == 2
+    # two groups and (the default) the consolidated candidate
+    assert got[1]["round_id"] == 1 and len(got[1]["scores"]) == 3
 
 
 def test_the_documented_example_runs(coord, tmp_path):

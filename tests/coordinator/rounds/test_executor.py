@@ -55,19 +55,22 @@ def test_ray_and_local_executors_decide_rounds_alike(
     local = round_runner(data_coordinator())
     executor = RayExecutor(WorkerModel(str(tiny_folder), "cpu"), num_cpus=1)
     remote = round_runner(data_coordinator(), executor)
+    candidates = 0
     for _ in range(2):  # the second round starts from the first one's winner: lineage travels
         side = "local"
         a = local.run()
         side = "ray"
         b = remote.run()
         assert a.groups == b.groups and a.winner == b.winner and a.ranking == b.ranking
+        assert a.consolidated == b.consolidated is not None  # the default: one every round
         # a worker runs with one thread, the coordinator with two: the last bits may differ
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5)
         assert b.points == pytest.approx(a.points)
-    assert len(executor.placements) == 6  # every candidate ran as a Ray task
+        candidates += len(a.scores)
+    assert len(executor.placements) == candidates == 8  # every candidate ran as a Ray task
     # ... and answered the evaluation prompts there, as did the base (here: none at all;
     # the second round's base is the first one's winner, whose score is known)
-    assert generated == {"local": 1 + 6, "ray": 0}
+    assert generated == {"local": 1 + candidates, "ray": 0}
     assert all(p["answer_seconds"] > 0 for p in executor.placements)
     # what the training took travels back with the adapter (credit included)
     info = remote.space.training_info(b.adapters[0])
@@ -141,7 +144,7 @@ def test_a_worker_killed_while_training_is_retried_and_the_round_finishes_once(
     assert killed, "no training worker was seen to kill"
     a = local.run()
     assert b.round_id == 1 and b.winner == a.winner and b.points == pytest.approx(a.points)
-    assert len(b.adapters) == 3 and remote.unfinished() is None
+    assert len(b.adapters) == 4 and remote.unfinished() is None  # 3 groups, the consolidated
     report = verify_ledger(ledger_entries(coord.coordinator.store), coord.public_key)
     assert report.ok and report.rounds == 1
 

@@ -78,9 +78,16 @@ def make_runner(coord, tiny, embedder, tmp_path, **space_options):
 
 @pytest.fixture
 def rounds_coord(make_coordinator):
-    def make():
+    def make(consolidate_every=0):
+        """Groups only by default here: these tests follow the groups' candidates (the
+        consolidated one has tests of its own, and the resume test runs with it)."""
         coord = make_coordinator(
-            rounds={"groups": 2, "judging_error": 0.0, "seed": 3},
+            rounds={
+                "groups": 2,
+                "judging_error": 0.0,
+                "seed": 3,
+                "consolidate_every": consolidate_every,
+            },
             admission=SAME_ANSWERS_ALLOWED,
         )
         submit_all(coord)
@@ -149,10 +156,11 @@ def test_a_round_from_submitted_contributions(rounds_coord, tiny, char_embedder,
 def test_a_round_stopped_after_each_step_resumes_and_finishes_once(
     rounds_coord, tiny, char_embedder, tmp_path, step
 ):
-    reference_coord = rounds_coord()
+    reference_coord = rounds_coord(consolidate_every=1)  # the default: with the consolidated
     reference = make_runner(reference_coord, tiny, char_embedder, tmp_path).run()
+    assert reference.consolidated is not None and len(reference.scores) == 3
 
-    coord = rounds_coord()
+    coord = rounds_coord(consolidate_every=1)
     with pytest.raises(RoundInterrupted):
         make_runner(coord, tiny, char_embedder, tmp_path).run(stop_after=step)
     status = coord.coordinator.store.query("SELECT status FROM rounds")
@@ -171,7 +179,7 @@ def test_a_round_stopped_after_each_step_resumes_and_finishes_once(
     store = coord.coordinator.store
     assert store.query("SELECT COUNT(*), MIN(status) FROM rounds")[0] == (1, "finished")
     assert store.query("SELECT COUNT(*) FROM lineage")[0][0] == 1
-    assert store.query("SELECT COUNT(*) FROM candidates")[0][0] == 2
+    assert store.query("SELECT COUNT(*) FROM candidates")[0][0] == 3
     assert len(ledger(coord)) == 4
     points = dict(store.query("SELECT node_id, points FROM nodes"))
     assert points == reference.points
@@ -238,14 +246,21 @@ def test_the_credit_reward_pays_winners_credit_and_nodes_recompute_it(
         runner.run()
     rounds = finished_rounds(coord.coordinator.store)
     assert any(r.updated for r in rounds)
+    assert all(r.consolidated is not None for r in rounds)  # the default: every round
+
+    def members(r, group):  # a group's, or the consolidated candidate's (index len(groups))
+        return r.groups[group] if group < len(r.groups) else r.consolidated["members"]
+
     totals: dict[str, float] = {i.node_id: 0.0 for i in IDENTITIES}
     for r in rounds:
+        assert len(r.candidates) == len(r.groups) + 1
         assert all(
-            len(c.training["member_credit_heldout"]) == len(r.groups[c.group]) for c in r.candidates
+            len(c.training["member_credit_heldout"]) == len(members(r, c.group))
+            for c in r.candidates
         )
         if r.updated:
             win = next(c for c in r.candidates if c.group == r.winner)
-            for n, c in zip(r.groups[r.winner], win.training["member_credit"], strict=True):
+            for n, c in zip(members(r, r.winner), win.training["member_credit"], strict=True):
                 totals[n] += c
     t = np.array(list(totals.values()))
     expected = 1.0 + (t - t.min()) / (t.max() - t.min())  # onto [1, 2]

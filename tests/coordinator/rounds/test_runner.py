@@ -99,7 +99,10 @@ def test_round_finished_hook_gets_the_node_ids_of_each_group(make_runner):
     assert record.group_nodes == summary.groups
     assert sorted(n for g in record.group_nodes for n in g) == sorted(i.node_id for i in NODES)
     assert record.updated == summary.updated and record.winner == summary.winner
-    assert list(record.scores) == pytest.approx(summary.scores)
+    # the groups' scores, then (the default) the consolidated candidate's
+    assert list(record.scores) == pytest.approx(summary.scores[: len(summary.groups)])
+    assert record.consolidated is not None
+    assert record.consolidated.score == pytest.approx(summary.scores[-1])
 
 
 def test_a_finished_round_without_its_ledger_record_stops_the_next_decision(make_runner):
@@ -165,7 +168,8 @@ def test_a_round_trains_each_node_on_the_same_data_whatever_order_it_arrived_in(
     run([0, 1, 2, 3])
     run([3, 1, 0, 2])
     assert len(seen) == 2 and seen[0] == seen[1]
-    assert [len(examples) for examples in seen[0]] == [4] * len(NODES)
+    # every node in a group, then every node again for the consolidated candidate
+    assert [len(examples) for examples in seen[0]] == [4] * (2 * len(NODES))
 
 
 # -- the consolidated candidate ------------------------------------------------------------------

@@ -42,7 +42,8 @@ def test_metrics_count_ingest_and_rounds(served, nodes, submit_from, run_round):
     after = scrape(web)
     assert after[("crowdsft_rounds_finished_total", ())] == 1
     assert after[("crowdsft_round_seconds_count", ())] == 1
-    assert after[("crowdsft_candidate_training_seconds_count", ())] == len(summary.groups)
+    # every candidate: the groups' and (the default) the consolidated one
+    assert after[("crowdsft_candidate_training_seconds_count", ())] == len(summary.scores)
     assert after[("crowdsft_ledger_height", ())] == summary.round_id == 1
 
 

@@ -53,7 +53,8 @@ def test_the_json_behind_the_page(busy, nodes):
     rounds = get(web, "/api/rounds").json()
     assert [r["round_id"] for r in rounds] == [2, 1]
     one = get(web, "/api/rounds/1").json()
-    assert len(one["candidates"]) == len(one["groups"]) == 2
+    assert len(one["candidates"]) == one["n_candidates"] == len(one["groups"]) + 1 == 3
+    assert one["candidates"][-1]["consolidated"] and one["consolidated"]["members"] == 4
     me = nodes[0].node_id
     mine = get(web, f"/api/nodes/{me}").json()
     assert len(mine["receipts"]) == 3 and [r["round_id"] for r in mine["rounds"]] == [1, 2]
