@@ -77,8 +77,9 @@ OptPath = Annotated[Path | None, BeforeValidator(_as_path)]
 PathValue = Annotated[Path, BeforeValidator(_as_path)]
 StrTuple = Annotated[tuple[str, ...], BeforeValidator(_as_tuple)]
 
-# A config section: frozen, typed strictly (no "8" for 8), no unknown keys.
-_STRICT = ConfigDict(strict=True, extra="forbid")
+# A config section: frozen, typed strictly (no "8" for 8), no unknown keys, and no NaN or
+# infinity where a number belongs (TOML has both; every "must be > 0" check passes NaN).
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 def setting(

@@ -210,9 +210,12 @@ def _load_entry_points(pm: PluginManager) -> None:
         package = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown package"
         try:
             plugin = ep.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin that exits at import is broken too
             where = _where(exc, ep.value)
-            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if isinstance(exc, SystemExit):
+                message = f"SystemExit({exc.code!r}) while importing: a plugin must not exit"
+            else:
+                message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             pm.problems.append(PluginProblem("broken", ep.name, package, where, message))
             continue
         try:

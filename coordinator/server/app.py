@@ -74,6 +74,35 @@ def server_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | No
     )
 
 
+def exposure_warnings(config: CoordinatorConfig, address: str) -> list[str]:
+    """What an operator should hear before the first node connects: a plaintext listener on
+    an address other nodes can reach, and invite tokens that would cross it in clear."""
+    import ipaddress
+
+    s = config.server
+    if s.tls_cert_file is not None:
+        return []
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False  # a host name: assume it is reachable
+    if local:
+        return []
+    out = [
+        f"serving plaintext on {address}, which other machines can reach: contributions, "
+        "receipts and node keys' signatures travel unencrypted and can be read or tampered "
+        "with on the way; give the coordinator a TLS certificate (coordinator init --tls, "
+        "or server.tls_cert_file and tls_key_file)"
+    ]
+    if config.admission.policy == "invite":
+        out.append(
+            "admission is by invitation and the listener is plaintext: invite tokens cross "
+            "the network in clear, where anyone who sees one can register with it first"
+        )
+    return out
+
+
 def load_identity(config: CoordinatorConfig) -> Identity:
     return load_private_key(config.key_path, passphrase_from_env(config.identity.passphrase_env))
 
@@ -211,6 +240,8 @@ class Coordinator:
             self.config.db_path,
             self.config.admission.policy,
         )
+        for warning in exposure_warnings(self.config, self.address):
+            logger.warning("%s", warning)
         return self
 
     async def _stop(self, grace: float) -> None:

@@ -291,3 +291,43 @@ def test_tools_set_keys_through_the_template(tmp_path):
         render_template({"training": {"layrs": 4}})
     with pytest.raises(ConfigError, match=r"unknown section \[trainer\]"):
         render_template({"trainer": {}})
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("contributions_per_s = 50.0", "contributions_per_s = nan"),
+        ("peer_bytes_per_s = 2097152.0", "peer_bytes_per_s = inf"),
+        ("judging_error = 0.05", "judging_error = nan"),
+    ],
+)
+def test_nan_and_infinity_are_refused_where_a_number_belongs(tmp_path, old, new):
+    """TOML has nan and inf; every "> 0" check lets NaN through, and a NaN rate turns a
+    limit off."""
+    path = _config_with(tmp_path, old, new)
+    with pytest.raises(ConfigError, match="finite"):
+        load_coordinator_config(path)
+
+
+def test_a_plaintext_listener_others_can_reach_is_warned_about(tmp_path):
+    import dataclasses
+
+    from crowdsft.coordinator.server.app import exposure_warnings
+
+    config = load_coordinator_config(_config_with(tmp_path, "[server]", "[server]"))
+    assert exposure_warnings(config, "127.0.0.1:50051") == []
+    assert exposure_warnings(config, "[::1]:50051") == []
+    (public,) = exposure_warnings(config, "0.0.0.0:50051")
+    assert "plaintext" in public and "--tls" in public
+    invite = dataclasses.replace(
+        config, admission=dataclasses.replace(config.admission, policy="invite")
+    )
+    _, tokens = exposure_warnings(invite, "203.0.113.5:50051")
+    assert "invite tokens" in tokens
+    tls = dataclasses.replace(
+        config,
+        server=dataclasses.replace(
+            config.server, tls_cert_file=tmp_path / "c.pem", tls_key_file=tmp_path / "k.pem"
+        ),
+    )
+    assert exposure_warnings(tls, "0.0.0.0:50051") == []

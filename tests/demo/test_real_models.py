@@ -67,7 +67,9 @@ def test_one_round_with_smollm2_and_minilm_through_grpc(make_coordinator, tmp_pa
                 assert upload(client, ident, st, records).accepted == 3
     space = build_llm_space(config)
     summary = RoundRunner(config, coord.coordinator.store, space).run()
-    assert summary.round_id == 1 and len(summary.scores) == 2
+    # two groups and the consolidated candidate (on by default) of everything accepted
+    assert summary.round_id == 1 and len(summary.scores) == 3
+    assert summary.consolidated is not None and len(summary.consolidated) == 4
     assert all(-2.0 <= s <= 0.0 for s in summary.scores)  # L2 between unit vectors
     history = round_history(coord.coordinator.store)
     assert history[0]["candidates"][0]["adapter"] == summary.adapters[0]

@@ -323,9 +323,15 @@ def test_a_broken_or_sloppy_plugin_is_reported_and_the_rest_loads(tmp_path, monk
 
     _fake_distribution(
         tmp_path,
-        {"broken": "broken_plugin", "sloppy": "sloppy_plugin", "empty": "empty_plugin"},
+        {
+            "broken": "broken_plugin",
+            "sloppy": "sloppy_plugin",
+            "empty": "empty_plugin",
+            "exiting": "exiting_plugin",
+        },
         {
             "broken_plugin": "import numpy\nimport no_such_module_xyz\n",
+            "exiting_plugin": "import sys\nsys.exit(3)\n",
             "sloppy_plugin": (
                 "from crowdsft.plugins.hookspecs import hookimpl\n"
                 "@hookimpl\n"
@@ -346,6 +352,10 @@ def test_a_broken_or_sloppy_plugin_is_reported_and_the_rest_loads(tmp_path, monk
     assert broken.kind == "broken" and broken.package == "crowdsft-fake 1.0"
     assert broken.where.endswith("broken_plugin.py:2") and "no_such_module_xyz" in broken.message
     assert "CROWDSFT_DISABLE_PLUGINS=broken" in broken.line()
+    # a plugin that exits while it is imported is one broken plugin, not the end of the command
+    (exiting,) = by_plugin["exiting"]
+    assert exiting.kind == "broken" and exiting.where.endswith("exiting_plugin.py:2")
+    assert "SystemExit(3)" in exiting.message
     sloppy = " / ".join(p.message for p in by_plugin["sloppy"])
     assert "crowdsft_register_rewards is not a Crowd-SFT hook" in sloppy
     assert "did you mean crowdsft_register_reward" in sloppy

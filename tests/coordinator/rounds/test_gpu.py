@@ -21,7 +21,8 @@ def _expected_dtype() -> str:
 def test_a_round_runs_on_the_gpu(data_coordinator, round_runner):
     runner = round_runner(data_coordinator(groups=3), device="cuda")
     summary = runner.run()
-    assert len(summary.adapters) == 3 and all(math.isfinite(s) for s in summary.scores)
+    # three groups and the consolidated candidate (on by default)
+    assert len(summary.adapters) == 4 and all(math.isfinite(s) for s in summary.scores)
     for adapter in summary.adapters:
         info = runner.space.training_info(adapter)
         assert info["device"].startswith("cuda") and info["dtype"] == _expected_dtype()
@@ -39,7 +40,7 @@ def test_ray_packs_four_candidates_on_one_gpu(data_coordinator, round_runner, ti
         executor = RayExecutor(WorkerModel(str(tiny_folder), "cuda"), num_cpus=1, num_gpus=0.25)
         runner = round_runner(data_coordinator(groups=4), executor, device="cuda")
         summary = runner.run()
-        assert len(summary.adapters) == 4
+        assert len(summary.adapters) == 5  # four groups and the consolidated candidate
         for adapter in summary.adapters:
             info = runner.space.training_info(adapter)
             assert info["device"].startswith("cuda") and info["dtype"] == _expected_dtype()

@@ -41,7 +41,8 @@ def test_a_round_of_four_candidates_runs_on_both_nodes(
         time.sleep(0.5)
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     summary = round_runner(data_coordinator(groups=4), executor).run()
-    assert len(summary.adapters) == 4
+    # four group candidates and the consolidated one (on by default), spread over both nodes
+    assert len(summary.adapters) == 5 and summary.consolidated is not None
     used = {p["node_id"] for p in executor.placements}
     assert used == alive and len(used) == 2, executor.placements
     executor.close()

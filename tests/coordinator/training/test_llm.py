@@ -510,7 +510,11 @@ def test_each_round_samples_its_answers_afresh(tiny, tmp_path, char_embedder):
     """With sampled answers, a round's scores (its starting model's too) come from samples
     of that round: the starting model does not keep the best-of-several score that made it
     win. Greedy answers need no new samples."""
-    model, tok = tiny
+    from crowdsft.testing.tiny import tiny_model
+
+    # A model of its own: the shared one may have been trained by earlier tests until its
+    # answers no longer vary, and then fresh samples could not show.
+    model, tok = tiny_model(seed=0, corpus=["say yes", "yes yes yes", "no no no"])
     sampled = GenerationConfig(max_new_tokens=4, batch_size=4, greedy=False, seed=7, samples=4)
     space = LLMSpace(
         model,
@@ -530,7 +534,9 @@ def test_each_round_samples_its_answers_afresh(tiny, tmp_path, char_embedder):
     one = space.last_generations[()]
     space.begin_round(1)  # the same round again (a resumed one): the same samples
     assert space.has_score(Candidate()) and space.score([Candidate()])[0] == first
+    seed_one = space.generation.seed
     space.begin_round(2)
+    assert space.generation.seed != seed_one
     assert not space.has_score(Candidate())
     space.score([Candidate()])
     assert space.last_generations[()] != one
