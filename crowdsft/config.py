@@ -139,8 +139,27 @@ class ServerConfig:
     max_watch_streams: int = setting(512)
     max_ledger_streams: int = setting(64)
     max_streams_per_peer: int = setting(32)
+    max_watch_streams_per_peer: int = setting(
+        4,
+        "Watch streams one peer address may hold (a node needs one): so that a few addresses "
+        "cannot take all max_watch_streams.",
+    )
     max_streams_per_connection: int = setting(
         8, "Calls one connection may have open at once; a client that opens more waits on its side."
+    )
+    max_calls_per_peer: int = setting(
+        64,
+        "Calls of any kind (health and reflection too) one peer address may have open at once, "
+        "counted from the moment a call opens; more are refused at once, so that one address "
+        "cannot fill max_concurrent_streams.",
+    )
+    max_connections: int = setting(
+        1024,
+        "Connections the gRPC server accepts at once (all addresses), kept below the process's "
+        "open-file limit so that a flood of idle connections cannot starve it of descriptors.",
+    )
+    reflection_per_s: float = setting(
+        20.0, "Server-reflection requests one peer address may make per second (burst 5x)."
     )
     first_message_s: float = setting(
         10.0,
@@ -184,6 +203,9 @@ class ServerConfig:
             "max_streams_per_connection",
             "worker_turns_per_peer",
             "max_held_refusals",
+            "max_calls_per_peer",
+            "max_connections",
+            "max_watch_streams_per_peer",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"server.{name} must be at least 1")
@@ -216,6 +238,7 @@ class ServerConfig:
             "keepalive_s",
             "max_connection_idle_s",
             "max_connection_age_s",
+            "reflection_per_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"server.{name} must be > 0")

@@ -25,6 +25,7 @@ from .heavy import HeavyLane
 from .metrics import Metrics
 from .service import CoordinatorService, prune_nonces
 from .servicer import CoordinatorServicer
+from .transport import PeerCalls
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,22 @@ def server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_idle_ms", ms(s.max_connection_idle_s)),
         ("grpc.max_connection_age_ms", ms(s.max_connection_age_s)),
         ("grpc.max_connection_age_grace_ms", ms(60.0)),
+        ("grpc.max_allowed_incoming_connections", connection_limit(s.max_connections)),
     ]
+
+
+def connection_limit(wanted: int) -> int:
+    """``server.max_connections``, lowered to leave room under the process's open-file limit
+    (the store, the logs, the HTTP side and the heavy lane need descriptors too)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(16, min(wanted, int(soft) - 256))
 
 
 def server_credentials(config: CoordinatorConfig) -> grpc.ServerCredentials | None:
@@ -152,7 +168,14 @@ class Coordinator:
 
     async def _build(self) -> int:
         config = self.config
+        self.peer_calls = PeerCalls(
+            config.server.max_calls_per_peer,
+            config.server.first_message_s,
+            reflection_per_s=config.server.reflection_per_s,
+            reflection_burst=5 * config.server.reflection_per_s,
+        )
         self.server = grpc.aio.server(
+            interceptors=[self.peer_calls],
             options=server_options(config),
             maximum_concurrent_rpcs=config.server.max_concurrent_streams,
         )

@@ -322,7 +322,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.metrics: Metrics | None = None  # set where [metrics] listen serves them
         self.stopping = asyncio.Event()  # set on shutdown: ends the watch streams
         self.watch_slots = StreamSlots(
-            "watch", config.max_watch_streams, config.max_streams_per_peer
+            "watch",
+            config.max_watch_streams,
+            min(config.max_streams_per_peer, config.max_watch_streams_per_peer),
         )
         self.ledger_slots = StreamSlots(
             "ledger", config.max_ledger_streams, config.max_streams_per_peer

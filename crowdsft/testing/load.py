@@ -37,7 +37,12 @@ ONE_ADDRESS: dict[str, dict[str, float | int]] = {
         "peer_bytes_per_s": 1e12,
         "peer_burst_bytes": 10**12,
     },
-    "server": {"max_streams_per_peer": 1024, "worker_turns_per_peer": 1024},
+    "server": {
+        "max_streams_per_peer": 1024,
+        "max_watch_streams_per_peer": 1024,
+        "max_calls_per_peer": 4096,
+        "worker_turns_per_peer": 1024,
+    },
 }
 
 

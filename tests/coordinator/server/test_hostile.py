@@ -43,7 +43,12 @@ def test_idle_streams_do_not_stop_an_honest_submit(make_coordinator, identity):
     submit timed out. Now waiting clients hold no thread."""
     # Every stream on one connection, and none refused for a cap: only threads are at stake.
     coord = make_coordinator(
-        server={"max_streams_per_peer": 1000, "max_streams_per_connection": 1000}
+        server={
+            "max_streams_per_peer": 1000,
+            "max_streams_per_connection": 1000,
+            "max_calls_per_peer": 1000,
+            "max_watch_streams_per_peer": 1000,
+        }
     )
     release = threading.Event()
 
@@ -608,5 +613,164 @@ def test_hostile_client_settings_are_checked(server, message):
     from crowdsft.config import ServerConfig
     from crowdsft.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=message):
+    import pydantic
+
+    # NaN is refused by the type (a finite number) before the range check sees it
+    with pytest.raises((ConfigError, pydantic.ValidationError), match=message):
         ServerConfig(**server)
+
+
+# -- per-address limits at the transport (coordinator.server.transport) ----------------------
+
+SMALL_SERVER = {
+    "listen": "[::]:0",
+    "max_concurrent_streams": 160,
+    "max_upload_streams": 16,
+    "max_watch_streams": 16,
+    "max_ledger_streams": 16,
+    "max_held_refusals": 16,
+    "max_calls_per_peer": 24,
+}
+
+
+def _silent(release: threading.Event):
+    def gen():
+        release.wait(30)
+        return
+        yield
+
+    return gen()
+
+
+def _never_sent_unary(channel):
+    """SubmitContribution opened as a stream that never sends its one message."""
+    return channel.stream_unary(
+        "/crowdsft.v1.Coordinator/SubmitContribution",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=coordinator_pb2.SubmitContributionResponse.FromString,
+    )
+
+
+def test_one_address_cannot_fill_the_server_wide_call_limit(make_coordinator, identity):
+    """Before: 300 connections x 8 calls from one address (unary calls that never send their
+    message, health watches) filled the server-wide limit, and honest submits from another
+    address were refused. Now every call counts against its address from the moment it
+    opens, and the address's calls past max_calls_per_peer are refused at once."""
+    coord = make_coordinator(server=SMALL_SERVER)
+    port = coord.coordinator.port
+    release = threading.Event()
+    # a connection each (channels to one target would share one otherwise)
+    channels = [
+        grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(25)
+    ]
+    calls = []
+    try:
+        for k, ch in enumerate(channels):  # 25 connections x 8 calls: 200 > 160 in all
+            for j in range(8):
+                if (k + j) % 2:
+                    calls.append(_never_sent_unary(ch).future(_silent(release), timeout=30))
+                else:
+                    watch = health_pb2_grpc.HealthStub(ch).Watch(
+                        health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30
+                    )
+                    calls.append(watch)
+        peer_calls = coord.coordinator.peer_calls
+        deadline = time.monotonic() + 20
+        while peer_calls.open_calls() + sum(c.done() for c in calls) < len(calls):
+            assert time.monotonic() < deadline, (peer_calls.open_calls(), peer_calls.refused)
+            time.sleep(0.05)
+        assert peer_calls.open_calls() == 24  # the rest refused at once, holding no slot
+        assert peer_calls.refused == len(calls) - 24
+        honest = grpc.insecure_channel(f"[::1]:{port}")
+        try:
+            for i in range(10):
+                env = sign_contribution(identity, [example(str(i))])
+                assert (
+                    status_code(
+                        coordinator_pb2_grpc_stub(honest).SubmitContribution, env, timeout=5
+                    )
+                    == grpc.StatusCode.OK
+                )
+            check = health_pb2_grpc.HealthStub(honest).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
+            )
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            honest.close()
+    finally:
+        release.set()
+        for call in calls:
+            call.cancel()
+        for ch in channels:
+            ch.close()
+
+
+def test_a_unary_call_that_never_sends_its_request_is_ended(make_coordinator):
+    coord = make_coordinator(server={"first_message_s": 0.5})
+    release = threading.Event()
+    with grpc.insecure_channel(coord.address) as ch:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _never_sent_unary(ch)(_silent(release), timeout=20)
+        release.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no request arrived within 0.5s" in err.value.details()
+    assert time.monotonic() - started < 10
+    assert coord.coordinator.peer_calls.open_calls() == 0  # its count is given back
+
+
+def test_reflection_requests_are_metered_per_address(make_coordinator):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    coord = make_coordinator(server={"reflection_per_s": 1.0})  # a burst of 5
+    with grpc.insecure_channel(coord.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        asks = [reflection_pb2.ServerReflectionRequest(list_services="") for _ in range(20)]
+        answers = []
+        with pytest.raises(grpc.RpcError) as err:
+            for reply in stub.ServerReflectionInfo(iter(asks), timeout=10):
+                answers.append(reply)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 5 <= len(answers) < 20
+    assert SERVICE_NAME in {s.name for s in answers[0].list_services_response.service}
+
+
+def test_calls_of_other_services_still_work_through_the_interceptor(coord, identity):
+    """Health checks, health watches and reflection, served through the per-address
+    wrapper: their answers unchanged."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    assert health(coord) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(coord.address) as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
+        )
+        assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        reply = next(
+            reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+        )
+        assert SERVICE_NAME in {s.name for s in reply.list_services_response.service}
+    with coord.client() as c:
+        receipt, _ = c.submit_one(sign_contribution(identity, [example()]))
+        assert receipt.receipt
+    assert coord.coordinator.peer_calls.open_calls() == 0
+
+
+def test_a_few_addresses_cannot_take_every_watch_stream(make_coordinator):
+    """Before: 512 watch streams server-wide filled from 16 addresses (32 each). A node needs
+    one watch stream; an address may hold max_watch_streams_per_peer."""
+    coord = make_coordinator(server={"max_watch_streams_per_peer": 3})
+    with grpc.insecure_channel(coord.address) as ch:
+        stub = coordinator_pb2_grpc_stub(ch)
+        open_ = [stub.WatchRounds(coordinator_pb2.WatchRoundsRequest()) for _ in range(3)]
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(stub.WatchRounds(coordinator_pb2.WatchRoundsRequest(), timeout=5)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 watch streams open" in err.value.details()
+        for call in open_:
+            call.cancel()

@@ -1,0 +1,215 @@
+"""Per-address limits at the transport, for every call the server accepts.
+
+gRPC starts a handler for a unary request only once its message has arrived. A client that
+opens calls and never sends their messages holds slots of the server-wide call limit
+(``server.max_concurrent_streams``) while no code of ours has run, so no per-address limit
+can see it; and the health and reflection services, which are not ours, have no limits at
+all. ``PeerCalls`` is a server interceptor that makes every call, of every service, ours from
+its first moment:
+
+* each call counts against its peer address (``ratelimit.peer_host``) from the moment it
+  opens; an address over ``server.max_calls_per_peer`` is refused at once, so one address
+  cannot fill the server-wide limit;
+* a call whose request is a single message is served as a request stream that must deliver
+  that message within ``server.first_message_s``; one that does not is ended then, instead
+  of waiting for the connection to die;
+* reflection requests are metered per address (``server.reflection_per_s``).
+
+On the wire nothing changes: a unary request is one message on an HTTP/2 stream, whichever
+way the server reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .ratelimit import Buckets, peer_host
+
+REFLECTION_PREFIX = "/grpc.reflection."
+
+
+class PeerCalls(grpc.aio.ServerInterceptor):
+    """Counts every call against its peer address; see the module's docstring."""
+
+    def __init__(
+        self,
+        per_peer: int,
+        first_message_s: float,
+        reflection_per_s: float = 20.0,
+        reflection_burst: float = 100.0,
+    ) -> None:
+        self.per_peer = per_peer
+        self.first_message_s = first_message_s
+        self.reflection = Buckets(reflection_per_s, reflection_burst)
+        self._open: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.refused = 0  # calls refused for their address's count (for tests and metrics)
+        self.timed_out = 0  # calls ended for never sending their request
+
+    # -- counting --------------------------------------------------------------------------
+
+    def open_calls(self, host: str | None = None) -> int:
+        with self._lock:
+            return sum(self._open.values()) if host is None else self._open.get(host, 0)
+
+    async def _enter(self, context: grpc.aio.ServicerContext) -> str:
+        host = peer_host(context.peer())
+        with self._lock:
+            if self._open[host] < self.per_peer:
+                self._open[host] += 1
+                return host
+            self.refused += 1
+        context.set_trailing_metadata((("retry-after-s", "5"),))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"peer {host} has {self.per_peer} calls open already, the most one address may "
+            "have at once; wait for one to finish",
+        )
+        raise AssertionError("unreachable")  # abort raises
+
+    def _leave(self, host: str) -> None:
+        with self._lock:
+            self._open[host] -= 1
+            if not self._open[host]:
+                del self._open[host]
+
+    async def _first(self, requests: AsyncIterator[Any], context: Any, method: str) -> Any:
+        """The one request of a unary-request call, within ``first_message_s``."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.first_message_s)
+        except TimeoutError:
+            self.timed_out += 1
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no request arrived within {self.first_message_s:g}s of opening {method}",
+            )
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} needs a request")
+        raise AssertionError("unreachable")
+
+    def _metered(self, requests: AsyncIterator[Any], context: Any, host: str) -> AsyncIterator[Any]:
+        async def gen() -> AsyncIterator[Any]:
+            async for request in requests:
+                if self.reflection.take(host) > 0:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"peer {host} is over {self.reflection.rate:g} reflection requests/s",
+                    )
+                yield request
+
+        return gen()
+
+    # -- the interceptor -------------------------------------------------------------------
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if isinstance(method, bytes):
+            method = method.decode(errors="replace")
+        return self._wrap(handler, method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        kw = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if not handler.request_streaming and not handler.response_streaming:
+            inner = handler.unary_unary
+
+            async def unary_unary(requests: AsyncIterator[Any], context: Any) -> Any:
+                host = await self._enter(context)
+                try:
+                    request = await self._first(requests, context, method)
+                    return await _result(inner(request, context))
+                finally:
+                    self._leave(host)
+
+            return grpc.stream_unary_rpc_method_handler(unary_unary, **kw)
+        if not handler.request_streaming:
+            inner = handler.unary_stream
+            if inspect.isasyncgenfunction(inner) or inspect.isasyncgenfunction(
+                getattr(inner, "__func__", None)
+            ):
+
+                async def unary_stream_gen(requests: AsyncIterator[Any], context: Any) -> Any:
+                    host = await self._enter(context)
+                    try:
+                        request = await self._first(requests, context, method)
+                        async for response in inner(request, context):
+                            yield response
+                    finally:
+                        self._leave(host)
+
+                return grpc.stream_stream_rpc_method_handler(unary_stream_gen, **kw)
+
+            async def unary_stream(requests: AsyncIterator[Any], context: Any) -> Any:
+                host = await self._enter(context)
+                try:
+                    request = await self._first(requests, context, method)
+                    return await _result(inner(request, context))  # writes with context.write
+                finally:
+                    self._leave(host)
+
+            return grpc.stream_stream_rpc_method_handler(unary_stream, **kw)
+        meter = method.startswith(REFLECTION_PREFIX)
+        if not handler.response_streaming:
+            inner = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: Any) -> Any:
+                host = await self._enter(context)
+                try:
+                    if meter:
+                        requests = self._metered(requests, context, host)
+                    return await _result(inner(requests, context))
+                finally:
+                    self._leave(host)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        inner = handler.stream_stream
+        if inspect.isasyncgenfunction(inner) or inspect.isasyncgenfunction(
+            getattr(inner, "__func__", None)
+        ):
+
+            async def stream_stream_gen(requests: AsyncIterator[Any], context: Any) -> Any:
+                host = await self._enter(context)
+                try:
+                    if meter:
+                        requests = self._metered(requests, context, host)
+                    async for response in inner(requests, context):
+                        yield response
+                finally:
+                    self._leave(host)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream_gen, **kw)
+
+        async def stream_stream(requests: AsyncIterator[Any], context: Any) -> Any:
+            host = await self._enter(context)
+            try:
+                if meter:
+                    requests = self._metered(requests, context, host)
+                return await _result(inner(requests, context))
+            finally:
+                self._leave(host)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+async def _result(value: Any) -> Any:
+    """A behaviour's result, awaited where it is a coroutine (async handlers) and as it is
+    where the handler is synchronous."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
