@@ -82,3 +82,48 @@ def test_too_many_turns_are_refused_before_any_turn_is_looked_at():
     sent.ClearField("history")
     sent.history.append(bad_turn)  # one turn: now the unknown field is found
     assert "payload.examples[0].history[0] has fields" in structure_problems(payload)[0]
+
+
+def test_the_nfkc_length_is_bounded_without_normalising():
+    import unicodedata
+
+    from crowdsft.validation import normalised_length
+
+    for text in (
+        "plain ascii",
+        "\ufdfa" * 10,  # 18 characters each under NFKC
+        "élève ﬁne ㍻ ⑴ 日本語 " * 20,
+        "e\u0301 " * 50,  # composes: NFKC is shorter, the bound is not below it
+    ):
+        assert normalised_length(text) >= len(unicodedata.normalize("NFKC", text))
+    assert normalised_length("\ufdfa" * 10) == 180
+    assert normalised_length("élève ﬁne") == len(unicodedata.normalize("NFKC", "élève ﬁne"))
+
+
+def test_a_field_that_expands_past_the_limit_is_refused_before_normalising(monkeypatch):
+    """Before: a 224 KB contribution of U+FDFA (18 times longer under NFKC) cost ~110 ms of
+    the serving process's CPU, 4 MB of it seconds. Now the expansion is counted first."""
+    import crowdsft.validation as validation
+    from crowdsft.validation import Limits, check_payload
+
+    def forbidden(text):
+        raise AssertionError("normalised a text that should have been refused first")
+
+    monkeypatch.setattr(validation, "normalise", forbidden)
+    limits = Limits(max_field_bytes=32_768)
+    field = "\ufdfa" * 10_000  # 30 KB of UTF-8, under the byte limit; 180,000 under NFKC
+    payload = contribution_pb2.ContributionPayload(
+        examples=[contribution_pb2.Example(prompt="p", response=field)] * 7,
+        nonce=b"n" * 16,
+        timestamp_ms=1,
+    )
+    problems = check_payload(payload, limits).problems
+    assert problems and "grows to 180000 characters under Unicode NFKC" in problems[0]
+    # an honest field of the same byte size is not refused for it
+    monkeypatch.undo()
+    honest = contribution_pb2.ContributionPayload(
+        examples=[contribution_pb2.Example(prompt="p", response="日本語の文章。" * 1500)],
+        nonce=b"n" * 16,
+        timestamp_ms=1,
+    )
+    assert check_payload(honest, limits).problems == []
