@@ -441,7 +441,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             async for index, cid, ok, value in stream:
                 if self.metrics is not None:
                     self.metrics.submitted("OK" if ok else code_name(value))
-                yield result(index, cid, ok, value)
+                # A client that stops reading its results would hold the stream open (the
+                # write waits on flow control) however short idle_s is: bound each write.
+                try:
+                    await asyncio.wait_for(
+                        context.write(result(index, cid, ok, value)), self.config.idle_s
+                    )
+                except TimeoutError:
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no result was read within {self.config.idle_s:g}s; the upload "
+                        "stream was closed",
+                    )
         finally:
             self.upload_slots.release(host)
 

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .ratelimit import Buckets, peer_host
 
@@ -52,6 +53,7 @@ class PeerCalls(grpc.aio.ServerInterceptor):
         self._lock = threading.Lock()
         self.refused = 0  # calls refused for their address's count (for tests and metrics)
         self.timed_out = 0  # calls ended for never sending their request
+        self.malformed = 0  # requests that did not parse
 
     # -- counting --------------------------------------------------------------------------
 
@@ -92,7 +94,34 @@ class PeerCalls(grpc.aio.ServerInterceptor):
             )
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} needs a request")
+        except DecodeError:
+            await self._malformed(context, method)
         raise AssertionError("unreachable")
+
+    async def _malformed(self, context: Any, method: str) -> None:
+        """A request that does not parse as its message type: answered INVALID_ARGUMENT, and
+        not logged (grpc would log a traceback per call, which a client could repeat)."""
+        self.malformed += 1
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid message for {method} (protobuf wire format)",
+        )
+
+    def _decoded(self, requests: AsyncIterator[Any], context: Any, method: str) -> Any:
+        """A request stream whose malformed messages end the call as ``_malformed`` does."""
+
+        async def gen() -> AsyncIterator[Any]:
+            it = aiter(requests)
+            while True:
+                try:
+                    request = await anext(it)
+                except StopAsyncIteration:
+                    return
+                except DecodeError:
+                    await self._malformed(context, method)
+                yield request
+
+        return gen()
 
     def _metered(self, requests: AsyncIterator[Any], context: Any, host: str) -> AsyncIterator[Any]:
         async def gen() -> AsyncIterator[Any]:
@@ -171,6 +200,7 @@ class PeerCalls(grpc.aio.ServerInterceptor):
             async def stream_unary(requests: AsyncIterator[Any], context: Any) -> Any:
                 host = await self._enter(context)
                 try:
+                    requests = self._decoded(requests, context, method)
                     if meter:
                         requests = self._metered(requests, context, host)
                     return await _result(inner(requests, context))
@@ -186,6 +216,7 @@ class PeerCalls(grpc.aio.ServerInterceptor):
             async def stream_stream_gen(requests: AsyncIterator[Any], context: Any) -> Any:
                 host = await self._enter(context)
                 try:
+                    requests = self._decoded(requests, context, method)
                     if meter:
                         requests = self._metered(requests, context, host)
                     async for response in inner(requests, context):
@@ -198,6 +229,7 @@ class PeerCalls(grpc.aio.ServerInterceptor):
         async def stream_stream(requests: AsyncIterator[Any], context: Any) -> Any:
             host = await self._enter(context)
             try:
+                requests = self._decoded(requests, context, method)
                 if meter:
                     requests = self._metered(requests, context, host)
                 return await _result(inner(requests, context))

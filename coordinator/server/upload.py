@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from crowdsft.config import ServerConfig
 from crowdsft.envelope import contribution_id
@@ -66,6 +67,12 @@ async def upload(
                     ended["error"] = (
                         Code.DEADLINE_EXCEEDED,
                         f"no {which} within {limit:g}s; the upload stream was closed",
+                    )
+                    return
+                except DecodeError:
+                    ended["error"] = (
+                        Code.INVALID_ARGUMENT,
+                        f"message {index} is not a valid SignedEnvelope (protobuf wire format)",
                     )
                     return
                 if envelope is grpc.aio.EOF:

@@ -610,10 +610,10 @@ def test_a_forged_large_envelope_cannot_probe_another_nodes_budget(make_coordina
     ],
 )
 def test_hostile_client_settings_are_checked(server, message):
+    import pydantic
+
     from crowdsft.config import ServerConfig
     from crowdsft.errors import ConfigError
-
-    import pydantic
 
     # NaN is refused by the type (a finite number) before the range check sees it
     with pytest.raises((ConfigError, pydantic.ValidationError), match=message):
@@ -717,7 +717,10 @@ def test_a_unary_call_that_never_sends_its_request_is_ended(make_coordinator):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "no request arrived within 0.5s" in err.value.details()
     assert time.monotonic() - started < 10
-    assert coord.coordinator.peer_calls.open_calls() == 0  # its count is given back
+    deadline = time.monotonic() + 5  # its count is given back (just after the answer)
+    while coord.coordinator.peer_calls.open_calls() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert coord.coordinator.peer_calls.open_calls() == 0
 
 
 def test_reflection_requests_are_metered_per_address(make_coordinator):
@@ -757,6 +760,9 @@ def test_calls_of_other_services_still_work_through_the_interceptor(coord, ident
     with coord.client() as c:
         receipt, _ = c.submit_one(sign_contribution(identity, [example()]))
         assert receipt.receipt
+    deadline = time.monotonic() + 5
+    while coord.coordinator.peer_calls.open_calls() and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert coord.coordinator.peer_calls.open_calls() == 0
 
 
@@ -774,3 +780,25 @@ def test_a_few_addresses_cannot_take_every_watch_stream(make_coordinator):
         assert "3 watch streams open" in err.value.details()
         for call in open_:
             call.cancel()
+
+
+def test_malformed_envelopes_answer_invalid_argument_without_a_traceback(coord, caplog):
+    """Before: a 1-byte malformed envelope answered UNKNOWN and logged an ERROR traceback per
+    call, without limit. Now INVALID_ARGUMENT, and nothing at ERROR."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with grpc.insecure_channel(coord.address) as ch:
+        unary = ch.unary_unary("/crowdsft.v1.Coordinator/SubmitContribution")
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as err:
+                unary(b"\xff", timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid message" in err.value.details()
+        stream = ch.stream_stream("/crowdsft.v1.Coordinator/SubmitContributions")
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream(iter([b"\xff"]), timeout=5))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid SignedEnvelope" in err.value.details()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert coord.coordinator.peer_calls.malformed == 3
