@@ -269,9 +269,43 @@ class MetricsConfig:
         '"crowd-sft[monitor]"). Empty: none of them.',
     )
 
+    publish: str = setting(
+        "aggregates",
+        '"aggregates": the page and /api show points only in aggregate (as gRPC does, a node\'s '
+        'standing is its own: `crowdsft node status`); "nodes": also the leaderboard and each '
+        "node's page (points, rounds, receipts), to anyone who can reach the address.",
+    )
+    page_size: int = setting(
+        50, "Rows per page of the leaderboard and the rounds (?limit= asks for up to 500)."
+    )
+    requests_per_s: float = setting(
+        5.0,
+        "HTTP requests one client address may make per second (bursts of 4x); more are "
+        "answered 429. /metrics counts too.",
+    )
+    max_connections: int = setting(
+        64,
+        "HTTP connections open at once, in all (more are answered 503 and closed): the HTTP "
+        "side shares the coordinator's process and must leave it descriptors and time.",
+    )
+    header_timeout_s: float = setting(
+        10.0,
+        "A client must send a request's headers within this many seconds of connecting (or "
+        "of its last answer), else the connection is closed.",
+    )
+
     def __post_init__(self) -> None:
         if self.listen:
             parse_hostport(self.listen)
+        if self.publish not in ("aggregates", "nodes"):
+            raise ConfigError('metrics.publish must be "aggregates" or "nodes"')
+        if not 1 <= self.page_size <= 500:
+            raise ConfigError("metrics.page_size must be between 1 and 500")
+        if self.max_connections < 4:
+            raise ConfigError("metrics.max_connections must be at least 4")
+        for name in ("requests_per_s", "header_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"metrics.{name} must be > 0")
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)

@@ -86,10 +86,19 @@ def _round(r: queries.RoundRow, evaluation: str) -> dict[str, Any]:
     }
 
 
-def rounds(store: Store, config: CoordinatorConfig) -> list[dict[str, Any]]:
-    """Every round, planned or finished, newest first; scores as distances (lower is better)."""
+def rounds(
+    store: Store, config: CoordinatorConfig, limit: int | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Rounds, planned or finished, newest first (``limit`` of them from ``offset``); scores
+    as distances (lower is better)."""
     ev = config.evaluation.function
-    return [_round(r, ev) for r in reversed(queries.rounds(store))]
+    newest_first = list(reversed(queries.rounds(store)))
+    page = newest_first[offset : None if limit is None else offset + limit]
+    return [_round(r, ev) for r in page]
+
+
+def round_count(store: Store) -> int:
+    return int(store.query("SELECT COUNT(*) FROM rounds")[0][0])
 
 
 def round_detail(store: Store, config: CoordinatorConfig, round_id: int) -> dict[str, Any] | None:
@@ -110,38 +119,67 @@ def lineage(store: Store) -> list[dict[str, Any]]:
     return [{"adapter": a, "round_id": won.get(a)} for a in queries.lineage(store)]
 
 
-def leaderboard(store: Store, config: CoordinatorConfig) -> list[dict[str, Any]]:
-    """Every node: points, rounds joined, contributions, and its value (± standard error)
-    from the last report, where one was written."""
+def leaderboard(
+    store: Store, config: CoordinatorConfig, limit: int | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Nodes by points (``limit`` of them from place ``offset + 1``): points, rounds joined,
+    contributions, and the value (± standard error) from the last report, where one was
+    written. Ordered and cut in the store, so that a page costs the same with many nodes."""
+    rows_ = store.query(
+        "SELECT n.node_id, n.display_name, n.points, "
+        "(SELECT COUNT(*) FROM contributions c WHERE c.node_id = n.node_id) AS k "
+        "FROM nodes n ORDER BY n.points DESC, k DESC, n.node_id LIMIT ? OFFSET ?",
+        (-1 if limit is None else limit, offset),
+    )
+    if not rows_:
+        return []
+    wanted = {r[0] for r in rows_}
     joined: dict[str, int] = {}
     for r in queries.finished_rounds(store):
         for group in r.groups:
             for node in group:
-                joined[node] = joined.get(node, 0) + 1
-    contributions = dict(
-        store.query("SELECT node_id, COUNT(*) FROM contributions GROUP BY node_id")
-    )
+                if node in wanted:
+                    joined[node] = joined.get(node, 0) + 1
     report = last_report(config) or {}
     values = {c["node_id"]: c for c in report.get("contributors", []) if "node_id" in c}
     rows = []
-    for node_id, name, points in store.query("SELECT node_id, display_name, points FROM nodes"):
+    for i, (node_id, name, points, k) in enumerate(rows_):
         v = values.get(node_id, {})
         stderr = v.get("shapley_stderr")
         rows.append(
             {
+                "place": offset + i + 1,
                 "node_id": node_id,
                 "name": name or "",
                 "points": points,
                 "rounds_joined": joined.get(node_id, 0),
-                "contributions": contributions.get(node_id, 0),
+                "contributions": k,
                 "value": v.get("shapley"),
                 "value_stderr": None if stderr is None or math.isnan(stderr) else stderr,
             }
         )
-    rows.sort(key=lambda r: (-r["points"], -r["contributions"], r["node_id"]))
-    for i, row in enumerate(rows):
-        row["place"] = i + 1
     return rows
+
+
+def standings(store: Store) -> dict[str, Any]:
+    """Points in aggregate (what the page shows unless ``metrics.publish = "nodes"``): how
+    many nodes hold points, the total, the median and the largest, and how points spread
+    (deciles). No node is named."""
+    points = [p for (p,) in store.query("SELECT points FROM nodes ORDER BY points")]
+    n = len(points)
+    held = [p for p in points if p > 0]
+
+    def quantile(q: float) -> float | None:
+        return points[min(n - 1, int(q * n))] if n else None
+
+    return {
+        "nodes": n,
+        "nodes_with_points": len(held),
+        "points_total": sum(points),
+        "points_median": quantile(0.5),
+        "points_max": points[-1] if n else None,
+        "deciles": [quantile(q / 10) for q in range(1, 10)] if n else [],
+    }
 
 
 def node(store: Store, config: CoordinatorConfig, node_id: str) -> dict[str, Any] | None:

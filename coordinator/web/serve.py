@@ -33,7 +33,11 @@ class WebServer:
                 'the live page and metrics need the "monitor" extra: '
                 "pip install 'crowd-sft[monitor]'"
             ) from None
+        from .guard import guarded_protocol, quiet_noisy_loggers
+
         host, port = parse_hostport(listen or config.metrics.listen)
+        m = config.metrics
+        quiet_noisy_loggers()
         self._config = uvicorn.Config(
             create_app(config, store, metrics),
             host=host.strip("[]"),
@@ -41,6 +45,10 @@ class WebServer:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            http=guarded_protocol(m.header_timeout_s, m.max_connections),
+            limit_concurrency=m.max_connections,
+            timeout_keep_alive=5,
+            backlog=min(2048, 4 * m.max_connections),
         )
         self._server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None

@@ -12,12 +12,15 @@ pytest.importorskip("prometheus_client")
 
 
 @pytest.fixture
-def served(make_coordinator):
+def served(make_coordinator, request):
     """``(harness, web)``: a coordinator whose [metrics] listen serves on a free port."""
     from crowdsft.coordinator.web.serve import WebServer
 
+    # the page with its leaderboard and node pages (the operator's choice); tests that need
+    # the default (aggregates only) say so with @pytest.mark.parametrize("publish", ...)
+    publish = getattr(request, "param", "nodes")
     coord = make_coordinator(
-        metrics={"listen": "127.0.0.1:0"},
+        metrics={"listen": "127.0.0.1:0", "publish": publish, "requests_per_s": 1000.0},
         rounds={"groups": 2, "judging_error": 0.0, "seed": 3},
         admission={"reject_duplicate_examples": False, "near_duplicate_threshold": 0.0},
     )
