@@ -4,18 +4,19 @@ simulation uses, downloaded from GroupLens into the user's data folder, checked 
 What is checked: the SHA-256 of each file the simulation reads (``movies.csv``,
 ``ratings.csv``), pinned below from the copy the figures in the README were made with, so a
 changed or corrupted download is refused before anything is unpacked where ``simulate`` looks;
-and, where given (``--sha256``), the archive's own SHA-256.
+and, where given (``--sha256``), the archive's own SHA-256, before anything is unpacked. Only
+the pinned files are unpacked, each bounded in size, and the download too.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -44,18 +45,63 @@ def movielens_home() -> Path:
     return data_home() / MOVIELENS_FOLDER
 
 
-def _download(url: str, progress: Callable[[int, int], None] | None) -> bytes:
+# Bounds: the real archive is about 1 MB and ratings.csv about 2.4 MB. A download or a file
+# past these is refused, whatever its headers claim.
+MAX_ARCHIVE_BYTES = 64 * 1024 * 1024
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+
+
+def _download(
+    url: str, out: Path, max_bytes: int, progress: Callable[[int, int], None] | None
+) -> str:
+    """Stream ``url`` into the file ``out`` (at most ``max_bytes``); return its SHA-256."""
+    h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
+        with urllib.request.urlopen(url, timeout=60) as resp, out.open("wb") as fh:
             total = int(resp.headers.get("Content-Length") or 0)
-            buf = io.BytesIO()
+            if total > max_bytes:
+                raise InputError(
+                    f"{url} announces {total} bytes; an archive of at most {max_bytes} is "
+                    "expected: refused (nothing was downloaded)"
+                )
+            got = 0
             while chunk := resp.read(1 << 16):
-                buf.write(chunk)
+                got += len(chunk)
+                if got > max_bytes:
+                    raise InputError(
+                        f"{url} sent more than {max_bytes} bytes: refused (nothing was kept)"
+                    )
+                h.update(chunk)
+                fh.write(chunk)
                 if progress:
-                    progress(buf.tell(), total)
-            return buf.getvalue()
+                    progress(got, total)
     except OSError as exc:
         raise InputError(f"cannot download {url}: {exc}") from None
+    return h.hexdigest()
+
+
+def _extract(archive: zipfile.ZipFile, member: str, out: Path, max_bytes: int) -> str:
+    """Copy one member of ``archive`` to ``out``, at most ``max_bytes`` of it whatever its
+    header says; return its SHA-256."""
+    try:
+        info = archive.getinfo(member)
+    except KeyError:
+        raise InputError(f"the archive holds no {member}") from None
+    if info.file_size > max_bytes:
+        raise InputError(
+            f"{member} is {info.file_size} bytes unpacked; at most {max_bytes} is expected: "
+            "refused (nothing was unpacked)"
+        )
+    h = hashlib.sha256()
+    got = 0
+    with archive.open(info) as src, out.open("wb") as fh:
+        while chunk := src.read(1 << 20):
+            got += len(chunk)
+            if got > max_bytes:
+                raise InputError(f"{member} unpacks past {max_bytes} bytes: refused")
+            h.update(chunk)
+            fh.write(chunk)
+    return h.hexdigest()
 
 
 def fetch_movielens(
@@ -65,46 +111,58 @@ def fetch_movielens(
     files: Mapping[str, str] = MOVIELENS_FILES,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> Path:
     """Download, check and unpack ml-latest-small into ``dest`` (default ``movielens_home()``);
     return the folder. An existing folder whose files check out is kept (``force``: fetch
-    again). Nothing is left in ``dest`` unless every check passes."""
+    again).
+
+    The download streams into a temporary file (bounded by ``max_archive_bytes``), is checked
+    against ``sha256`` where given before anything is unpacked, and only the pinned files are
+    unpacked (each bounded by ``max_member_bytes`` and checked against its pin), into a
+    temporary folder: ``dest`` receives them only when every check has passed, and on any
+    refusal nothing is left anywhere."""
     dest = Path(dest) if dest is not None else movielens_home()
     if not force and dest.is_dir() and _matches(dest, files):
         return dest
-    data = _download(url, progress)
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
-        raise InputError(
-            f"the archive from {url} has SHA-256 {hashlib.sha256(data).hexdigest()}, "
-            f"not {sha256}: refused (nothing was unpacked)"
-        )
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise InputError(f"{url} did not send a zip archive") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        root = Path(tmp).resolve()
-        for member in archive.namelist():  # refuse paths that leave the folder
-            if not (root / member).resolve().is_relative_to(root):
-                raise InputError(f"the archive names a path outside its folder: {member}")
-        archive.extractall(root)
-        found = root / MOVIELENS_FOLDER
-        if not found.is_dir():
-            raise InputError(f"the archive holds no {MOVIELENS_FOLDER}/ folder")
-        for name, expected in files.items():
-            path = found / name
-            if not path.is_file():
-                raise InputError(f"the archive holds no {MOVIELENS_FOLDER}/{name}")
-            actual = _sha256(path)
-            if actual != expected:
-                raise InputError(
-                    f"{MOVIELENS_FOLDER}/{name} has SHA-256 {actual}, not the pinned "
-                    f"{expected}: refused (the download changed or is corrupt)"
-                )
-        if dest.exists():
-            shutil.rmtree(dest)
-        found.rename(dest)
+    with tempfile.TemporaryDirectory(prefix="crowdsft-fetch-") as tmp:
+        work = Path(tmp)
+        zipped = work / "archive.zip"
+        digest = _download(url, zipped, max_archive_bytes, progress)
+        if sha256 is not None and digest != sha256.lower():
+            raise InputError(
+                f"the archive from {url} has SHA-256 {digest}, not {sha256}: refused "
+                "(nothing was unpacked)"
+            )
+        unpacked = work / MOVIELENS_FOLDER
+        unpacked.mkdir()
+        try:
+            with zipfile.ZipFile(zipped) as archive:
+                for name, expected in files.items():
+                    if "/" in name or "\\" in name or name in ("", ".", ".."):
+                        raise InputError(f"not a file name: {name!r}")
+                    actual = _extract(
+                        archive, f"{MOVIELENS_FOLDER}/{name}", unpacked / name, max_member_bytes
+                    )
+                    if actual != expected:
+                        raise InputError(
+                            f"{MOVIELENS_FOLDER}/{name} has SHA-256 {actual}, not the pinned "
+                            f"{expected}: refused (the download changed or is corrupt)"
+                        )
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            raise InputError(f"{url} did not send a readable zip archive: {exc}") from None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        try:
+            for name in files:
+                shutil.move(unpacked / name, staged / name)
+            if dest.exists():
+                shutil.rmtree(dest)
+            staged.rename(dest)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
     return dest
 
 

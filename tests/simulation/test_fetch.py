@@ -119,3 +119,80 @@ def test_a_changed_archive_is_refused_and_nothing_is_unpacked(
 def test_simulate_says_how_to_get_the_data(tmp_path):
     out = CliRunner().invoke(main, ["simulate", "--data", str(tmp_path / "none"), "--runs", "1"])
     assert out.exit_code != 0 and "crowdsft data fetch movielens" in out.output
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")} if folder.exists() else set()
+
+
+def _bomb(folder: Path, extra: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name in ("movies.csv", "ratings.csv"):
+            z.writestr(f"ml-latest-small/{name}", (folder / name).read_bytes())
+        for name, data in extra.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_only_the_pinned_files_are_unpacked(server, synthetic_movielens, tmp_path):
+    """Before: extra members (evil.sh, sub/deep.txt, a 1 GiB file) were installed too."""
+    base, root = server
+    archive = _bomb(
+        synthetic_movielens,
+        {
+            "ml-latest-small/evil.sh": b"#!/bin/sh\nrm -rf ~\n",
+            "ml-latest-small/sub/deep.txt": b"deep",
+            "ml-latest-small/huge.bin": b"\0" * (8 << 20),  # compresses to a few KB
+        },
+    )
+    (root / "ml.zip").write_bytes(archive)
+    home = tmp_path / "home"
+    dest = fetch_movielens(
+        home / "ml-latest-small", url=f"{base}/ml.zip", files=_pins(synthetic_movielens)
+    )
+    assert _tree(home) == {
+        "ml-latest-small",
+        "ml-latest-small/movies.csv",
+        "ml-latest-small/ratings.csv",
+    }
+    assert dest == home / "ml-latest-small"
+
+
+def test_oversize_downloads_and_members_write_nothing(server, synthetic_movielens, tmp_path):
+    """Before: a 1.9 MB archive wrote 1 GiB in 4 s, and with a wrong checksum 1 GB was
+    written before the refusal."""
+    base, root = server
+    pins = _pins(synthetic_movielens)
+    big = dict(pins, **{"ratings.csv": "0" * 64})
+    payload = b"1,1,5.0,0\n" * (1 << 20)  # 10 MB that compresses to ~20 KB
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("ml-latest-small/movies.csv", (synthetic_movielens / "movies.csv").read_bytes())
+        z.writestr("ml-latest-small/ratings.csv", payload)
+    (root / "bomb.zip").write_bytes(archive.getvalue())
+    home = tmp_path / "home"
+    dest = home / "ml-latest-small"
+    with pytest.raises(InputError, match="unpacked; at most 1048576"):
+        fetch_movielens(dest, url=f"{base}/bomb.zip", files=big, max_member_bytes=1 << 20)
+    assert _tree(home) == set()
+    with pytest.raises(InputError, match=r"more than 1000 bytes|announces"):
+        fetch_movielens(dest, url=f"{base}/bomb.zip", files=big, max_archive_bytes=1000)
+    assert _tree(home) == set()
+    with pytest.raises(InputError, match=r"archive .* has SHA-256"):
+        fetch_movielens(dest, url=f"{base}/bomb.zip", files=big, sha256="00")
+    assert _tree(home) == set()
+
+
+def test_a_corrupt_archive_is_an_input_error_not_a_traceback(server, synthetic_movielens, tmp_path):
+    base, root = server
+    archive = bytearray(_archive(synthetic_movielens))
+    at = archive.find(b"userId")  # inside ratings.csv's stored bytes
+    archive[at] ^= 0xFF  # its CRC no longer matches
+    (root / "crc.zip").write_bytes(bytes(archive))
+    (root / "junk.zip").write_bytes(b"not a zip at all")
+    dest = tmp_path / "home" / "ml-latest-small"
+    for name in ("crc.zip", "junk.zip"):
+        with pytest.raises(InputError, match="readable zip archive"):
+            fetch_movielens(dest, url=f"{base}/{name}", files=_pins(synthetic_movielens))
+        assert not dest.parent.exists() or _tree(dest.parent) == set()
