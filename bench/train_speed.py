@@ -1,7 +1,7 @@
 """Training and generation speed on real pool comments, before and after, in one run.
 
     python bench/train_speed.py [--data ../shared/data/paper-llm] [--target joy]
-        [--batch-sizes 4 8] [--layers 8 0] [--repeats 3] [--json FILE]
+        [--batch-sizes 4 8] [--layers 8 0] [--epochs 1] [--repeats 3] [--json FILE]
 
 Training: one epoch of LoRA (rank 8, the experiments' settings: ``max_length`` 96, learning
 rate 1e-3) over the target's 100 pool comments, the user turn ``write a reddit comment.``,
@@ -66,6 +66,10 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 0], help="0: every layer")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--epochs", type=int, default=1, help="per fit (3: what --schedule paper gives single-100)"
+    )
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--answers", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -92,11 +96,13 @@ def main() -> int:
         "target": ns.target,
         "examples": len(examples),
         "repeats": ns.repeats,
+        "epochs": ns.epochs,
+        "learning_rate": ns.learning_rate,
         "training": [],
         "generation": {},
     }
 
-    print(f"training: 1 epoch over {len(examples)} {ns.target} pool comments, rank 8")
+    print(f"training: {ns.epochs} epoch(s) over {len(examples)} {ns.target} pool comments, rank 8")
     print(
         f"{'layers':>7}{'batch':>6}{'before tok/s':>14}{'after tok/s':>13}{'speed-up':>10}"
         f"{'first loss before/after':>26}"
@@ -106,8 +112,8 @@ def main() -> int:
             cfg = TrainingConfig(
                 rank=8,
                 alpha=16,
-                learning_rate=1e-3,
-                epochs=1,
+                learning_rate=ns.learning_rate,
+                epochs=ns.epochs,
                 batch_size=batch,
                 max_length=96,
                 layers=layers or None,
