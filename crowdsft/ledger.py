@@ -416,3 +416,113 @@ def _check_points(
             Problem(rid, "points", f"node {node} has a points entry but is not in the population")
         )
     return problems
+
+
+# -- heads: what a node remembers, and what nodes compare ---------------------------------------
+
+HEAD_FORMAT = "crowdsft-ledger-head/1"
+
+
+@dataclass(frozen=True)
+class SignedHead:
+    """A ledger head: the record of round ``round_id`` and the coordinator's signature over
+    it. Each record names the hash of the one before, so a signed record commits the
+    coordinator to the whole history up to it: it is the signed tree head of this log, and
+    the records between two heads are the proof that the later one extends the earlier.
+
+    Two valid heads of one coordinator with the same ``round_id`` and different records are
+    proof that it showed two histories (anyone can check both signatures); a valid head for
+    a round that the coordinator no longer shows is proof that it rolled its ledger back."""
+
+    coordinator_key: bytes
+    round_id: int
+    record: bytes
+    signature: bytes
+
+    @classmethod
+    def of(cls, coordinator_key: bytes, entry: LedgerEntry) -> SignedHead:
+        return cls(coordinator_key, entry.round_id, entry.record, entry.signature)
+
+    @property
+    def hash(self) -> bytes:
+        return record_hash(self.record)
+
+    def valid(self) -> bool:
+        """The signature verifies under ``coordinator_key`` and the record names its round."""
+        if not verify_signature(self.coordinator_key, self.signature, LEDGER_TAG + self.record):
+            return False
+        try:
+            rec = json.loads(self.record)
+        except ValueError:
+            return False
+        return isinstance(rec, dict) and rec.get("round_id") == self.round_id
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "format": HEAD_FORMAT,
+            "coordinator_key": self.coordinator_key.hex(),
+            "round_id": self.round_id,
+            "record_hash": self.hash.hex(),
+            "record": self.record.decode("utf-8"),
+            "signature": self.signature.hex(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SignedHead:
+        """A head as ``as_dict`` writes it (a ``node head`` file); ValueError if malformed."""
+        if not isinstance(data, dict) or data.get("format") != HEAD_FORMAT:
+            raise ValueError(f"not a ledger head (format {HEAD_FORMAT!r} expected)")
+        try:
+            head = cls(
+                bytes.fromhex(data["coordinator_key"]),
+                int(data["round_id"]),
+                str(data["record"]).encode("utf-8"),
+                bytes.fromhex(data["signature"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed ledger head: {exc}") from None
+        return head
+
+
+@dataclass(frozen=True)
+class HeadCheck:
+    """How a ledger compares with a head seen before: ``consistent`` (the ledger extends it),
+    ``behind`` (a peer's head is later than the ledger we were shown: fetch again; if the
+    coordinator still shows less, it is showing different nodes different ledgers),
+    ``rollback`` (a head we verified ourselves is later than the ledger now shown) or ``fork``
+    (the ledger's record at the head's round is another one: ``other`` is that record, and
+    the two signed records are the proof)."""
+
+    kind: str
+    message: str
+    other: LedgerEntry | None = None
+
+
+def check_head(head: SignedHead, entries: Sequence[LedgerEntry], own: bool = True) -> HeadCheck:
+    """Compare ``entries`` (a ledger from round 1, as verified by ``verify_ledger``) with
+    ``head``. ``own``: a head this node verified itself (a shorter ledger is then a rollback);
+    else a peer's (a shorter ledger may just be stale)."""
+    size = len(entries)
+    short = head.hash.hex()[:16]
+    if head.round_id > size:
+        if own:
+            return HeadCheck(
+                "rollback",
+                f"this node verified round {head.round_id} (record {short}…, signed by the "
+                f"coordinator) and the ledger now shows {size} round(s): it was rolled back",
+            )
+        return HeadCheck(
+            "behind",
+            f"a peer holds the coordinator's signed record of round {head.round_id}; the "
+            f"ledger shown to this node has {size} round(s)",
+        )
+    entry = entries[head.round_id - 1]
+    if entry.record != head.record:
+        return HeadCheck(
+            "fork",
+            f"round {head.round_id}: the ledger's record {entry.hash.hex()[:16]}… is not the "
+            f"record {short}… {'this node verified before' if own else 'a peer holds'}; both "
+            "are signed by the coordinator, which has shown two histories",
+            other=entry,
+        )
+    return HeadCheck("consistent", f"the ledger extends round {head.round_id} ({short}…)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -383,30 +384,45 @@ def _show_event(ev, as_json: bool) -> None:
     is_flag=True,
     help="Accept a coordinator key different from the one pinned for this address.",
 )
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A ledger head another node wrote with `crowdsft node head` (or a published one): "
+    "a different record at the same round is a fork. Repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def verify(
     address: str,
     key_path: Path,
     passphrase_env: str,
     trust_new_coordinator_key: bool,
+    peers: tuple[Path, ...],
     as_json: bool,
 ) -> None:
-    """Check the coordinator's ledger against this node's receipts.
+    """Check the coordinator's ledger against this node's receipts and memory.
 
     Checks every record's signature and hash link, recomputes every points entry with the
     reward rule the record names, proves each receipted contribution's inclusion in the rounds
-    that used it, and compares the points the coordinator reports. Exits 1 on any mismatch.
+    that used it, and compares the points the coordinator reports. Then compares the ledger
+    with the last head this node verified (a shorter ledger is a rollback, another record at
+    that round a fork) and with other nodes' heads (--peer); the coordinator's signed records
+    that prove a rollback or fork are kept (`crowdsft node evidence`). Exits 1 on any mismatch.
     """
     from crowdsft.envelope import now_ms
     from crowdsft.errors import VerificationError
     from crowdsft.node.state import NodeState
     from crowdsft.node.verify import held_receipts, verify_node
 
+    heads = [_read_head(p) for p in peers]
     identity = _load(key_path, passphrase_env)
     with _client(address) as client, NodeState.for_node(identity.node_id) as state:
         key = client.info().public_key
         state.pin(address, key, now_ms(), trust_new_coordinator_key)
-        result = verify_node(client, identity, key, held_receipts(state, key))
+        result = verify_node(
+            client, identity, key, held_receipts(state, key), state, heads, now_ms()
+        )
     if as_json:
         echo_json(result.as_dict())
     else:
@@ -429,9 +445,91 @@ def verify(
             f"points: {result.points_recomputed:.6g} by the ledger, "
             f"{result.points_reported:.6g} reported by the coordinator"
         )
+        remembered = (
+            f"it extends round {result.remembered_round}, the head this node verified before"
+            if result.remembered_round is not None
+            else "first verification: its head is remembered from now on"
+        )
+        click.echo(
+            f"history: {remembered}"
+            + (f"; {result.peers_checked} peer head(s) compared" if peers else "")
+        )
+        if result.evidence_kept:
+            click.secho(
+                f"  the coordinator's signed records proving it are kept: "
+                f"crowdsft node evidence --coordinator {address}",
+                fg="red",
+                err=True,
+            )
         for p in result.problems:
             click.secho(f"  MISMATCH {p}", fg="red", err=True)
         if result.ok:
             click.secho("verified: everything checks out", fg="green")
     if not result.ok:
         raise VerificationError(f"{len(result.problems)} mismatch(es) found")
+
+
+def _read_head(path: Path):
+    from crowdsft.errors import InputError
+    from crowdsft.ledger import SignedHead
+
+    try:
+        return SignedHead.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+@node.command()
+@_coordinator_option
+@_key_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the head here (else print it).",
+)
+def head(address: str, key_path: Path, passphrase_env: str, out: Path | None) -> None:
+    """The last ledger head this node verified, to share with other nodes.
+
+    A head is the coordinator's signed record of a round; since each record names the hash of
+    the one before, it commits the coordinator to the whole history up to there. Another node
+    passes the file to `crowdsft node verify --peer FILE`: if the coordinator shows it a
+    different record for that round, each of you holds half the proof. Run `node verify`
+    first: only a verified head is remembered.
+    """
+    from crowdsft.errors import InputError
+    from crowdsft.node.state import NodeState
+
+    identity = _load(key_path, passphrase_env)
+    with NodeState.for_node(identity.node_id) as state:
+        key = state.pinned_key(address)
+        found = state.ledger_head(key) if key is not None else None
+    if found is None:
+        raise InputError(
+            f"this node has verified no ledger of the coordinator at {address} yet: run "
+            f"crowdsft node verify --coordinator {address}"
+        )
+    text = json.dumps(found.as_dict(), indent=2) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote the head of round {found.round_id} to {out}")
+
+
+@node.command()
+@_coordinator_option
+@_key_option
+def evidence(address: str, key_path: Path, passphrase_env: str) -> None:
+    """The proof kept against the coordinator at this address, as JSON: signed records of a
+    round it no longer shows (rollback) or two signed records of one round (fork). Anyone can
+    check both signatures with the coordinator's public key."""
+    from crowdsft.node.state import NodeState
+
+    identity = _load(key_path, passphrase_env)
+    with NodeState.for_node(identity.node_id) as state:
+        key = state.pinned_key(address)
+        found = state.evidence(key) if key is not None else []
+    echo_json(
+        {"coordinator": address, "coordinator_key": key.hex() if key else None, "evidence": found}
+    )

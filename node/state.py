@@ -14,8 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crowdsft.errors import CrowdSFTError
+
+if TYPE_CHECKING:
+    from crowdsft.ledger import LedgerEntry, SignedHead
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS coordinators (
@@ -35,6 +39,29 @@ CREATE TABLE IF NOT EXISTS submissions (
     receipt_signature BLOB,
     accepted_at_ms INTEGER,
     PRIMARY KEY (coordinator_key, chunk_key)
+);
+-- The last ledger head this node verified, per coordinator key: the coordinator's signed
+-- record of that round (crowdsft.ledger.SignedHead).
+CREATE TABLE IF NOT EXISTS ledger_heads (
+    coordinator_key BLOB PRIMARY KEY,
+    round_id INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    verified_at_ms INTEGER NOT NULL
+);
+-- Proof that a coordinator rewrote its ledger: a signed record it no longer shows (kind
+-- "rollback"), or two signed records of one round (kind "fork"; the second pair set).
+CREATE TABLE IF NOT EXISTS ledger_evidence (
+    id INTEGER PRIMARY KEY,
+    coordinator_key BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    round_id INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    other_record BLOB,
+    other_signature BLOB,
+    found_at_ms INTEGER NOT NULL,
+    UNIQUE (coordinator_key, kind, round_id, record, other_record)
 );
 """
 
@@ -127,6 +154,13 @@ class NodeState:
         else:
             self.pin_coordinator(address, public_key, now_ms)
 
+    def pinned_key(self, address: str) -> bytes | None:
+        """The coordinator key pinned for ``address``, if any."""
+        row = self.conn.execute(
+            "SELECT public_key FROM coordinators WHERE address=?", (address,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
     def repin_coordinator(self, address: str, public_key: bytes, now_ms: int) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO coordinators(address, public_key, first_seen_ms) "
@@ -184,6 +218,68 @@ class NodeState:
             (coordinator_key,),
         ).fetchall()
         return [Submission(*r) for r in rows]
+
+    def ledger_head(self, coordinator_key: bytes) -> SignedHead | None:
+        """The last ledger head this node verified for ``coordinator_key``."""
+        from crowdsft.ledger import SignedHead
+
+        row = self.conn.execute(
+            "SELECT round_id, record, signature FROM ledger_heads WHERE coordinator_key=?",
+            (coordinator_key,),
+        ).fetchone()
+        return SignedHead(coordinator_key, row[0], bytes(row[1]), bytes(row[2])) if row else None
+
+    def remember_head(self, head: SignedHead, now_ms: int) -> None:
+        """Remember ``head`` as verified; a head never moves back to an earlier round."""
+        known = self.ledger_head(head.coordinator_key)
+        if known is not None and known.round_id > head.round_id:
+            return
+        self.conn.execute(
+            "INSERT OR REPLACE INTO ledger_heads(coordinator_key, round_id, record, signature, "
+            "verified_at_ms) VALUES (?, ?, ?, ?, ?)",
+            (head.coordinator_key, head.round_id, head.record, head.signature, now_ms),
+        )
+
+    def keep_evidence(
+        self, kind: str, head: SignedHead, other: LedgerEntry | None, now_ms: int
+    ) -> None:
+        """Keep the signed records that prove a rollback or a fork (once each)."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO ledger_evidence(coordinator_key, kind, round_id, record, "
+            "signature, other_record, other_signature, found_at_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                head.coordinator_key,
+                kind,
+                head.round_id,
+                head.record,
+                head.signature,
+                other.record if other else None,
+                other.signature if other else None,
+                now_ms,
+            ),
+        )
+
+    def evidence(self, coordinator_key: bytes) -> list[dict[str, object]]:
+        """The proof kept against ``coordinator_key``, oldest first, as JSON-ready dicts."""
+        from crowdsft.ledger import SignedHead
+
+        out: list[dict[str, object]] = []
+        for kind, rid, rec, sig, orec, osig, at in self.conn.execute(
+            "SELECT kind, round_id, record, signature, other_record, other_signature, "
+            "found_at_ms FROM ledger_evidence WHERE coordinator_key=? ORDER BY id",
+            (coordinator_key,),
+        ):
+            item: dict[str, object] = {
+                "kind": kind,
+                "round_id": rid,
+                "found_at_ms": at,
+                "head": SignedHead(coordinator_key, rid, bytes(rec), bytes(sig)).as_dict(),
+            }
+            if orec is not None:
+                item["other"] = SignedHead(coordinator_key, rid, bytes(orec), bytes(osig)).as_dict()
+            out.append(item)
+        return out
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -6,6 +6,11 @@
    the coordinator says used it, a Merkle inclusion proof against that round's record, in a
    round where this node was a contributor.
 4. The points the coordinator reports for this node against the points the records imply.
+5. The ledger against the last head this node verified (kept in its state): a ledger with
+   fewer rounds is a rollback, another record at that round a fork; the coordinator's signed
+   records that prove it are kept (``node evidence``). And against heads other nodes hold
+   (``--peer FILE``, written by ``node head``): a different record at the same round is a
+   fork, shown to different nodes.
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ from typing import Any
 
 from crowdsft.envelope import verify_receipt
 from crowdsft.keys import Identity
-from crowdsft.ledger import LedgerReport, Problem, verify_inclusion, verify_ledger
+from crowdsft.ledger import (
+    LedgerReport,
+    Problem,
+    SignedHead,
+    check_head,
+    verify_inclusion,
+    verify_ledger,
+)
 from crowdsft.v1 import coordinator_pb2, envelope_pb2
 
 POINTS_TOLERANCE = 1e-9
@@ -32,6 +44,9 @@ class NodeVerification:
     proofs: int = 0  # inclusion proofs checked
     points_recomputed: float = 0.0
     points_reported: float | None = None
+    remembered_round: int | None = None  # the head this node had verified before this run
+    peers_checked: int = 0
+    evidence_kept: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -52,6 +67,9 @@ class NodeVerification:
             "proofs_checked": self.proofs,
             "points_recomputed": self.points_recomputed,
             "points_reported": self.points_reported,
+            "remembered_round": self.remembered_round,
+            "peers_checked": self.peers_checked,
+            "evidence_kept": self.evidence_kept,
             "problems": [p.as_dict() for p in self.problems],
         }
 
@@ -123,9 +141,57 @@ def check_inclusion(
     return checked, included, problems
 
 
-def verify_node(client, identity: Identity, coordinator_key: bytes, receipts) -> NodeVerification:
+def check_heads(
+    result: NodeVerification,
+    entries: list,
+    state: Any,
+    peers: list[SignedHead],
+    now_ms: int,
+) -> None:
+    """Step 5: the ledger against the head this node verified before, and the peers' heads;
+    remember the new head when everything checks out."""
+    key = result.coordinator_key
+    known = state.ledger_head(key) if state is not None else None
+    if known is not None:
+        result.remembered_round = known.round_id
+        found = check_head(known, entries, own=True)
+        if found.kind != "consistent":
+            result.problems.append(Problem(known.round_id, found.kind, found.message))
+            state.keep_evidence(found.kind, known, found.other, now_ms)
+            result.evidence_kept += 1
+    for peer in peers:
+        if peer.coordinator_key != key:
+            continue  # another coordinator's head: nothing to compare
+        if not peer.valid():
+            result.problems.append(
+                Problem(peer.round_id, "peer", "a peer's head is not signed by this coordinator")
+            )
+            continue
+        result.peers_checked += 1
+        found = check_head(peer, entries, own=False)
+        if found.kind == "consistent":
+            continue
+        result.problems.append(Problem(peer.round_id, found.kind, found.message))
+        if found.kind == "fork" and state is not None:
+            state.keep_evidence("fork", peer, found.other, now_ms)
+            result.evidence_kept += 1
+    if state is not None and entries and not result.problems:
+        state.remember_head(SignedHead.of(key, entries[-1]), now_ms)
+
+
+def verify_node(
+    client,
+    identity: Identity,
+    coordinator_key: bytes,
+    receipts,
+    state: Any = None,
+    peers: list[SignedHead] | None = None,
+    now_ms: int = 0,
+) -> NodeVerification:
     """Run every check for ``identity`` against the coordinator at ``client``. ``receipts`` are
-    the signed receipts this node holds (``envelope_pb2.SignedReceipt``)."""
+    the signed receipts this node holds (``envelope_pb2.SignedReceipt``); ``state`` (a
+    ``NodeState``) remembers the heads verified and keeps evidence; ``peers``: other nodes'
+    heads to compare with."""
     node_id = identity.node_id
     entries = client.ledger()
     report = verify_ledger(entries, coordinator_key)
@@ -182,6 +248,7 @@ def verify_node(client, identity: Identity, coordinator_key: bytes, receipts) ->
                 f"ledger implies {result.points_recomputed:.6g}",
             )
         )
+    check_heads(result, list(entries), state, peers or [], now_ms)
     return result
 
 

@@ -402,10 +402,17 @@ class Store:
             logger.warning("cannot remove payload file %s: %s", name, exc)
 
     def load_payload(self, stored: bytes, name: str | None, cid: bytes) -> bytes:
-        """A contribution's payload bytes: ``stored`` itself, or its file checked against the
-        contribution id."""
+        """A contribution's payload bytes, inline or from its file, checked against the
+        contribution id (its SHA-256) either way: bytes edited in the database or on disk
+        are refused, never trained on or served."""
         if name is None:
-            return bytes(stored)
+            data = bytes(stored)
+            if hashlib.sha256(data).digest() != cid:
+                raise StoreError(
+                    f"the stored payload of contribution {cid.hex()} does not match its id "
+                    "(changed in the database)"
+                )
+            return data
         try:
             data = (self.payload_dir / name).read_bytes()
         except OSError as exc:

@@ -149,3 +149,120 @@ def test_inclusion_checks_each_way_a_proof_can_be_wrong():
 
     msg = check_inclusion(good, set(MINE), ME.node_id, {})[2][0].message
     assert "no valid record" in msg
+
+
+# -- heads: rollback and fork (#25) -------------------------------------------------------------
+
+
+def second(first: LedgerEntry, ranking=(0, 1)) -> dict:
+    """Round 2 after ``first``: two groups without me, ranked by ``ranking`` (rank rule)."""
+    pts = {ME.node_id: [3.0, 3.0]}
+    before = {OTHER.node_id: 2.0, THIRD.node_id: 1.0}
+    groups = [[OTHER.node_id], [THIRD.node_id]]
+    for place, g in enumerate(ranking):
+        node = groups[g][0]
+        pts[node] = [before[node], before[node] + (len(groups) - place)]
+    return {
+        "version": 1,
+        "round_id": 2,
+        "prev_hash": first.hash.hex(),
+        "coordinator": COORD.public_key.hex(),
+        "strategies": {"reward": "rank"},
+        "population": sorted([ME.node_id, OTHER.node_id, THIRD.node_id]),
+        "groups": groups,
+        "weights": [[1.0], [1.0]],
+        "contributions": {"count": 1, "merkle_root": MerkleTree(THEIRS[:1]).root.hex()},
+        "candidates": [
+            {"group": g, "adapter": f"b{g}", "score": -1.0 - g if ranking[0] == 0 else -2.0 + g}
+            for g in range(2)
+        ],
+        "base_score": -4.0,
+        "updated": True,
+        "ranking": list(ranking),
+        "winner": ranking[0],
+        "points": pts,
+    }
+
+
+def ledgers():
+    one = entry(record(IDS, POINTS))
+    return one, entry(second(one)), entry(second(one, ranking=(1, 0)))
+
+
+def run(state, entries, peers=()):
+    client = FakeClient(entries, proofs_for(IDS, MINE[:2]), 3.0)
+    return verify_node(
+        client, ME, COORD.public_key, [receipt(c) for c in MINE], state, list(peers), now_ms=1
+    )
+
+
+def test_a_rolled_back_ledger_is_caught_and_the_proof_kept(tmp_path):
+    """Before: a coordinator that deleted round 2 and restarted passed `node verify` ("rounds
+    1") on nodes that had verified two rounds minutes before."""
+    from crowdsft.node.state import NodeState
+
+    one, two, _ = ledgers()
+    with NodeState(tmp_path / "me.sqlite3") as state:
+        first = run(state, [one, two])
+        assert first.ok, [str(p) for p in first.problems]
+        assert first.remembered_round is None
+        assert state.ledger_head(COORD.public_key).round_id == 2
+        again = run(state, [one, two])
+        assert again.ok and again.remembered_round == 2
+        rolled = run(state, [one])
+        assert [p.kind for p in rolled.problems] == ["rollback"]
+        assert "now shows 1 round" in rolled.problems[0].message
+        assert state.ledger_head(COORD.public_key).round_id == 2  # never moves back
+        (kept,) = state.evidence(COORD.public_key)
+        assert kept["kind"] == "rollback" and kept["head"]["record"] == two.record.decode()
+
+
+def test_a_forked_ledger_is_caught_with_both_signed_records(tmp_path):
+    from crowdsft.ledger import SignedHead
+    from crowdsft.node.state import NodeState
+
+    one, two, forked = ledgers()
+    assert forked.record != two.record
+    with NodeState(tmp_path / "me.sqlite3") as state:
+        assert run(state, [one, two]).ok
+        result = run(state, [one, forked])
+        assert [p.kind for p in result.problems] == ["fork"]
+        (kept,) = state.evidence(COORD.public_key)
+        a, b = SignedHead.from_dict(kept["head"]), SignedHead.from_dict(kept["other"])
+        # the proof stands on its own: two valid signatures, one round, two records
+        assert a.valid() and b.valid() and a.round_id == b.round_id == 2 and a.hash != b.hash
+
+
+def test_peers_heads_reveal_a_split_view(tmp_path):
+    """The coordinator shows one node one history and another node another: each node's
+    ledger checks out alone; their heads, compared, prove the fork."""
+    from crowdsft.ledger import SignedHead
+    from crowdsft.node.state import NodeState
+
+    one, two, forked = ledgers()
+    with NodeState(tmp_path / "a.sqlite3") as a, NodeState(tmp_path / "b.sqlite3") as b:
+        assert run(a, [one, two]).ok and run(b, [one, forked]).ok
+        head_a = SignedHead.from_dict(a.ledger_head(COORD.public_key).as_dict())  # the file form
+        seen_by_b = run(b, [one, forked], peers=[head_a])
+        assert [p.kind for p in seen_by_b.problems] == ["fork"] and seen_by_b.peers_checked == 1
+        assert b.evidence(COORD.public_key)[0]["kind"] == "fork"
+        # a peer ahead of what this node was shown: reported, not taken as proof
+        ahead = run(a, [one], peers=[head_a])
+        assert {p.kind for p in ahead.problems} == {"rollback", "behind"}
+        # a forged head (not the coordinator's signature) is refused as a peer's word
+        forged = SignedHead(COORD.public_key, 2, forked.record, bytes(64))
+        assert [p.kind for p in run(a, [one, two], peers=[forged]).problems] == ["peer"]
+
+
+def test_head_check_known_answers():
+    """Known answers of the rule in docs/protocol.md 11.8, on fixed records."""
+    from crowdsft.ledger import SignedHead, check_head
+
+    one, two, forked = ledgers()
+    head = SignedHead.of(COORD.public_key, two)
+    assert check_head(head, [one, two]).kind == "consistent"
+    assert check_head(SignedHead.of(COORD.public_key, one), [one, two]).kind == "consistent"
+    assert check_head(head, [one]).kind == "rollback"
+    assert check_head(head, [one], own=False).kind == "behind"
+    found = check_head(head, [one, forked])
+    assert found.kind == "fork" and found.other == forked

@@ -121,3 +121,19 @@ def test_a_second_store_on_the_same_database_does_not_sweep(coord, identity):
     in_flight.write_bytes(b"written, its row not yet committed")
     Store(coord.config.db_path).close()  # the coordinator holds the lock: no sweep
     assert in_flight.is_file()
+
+
+def test_an_inline_payload_edited_in_the_database_is_caught_on_read(coord, identity):
+    """Before: a payload kept in the database itself was not checked against its id on read,
+    so an edit there was trained on (only payload files were checked)."""
+    small = sign_contribution(identity, [{"prompt": "p", "response": "r"}])
+    with coord.client() as c:
+        c.stub.SubmitContribution(small, timeout=10)
+    cid = contribution_id(small.payload)
+    edited = small.payload.replace(b"r", b"R")
+    conn = sqlite3.connect(coord.config.db_path)
+    with conn:
+        conn.execute("UPDATE contributions SET payload=? WHERE id=?", (edited, cid))
+    conn.close()
+    with pytest.raises(StoreError, match="changed in the database"):
+        queries.all_contributions(coord.coordinator.store)
