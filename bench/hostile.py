@@ -24,6 +24,7 @@ not the attacker's own CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -47,6 +48,12 @@ ATTACKS = (
     "bad-signatures",
     "register-flood",
     "control-characters",
+    "call-flood",
+    "nfkc-expansion",
+    "malformed-envelopes",
+    "reflection-flood",
+    "page-flood",
+    "slowloris",
 )
 
 
@@ -75,7 +82,9 @@ def _code(call, *args) -> str:
         return err.code().name
 
 
-def attack(name: str, target: str, seconds: float, count: int, seed: int = 0) -> dict:
+def attack(
+    name: str, target: str, seconds: float, count: int, seed: int = 0, http_target: str = ""
+) -> dict:
     """Run one attack; returns what the server answered, by status. ``seed`` varies the
     generated texts between repeats (else a repeat would only resend copies)."""
     import grpc
@@ -196,6 +205,124 @@ def attack(name: str, target: str, seconds: float, count: int, seed: int = 0) ->
                 ),
             )
             codes[_code(stub.RegisterNode, reg)] += 1
+    elif name == "call-flood":
+        # 300 connections x 8 calls from one address: unary calls that never send their
+        # message, and health watches, held open for the whole window
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        release = threading.Event()
+
+        def never():
+            release.wait(seconds + 5)
+            return
+            yield
+
+        channels = [
+            grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(300)
+        ]
+        calls = []
+        for k, ch in enumerate(channels):
+            for j in range(8):
+                if (k + j) % 2:
+                    unary = ch.stream_unary(
+                        "/crowdsft.v1.Coordinator/SubmitContribution",
+                        request_serializer=lambda m: m,
+                        response_deserializer=lambda b: b,
+                    )
+                    calls.append(unary.future(never(), timeout=seconds + 10))
+                else:
+                    calls.append(
+                        health_pb2_grpc.HealthStub(ch).Watch(
+                            health_pb2.HealthCheckRequest(), timeout=seconds + 10
+                        )
+                    )
+        time.sleep(seconds)
+        for c in calls:
+            codes[c.code().name if c.done() else "held open"] += 1
+        release.set()
+        for c in calls:
+            c.cancel()
+        for ch in channels:
+            ch.close()
+    elif name == "nfkc-expansion":
+        for i in until(count):  # ~224 KB of U+FDFA: 18 times longer under NFKC
+            examples = [{"prompt": f"p{i}.{k}", "response": "\ufdfa" * 10_000} for k in range(7)]
+            codes[_code(stub.SubmitContribution, sign_contribution(me, examples))] += 1
+    elif name == "malformed-envelopes":
+        raw = channel.unary_unary("/crowdsft.v1.Coordinator/SubmitContribution")
+        for _i in until(count):
+            try:
+                raw(b"\xff", timeout=30)
+                codes["OK"] += 1
+            except grpc.RpcError as err:
+                codes[err.code().name] += 1
+    elif name == "reflection-flood":
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        while time.monotonic() < deadline:
+            try:
+                for _ in reflect.ServerReflectionInfo(
+                    (ask for _ in until(count)), timeout=seconds + 5
+                ):
+                    codes["answered"] += 1
+            except grpc.RpcError as err:
+                codes[err.code().name] += 1
+    elif name == "page-flood":
+        import http.client
+
+        host, port = http_target.rsplit(":", 1)
+        lock = threading.Lock()
+
+        def pages() -> None:
+            for i in until(count):
+                conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=30)
+                try:
+                    conn.request("GET", "/" if i % 2 else "/api/leaderboard")
+                    status = str(conn.getresponse().status)
+                except OSError as exc:
+                    status = type(exc).__name__
+                finally:
+                    conn.close()
+                with lock:
+                    codes[f"HTTP {status}"] += 1
+
+        threads = [threading.Thread(target=pages) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    elif name == "slowloris":
+        import socket as sock_mod
+
+        host, port = http_target.rsplit(":", 1)
+        conns = []
+        for _ in until(3000):
+            try:
+                s = sock_mod.create_connection((host.strip("[]"), int(port)), timeout=2)
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+                s.setblocking(False)
+                conns.append(s)
+            except OSError as exc:
+                codes[f"connect {type(exc).__name__}"] += 1
+        codes["opened"] = len(conns)
+        while time.monotonic() < deadline:  # a header line every 2 s on each
+            time.sleep(2)
+            for s in conns:
+                with contextlib.suppress(OSError):
+                    s.send(b"X-a: b\r\n")
+        closed = 0
+        for s in conns:
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+            s.close()
+        codes["closed by the server"] = closed
     else:
         raise SystemExit(f"unknown attack {name!r}")
     channel.close()
@@ -256,6 +383,25 @@ class Honest(threading.Thread):
         return out
 
 
+def _register(config: Path, n: int) -> None:
+    """``n`` registered nodes written straight into the store (as after a registration
+    flood), so that the HTTP pages have many nodes to list."""
+    import sqlite3
+
+    from crowdsft.config import load_coordinator_config
+    from crowdsft.coordinator.store.db import Store
+
+    db = load_coordinator_config(config).db_path
+    Store(db).close()  # the schema
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.executemany(
+            "INSERT INTO nodes (node_id, public_key, registered_at_ms, points) VALUES (?,?,?,?)",
+            [(f"{i:032x}", i.to_bytes(32, "big"), 1, float(i % 97)) for i in range(n)],
+        )
+    conn.close()
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -300,10 +446,21 @@ def main() -> int:
     parser.add_argument("--attack", help=argparse.SUPPRESS)  # the attacker process
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--http", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--registrations",
+        type=int,
+        default=20_000,
+        help="nodes registered before the run (written into the store), for the HTTP attacks",
+    )
     args = parser.parse_args()
 
     if args.attack:
-        print(json.dumps(attack(args.attack, args.target, args.seconds, args.count, args.seed)))
+        print(
+            json.dumps(
+                attack(args.attack, args.target, args.seconds, args.count, args.seed, args.http)
+            )
+        )
         return 0
 
     from crowdsft.coordinator.server.app import wait_ready
@@ -315,12 +472,22 @@ def main() -> int:
     home_cores = set(cores[:-1]) if split else set(cores)
     os.sched_setaffinity(0, home_cores)  # this process (the honest node) and the coordinator
 
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::", 0))
-        port = s.getsockname()[1]
+    ports = []
+    for _ in range(2):
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+            ports.append(s.getsockname()[1])
+    port, http_port = ports
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         config = init_coordinator(Path(tmp) / "coordinator", listen=f"[::]:{port}")
+        # the live page and /api, with the leaderboard published (the costlier pages), for
+        # the HTTP attacks
+        text = config.read_text()
+        text = text.replace('listen = ""', f'listen = "0.0.0.0:{http_port}"', 1)
+        text = text.replace('publish = "aggregates"', 'publish = "nodes"', 1)
+        config.write_text(text)
+        _register(config, args.registrations)
         log = open(Path(tmp) / "coordinator.log", "wb")  # noqa: SIM115
         server = subprocess.Popen(
             [sys.executable, "-m", "crowdsft.cli", "coordinator", "serve", "--config", str(config)],
@@ -363,6 +530,8 @@ def main() -> int:
                             str(args.count),
                             "--seed",
                             str(rep),
+                            "--http",
+                            f"127.0.0.1:{http_port}",
                         ],
                         stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE,

@@ -13,7 +13,8 @@ its first moment:
 * a call whose request is a single message is served as a request stream that must deliver
   that message within ``server.first_message_s``; one that does not is ended then, instead
   of waiting for the connection to die;
-* reflection requests are metered per address (``server.reflection_per_s``).
+* reflection requests are paced per address (``server.reflection_per_s``): a client that
+  asks faster waits for its answers.
 
 On the wire nothing changes: a unary request is one message on an HTTP/2 stream, whichever
 way the server reads it.
@@ -126,11 +127,16 @@ class PeerCalls(grpc.aio.ServerInterceptor):
     def _metered(self, requests: AsyncIterator[Any], context: Any, host: str) -> AsyncIterator[Any]:
         async def gen() -> AsyncIterator[Any]:
             async for request in requests:
-                if self.reflection.take(host) > 0:
-                    await context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"peer {host} is over {self.reflection.rate:g} reflection requests/s",
-                    )
+                # Paced, not refused: a refused stream is reopened at once, and answering
+                # refusals as fast as a client asks costs more than making it wait.
+                while (wait := self.reflection.take(host)) > 0:
+                    if wait > 10:
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"peer {host} is over {self.reflection.rate:g} reflection "
+                            "requests/s",
+                        )
+                    await asyncio.sleep(wait)
                 yield request
 
         return gen()

@@ -122,8 +122,10 @@ class Guard:
         concurrent: int = 2,
         cache_s: float = 2.0,
         cache_entries: int = 256,
+        refusal_delay_s: float = 1.0,
     ) -> None:
         self.app = app
+        self.refusal_delay_s = refusal_delay_s
         self.buckets = Buckets(requests_per_s, burst)
         self.concurrent = concurrent
         self._turns: asyncio.Semaphore | None = None
@@ -140,6 +142,10 @@ class Guard:
         wait = self.buckets.take(str(client[0]))
         if wait > 0:
             self.refused += 1
+            # answered after a delay: a client that ignores Retry-After would otherwise be
+            # refused as fast as it asks (thousands a second, all on this process's CPU);
+            # held connections count against max_connections, past which new ones are closed
+            await asyncio.sleep(min(wait, self.refusal_delay_s))
             await _json(
                 send,
                 429,
