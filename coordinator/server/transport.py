@@ -133,8 +133,7 @@ class PeerCalls(grpc.aio.ServerInterceptor):
                     if wait > 10:
                         await context.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"peer {host} is over {self.reflection.rate:g} reflection "
-                            "requests/s",
+                            f"peer {host} is over {self.reflection.rate:g} reflection requests/s",
                         )
                     await asyncio.sleep(wait)
                 yield request
