@@ -97,6 +97,7 @@ def attack(
     channel, stub = _stub(target)
     codes: Counter[str] = Counter()
     me = Identity.generate()
+    key = stub.GetCoordinatorInfo(coordinator_pb2.GetCoordinatorInfoRequest()).public_key
     # Imports done: tell the bench the attack starts now (it measures from here on).
     print("ready", flush=True)
     deadline = time.monotonic() + seconds
@@ -129,13 +130,17 @@ def attack(
         for i in until(count):
             size = 100_000 if i % 2 else 15_000  # over the size limit, and under it
             env = sign_contribution(
-                me, [{"prompt": f"p{i}", "response": "e" + "\u0301\u0316" * size}]
+                me,
+                [{"prompt": f"p{i}", "response": "e" + "\u0301\u0316" * size}],
+                coordinator=key,
             )
             codes[_code(stub.SubmitContribution, env)] += 1
     elif name == "huge-envelopes":
         for _i in until(count):
             examples = [{"prompt": text(30_000), "response": text(30_000)} for _ in range(64)]
-            codes[_code(stub.SubmitContribution, sign_contribution(me, examples))] += 1
+            codes[
+                _code(stub.SubmitContribution, sign_contribution(me, examples, coordinator=key))
+            ] += 1
     elif name == "many-examples":
         payload = contribution_pb2.ContributionPayload(
             examples=[contribution_pb2.Example(prompt="a", response="b")] * 200_000,
@@ -144,13 +149,14 @@ def attack(
         )
         for _i in until(count):
             payload.nonce = new_nonce()
-            codes[_code(stub.SubmitContribution, sign_envelope(me, payload))] += 1
+            codes[_code(stub.SubmitContribution, sign_envelope(me, payload, key))] += 1
     elif name == "unknown-fields":
         for i in until(count):
             payload = contribution_pb2.ContributionPayload(
                 examples=[contribution_pb2.Example(prompt=f"q{i} {text(20)}", response="r")],
                 nonce=new_nonce(),
                 timestamp_ms=now_ms(),
+                coordinator_key=key,
             ).SerializeToString()
             junk = os.urandom(1 << 20)
             payload += b"\xa2\x06" + _varint(len(junk)) + junk  # field 100, bytes
@@ -167,7 +173,9 @@ def attack(
         def flood(ident: Identity) -> None:
             for i in until(count // len(keys)):
                 env = sign_contribution(
-                    ident, [{"prompt": f"{ident.node_id} {i} {text(8)}", "response": text(40)}]
+                    ident,
+                    [{"prompt": f"{ident.node_id} {i} {text(8)}", "response": text(40)}],
+                    coordinator=key,
                 )
                 code = _code(stub.SubmitContribution, env)
                 with lock:
@@ -179,7 +187,7 @@ def attack(
         for t in threads:
             t.join()
     elif name == "bad-signatures":
-        env = sign_contribution(me, [{"prompt": "forged", "response": "forged"}])
+        env = sign_contribution(me, [{"prompt": "forged", "response": "forged"}], coordinator=key)
         env.signature = bytes(64)
         for _i in until(count):
             codes[_code(stub.SubmitContribution, env)] += 1
@@ -187,11 +195,15 @@ def attack(
         for i in until(count):
             ident = me if i % 2 else Identity.generate()
             reg = sign_envelope(
-                ident, contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+                ident,
+                contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms()),
+                key,
             )
             codes["register " + _code(stub.RegisterNode, reg)] += 1
             status = sign_envelope(
-                me, contribution_pb2.StatusRequestPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+                me,
+                contribution_pb2.StatusRequestPayload(nonce=new_nonce(), timestamp_ms=now_ms()),
+                key,
             )
             codes["status " + _code(stub.GetNodeStatus, status)] += 1
     elif name == "control-characters":
@@ -203,6 +215,7 @@ def attack(
                     timestamp_ms=now_ms(),
                     display_name=f"eve{i}\n12:00:00 INFO forged line\x1b[2J",
                 ),
+                key,
             )
             codes[_code(stub.RegisterNode, reg)] += 1
     elif name == "call-flood":
@@ -248,7 +261,9 @@ def attack(
     elif name == "nfkc-expansion":
         for i in until(count):  # ~224 KB of U+FDFA: 18 times longer under NFKC
             examples = [{"prompt": f"p{i}.{k}", "response": "\ufdfa" * 10_000} for k in range(7)]
-            codes[_code(stub.SubmitContribution, sign_contribution(me, examples))] += 1
+            codes[
+                _code(stub.SubmitContribution, sign_contribution(me, examples, coordinator=key))
+            ] += 1
     elif name == "malformed-envelopes":
         raw = channel.unary_unary("/crowdsft.v1.Coordinator/SubmitContribution")
         for _i in until(count):
@@ -371,7 +386,11 @@ class Honest(threading.Thread):
             ]
             t = time.perf_counter()
             try:
-                receipt, _ = self.client.submit_one(sign_contribution(self.identity, examples))
+                receipt, _ = self.client.submit_one(
+                    sign_contribution(
+                        self.identity, examples, coordinator=self.client.coordinator_key
+                    )
+                )
                 ok = bool(receipt.receipt)
             except Exception:
                 ok = False

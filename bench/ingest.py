@@ -24,7 +24,7 @@ from pathlib import Path
 ECHO_METHOD = "/bench.Echo/Stream"
 
 
-def _payloads(n: int, seed: int):
+def _payloads(n: int, seed: int, coordinator: bytes):
     from crowdsft.envelope import sign_contribution
     from crowdsft.keys import Identity
 
@@ -41,6 +41,7 @@ def _payloads(n: int, seed: int):
                     "change is small and cheap.",
                 }
             ],
+            coordinator=coordinator,
         )
         for i in range(n)
     ]
@@ -49,11 +50,16 @@ def _payloads(n: int, seed: int):
 def _client(kind: str, address: str, n: int, seed: int, barrier, results) -> None:
     import grpc
 
-    from crowdsft.v1 import coordinator_pb2_grpc
+    from crowdsft.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-    envs = _payloads(n, seed)
     channel = grpc.insecure_channel(address)
     grpc.channel_ready_future(channel).result(timeout=30)
+    if kind == "coordinator":  # the payloads name the coordinator they are for
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        key = stub.GetCoordinatorInfo(coordinator_pb2.GetCoordinatorInfoRequest()).public_key
+    else:
+        key = bytes(32)  # the echo server reads nothing
+    envs = _payloads(n, seed, key)
     if kind == "coordinator":
         call = coordinator_pb2_grpc.CoordinatorStub(channel).SubmitContributions
         requests = envs

@@ -53,8 +53,14 @@ def new_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)
 
 
-def sign_envelope(identity: Identity, payload: Message) -> envelope_pb2.SignedEnvelope:
-    """Serialise ``payload`` once and sign those bytes under the payload type's domain tag."""
+def sign_envelope(
+    identity: Identity, payload: Message, coordinator: bytes | None = None
+) -> envelope_pb2.SignedEnvelope:
+    """Serialise ``payload`` once and sign those bytes under the payload type's domain tag.
+    ``coordinator``: the public key of the coordinator the payload is for, written into its
+    ``coordinator_key`` field first (every node-signed payload has one; §4.4)."""
+    if coordinator is not None:
+        payload.coordinator_key = coordinator  # type: ignore[attr-defined]
     data = payload.SerializeToString()
     return envelope_pb2.SignedEnvelope(
         payload=data,
@@ -67,11 +73,14 @@ def sign_contribution(
     identity: Identity,
     examples: Sequence[Mapping[str, Any]],
     metadata: contribution_pb2.ContributionMetadata | None = None,
+    *,
+    coordinator: bytes,
 ) -> envelope_pb2.SignedEnvelope:
     """A signed contribution of ``examples`` (dicts with ``prompt``, ``response`` and
     optionally ``system`` and ``history``, a conversation's earlier turns as ``{"user",
     "assistant"}`` dicts), with a fresh nonce and the current time: the one way every sender
-    (the node, the demo, the load test, the crash harness, the benchmarks) builds one."""
+    (the node, the demo, the load test, the crash harness, the benchmarks) builds one.
+    ``coordinator``: the public key of the coordinator it is for; no other accepts it."""
     from crowdsft.validation import examples_to_proto
 
     payload = contribution_pb2.ContributionPayload(
@@ -79,7 +88,27 @@ def sign_contribution(
     )
     if metadata is not None:
         payload.metadata.CopyFrom(metadata)
-    return sign_envelope(identity, payload)
+    return sign_envelope(identity, payload, coordinator)
+
+
+def check_addressed(payload: Message, coordinator_key: bytes) -> None:
+    """Raise InvalidPayloadError unless ``payload`` names ``coordinator_key`` as the
+    coordinator it is for (§4.4): a node's signed payload for one coordinator must not be
+    accepted by another, which would otherwise store it, and pay for it, on its behalf."""
+    named = bytes(payload.coordinator_key)  # type: ignore[attr-defined]
+    kind = payload.DESCRIPTOR.full_name
+    if not named:
+        raise InvalidPayloadError(
+            f"the {kind} names no coordinator (coordinator_key is empty): that is the form "
+            "before payloads were bound to one coordinator, which any coordinator could be "
+            "sent; sign it again with a current node (docs/protocol.md section 4.4)"
+        )
+    if named != coordinator_key:
+        raise InvalidPayloadError(
+            f"the {kind} is for coordinator {named.hex()[:16]}…, not this one "
+            f"({coordinator_key.hex()[:16]}…): a payload signed for one coordinator is refused "
+            "by every other"
+        )
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class CoordinatorClient:
         """``tls``: connect over TLS, verifying the coordinator's certificate (None: plaintext,
         for loopback and trusted networks only)."""
         self.address = address
+        self._coordinator_key: bytes | None = None
         self.tls = tls
         self.timeout = timeout
         self.backoff = backoff or Backoff()
@@ -144,6 +145,14 @@ class CoordinatorClient:
             ),
         )
 
+    @property
+    def coordinator_key(self) -> bytes:
+        """The coordinator's public key (asked once): every payload this node signs for it
+        names it, and no other coordinator accepts them."""
+        if self._coordinator_key is None:
+            self._coordinator_key = bytes(self.info().public_key)
+        return self._coordinator_key
+
     def register(
         self, identity: Identity, display_name: str = "", invite_token: str = ""
     ) -> coordinator_pb2.RegisterNodeResponse:
@@ -159,6 +168,7 @@ class CoordinatorClient:
                     display_name=display_name,
                     invite_token=invite_token,
                 ),
+                self.coordinator_key,
             )
             return self.stub.RegisterNode(env, timeout=self.timeout)
 
@@ -169,6 +179,7 @@ class CoordinatorClient:
             env = sign_envelope(
                 identity,
                 contribution_pb2.StatusRequestPayload(nonce=new_nonce(), timestamp_ms=now_ms()),
+                self.coordinator_key,
             )
             return self.stub.GetNodeStatus(env, timeout=self.timeout)
 

@@ -94,9 +94,16 @@ def _source(records: Sequence[Record], name: str) -> str:
 
 
 def _sign(
-    identity: Identity, records: Sequence[Record], metadata: Metadata, key: bytes, source: str
+    identity: Identity,
+    records: Sequence[Record],
+    metadata: Metadata,
+    key: bytes,
+    source: str,
+    coordinator: bytes,
 ) -> Submission:
-    env = sign_contribution(identity, [r.as_dict() for r in records], metadata.to_proto())
+    env = sign_contribution(
+        identity, [r.as_dict() for r in records], metadata.to_proto(), coordinator=coordinator
+    )
     return Submission(
         chunk_key=key,
         contribution_id=contribution_id(env.payload),
@@ -105,6 +112,16 @@ def _sign(
         example_count=len(records),
         source=source,
     )
+
+
+def _addressed_to(payload: bytes, coordinator: bytes) -> bool:
+    """Whether a stored, signed payload names ``coordinator`` (§4.4)."""
+    try:
+        return contribution_pb2.ContributionPayload.FromString(payload).coordinator_key == (
+            coordinator
+        )
+    except Exception:
+        return False
 
 
 def limits_of(info: coordinator_pb2.CoordinatorInfo) -> Limits:
@@ -172,8 +189,10 @@ def upload(
             if progress:
                 progress(1)
             continue
+        if known is not None and not _addressed_to(known.payload, coord_key):
+            known = None  # signed before payloads named their coordinator: sign it again
         if known is None:
-            known = _sign(identity, chunk, metadata, key, source)
+            known = _sign(identity, chunk, metadata, key, source, coord_key)
             fresh.append(known)
         todo[key] = known
     state.put_pending_many(coord_key, fresh)  # durable before anything is sent
@@ -210,7 +229,7 @@ def upload(
                     # fresh signature over a new nonce and time is safe.
                     resigned[sub.chunk_key] = resigned.get(sub.chunk_key, 0) + 1
                     chunk, source = chunks[sub.chunk_key]
-                    new = _sign(identity, chunk, metadata, sub.chunk_key, source)
+                    new = _sign(identity, chunk, metadata, sub.chunk_key, source, coord_key)
                     state.put_pending(coord_key, new)
                     todo[sub.chunk_key] = new
                 elif result.code in TRANSIENT_CODES:

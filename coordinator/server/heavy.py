@@ -46,6 +46,7 @@ class Inspection:
     n_examples: int = 0
     nonce: bytes = b""
     timestamp_ms: int = 0
+    coordinator_key: bytes = b""
 
 
 def inspect(envelope_bytes: bytes, limits: Limits) -> Inspection:
@@ -78,6 +79,7 @@ def inspect(envelope_bytes: bytes, limits: Limits) -> Inspection:
         n_examples=len(payload.examples),
         nonce=payload.nonce,
         timestamp_ms=payload.timestamp_ms,
+        coordinator_key=payload.coordinator_key,
     )
 
 

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from crowdsft.config import CoordinatorConfig
-from crowdsft.envelope import Verified, contribution_id, now_ms, sign_receipt, verify_envelope
+from crowdsft.envelope import (
+    Verified,
+    check_addressed,
+    contribution_id,
+    now_ms,
+    sign_receipt,
+    verify_envelope,
+)
 from crowdsft.errors import (
     AuthenticationError,
     DuplicateContributionError,
@@ -127,6 +134,7 @@ class Ingest:
         unknown = structure_problems(payload)
         if unknown:
             raise InvalidPayloadError(summarise(unknown))
+        check_addressed(payload, self.public_key)
         checked = check_payload(payload, self.limits)
         if checked.problems:
             raise InvalidPayloadError(summarise(checked.problems))
@@ -165,6 +173,10 @@ class Ingest:
         self._before_parsing_budget(claimed, len(envelope.payload))
         if found.problem:
             raise InvalidPayloadError(found.message)
+        check_addressed(
+            contribution_pb2.ContributionPayload(coordinator_key=found.coordinator_key),
+            self.public_key,
+        )
         verified = Verified(
             node_id=claimed,
             public_key=pk,

@@ -15,7 +15,7 @@ from typing import Any
 
 from crowdsft import PROTOCOL, __version__
 from crowdsft.config import CoordinatorConfig
-from crowdsft.envelope import now_ms, verify_envelope
+from crowdsft.envelope import check_addressed, now_ms, verify_envelope
 from crowdsft.errors import AuthenticationError, InvalidPayloadError, ReplayError
 from crowdsft.keys import Identity
 from crowdsft.ledger import LedgerEntry
@@ -124,6 +124,7 @@ class CoordinatorService:
         unknown = unknown_fields(payload)
         if unknown:
             raise InvalidPayloadError(summarise(unknown))
+        check_addressed(payload, self.identity.public_key)
         self._check_nonce_shape(payload.nonce)
         self._check_time(payload.timestamp_ms, now_ms())
         return verified, payload

@@ -143,7 +143,9 @@ def _submit_direct(crowd: list[Contributor], coord: Any, seed: int) -> dict[str,
         ident = seeded_identity(seed, c.name)
         names[ident.node_id] = c.name
         for ex in c.examples:
-            coord.service.submit(sign_contribution(ident, [ex]))
+            coord.service.submit(
+                sign_contribution(ident, [ex], coordinator=coord.identity.public_key)
+            )
     return names
 
 

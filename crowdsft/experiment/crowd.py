@@ -458,7 +458,11 @@ class CrowdExperiment:
                         ident = seeded_identity(derived_seed(*tag, "keys"), m.name)
                         names[ident.node_id] = m.name
                         for ex in m.examples:
-                            coord.service.submit(sign_contribution(ident, [ex]))
+                            coord.service.submit(
+                                sign_contribution(
+                                    ident, [ex], coordinator=coord.identity.public_key
+                                )
+                            )
                 honest = {n for n, name in names.items() if name.startswith("honest-")}
                 e = config.evaluation
                 space = LLMSpace(

@@ -294,7 +294,7 @@ class Node(threading.Thread):
                         }
                         for j in range(3)
                     ]
-                env = sign_contribution(self.identity, examples)
+                env = sign_contribution(self.identity, examples, coordinator=client.coordinator_key)
                 # Retried through crashes until a receipt (or a duplicate's original) comes.
                 self.in_flight = True
                 receipt, _ = client.submit_one(env)

@@ -21,6 +21,7 @@ import numpy as np
 
 from crowdsft.envelope import contribution_id, sign_contribution
 from crowdsft.keys import Identity
+from crowdsft.node.client import CoordinatorClient
 from crowdsft.v1 import coordinator_pb2_grpc, envelope_pb2
 
 # Bulk load from this machine's one address: the per-node and per-address limits out of the
@@ -94,7 +95,9 @@ class LoadResult:
         }
 
 
-def _envelopes(identity: Identity, n: int, tag: str) -> list[envelope_pb2.SignedEnvelope]:
+def _envelopes(
+    identity: Identity, n: int, tag: str, coordinator: bytes
+) -> list[envelope_pb2.SignedEnvelope]:
     return [
         sign_contribution(
             identity,
@@ -106,6 +109,7 @@ def _envelopes(identity: Identity, n: int, tag: str) -> list[envelope_pb2.Signed
                     "towards responses like this one, a little per step.",
                 }
             ],
+            coordinator=coordinator,
         )
         for i in range(n)
     ]
@@ -122,7 +126,9 @@ def run_load(
     """``window``: contributions a node keeps in flight at most (0: no limit, the whole batch
     is pushed at once and latency becomes mostly time spent queued behind it)."""
     identities = [Identity.generate() for _ in range(nodes)]
-    batches = [_envelopes(ident, per_node, tag) for ident in identities]
+    with CoordinatorClient(address, timeout=30) as info_client:
+        key = info_client.coordinator_key
+    batches = [_envelopes(ident, per_node, tag, key) for ident in identities]
     sent_at: list[dict[int, float]] = [{} for _ in range(nodes)]
     latencies: list[list[float]] = [[] for _ in range(nodes)]
     codes: list[dict[int, int]] = [{} for _ in range(nodes)]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63rowdsft/v1/contribution.proto\x12\x0b\x63rowdsft.v1\"o\n\x07\x45xample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\"\n\x07history\x18\x04 \x03(\x0b\x32\x11.crowdsft.v1.TurnB\t\n\x07_system\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"\xa6\x01\n\x14\x43ontributionMetadata\x12\x0f\n\x07license\x18\x01 \x01(\t\x12\x0f\n\x07\x63onsent\x18\x02 \x01(\x08\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.crowdsft.v1.ContributionMetadata.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x13\x43ontributionPayload\x12&\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x14.crowdsft.v1.Example\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x33\n\x08metadata\x18\x04 \x01(\x0b\x32!.crowdsft.v1.ContributionMetadata\"b\n\x0fRegisterPayload\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x14\n\x0cinvite_token\x18\x04 \x01(\t\";\n\x14StatusRequestPayload\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63rowdsft/v1/contribution.proto\x12\x0b\x63rowdsft.v1\"o\n\x07\x45xample\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\x12\x13\n\x06system\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\"\n\x07history\x18\x04 \x03(\x0b\x32\x11.crowdsft.v1.TurnB\t\n\x07_system\"\'\n\x04Turn\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\"\xa6\x01\n\x14\x43ontributionMetadata\x12\x0f\n\x07license\x18\x01 \x01(\t\x12\x0f\n\x07\x63onsent\x18\x02 \x01(\x08\x12=\n\x06labels\x18\x03 \x03(\x0b\x32-.crowdsft.v1.ContributionMetadata.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb0\x01\n\x13\x43ontributionPayload\x12&\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x14.crowdsft.v1.Example\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x33\n\x08metadata\x18\x04 \x01(\x0b\x32!.crowdsft.v1.ContributionMetadata\x12\x17\n\x0f\x63oordinator_key\x18\x05 \x01(\x0c\"{\n\x0fRegisterPayload\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x14\n\x0cinvite_token\x18\x04 \x01(\t\x12\x17\n\x0f\x63oordinator_key\x18\x05 \x01(\x0c\"T\n\x14StatusRequestPayload\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\x17\n\x0f\x63oordinator_key\x18\x03 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTRIBUTIONMETADATA_LABELSENTRY']._serialized_start=323
   _globals['_CONTRIBUTIONMETADATA_LABELSENTRY']._serialized_end=368
   _globals['_CONTRIBUTIONPAYLOAD']._serialized_start=371
-  _globals['_CONTRIBUTIONPAYLOAD']._serialized_end=522
-  _globals['_REGISTERPAYLOAD']._serialized_start=524
-  _globals['_REGISTERPAYLOAD']._serialized_end=622
-  _globals['_STATUSREQUESTPAYLOAD']._serialized_start=624
-  _globals['_STATUSREQUESTPAYLOAD']._serialized_end=683
+  _globals['_CONTRIBUTIONPAYLOAD']._serialized_end=547
+  _globals['_REGISTERPAYLOAD']._serialized_start=549
+  _globals['_REGISTERPAYLOAD']._serialized_end=672
+  _globals['_STATUSREQUESTPAYLOAD']._serialized_start=674
+  _globals['_STATUSREQUESTPAYLOAD']._serialized_end=758
 # @@protoc_insertion_point(module_scope)

@@ -44,33 +44,39 @@ class ContributionMetadata(_message.Message):
     def __init__(self, license: _Optional[str] = ..., consent: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ContributionPayload(_message.Message):
-    __slots__ = ("examples", "nonce", "timestamp_ms", "metadata")
+    __slots__ = ("examples", "nonce", "timestamp_ms", "metadata", "coordinator_key")
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
     examples: _containers.RepeatedCompositeFieldContainer[Example]
     nonce: bytes
     timestamp_ms: int
     metadata: ContributionMetadata
-    def __init__(self, examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., nonce: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., metadata: _Optional[_Union[ContributionMetadata, _Mapping]] = ...) -> None: ...
+    coordinator_key: bytes
+    def __init__(self, examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., nonce: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., metadata: _Optional[_Union[ContributionMetadata, _Mapping]] = ..., coordinator_key: _Optional[bytes] = ...) -> None: ...
 
 class RegisterPayload(_message.Message):
-    __slots__ = ("nonce", "timestamp_ms", "display_name", "invite_token")
+    __slots__ = ("nonce", "timestamp_ms", "display_name", "invite_token", "coordinator_key")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     INVITE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     timestamp_ms: int
     display_name: str
     invite_token: str
-    def __init__(self, nonce: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., invite_token: _Optional[str] = ...) -> None: ...
+    coordinator_key: bytes
+    def __init__(self, nonce: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., display_name: _Optional[str] = ..., invite_token: _Optional[str] = ..., coordinator_key: _Optional[bytes] = ...) -> None: ...
 
 class StatusRequestPayload(_message.Message):
-    __slots__ = ("nonce", "timestamp_ms")
+    __slots__ = ("nonce", "timestamp_ms", "coordinator_key")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_KEY_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     timestamp_ms: int
-    def __init__(self, nonce: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+    coordinator_key: bytes
+    def __init__(self, nonce: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., coordinator_key: _Optional[bytes] = ...) -> None: ...

@@ -97,8 +97,10 @@ def build(name: str) -> Message:
         msg.metadata.license = meta["license"]
         msg.metadata.consent = meta["consent"]
         msg.metadata.labels.update(meta["labels"])
+        msg.coordinator_key = bytes.fromhex(fields["coordinator_key"])
         return msg
-    return SIGNED[name](**{k: bytes.fromhex(v) if k == "nonce" else v for k, v in fields.items()})
+    hexed = ("nonce", "coordinator_key")
+    return SIGNED[name](**{k: bytes.fromhex(v) if k in hexed else v for k, v in fields.items()})
 
 
 # -- keys and node ids ---------------------------------------------------------------------------

@@ -88,7 +88,11 @@ def test_every_rules_points_replayed_from_the_ledger_are_the_coordinators(make_c
                 for j in range(2):
                     words = " ".join(["word"] * (2 + 4 * k + j))
                     c.submit_one(
-                        sign_contribution(ident, [{"prompt": f"q{k}.{j}", "response": words}])
+                        sign_contribution(
+                            ident,
+                            [{"prompt": f"q{k}.{j}", "response": words}],
+                            coordinator=coord.public_key,
+                        )
                     )
         runner = RoundRunner(
             coord.config, coord.coordinator.store, StandInSpace(coord.config.adapter_dir)

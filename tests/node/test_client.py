@@ -112,7 +112,9 @@ def test_backoff_is_capped_jittered_exponential():
 
 
 def test_submitting_twice_returns_the_original_receipt(coord, identity):
-    env = sign_contribution(identity, [{"prompt": "p", "response": "r"}])
+    env = sign_contribution(
+        identity, [{"prompt": "p", "response": "r"}], coordinator=coord.public_key
+    )
     with coord.client() as client:
         first, dup1 = client.submit_one(env)
         again, dup2 = client.submit_one(env)

@@ -47,7 +47,9 @@ def test_an_interrupted_upload_resends_the_same_signed_bytes(coord, identity):
         # Sign and keep everything, as upload does before it sends, then "crash".
         coord_key = client.info().public_key
         signed = [
-            submit_module._sign(identity, [r], Metadata(), chunk_key([r], Metadata()), "f")
+            submit_module._sign(
+                identity, [r], Metadata(), chunk_key([r], Metadata()), "f", coord_key
+            )
             for r in recs
         ]
         state.put_pending_many(coord_key, signed)
@@ -64,7 +66,9 @@ def test_a_stale_signature_is_signed_again_and_accepted(coord, identity, monkeyp
     with coord.client() as client, NodeState.for_node(identity.node_id) as state:
         coord_key = client.info().public_key
         monkeypatch.setattr("crowdsft.envelope.now_ms", lambda: long_ago)
-        stale = submit_module._sign(identity, recs, Metadata(), chunk_key(recs, Metadata()), "f")
+        stale = submit_module._sign(
+            identity, recs, Metadata(), chunk_key(recs, Metadata()), "f", coord_key
+        )
         monkeypatch.undo()
         state.put_pending(coord_key, stale)
         report = upload(client, identity, state, recs)

@@ -230,6 +230,7 @@ def test_validate_contribution_hook_rejects_at_the_coordinator(coord, identity):
                         nonce=new_nonce(),
                         timestamp_ms=now_ms(),
                     ),
+                    coord.public_key,
                 )
 
             c.stub.SubmitContribution(env("fine"), timeout=10)

@@ -38,6 +38,7 @@ def test_fifty_nodes_while_a_round_runs(make_coordinator):
                         nonce=new_nonce(),
                         timestamp_ms=now_ms(),
                     ),
+                    coord.public_key,
                 ),
                 timeout=10,
             )

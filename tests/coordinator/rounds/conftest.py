@@ -43,7 +43,13 @@ def data_coordinator(make_coordinator):
         with coord.client() as c:
             for ident, answer in zip(IDENTITIES, ANSWERS, strict=True):
                 for prompt in ("say it", "again?"):
-                    c.submit_one(sign_contribution(ident, [{"prompt": prompt, "response": answer}]))
+                    c.submit_one(
+                        sign_contribution(
+                            ident,
+                            [{"prompt": prompt, "response": answer}],
+                            coordinator=coord.public_key,
+                        )
+                    )
         return coord
 
     return make

@@ -17,6 +17,7 @@ def _submit(coord, identity, n):
                     nonce=new_nonce(),
                     timestamp_ms=now_ms(),
                 ),
+                coord.public_key,
             )
         )
 

@@ -22,7 +22,7 @@ from crowdsft.v1 import contribution_pb2
 RECEIPT_TRAILER = "crowdsft-receipt-bin"
 
 
-def envelope(identity: Identity, *pairs: tuple[str, str]):
+def envelope(identity: Identity, *pairs: tuple[str, str], coordinator: bytes):
     return sign_envelope(
         identity,
         contribution_pb2.ContributionPayload(
@@ -30,6 +30,7 @@ def envelope(identity: Identity, *pairs: tuple[str, str]):
             nonce=new_nonce(),
             timestamp_ms=now_ms(),
         ),
+        coordinator,
     )
 
 
@@ -42,30 +43,47 @@ def rejected(stub, env) -> grpc.RpcError:
 def test_exact_duplicates_are_rejected_and_the_first_keeps_them(coord):
     alice, bob = Identity.generate(), Identity.generate()
     with coord.client() as c:
-        first = envelope(alice, ("What is tea?", "A drink made from leaves."))
+        first = envelope(
+            alice, ("What is tea?", "A drink made from leaves."), coordinator=coord.public_key
+        )
         c.stub.SubmitContribution(first, timeout=5)
         before = coord.counts()
         for copy in (
             ("What is tea?", "A drink made from leaves."),
             ("what  is TEA?", "a drink made   from leaves."),  # case and spaces only
         ):
-            err = rejected(c.stub, envelope(bob, ("Fresh question", "fresh answer"), copy))
+            err = rejected(
+                c.stub,
+                envelope(
+                    bob, ("Fresh question", "fresh answer"), copy, coordinator=coord.public_key
+                ),
+            )
             assert err.code() == grpc.StatusCode.ALREADY_EXISTS
             assert "examples[1] duplicates an example already stored" in err.details()
             assert "another node" in err.details()
             assert not any(k == RECEIPT_TRAILER for k, _ in err.trailing_metadata() or ())
-        err = rejected(c.stub, envelope(alice, ("What is tea?", "A drink made from leaves.")))
+        err = rejected(
+            c.stub,
+            envelope(
+                alice, ("What is tea?", "A drink made from leaves."), coordinator=coord.public_key
+            ),
+        )
         assert "this node" in err.details()
         assert coord.counts()["contributions"] == before["contributions"]
         # The same contribution again is a retry, not a copy: its original receipt comes back.
         err = rejected(c.stub, first)
         assert any(k == RECEIPT_TRAILER for k, _ in err.trailing_metadata())
         # Repeats inside one contribution are a malformed contribution.
-        err = rejected(c.stub, envelope(bob, ("q", "same"), ("Q", "SAME")))
+        err = rejected(
+            c.stub, envelope(bob, ("q", "same"), ("Q", "SAME"), coordinator=coord.public_key)
+        )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "examples[1] repeats examples[0]" in err.details()
         # The bob examples that were not copies are still welcome on their own.
-        c.stub.SubmitContribution(envelope(bob, ("Fresh question", "fresh answer")), timeout=5)
+        c.stub.SubmitContribution(
+            envelope(bob, ("Fresh question", "fresh answer"), coordinator=coord.public_key),
+            timeout=5,
+        )
     assert coord.counts()["contributions"] == 2
 
 
@@ -118,11 +136,16 @@ def test_a_near_copier_gains_nothing(make_coordinator):
     with coord.client() as c:
         for ident in honest:
             for pair in originals[ident.node_id]:
-                c.stub.SubmitContribution(envelope(ident, pair), timeout=5)
+                c.stub.SubmitContribution(
+                    envelope(ident, pair, coordinator=coord.public_key), timeout=5
+                )
         # The copier takes the best contributor's data and changes a character in each.
         copier_receipts = [
             c.stub.SubmitContribution(
-                envelope(copier, (p, r.replace("Because", "Becuase", 1))), timeout=5
+                envelope(
+                    copier, (p, r.replace("Because", "Becuase", 1)), coordinator=coord.public_key
+                ),
+                timeout=5,
             ).receipt
             for p, r in originals[honest[3].node_id]
         ]
@@ -159,7 +182,8 @@ def test_near_duplicate_detection_can_be_turned_off(make_coordinator):
     with coord.client() as c:
         for n, ident in enumerate(ids):
             c.stub.SubmitContribution(
-                envelope(ident, ("same question", f"same answer{n}")), timeout=5
+                envelope(ident, ("same question", f"same answer{n}"), coordinator=coord.public_key),
+                timeout=5,
             )
     RoundRunner(coord.config, coord.coordinator.store, StandInSpace(coord.config.adapter_dir)).run()
     assert coord.coordinator.store.query("SELECT COUNT(*) FROM flagged")[0][0] == 0
@@ -168,11 +192,15 @@ def test_near_duplicate_detection_can_be_turned_off(make_coordinator):
 def test_examples_stored_before_copy_checks_are_fingerprinted_at_start(coord):
     alice, bob = Identity.generate(), Identity.generate()
     with coord.client() as c:
-        c.stub.SubmitContribution(envelope(alice, ("old question", "old answer")), timeout=5)
+        c.stub.SubmitContribution(
+            envelope(alice, ("old question", "old answer"), coordinator=coord.public_key), timeout=5
+        )
     coord.coordinator.store.write(lambda conn: conn.execute("DELETE FROM examples"))
     coord.restart()
     with coord.client() as c:
-        err = rejected(c.stub, envelope(bob, ("old question", "old answer")))
+        err = rejected(
+            c.stub, envelope(bob, ("old question", "old answer"), coordinator=coord.public_key)
+        )
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
 
 

@@ -54,6 +54,7 @@ def submit_all(coord):
                         nonce=new_nonce(),
                         timestamp_ms=now_ms(),
                     ),
+                    coord.public_key,
                 )
                 c.stub.SubmitContribution(env, timeout=10)
 

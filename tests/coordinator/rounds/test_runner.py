@@ -30,7 +30,9 @@ def fill(coord, batch: int) -> None:
                 words = " ".join(["word"] * (2 + 3 * k + j))
                 c.submit_one(
                     sign_contribution(
-                        ident, [{"prompt": f"{ident.node_id} {batch}.{j}", "response": words}]
+                        ident,
+                        [{"prompt": f"{ident.node_id} {batch}.{j}", "response": words}],
+                        coordinator=coord.public_key,
                     )
                 )
 
@@ -160,7 +162,7 @@ def test_a_round_trains_each_node_on_the_same_data_whatever_order_it_arrived_in(
             for ident in NODES:
                 examples = [{"prompt": f"q{j}", "response": f"{ident.node_id} {j}"} for j in order]
                 for ex in examples:
-                    c.submit_one(sign_contribution(ident, [ex]))
+                    c.submit_one(sign_contribution(ident, [ex], coordinator=coord.public_key))
         set_data = runner.space.set_data
         runner.space.set_data = lambda data: (seen.append(data), set_data(data))
         runner.run()

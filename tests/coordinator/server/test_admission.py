@@ -19,7 +19,7 @@ from crowdsft.plugins.manager import get_plugins
 from crowdsft.v1 import contribution_pb2
 
 
-def contribution(identity: Identity, text: str):
+def contribution(identity: Identity, text: str, coordinator: bytes):
     return sign_envelope(
         identity,
         contribution_pb2.ContributionPayload(
@@ -27,6 +27,7 @@ def contribution(identity: Identity, text: str):
             nonce=new_nonce(),
             timestamp_ms=now_ms(),
         ),
+        coordinator,
     )
 
 
@@ -49,7 +50,9 @@ def test_invited_nodes_only(make_coordinator):
     alice, bob, carol = (Identity.generate() for _ in range(3))
     with coord.client() as c:
         with pytest.raises(grpc.RpcError) as err:
-            c.stub.SubmitContribution(contribution(alice, "hello"), timeout=5)
+            c.stub.SubmitContribution(
+                contribution(alice, "hello", coordinator=coord.public_key), timeout=5
+            )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "--invite" in err.value.details()
         with pytest.raises(CoordinatorError, match="admits by invitation"):
@@ -61,7 +64,9 @@ def test_invited_nodes_only(make_coordinator):
         first, second = invite(coord, "--count", "2", "--note", "workshop")
         assert first != second and first.startswith("csft-")
         assert c.register(alice, "alice", first).newly_registered
-        c.stub.SubmitContribution(contribution(alice, "hello"), timeout=5)
+        c.stub.SubmitContribution(
+            contribution(alice, "hello", coordinator=coord.public_key), timeout=5
+        )
         with pytest.raises(CoordinatorError, match="already been used"):
             c.register(bob, invite_token=first)
         assert not c.register(alice).newly_registered  # admitted once, admitted for good
@@ -122,9 +127,13 @@ def test_a_plugin_policy_by_name(make_coordinator):
         zero = next(i for i in iter(Identity.generate, None) if i.node_id.startswith("0"))
         other = next(i for i in iter(Identity.generate, None) if not i.node_id.startswith("0"))
         with coord.client() as c:
-            c.stub.SubmitContribution(contribution(other, "fine"), timeout=5)
+            c.stub.SubmitContribution(
+                contribution(other, "fine", coordinator=coord.public_key), timeout=5
+            )
             with pytest.raises(grpc.RpcError) as err:
-                c.stub.SubmitContribution(contribution(zero, "refused"), timeout=5)
+                c.stub.SubmitContribution(
+                    contribution(zero, "refused", coordinator=coord.public_key), timeout=5
+                )
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert coord.counts()["contributions"] == 1
     finally:

@@ -95,7 +95,9 @@ def signed(identity: Identity, payload: bytes, tag: bytes = CONTRIBUTION_TAG):
     )
 
 
-def valid(identity: Identity, n: int = 1, text: str = "x") -> envelope_pb2.SignedEnvelope:
+def valid(
+    identity: Identity, n: int = 1, text: str = "x", *, coordinator: bytes
+) -> envelope_pb2.SignedEnvelope:
     return sign_envelope(
         identity,
         contribution_pb2.ContributionPayload(
@@ -106,6 +108,7 @@ def valid(identity: Identity, n: int = 1, text: str = "x") -> envelope_pb2.Signe
             nonce=new_nonce(),
             timestamp_ms=now_ms(),
         ),
+        coordinator,
     )
 
 
@@ -134,7 +137,7 @@ MUTATIONS = st.sampled_from(
 )
 def test_mutated_envelopes(fuzz_coord, mutation, where, bit, extra):
     ident = IDENTITIES[where % 3]
-    env = valid(ident, 1 + where % 3)
+    env = valid(ident, 1 + where % 3, coordinator=fuzz_coord.public_key)
     p, s, k = bytearray(env.payload), bytearray(env.signature), bytearray(env.public_key)
     if mutation == "flip_payload":
         p[where % len(p)] ^= 1 << bit
@@ -217,7 +220,7 @@ def test_a_stream_of_junk_gets_one_answer_each(fuzz_coord):
     envs = []
     for i in range(400):
         if i % 4 == 0:
-            envs.append(valid(IDENTITIES[i % 3], 1, "stream"))
+            envs.append(valid(IDENTITIES[i % 3], 1, "stream", coordinator=fuzz_coord.public_key))
         else:
             envs.append(
                 envelope_pb2.SignedEnvelope(
@@ -263,7 +266,9 @@ def test_nothing_invalid_is_stored(fuzz_coord):
     """Valid and invalid envelopes side by side: exactly the valid ones are stored, and
     everything stored re-verifies."""
     before = check_store(fuzz_coord)
-    good = [valid(IDENTITIES[i % 3], 1, "final") for i in range(20)]
+    good = [
+        valid(IDENTITIES[i % 3], 1, "final", coordinator=fuzz_coord.public_key) for i in range(20)
+    ]
     for env in good:
         bad = envelope_pb2.SignedEnvelope()
         bad.CopyFrom(env)

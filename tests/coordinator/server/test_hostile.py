@@ -64,7 +64,9 @@ def test_idle_streams_do_not_stop_an_honest_submit(make_coordinator, identity):
     try:
         time.sleep(0.5)  # let them all open
         with coord.client(timeout=5) as c:
-            receipt, _ = c.submit_one(sign_contribution(identity, [example()]))
+            receipt, _ = c.submit_one(
+                sign_contribution(identity, [example()], coordinator=coord.public_key)
+            )
             assert receipt.receipt
             assert c.info().public_key == coord.public_key
         assert health(coord) == health_pb2.HealthCheckResponse.SERVING
@@ -129,7 +131,9 @@ def test_a_long_run_of_combining_marks_is_refused_before_any_normalisation(
     big = "e" + "\u0301\u0316" * 100_000  # 400 KB: over the size limit too
     with coord.client(timeout=10) as c:
         for text in (marks, big):
-            env = sign_contribution(identity, [{"prompt": "p", "response": text}])
+            env = sign_contribution(
+                identity, [{"prompt": "p", "response": text}], coordinator=coord.public_key
+            )
             with pytest.raises(grpc.RpcError) as err:
                 c.stub.SubmitContribution(env, timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -152,7 +156,9 @@ def test_error_messages_are_capped(coord, identity):
     with coord.client(timeout=10) as c:
         for payload in (many, empty):
             with pytest.raises(grpc.RpcError) as err:
-                c.stub.SubmitContribution(sign_envelope(identity, payload), timeout=10)
+                c.stub.SubmitContribution(
+                    sign_envelope(identity, payload, coord.public_key), timeout=10
+                )
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert len(err.value.details()) <= 1024
     assert "more problem" in err.value.details()
@@ -187,12 +193,20 @@ def test_a_node_has_a_byte_quota(make_coordinator, identity):
     with coord.client(timeout=5) as c:
         for _ in range(2):
             c.stub.SubmitContribution(
-                sign_contribution(identity, [{"prompt": new_nonce().hex(), "response": text}]),
+                sign_contribution(
+                    identity,
+                    [{"prompt": new_nonce().hex(), "response": text}],
+                    coordinator=coord.public_key,
+                ),
                 timeout=5,
             )
         with pytest.raises(grpc.RpcError) as err:
             c.stub.SubmitContribution(
-                sign_contribution(identity, [{"prompt": new_nonce().hex(), "response": text}]),
+                sign_contribution(
+                    identity,
+                    [{"prompt": new_nonce().hex(), "response": text}],
+                    coordinator=coord.public_key,
+                ),
                 timeout=5,
             )
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -206,7 +220,9 @@ def test_registration_and_status_calls_are_rate_limited(make_coordinator, identi
 
     def register():
         env = sign_envelope(
-            identity, contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+            identity,
+            contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms()),
+            coord.public_key,
         )
         return status_code(coord_stub(coord).RegisterNode, env, timeout=5)
 
@@ -224,14 +240,14 @@ def test_a_peer_sending_bad_signatures_is_slowed_down(make_coordinator, identity
         rate_limit={"peer_bad_signature_burst": 10, "peer_bad_signatures_per_s": 0.01}
     )
     stub = coord_stub(coord)
-    forged = sign_contribution(identity, [example()])
+    forged = sign_contribution(identity, [example()], coordinator=coord.public_key)
     forged.signature = bytes(64)
     codes = [status_code(stub.SubmitContribution, forged, timeout=5) for _ in range(12)]
     assert codes[:10] == [grpc.StatusCode.UNAUTHENTICATED] * 10
     assert set(codes[10:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     # Refused unverified now, honest envelopes from the same address included, until the
     # allowance refills (another address is not affected: bench/hostile.py shows it).
-    good = sign_contribution(identity, [example()])
+    good = sign_contribution(identity, [example()], coordinator=coord.public_key)
     assert (
         status_code(stub.SubmitContribution, good, timeout=5) == grpc.StatusCode.RESOURCE_EXHAUSTED
     )
@@ -241,7 +257,7 @@ def test_nonces_are_pruned_while_serving(make_coordinator, identity):
     """Before: nonces were pruned only when the coordinator started."""
     coord = make_coordinator(protocol={"timestamp_window_s": 1})
     with coord.client(timeout=5) as c:
-        c.submit_one(sign_contribution(identity, [example()]))
+        c.submit_one(sign_contribution(identity, [example()], coordinator=coord.public_key))
     assert coord.counts()["nonces"] == 1
     deadline = time.monotonic() + 15
     while coord.counts()["nonces"] and time.monotonic() < deadline:
@@ -260,7 +276,10 @@ def test_a_full_disk_answers_resource_exhausted_and_health_says_not_serving(coor
     filler = "x" * 30_000  # more than the free pages can hold
     with pytest.raises(grpc.RpcError) as err:
         stub.SubmitContribution(
-            sign_contribution(identity, [{"prompt": "p", "response": filler}]), timeout=10
+            sign_contribution(
+                identity, [{"prompt": "p", "response": filler}], coordinator=coord.public_key
+            ),
+            timeout=10,
         )
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "disk is full" in err.value.details()
@@ -270,7 +289,10 @@ def test_a_full_disk_answers_resource_exhausted_and_health_says_not_serving(coor
 
     store.write(lambda conn: conn.execute("PRAGMA max_page_count=1073741823"))
     stub.SubmitContribution(
-        sign_contribution(identity, [{"prompt": "p", "response": filler}]), timeout=10
+        sign_contribution(
+            identity, [{"prompt": "p", "response": filler}], coordinator=coord.public_key
+        ),
+        timeout=10,
     )
     assert health(coord) == health_pb2.HealthCheckResponse.SERVING
     assert coord.coordinator.service.counters.accepted == 1
@@ -284,6 +306,7 @@ def test_display_names_with_control_characters_are_refused_and_old_ones_escaped(
         contribution_pb2.RegisterPayload(
             nonce=new_nonce(), timestamp_ms=now_ms(), display_name="eve\n12:00 INFO fake"
         ),
+        coord.public_key,
     )
     assert status_code(stub.RegisterNode, env, timeout=5) == grpc.StatusCode.INVALID_ARGUMENT
     # A name stored before this rule is shown escaped by `coordinator stats`.
@@ -367,9 +390,15 @@ def test_a_caller_that_gives_up_cannot_break_the_store_writer(coord, identity):
     store.submit_with(lambda conn: None, boom)
     stub = coord_stub(coord)
     for _ in range(5):  # deadlines far too short to be met
-        status_code(stub.SubmitContribution, sign_contribution(identity, [example()]), timeout=1e-4)
+        status_code(
+            stub.SubmitContribution,
+            sign_contribution(identity, [example()], coordinator=coord.public_key),
+            timeout=1e-4,
+        )
     with coord.client(timeout=10) as c:
-        receipt, _ = c.submit_one(sign_contribution(identity, [example()]))
+        receipt, _ = c.submit_one(
+            sign_contribution(identity, [example()], coordinator=coord.public_key)
+        )
     assert receipt.receipt
 
 
@@ -491,10 +520,13 @@ def test_the_node_budget_can_be_looked_at_without_spending_it():
         limiter.check("n1", 10)
 
 
-def _envelopes(identity):
+def _envelopes(identity, coordinator: bytes = bytes(32)):
+    # the lane checks no coordinator (the serving process does): any key for lane-only tests
     """One of each: valid, bad signature, too many examples, unknown field, combining marks."""
-    valid = sign_contribution(identity, [example("heavy valid"), example("another")])
-    forged = sign_contribution(identity, [example("forged")])
+    valid = sign_contribution(
+        identity, [example("heavy valid"), example("another")], coordinator=coordinator
+    )
+    forged = sign_contribution(identity, [example("forged")], coordinator=coordinator)
     forged.signature = bytes(64)
     many = sign_envelope(
         identity,
@@ -503,6 +535,7 @@ def _envelopes(identity):
             nonce=new_nonce(),
             timestamp_ms=now_ms(),
         ),
+        coordinator,
     )
     unknown_payload = (
         contribution_pb2.ContributionPayload(
@@ -517,7 +550,9 @@ def _envelopes(identity):
         signature=identity.sign(b"crowdsft.v1.ContributionPayload\n" + unknown_payload),
         public_key=identity.public_key,
     )
-    marks = sign_contribution(identity, [{"prompt": "p", "response": "e" + "\u0301" * 40}])
+    marks = sign_contribution(
+        identity, [{"prompt": "p", "response": "e" + "\u0301" * 40}], coordinator=coordinator
+    )
     return {"valid": valid, "forged": forged, "many": many, "unknown": unknown, "marks": marks}
 
 
@@ -552,7 +587,7 @@ def test_large_contributions_are_answered_alike_through_the_heavy_lane(make_coor
         stub = coord_stub(coord)
         codes[lane] = {
             k: status_code(stub.SubmitContribution, e, timeout=30)
-            for k, e in _envelopes(identity).items()
+            for k, e in _envelopes(identity, coordinator=coord.public_key).items()
         }
         assert coord.counts()["contributions"] == 1
         bad = coord.coordinator.service.ingest.peers.bad
@@ -587,14 +622,18 @@ def test_a_forged_large_envelope_cannot_probe_another_nodes_budget(make_coordina
     coord = make_coordinator(rate_limit={"burst": 1, "contributions_per_s": 1e-3})
     coord.coordinator.service.ingest.heavy_bytes = 1
     stub = coord_stub(coord)
-    ok = status_code(stub.SubmitContribution, _envelopes(identity)["valid"], timeout=30)
+    ok = status_code(
+        stub.SubmitContribution,
+        _envelopes(identity, coordinator=coord.public_key)["valid"],
+        timeout=30,
+    )
     assert ok == grpc.StatusCode.OK  # the node's one contribution: its budget is spent
-    forged = sign_contribution(identity, [example("forged")])
+    forged = sign_contribution(identity, [example("forged")], coordinator=coord.public_key)
     forged.signature = bytes(64)
     assert status_code(stub.SubmitContribution, forged, timeout=30) == (
         grpc.StatusCode.UNAUTHENTICATED
     )
-    again = sign_contribution(identity, [example("again")])
+    again = sign_contribution(identity, [example("again")], coordinator=coord.public_key)
     assert status_code(stub.SubmitContribution, again, timeout=30) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
@@ -685,7 +724,7 @@ def test_one_address_cannot_fill_the_server_wide_call_limit(make_coordinator, id
         honest = grpc.insecure_channel(f"[::1]:{port}")
         try:
             for i in range(10):
-                env = sign_contribution(identity, [example(str(i))])
+                env = sign_contribution(identity, [example(str(i))], coordinator=coord.public_key)
                 assert (
                     status_code(
                         coordinator_pb2_grpc_stub(honest).SubmitContribution, env, timeout=5
@@ -759,7 +798,9 @@ def test_calls_of_other_services_still_work_through_the_interceptor(coord, ident
         )
         assert SERVICE_NAME in {s.name for s in reply.list_services_response.service}
     with coord.client() as c:
-        receipt, _ = c.submit_one(sign_contribution(identity, [example()]))
+        receipt, _ = c.submit_one(
+            sign_contribution(identity, [example()], coordinator=coord.public_key)
+        )
         assert receipt.receipt
     deadline = time.monotonic() + 5
     while coord.coordinator.peer_calls.open_calls() and time.monotonic() < deadline:

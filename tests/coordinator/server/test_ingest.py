@@ -13,6 +13,7 @@ from crowdsft.envelope import (
     contribution_id,
     new_nonce,
     now_ms,
+    sign_contribution,
     sign_envelope,
     verify_receipt,
 )
@@ -48,7 +49,7 @@ def rejected(coord, call, envelope, code: grpc.StatusCode, match: str):
 
 def test_accepts_and_returns_a_verifiable_receipt(coord, identity):
     with coord.client() as client:
-        env = sign_envelope(identity, payload(3))
+        env = sign_envelope(identity, payload(3), coord.public_key)
         resp = client.stub.SubmitContribution(env, timeout=10)
     receipt = verify_receipt(
         resp.receipt,
@@ -95,7 +96,7 @@ def test_reflection_lists_and_describes_the_api(coord):
 
 
 def test_tampered_payload(coord, identity):
-    env = sign_envelope(identity, payload())
+    env = sign_envelope(identity, payload(), coord.public_key)
     env.payload = env.payload.replace(b"SFT", b"RLHF")
     with coord.client() as c:
         rejected(
@@ -108,7 +109,7 @@ def test_tampered_payload(coord, identity):
 
 
 def test_wrong_key(coord, identity):
-    env = sign_envelope(identity, payload())
+    env = sign_envelope(identity, payload(), coord.public_key)
     env.public_key = Identity.generate().public_key
     with coord.client() as c:
         rejected(
@@ -121,7 +122,7 @@ def test_wrong_key(coord, identity):
 
 
 def test_wrong_length_key(coord, identity):
-    env = sign_envelope(identity, payload())
+    env = sign_envelope(identity, payload(), coord.public_key)
     env.public_key = identity.public_key[:31]
     with coord.client() as c:
         rejected(
@@ -135,7 +136,7 @@ def test_wrong_length_key(coord, identity):
 
 @pytest.mark.parametrize("skew_s", [-3600, 3600])
 def test_timestamp_outside_window(coord, identity, skew_s):
-    env = sign_envelope(identity, payload(ts=now_ms() + skew_s * 1000))
+    env = sign_envelope(identity, payload(ts=now_ms() + skew_s * 1000), coord.public_key)
     direction = "ahead of" if skew_s > 0 else "behind"
     with coord.client() as c:
         err = rejected(
@@ -153,24 +154,32 @@ def test_timestamp_outside_window(coord, identity, skew_s):
 def test_replayed_nonce_also_after_restart(coord, identity):
     nonce = new_nonce()
     with coord.client() as c:
-        c.stub.SubmitContribution(sign_envelope(identity, payload(nonce=nonce)), timeout=10)
-        other = sign_envelope(identity, payload(nonce=nonce, response="A different answer."))
+        c.stub.SubmitContribution(
+            sign_envelope(identity, payload(nonce=nonce), coord.public_key), timeout=10
+        )
+        other = sign_envelope(
+            identity, payload(nonce=nonce, response="A different answer."), coord.public_key
+        )
         rejected(
             coord, c.stub.SubmitContribution, other, grpc.StatusCode.FAILED_PRECONDITION, "replay"
         )
     coord.restart()
     with coord.client() as c:
-        again = sign_envelope(identity, payload(nonce=nonce, response="Yet another answer."))
+        again = sign_envelope(
+            identity, payload(nonce=nonce, response="Yet another answer."), coord.public_key
+        )
         rejected(
             coord, c.stub.SubmitContribution, again, grpc.StatusCode.FAILED_PRECONDITION, "replay"
         )
     # The same nonce from another node is that node's business.
     with coord.client() as c:
-        c.stub.SubmitContribution(sign_envelope(Identity.generate(), payload(nonce=nonce)))
+        c.stub.SubmitContribution(
+            sign_envelope(Identity.generate(), payload(nonce=nonce), coord.public_key)
+        )
 
 
 def test_duplicate_returns_original_receipt(coord, identity):
-    env = sign_envelope(identity, payload())
+    env = sign_envelope(identity, payload(), coord.public_key)
     with coord.client() as c:
         first = c.stub.SubmitContribution(env, timeout=10).receipt
         err = rejected(
@@ -216,7 +225,7 @@ def test_invalid_payloads(coord, identity, make, match):
         rejected(
             coord,
             c.stub.SubmitContribution,
-            sign_envelope(identity, make()),
+            sign_envelope(identity, make(), coord.public_key),
             grpc.StatusCode.INVALID_ARGUMENT,
             match,
         )
@@ -246,7 +255,7 @@ def test_oversized_message_is_refused_by_the_server(make_coordinator, identity):
         rejected(
             coord,
             c.stub.SubmitContribution,
-            sign_envelope(identity, big),
+            sign_envelope(identity, big, coord.public_key),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "larger than max",
         )
@@ -261,17 +270,19 @@ def test_allowlist(make_coordinator, identity):
         rejected(
             coord,
             c.stub.SubmitContribution,
-            sign_envelope(identity, payload()),
+            sign_envelope(identity, payload(), coord.public_key),
             grpc.StatusCode.PERMISSION_DENIED,
             "not on this coordinator's allowlist",
         )
         register = sign_envelope(
-            identity, contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+            identity,
+            contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms()),
+            coord.public_key,
         )
         rejected(
             coord, c.stub.RegisterNode, register, grpc.StatusCode.PERMISSION_DENIED, "allowlist"
         )
-        c.stub.SubmitContribution(sign_envelope(admitted, payload()), timeout=10)
+        c.stub.SubmitContribution(sign_envelope(admitted, payload(), coord.public_key), timeout=10)
     assert coord.counts()["contributions"] == 1
 
 
@@ -280,30 +291,34 @@ def test_allowlist_file(tmp_path, make_coordinator, identity):
     f.write_text(f"# admitted nodes\n{identity.node_id}  # alice\n")
     coord = make_coordinator(admission={"policy": "allowlist", "allowlist_file": f})
     with coord.client() as c:
-        c.stub.SubmitContribution(sign_envelope(identity, payload()), timeout=10)
+        c.stub.SubmitContribution(sign_envelope(identity, payload(), coord.public_key), timeout=10)
 
 
 def test_rate_limit(make_coordinator, identity):
     coord = make_coordinator(rate_limit={"contributions_per_s": 0.01, "burst": 3})
     with coord.client() as c:
         for _ in range(3):
-            c.stub.SubmitContribution(sign_envelope(identity, payload()), timeout=10)
+            c.stub.SubmitContribution(
+                sign_envelope(identity, payload(), coord.public_key), timeout=10
+            )
         err = rejected(
             coord,
             c.stub.SubmitContribution,
-            sign_envelope(identity, payload()),
+            sign_envelope(identity, payload(), coord.public_key),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "over the rate limit",
         )
         assert int(dict(err.trailing_metadata())["crowdsft-retry-after-ms"]) > 1000
         # Another node has its own bucket.
-        c.stub.SubmitContribution(sign_envelope(Identity.generate(), payload()), timeout=10)
+        c.stub.SubmitContribution(
+            sign_envelope(Identity.generate(), payload(), coord.public_key), timeout=10
+        )
 
 
 def test_stream_answers_each_envelope_in_order(coord, identity):
-    good = [sign_envelope(identity, payload()) for _ in range(5)]
-    bad = sign_envelope(identity, payload(prompt=""))
-    forged = sign_envelope(identity, payload())
+    good = [sign_envelope(identity, payload(), coord.public_key) for _ in range(5)]
+    bad = sign_envelope(identity, payload(prompt=""), coord.public_key)
+    forged = sign_envelope(identity, payload(), coord.public_key)
     forged.signature = bytes(64)
     envelopes = [good[0], bad, good[1], good[0], forged, *good[2:]]
     with coord.client() as c:
@@ -327,7 +342,7 @@ def test_register_and_status(coord, identity):
         first = c.register(identity, "alice")
         assert first.newly_registered and first.node_id == identity.node_id
         assert not c.register(identity).newly_registered
-        c.stub.SubmitContribution(sign_envelope(identity, payload(2)), timeout=10)
+        c.stub.SubmitContribution(sign_envelope(identity, payload(2), coord.public_key), timeout=10)
         st = c.status(identity)
     assert (st.node_id, st.registered, st.display_name) == (identity.node_id, True, "alice")
     assert (st.contributions, st.examples, st.points) == (1, 2, 0.0)
@@ -336,7 +351,9 @@ def test_register_and_status(coord, identity):
 
 def test_status_request_cannot_be_replayed(coord, identity):
     env = sign_envelope(
-        identity, contribution_pb2.StatusRequestPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+        identity,
+        contribution_pb2.StatusRequestPayload(nonce=new_nonce(), timestamp_ms=now_ms()),
+        coord.public_key,
     )
     with coord.client() as c:
         c.stub.GetNodeStatus(env, timeout=10)
@@ -351,3 +368,86 @@ def test_second_coordinator_on_a_busy_port_fails_clearly(coord):
 
     with pytest.raises(ConfigError, match="cannot listen on"):
         Coordinator(coord.config.with_listen(coord.address))
+
+
+# -- payloads bound to one coordinator (docs/protocol.md 4.4; #25 item 9) -----------------------
+
+
+def test_a_payload_signed_for_one_coordinator_is_refused_by_another(make_coordinator, identity):
+    """Before: a node's signed envelopes for coordinator X were accepted by coordinator Y,
+    which then paid the node for them."""
+    x, y = make_coordinator(), make_coordinator()
+    for_x = sign_contribution(
+        identity, [{"prompt": "p", "response": "r"}], coordinator=x.public_key
+    )
+    with y.client() as c, pytest.raises(grpc.RpcError) as err:
+        c.stub.SubmitContribution(for_x, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"is for coordinator {x.public_key.hex()[:16]}" in err.value.details()
+    assert y.counts()["contributions"] == 0
+    with x.client() as c:  # where it was meant to go, it is accepted
+        assert c.stub.SubmitContribution(for_x, timeout=10).receipt.receipt
+    status = sign_envelope(
+        identity,
+        contribution_pb2.StatusRequestPayload(nonce=new_nonce(), timestamp_ms=now_ms()),
+        x.public_key,
+    )
+    with y.client() as c, pytest.raises(grpc.RpcError) as err:
+        c.stub.GetNodeStatus(status, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_old_unbound_form_is_refused_with_a_clear_error(coord, identity):
+    old = sign_envelope(
+        identity,
+        contribution_pb2.ContributionPayload(
+            examples=[contribution_pb2.Example(prompt="p", response="r")],
+            nonce=new_nonce(),
+            timestamp_ms=now_ms(),
+        ),
+    )
+    register = sign_envelope(
+        identity, contribution_pb2.RegisterPayload(nonce=new_nonce(), timestamp_ms=now_ms())
+    )
+    with coord.client() as c:
+        for call, env in ((c.stub.SubmitContribution, old), (c.stub.RegisterNode, register)):
+            with pytest.raises(grpc.RpcError) as err:
+                call(env, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "names no coordinator" in err.value.details()
+    assert coord.counts()["contributions"] == 0
+
+
+def test_a_node_signs_again_what_it_kept_in_the_old_form(coord, identity, tmp_path):
+    """Contributions a node signed before payloads named their coordinator, kept unsent, are
+    signed again for the coordinator they go to (the old bytes would be refused)."""
+    from crowdsft.datafiles import Record
+    from crowdsft.node.state import NodeState, Submission
+    from crowdsft.node.submit import Metadata, chunk_key, upload
+
+    recs = [Record(1, "an old question", "an old answer")]
+    old = sign_envelope(
+        identity,
+        contribution_pb2.ContributionPayload(
+            examples=[contribution_pb2.Example(prompt="an old question", response="an old answer")],
+            nonce=new_nonce(),
+            timestamp_ms=now_ms(),
+        ),
+    )
+    with coord.client() as client, NodeState(tmp_path / "s.sqlite3") as state:
+        key = client.info().public_key
+        state.put_pending(
+            key,
+            Submission(
+                chunk_key=chunk_key(recs, Metadata()),
+                contribution_id=contribution_id(old.payload),
+                payload=old.payload,
+                signature=old.signature,
+                example_count=1,
+                source="f:1",
+            ),
+        )
+        report = upload(client, identity, state, recs)
+    assert report.accepted == 1
+    (stored,) = coord.contribution_ids()
+    assert stored != contribution_id(old.payload)

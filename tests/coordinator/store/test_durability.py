@@ -17,7 +17,7 @@ from crowdsft.testing.load import ONE_ADDRESS
 from crowdsft.v1 import contribution_pb2
 
 
-def _env(identity, i):
+def _env(identity, i, coordinator: bytes):
     return sign_envelope(
         identity,
         contribution_pb2.ContributionPayload(
@@ -27,6 +27,7 @@ def _env(identity, i):
             nonce=new_nonce(),
             timestamp_ms=now_ms(),
         ),
+        coordinator,
     )
 
 
@@ -37,7 +38,7 @@ def test_twenty_concurrent_clients(make_coordinator):
 
     def run(k: int) -> list[bytes]:
         ident = identities[k]
-        envs = [_env(ident, i) for i in range(per_client)]
+        envs = [_env(ident, i, coordinator=coord.public_key) for i in range(per_client)]
         with coord.client() as c:
             if k % 2:
                 results = list(c.submit_stream(envs[: per_client // 2], timeout=60))
@@ -62,7 +63,7 @@ FAST = ONE_ADDRESS  # bulk uploads from this machine's one address
 
 def test_restart_mid_stream_loses_no_acknowledged_contribution(make_coordinator, identity):
     coord = make_coordinator(**FAST)
-    envs = [_env(identity, i) for i in range(4000)]
+    envs = [_env(identity, i, coordinator=coord.public_key) for i in range(4000)]
     acked: list[bytes] = []
     got_some = threading.Event()
     errors: list[grpc.RpcError] = []

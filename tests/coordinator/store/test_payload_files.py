@@ -13,11 +13,12 @@ from crowdsft.envelope import contribution_id, sign_contribution
 from crowdsft.keys import Identity
 
 
-def _big(identity: Identity, tag: str = "a"):
+def _big(identity: Identity, tag: str = "a", *, coordinator: bytes):
     """A contribution of about 120 KB (over SIDE_PAYLOAD_BYTES, under the heavy lane)."""
     return sign_contribution(
         identity,
         [{"prompt": f"{tag}{i} " + "x" * 30_000, "response": "y"} for i in range(4)],
+        coordinator=coordinator,
     )
 
 
@@ -38,7 +39,12 @@ def _files(coord) -> list[str]:
 
 
 def test_large_payload_lives_in_a_file_and_reads_back(coord, identity):
-    big, small = _big(identity), sign_contribution(identity, [{"prompt": "p", "response": "r"}])
+    big, small = (
+        _big(identity, coordinator=coord.public_key),
+        sign_contribution(
+            identity, [{"prompt": "p", "response": "r"}], coordinator=coord.public_key
+        ),
+    )
     with coord.client() as c:
         c.stub.SubmitContribution(big, timeout=10)
         c.stub.SubmitContribution(small, timeout=10)
@@ -57,17 +63,17 @@ def test_rejected_large_payload_leaves_no_file(coord, identity, monkeypatch):
     put = store.put_payload
     monkeypatch.setattr(store, "put_payload", lambda *a: written.append(put(*a)) or written[-1])
     with coord.client() as c:
-        c.stub.SubmitContribution(_big(identity), timeout=10)
+        c.stub.SubmitContribution(_big(identity, coordinator=coord.public_key), timeout=10)
         # the same examples under a new nonce: another contribution, its file written, then
         # refused by the copy check in the writer
         with pytest.raises(grpc.RpcError) as err:
-            c.stub.SubmitContribution(_big(identity), timeout=10)
+            c.stub.SubmitContribution(_big(identity, coordinator=coord.public_key), timeout=10)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert len(written) == 2 and _files(coord) == [written[0]]  # only the committed one's
 
 
 def test_a_resent_stored_contribution_writes_no_file(coord, identity, monkeypatch):
-    big = _big(identity)
+    big = _big(identity, coordinator=coord.public_key)
     store = coord.coordinator.store
     with coord.client() as c:
         first = c.stub.SubmitContribution(big, timeout=10)
@@ -80,7 +86,7 @@ def test_a_resent_stored_contribution_writes_no_file(coord, identity, monkeypatc
 
 
 def test_orphan_files_removed_at_start_and_tampering_detected(coord, identity):
-    big = _big(identity)
+    big = _big(identity, coordinator=coord.public_key)
     with coord.client() as c:
         c.stub.SubmitContribution(big, timeout=10)
     folder = coord.config.db_path.with_name(coord.config.db_path.name + ".payloads")
@@ -126,7 +132,9 @@ def test_a_second_store_on_the_same_database_does_not_sweep(coord, identity):
 def test_an_inline_payload_edited_in_the_database_is_caught_on_read(coord, identity):
     """Before: a payload kept in the database itself was not checked against its id on read,
     so an edit there was trained on (only payload files were checked)."""
-    small = sign_contribution(identity, [{"prompt": "p", "response": "r"}])
+    small = sign_contribution(
+        identity, [{"prompt": "p", "response": "r"}], coordinator=coord.public_key
+    )
     with coord.client() as c:
         c.stub.SubmitContribution(small, timeout=10)
     cid = contribution_id(small.payload)

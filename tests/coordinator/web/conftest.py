@@ -39,7 +39,9 @@ def _submit_from(coord, identities, each=2, tag="x"):
         for k, ident in enumerate(identities):
             for i in range(each):
                 env = sign_contribution(
-                    ident, [{"prompt": f"{tag} {k} {i}?", "response": f"answer {k} {i} " * 3}]
+                    ident,
+                    [{"prompt": f"{tag} {k} {i}?", "response": f"answer {k} {i} " * 3}],
+                    coordinator=coord.public_key,
                 )
                 receipts.append(client.submit_one(env)[0])
     return receipts

@@ -26,7 +26,9 @@ def test_metrics_count_ingest_and_rounds(served, nodes, submit_from, run_round):
     assert before[("crowdsft_ledger_height", ())] == 0
     submit_from(coord, nodes, each=2)
     # one refused: a tampered signature
-    env = sign_contribution(nodes[0], [{"prompt": "p", "response": "r"}])
+    env = sign_contribution(
+        nodes[0], [{"prompt": "p", "response": "r"}], coordinator=coord.public_key
+    )
     env.signature = bytes(64)
     with coord.client() as client, pytest.raises(grpc.RpcError):
         client.stub.SubmitContribution(env, timeout=10)
