@@ -30,6 +30,7 @@ from crowdsft.keys import verify_signature
 from crowdsft.tournament import DecidedRound, award, replay_points
 
 LEDGER_TAG = b"crowdsft.v1.LedgerRecord\n"
+TREE_HEAD_TAG = b"crowdsft.v1.TreeHead\n"
 RECORD_VERSION = 1
 GENESIS_HASH = bytes(32)
 POINTS_TOLERANCE = 1e-9
@@ -141,6 +142,60 @@ def verify_inclusion(
         fn >>= 1
         sn >>= 1
     return sn == 0 and h == root
+
+
+def consistency_proof(leaves: Sequence[bytes], first: int) -> list[bytes]:
+    """The proof that the tree over the first ``first`` leaves is a prefix of the tree over
+    all of ``leaves`` (RFC 9162, section 2.1.4.1; leaves are hashed as ``leaf_hash``)."""
+    n = len(leaves)
+    if not 0 < first <= n:
+        raise ValueError(f"no consistency proof from {first} leaves to {n}")
+    tree = MerkleTree(leaves)
+
+    def sub(m: int, lo: int, hi: int, whole: bool) -> list[bytes]:
+        if m == hi - lo:
+            return [] if whole else [tree._hash(lo, hi)]
+        k = _split(hi - lo)
+        if m <= k:
+            return [*sub(m, lo, lo + k, whole), tree._hash(lo + k, hi)]
+        return [*sub(m - k, lo + k, hi, False), tree._hash(lo, lo + k)]
+
+    return sub(first, 0, n, True)
+
+
+def verify_consistency(
+    first: int, second: int, first_root: bytes, second_root: bytes, proof: Sequence[bytes]
+) -> bool:
+    """Whether ``proof`` shows that the tree of ``first`` leaves with ``first_root`` is a
+    prefix of the tree of ``second`` leaves with ``second_root`` (RFC 9162, 2.1.4.2)."""
+    if not 0 < first <= second or any(len(p) != 32 for p in proof):
+        return False
+    if first == second:
+        return not proof and first_root == second_root
+    path = list(proof)
+    if first & (first - 1) == 0:  # an exact power of two: the old root is a subtree
+        path.insert(0, first_root)
+    if not path:
+        return False
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = _node(c, fr)
+            sr = _node(c, sr)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = _node(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return fr == first_root and sr == second_root and sn == 0
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -526,3 +581,111 @@ def check_head(head: SignedHead, entries: Sequence[LedgerEntry], own: bool = Tru
             other=entry,
         )
     return HeadCheck("consistent", f"the ledger extends round {head.round_id} ({short}…)")
+
+
+# -- the ledger as a transparency log (RFC 9162) ----------------------------------------------
+
+
+def log_root(records: Sequence[bytes]) -> bytes:
+    """The Merkle root over ledger records (each leaf ``SHA-256(0x00 || record)``)."""
+    return MerkleTree(list(records)).root
+
+
+@dataclass(frozen=True)
+class SignedTreeHead:
+    """The coordinator's signed statement of its whole ledger: ``tree_size`` records whose
+    Merkle tree (over the record bytes) has ``root_hash``, at ``timestamp_ms``. Two valid
+    heads with the same size and different roots prove the coordinator showed two logs."""
+
+    coordinator_key: bytes
+    head: bytes
+    signature: bytes
+
+    @classmethod
+    def sign(cls, identity: Any, records: Sequence[bytes], timestamp_ms: int) -> SignedTreeHead:
+        head = canonical(
+            {
+                "coordinator": identity.public_key.hex(),
+                "root_hash": log_root(records).hex(),
+                "timestamp_ms": int(timestamp_ms),
+                "tree_size": len(records),
+                "version": 1,
+            }
+        )
+        return cls(identity.public_key, head, identity.sign(TREE_HEAD_TAG + head))
+
+    def data(self) -> dict[str, Any]:
+        return json.loads(self.head)
+
+    @property
+    def size(self) -> int:
+        return int(self.data()["tree_size"])
+
+    @property
+    def root(self) -> bytes:
+        return bytes.fromhex(self.data()["root_hash"])
+
+    def valid(self) -> bool:
+        """Signed by ``coordinator_key``, naming it, with a size and a 32-byte root."""
+        if not verify_signature(self.coordinator_key, self.signature, TREE_HEAD_TAG + self.head):
+            return False
+        try:
+            d = self.data()
+            ok = d["coordinator"] == self.coordinator_key.hex() and len(self.root) == 32
+            return ok and isinstance(d["tree_size"], int) and d["tree_size"] >= 0
+        except (ValueError, KeyError, TypeError):
+            return False
+
+
+def check_tree_head(
+    new: SignedTreeHead,
+    proof: Sequence[bytes],
+    entries: Sequence[LedgerEntry],
+    known: SignedTreeHead | None,
+) -> list[tuple[str, str]]:
+    """(kind, message) for each way ``new`` fails: it must be validly signed, describe the
+    ledger served (its first ``tree_size`` records, fetched after the head), and extend
+    ``known`` (the head this node verified before) by the consistency ``proof``."""
+    if not new.valid():
+        return [("tree-head", "the tree head is not validly signed by the coordinator")]
+    found: list[tuple[str, str]] = []
+    # the head is fetched before the ledger: a round may have finished in between, so the
+    # ledger may be longer, never shorter, and its first tree_size records are the head's
+    served = [e.record for e in entries[: new.size]]
+    if len(served) < new.size or new.root != log_root(served):
+        found.append(
+            (
+                "tree-head",
+                f"the signed tree head ({new.size} records, root {new.root.hex()[:16]}…) does "
+                f"not describe the ledger served ({len(entries)} records)",
+            )
+        )
+    if known is None or known.size == 0:
+        return found
+    if new.size < known.size:
+        found.append(
+            (
+                "rollback",
+                f"this node verified a signed tree of {known.size} records; the coordinator "
+                f"now signs one of {new.size}",
+            )
+        )
+    elif new.size == known.size and new.root != known.root:
+        found.append(
+            (
+                "fork",
+                f"two signed tree heads of {new.size} records with different roots: the "
+                "coordinator signed two logs",
+            )
+        )
+    elif new.size > known.size and not verify_consistency(
+        known.size, new.size, known.root, new.root, proof
+    ):
+        found.append(
+            (
+                "fork",
+                f"the signed tree of {new.size} records does not extend the one of "
+                f"{known.size} this node verified (the consistency proof fails)",
+            )
+        )
+    return found

@@ -450,8 +450,13 @@ def verify(
             if result.remembered_round is not None
             else "first verification: its head is remembered from now on"
         )
+        tree = (
+            f"; signed tree head over {result.tree_size} record(s) consistent with the last"
+            if result.tree_size is not None
+            else ""
+        )
         click.echo(
-            f"history: {remembered}"
+            f"history: {remembered}{tree}"
             + (f"; {result.peers_checked} peer head(s) compared" if peers else "")
         )
         if result.evidence_kept:

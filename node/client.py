@@ -17,7 +17,7 @@ import grpc
 from crowdsft.envelope import new_nonce, now_ms, sign_envelope
 from crowdsft.errors import ConfigError, CoordinatorError
 from crowdsft.keys import Identity
-from crowdsft.ledger import LedgerEntry
+from crowdsft.ledger import LedgerEntry, SignedTreeHead
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, coordinator_pb2_grpc, envelope_pb2
 
 logger = logging.getLogger(__name__)
@@ -230,6 +230,19 @@ class CoordinatorClient:
             ]
 
         return self._retry("fetching the ledger", call)
+
+    def tree_head(self, first_size: int = 0) -> tuple[SignedTreeHead, list[bytes]]:
+        """The coordinator's signed tree head over its ledger, and the consistency proof from
+        the tree of ``first_size`` records (docs/protocol.md 11.8)."""
+
+        def call() -> coordinator_pb2.TreeHead:
+            return self.stub.GetTreeHead(
+                coordinator_pb2.GetTreeHeadRequest(first_size=first_size), timeout=self.timeout
+            )
+
+        got = self._retry("fetching the tree head", call)
+        head = SignedTreeHead(self.coordinator_key, bytes(got.head), bytes(got.signature))
+        return head, [bytes(p) for p in got.consistency]
 
     def inclusion_proofs(
         self, ids: list[bytes], batch: int = 4096

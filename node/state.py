@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from crowdsft.errors import CrowdSFTError
 
 if TYPE_CHECKING:
-    from crowdsft.ledger import LedgerEntry, SignedHead
+    from crowdsft.ledger import LedgerEntry, SignedHead, SignedTreeHead
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS coordinators (
@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS ledger_heads (
     coordinator_key BLOB PRIMARY KEY,
     round_id INTEGER NOT NULL,
     record BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    verified_at_ms INTEGER NOT NULL
+);
+-- The last signed tree head (docs/protocol.md 11.8) this node verified, per coordinator key.
+CREATE TABLE IF NOT EXISTS tree_heads (
+    coordinator_key BLOB PRIMARY KEY,
+    head BLOB NOT NULL,
     signature BLOB NOT NULL,
     verified_at_ms INTEGER NOT NULL
 );
@@ -240,6 +247,46 @@ class NodeState:
             (head.coordinator_key, head.round_id, head.record, head.signature, now_ms),
         )
 
+    def tree_head(self, coordinator_key: bytes) -> SignedTreeHead | None:
+        """The last signed tree head this node verified for ``coordinator_key``."""
+        from crowdsft.ledger import SignedTreeHead
+
+        row = self.conn.execute(
+            "SELECT head, signature FROM tree_heads WHERE coordinator_key=?", (coordinator_key,)
+        ).fetchone()
+        return SignedTreeHead(coordinator_key, bytes(row[0]), bytes(row[1])) if row else None
+
+    def remember_tree_head(self, head: SignedTreeHead, now_ms: int) -> None:
+        """Remember ``head`` as verified; never one of a smaller tree than the one held."""
+        known = self.tree_head(head.coordinator_key)
+        if known is not None and known.size > head.size:
+            return
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tree_heads(coordinator_key, head, signature, verified_at_ms) "
+            "VALUES (?, ?, ?, ?)",
+            (head.coordinator_key, head.head, head.signature, now_ms),
+        )
+
+    def keep_tree_evidence(
+        self, kind: str, known: SignedTreeHead, new: SignedTreeHead, now_ms: int
+    ) -> None:
+        """Keep two signed tree heads that prove a rollback or a fork (kind "tree-<kind>")."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO ledger_evidence(coordinator_key, kind, round_id, record, "
+            "signature, other_record, other_signature, found_at_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                known.coordinator_key,
+                f"tree-{kind}",
+                known.size,
+                known.head,
+                known.signature,
+                new.head,
+                new.signature,
+                now_ms,
+            ),
+        )
+
     def keep_evidence(
         self, kind: str, head: SignedHead, other: LedgerEntry | None, now_ms: int
     ) -> None:
@@ -270,12 +317,16 @@ class NodeState:
             "found_at_ms FROM ledger_evidence WHERE coordinator_key=? ORDER BY id",
             (coordinator_key,),
         ):
-            item: dict[str, object] = {
-                "kind": kind,
-                "round_id": rid,
-                "found_at_ms": at,
-                "head": SignedHead(coordinator_key, rid, bytes(rec), bytes(sig)).as_dict(),
-            }
+            item: dict[str, object] = {"kind": kind, "round_id": rid, "found_at_ms": at}
+            if kind.startswith("tree-"):  # two signed tree heads (docs/protocol.md 11.8)
+                for name, head, signature in (("head", rec, sig), ("other", orec, osig)):
+                    item[name] = {
+                        "tree_head": bytes(head).decode("utf-8"),
+                        "signature": bytes(signature).hex(),
+                    }
+                out.append(item)
+                continue
+            item["head"] = SignedHead(coordinator_key, rid, bytes(rec), bytes(sig)).as_dict()
             if orec is not None:
                 item["other"] = SignedHead(coordinator_key, rid, bytes(orec), bytes(osig)).as_dict()
             out.append(item)

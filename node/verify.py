@@ -24,7 +24,9 @@ from crowdsft.ledger import (
     LedgerReport,
     Problem,
     SignedHead,
+    SignedTreeHead,
     check_head,
+    check_tree_head,
     verify_inclusion,
     verify_ledger,
 )
@@ -46,6 +48,7 @@ class NodeVerification:
     points_reported: float | None = None
     remembered_round: int | None = None  # the head this node had verified before this run
     peers_checked: int = 0
+    tree_size: int | None = None  # the signed tree head's size, where it checked out
     evidence_kept: int = 0
     problems: list[Problem] = field(default_factory=list)
 
@@ -69,6 +72,7 @@ class NodeVerification:
             "points_reported": self.points_reported,
             "remembered_round": self.remembered_round,
             "peers_checked": self.peers_checked,
+            "tree_size": self.tree_size,
             "evidence_kept": self.evidence_kept,
             "problems": [p.as_dict() for p in self.problems],
         }
@@ -147,10 +151,22 @@ def check_heads(
     state: Any,
     peers: list[SignedHead],
     now_ms: int,
+    tree: tuple[SignedTreeHead, list[bytes]] | None = None,
+    known_tree: SignedTreeHead | None = None,
 ) -> None:
-    """Step 5: the ledger against the head this node verified before, and the peers' heads;
-    remember the new head when everything checks out."""
+    """Step 5: the coordinator's signed tree head against the ledger and against the tree
+    head this node verified before (RFC 9162 consistency); the ledger against the record head
+    this node verified before, and the peers' heads; remember both heads when everything
+    checks out."""
     key = result.coordinator_key
+    if tree is not None:
+        new_tree, proof = tree
+        for kind, message in check_tree_head(new_tree, proof, entries, known_tree):
+            result.problems.append(Problem(None, kind, message))
+            if kind in ("rollback", "fork") and known_tree is not None and state is not None:
+                state.keep_tree_evidence(kind, known_tree, new_tree, now_ms)
+                result.evidence_kept += 1
+        result.tree_size = new_tree.size if new_tree.valid() else None
     known = state.ledger_head(key) if state is not None else None
     if known is not None:
         result.remembered_round = known.round_id
@@ -177,6 +193,8 @@ def check_heads(
             result.evidence_kept += 1
     if state is not None and entries and not result.problems:
         state.remember_head(SignedHead.of(key, entries[-1]), now_ms)
+        if tree is not None:
+            state.remember_tree_head(tree[0], now_ms)
 
 
 def verify_node(
@@ -193,6 +211,9 @@ def verify_node(
     ``NodeState``) remembers the heads verified and keeps evidence; ``peers``: other nodes'
     heads to compare with."""
     node_id = identity.node_id
+    known_tree = state.tree_head(coordinator_key) if state is not None else None
+    # the signed tree head first: the ledger fetched after it holds at least its records
+    tree = client.tree_head(known_tree.size if known_tree is not None else 0)
     entries = client.ledger()
     report = verify_ledger(entries, coordinator_key)
     result = NodeVerification(node_id, coordinator_key, report)
@@ -248,7 +269,7 @@ def verify_node(
                 f"ledger implies {result.points_recomputed:.6g}",
             )
         )
-    check_heads(result, list(entries), state, peers or [], now_ms)
+    check_heads(result, list(entries), state, peers or [], now_ms, tree, known_tree)
     return result
 
 

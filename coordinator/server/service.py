@@ -18,7 +18,7 @@ from crowdsft.config import CoordinatorConfig
 from crowdsft.envelope import check_addressed, now_ms, verify_envelope
 from crowdsft.errors import AuthenticationError, InvalidPayloadError, ReplayError
 from crowdsft.keys import Identity
-from crowdsft.ledger import LedgerEntry
+from crowdsft.ledger import LedgerEntry, SignedTreeHead, consistency_proof
 from crowdsft.plugins.manager import Plugins, get_plugins
 from crowdsft.v1 import contribution_pb2, coordinator_pb2, envelope_pb2
 from crowdsft.validation import (
@@ -237,6 +237,16 @@ class CoordinatorService:
     def ledger(self, after_round_id: int) -> list[LedgerEntry]:
         """The next page of signed round records after ``after_round_id``."""
         return ledger_entries(self.store, after_round_id, LEDGER_PAGE)
+
+    def tree_head(self, first_size: int) -> coordinator_pb2.TreeHead:
+        """A signed tree head over every ledger record, and the consistency proof from the
+        tree of ``first_size`` records where that is smaller (docs/protocol.md 11.8)."""
+        records = [e.record for e in self.ledger(0)]
+        head = SignedTreeHead.sign(self.identity, records, now_ms())
+        out = coordinator_pb2.TreeHead(head=head.head, signature=head.signature)
+        if 0 < first_size < len(records):
+            out.consistency.extend(consistency_proof(records, first_size))
+        return out
 
     def inclusion_proofs(self, ids: list[bytes]) -> coordinator_pb2.InclusionProofs:
         if len(ids) > MAX_PROOF_IDS:

@@ -378,6 +378,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return await self._run_for(context.peer(), self.service.inclusion_proofs, ids)
 
     @unary
+    async def GetTreeHead(self, request, context):
+        self._admit(context, request)
+        return await self._run_for(context.peer(), self.service.tree_head, request.first_size)
+
+    @unary
     async def SubmitContribution(self, request, context):
         began = time.perf_counter()
         try:

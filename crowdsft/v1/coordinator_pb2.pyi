@@ -166,3 +166,19 @@ class InclusionProofs(_message.Message):
     PROOFS_FIELD_NUMBER: _ClassVar[int]
     proofs: _containers.RepeatedCompositeFieldContainer[InclusionProof]
     def __init__(self, proofs: _Optional[_Iterable[_Union[InclusionProof, _Mapping]]] = ...) -> None: ...
+
+class GetTreeHeadRequest(_message.Message):
+    __slots__ = ("first_size",)
+    FIRST_SIZE_FIELD_NUMBER: _ClassVar[int]
+    first_size: int
+    def __init__(self, first_size: _Optional[int] = ...) -> None: ...
+
+class TreeHead(_message.Message):
+    __slots__ = ("head", "signature", "consistency")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    head: bytes
+    signature: bytes
+    consistency: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, head: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., consistency: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -77,6 +77,11 @@ class CoordinatorStub:
                 request_serializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofsRequest.SerializeToString,
                 response_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofs.FromString,
                 _registered_method=True)
+        self.GetTreeHead = channel.unary_unary(
+                '/crowdsft.v1.Coordinator/GetTreeHead',
+                request_serializer=crowdsft_dot_v1_dot_coordinator__pb2.GetTreeHeadRequest.SerializeToString,
+                response_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.TreeHead.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -156,6 +161,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTreeHead(self, request, context):
+        """The ledger as a transparency log (RFC 9162): a signed tree head over every record so
+        far, and the proof that it extends the tree of `first_size` records a node verified
+        before (docs/protocol.md section 11.8). Unsigned request: public.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +212,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetInclusionProofs,
                     request_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofsRequest.FromString,
                     response_serializer=crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofs.SerializeToString,
+            ),
+            'GetTreeHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTreeHead,
+                    request_deserializer=crowdsft_dot_v1_dot_coordinator__pb2.GetTreeHeadRequest.FromString,
+                    response_serializer=crowdsft_dot_v1_dot_coordinator__pb2.TreeHead.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +437,33 @@ class Coordinator:
             '/crowdsft.v1.Coordinator/GetInclusionProofs',
             crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofsRequest.SerializeToString,
             crowdsft_dot_v1_dot_coordinator__pb2.InclusionProofs.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTreeHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crowdsft.v1.Coordinator/GetTreeHead',
+            crowdsft_dot_v1_dot_coordinator__pb2.GetTreeHeadRequest.SerializeToString,
+            crowdsft_dot_v1_dot_coordinator__pb2.TreeHead.FromString,
             options,
             channel_credentials,
             insecure,

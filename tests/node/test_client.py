@@ -120,3 +120,16 @@ def test_submitting_twice_returns_the_original_receipt(coord, identity):
         again, dup2 = client.submit_one(env)
     assert not dup1 and dup2
     assert again.SerializeToString() == first.SerializeToString()
+
+
+def test_the_coordinator_signs_tree_heads_over_its_ledger(coord):
+    """GetTreeHead (docs/protocol.md 11.8): a signed head over the ledger, valid under the
+    coordinator's key; with no round yet, the empty tree."""
+    import hashlib
+
+    with coord.client() as c:
+        head, proof = c.tree_head(0)
+        assert head.valid() and head.size == 0 and proof == []
+        assert head.root == hashlib.sha256(b"").digest()
+        later, proof = c.tree_head(5)  # a node that claims to know more gets no proof
+        assert later.valid() and later.size == 0 and proof == []

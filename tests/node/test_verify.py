@@ -93,6 +93,16 @@ class FakeClient:
     def status(self, identity):
         return coordinator_pb2.NodeStatus(node_id=identity.node_id, points=self.points)
 
+    def tree_head(self, first_size=0):
+        """A coordinator's signed tree head over the records it serves, and the proof from
+        the tree of ``first_size`` records (as the real service builds them)."""
+        from crowdsft.ledger import SignedTreeHead, consistency_proof
+
+        records = [e.record for e in self.entries]
+        head = SignedTreeHead.sign(COORD, records, 1)
+        proof = consistency_proof(records, first_size) if 0 < first_size < len(records) else []
+        return head, proof
+
 
 IDS = THEIRS[:2] + MINE[:2] + THEIRS[2:]  # my two used contributions sit in the middle
 
@@ -210,10 +220,11 @@ def test_a_rolled_back_ledger_is_caught_and_the_proof_kept(tmp_path):
         again = run(state, [one, two])
         assert again.ok and again.remembered_round == 2
         rolled = run(state, [one])
-        assert [p.kind for p in rolled.problems] == ["rollback"]
-        assert "now shows 1 round" in rolled.problems[0].message
+        # caught twice: by the record head and by the signed tree head (11.8)
+        assert [p.kind for p in rolled.problems] == ["rollback", "rollback"]
+        assert any("now shows 1 round" in p.message for p in rolled.problems)
         assert state.ledger_head(COORD.public_key).round_id == 2  # never moves back
-        (kept,) = state.evidence(COORD.public_key)
+        (kept,) = [e for e in state.evidence(COORD.public_key) if e["kind"] == "rollback"]
         assert kept["kind"] == "rollback" and kept["head"]["record"] == two.record.decode()
 
 
@@ -226,8 +237,8 @@ def test_a_forked_ledger_is_caught_with_both_signed_records(tmp_path):
     with NodeState(tmp_path / "me.sqlite3") as state:
         assert run(state, [one, two]).ok
         result = run(state, [one, forked])
-        assert [p.kind for p in result.problems] == ["fork"]
-        (kept,) = state.evidence(COORD.public_key)
+        assert [p.kind for p in result.problems] == ["fork", "fork"]  # record and tree heads
+        (kept,) = [e for e in state.evidence(COORD.public_key) if e["kind"] == "fork"]
         a, b = SignedHead.from_dict(kept["head"]), SignedHead.from_dict(kept["other"])
         # the proof stands on its own: two valid signatures, one round, two records
         assert a.valid() and b.valid() and a.round_id == b.round_id == 2 and a.hash != b.hash
@@ -266,3 +277,114 @@ def test_head_check_known_answers():
     assert check_head(head, [one], own=False).kind == "behind"
     found = check_head(head, [one, forked])
     assert found.kind == "fork" and found.other == forked
+
+
+# -- signed tree heads and consistency proofs (RFC 9162; docs/protocol.md 11.8) -----------------
+
+# RFC 6962's reference leaves (the certificate-transparency test data) and known answers
+RFC_LEAVES = [
+    bytes.fromhex(x)
+    for x in [
+        "",
+        "00",
+        "10",
+        "2021",
+        "3031",
+        "40414243",
+        "5051525354555657",
+        "606162636465666768696a6b6c6d6e6f",
+    ]
+]
+RFC_ROOTS = {
+    1: "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+    2: "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+    3: "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+    4: "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+    5: "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+    6: "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+    7: "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+    8: "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+}
+RFC_CONSISTENCY = {
+    (1, 8): [
+        "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+        "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+    ],
+    (6, 8): [
+        "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+        "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+    ],
+    (2, 5): [
+        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+        "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+    ],
+}
+
+
+def test_consistency_proofs_match_the_rfc_known_answers():
+    from crowdsft.ledger import consistency_proof, log_root, verify_consistency
+
+    for n, root in RFC_ROOTS.items():
+        assert log_root(RFC_LEAVES[:n]).hex() == root
+    for (m, n), want in RFC_CONSISTENCY.items():
+        proof = consistency_proof(RFC_LEAVES[:n], m)
+        assert [p.hex() for p in proof] == want
+        old, new = bytes.fromhex(RFC_ROOTS[m]), bytes.fromhex(RFC_ROOTS[n])
+        assert verify_consistency(m, n, old, new, proof)
+        assert not verify_consistency(m, n, new, old, proof)  # roots swapped
+        assert not verify_consistency(m, n, old, new, proof[:-1])  # a hash missing
+        bent = [proof[0][:-1] + bytes([proof[0][-1] ^ 1]), *proof[1:]]
+        assert not verify_consistency(m, n, old, new, bent)
+    # every pair of sizes over the reference leaves, and a forged old tree never passes
+    for n in range(1, 9):
+        for m in range(1, n + 1):
+            proof = consistency_proof(RFC_LEAVES[:n], m)
+            good = log_root(RFC_LEAVES[:m])
+            assert verify_consistency(m, n, good, log_root(RFC_LEAVES[:n]), proof)
+            if m < n:
+                forged = log_root(RFC_LEAVES[1 : m + 1])
+                assert not verify_consistency(m, n, forged, log_root(RFC_LEAVES[:n]), proof)
+
+
+def test_signed_tree_heads_catch_a_rollback_and_a_rewrite(tmp_path):
+    from crowdsft.ledger import SignedTreeHead
+    from crowdsft.node.state import NodeState
+
+    one, two, forked = ledgers()
+    with NodeState(tmp_path / "me.sqlite3") as state:
+        first = run(state, [one, two])
+        assert first.ok and first.tree_size == 2
+        assert state.tree_head(COORD.public_key).size == 2
+        rolled = run(state, [one])
+        assert {p.kind for p in rolled.problems} == {"rollback"}  # by the record and the tree
+        assert sum(p.kind == "rollback" for p in rolled.problems) == 2
+        rewritten = run(state, [one, forked])
+        assert {p.kind for p in rewritten.problems} == {"fork"}
+        kept = [e for e in state.evidence(COORD.public_key) if e["kind"] == "tree-fork"]
+        a = SignedTreeHead(
+            COORD.public_key,
+            kept[0]["head"]["tree_head"].encode(),
+            bytes.fromhex(kept[0]["head"]["signature"]),
+        )
+        b = SignedTreeHead(
+            COORD.public_key,
+            kept[0]["other"]["tree_head"].encode(),
+            bytes.fromhex(kept[0]["other"]["signature"]),
+        )
+        # the proof stands alone: two valid heads of one size with different roots
+        assert a.valid() and b.valid() and a.size == b.size == 2 and a.root != b.root
+
+
+def test_a_tree_head_that_does_not_describe_the_ledger_is_a_problem():
+    from crowdsft.ledger import SignedTreeHead, check_tree_head
+
+    one, two, forked = ledgers()
+    head = SignedTreeHead.sign(COORD, [one.record, forked.record], 1)
+    found = check_tree_head(head, [], [one, two], None)
+    assert [k for k, _ in found] == ["tree-head"]
+    # a ledger longer than the head (a round finished between the two fetches) is fine
+    assert check_tree_head(SignedTreeHead.sign(COORD, [one.record], 1), [], [one, two], None) == []
+    forged = SignedTreeHead(COORD.public_key, head.head, bytes(64))
+    assert [k for k, _ in check_tree_head(forged, [], [one, forked], None)] == ["tree-head"]
