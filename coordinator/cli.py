@@ -470,7 +470,7 @@ def export_model(config, out: Path, adapters: bool = False) -> dict:
                 folder = tmp / "adapters" / f"{k:02d}-{digest[:12]}"
                 llm.save_peft(adapter, config.training, model, folder, config.model.base)
             model = llm.merge_adapter(model, adapter, config.training)
-        model.save_pretrained(tmp)
+        llm.savable(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return {"out": str(out), "base": config.model.base, "lineage": lineage}
 

@@ -117,6 +117,35 @@ def load_base_model(
     return model, tokenizer
 
 
+def savable(model: Any) -> Any:
+    """``model`` ready for ``save_pretrained`` as a plain Hugging Face model. A model read
+    from a GGUF file keeps transformers' GGUF quantizer marker although its weights were
+    dequantised to ordinary tensors on load, and transformers refuses to save a model so
+    marked ("quantized with gguf and is not serializable"). With every parameter an ordinary
+    floating-point tensor, the marker is dropped and the model saves, and loads back, as any
+    other; a model whose weights really are quantized is refused with a clear error."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    method = str(getattr(getattr(model.config, "quantization_config", None), "quant_method", ""))
+    packed = [n for n, p in model.named_parameters() if not torch.is_floating_point(p)] + [
+        n for n, b in model.named_buffers() if b.dtype in (torch.uint8, torch.int8)
+    ]
+    if "gguf" not in method.lower() or packed:
+        raise ValueError(
+            f"the model is quantized ({method or type(quantizer).__name__}"
+            + (f"; e.g. {packed[0]}" if packed else "")
+            + "): export needs ordinary floating-point weights"
+        )
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        with contextlib.suppress(AttributeError):  # a read-only property in some versions
+            model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def prepare_tokenizer(tokenizer: Any) -> Any:
     """Padding on the left (for batched generation) and a pad token and chat template."""
     if tokenizer.pad_token is None:

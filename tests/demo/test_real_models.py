@@ -120,3 +120,51 @@ def test_demo_end_to_end_at_small_scale(tmp_path):
     }
     everything = {p["prompt"] for p in target_set(n_prompts=12, seed=settings.seed)}
     assert len(chosen_on) == 6 and chosen_on < everything and len(everything) == 12
+
+
+def test_export_of_smollm2_loads_with_plain_transformers_and_generates(make_coordinator, tmp_path):
+    """Before: `coordinator export` on the default model (SmolLM2 from its GGUF file) ended in
+    "The model is quantized with gguf and is not serializable". Now the merged model is
+    written as an ordinary Hugging Face folder: plain transformers loads it, its logits are
+    the in-memory model's with the winning adapter, and it generates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from crowdsft.coordinator.cli import export_model
+    from crowdsft.coordinator.training import lora as llm
+
+    coord = make_coordinator(
+        training={"layers": 2, "max_steps": 1, "batch_size": 2}, model={"device": "cpu"}
+    )
+    config = coord.config
+    device, dtype = llm.device_and_dtype("cpu")
+    model, tok = llm.load_base_model(config.model.base, device, dtype)
+    examples = [{"prompt": "Say hi.", "response": "Hi there!"}] * 2
+    adapter = llm.fit(model, tok, examples, None, config.training).adapter
+    digest = llm.save_adapter(adapter, config.adapter_dir)
+    coord.coordinator.store.write(
+        lambda conn: (
+            conn.execute(
+                "INSERT INTO rounds(round_id, status, seed, started_ms, strategies, "
+                "base_lineage, groups, weights) VALUES (1, 'finished', 0, 0, '{}', '[]', "
+                "'[]', '[]')"
+            ),
+            conn.execute(
+                "INSERT INTO lineage(position, adapter, round_id) VALUES (0, ?, 1)", (digest,)
+            ),
+        )
+    )
+    out = tmp_path / "best-model"
+    info = export_model(config, out, adapters=True)  # what `coordinator export` runs
+    assert info["lineage"] == [digest] and (out / "adapters").is_dir()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "quantization_config" not in (out / "config.json").read_text()
+    ids = tokenizer("Say hi.", return_tensors="pt")
+    with torch.no_grad(), llm.with_adapter(model, adapter, config.training) as m:
+        expected = m(**ids).logits.float()
+        got = loaded(**ids).logits.float()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    new = loaded.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert new.shape[1] > ids["input_ids"].shape[1]
+    assert tokenizer.decode(new[0][ids["input_ids"].shape[1] :]).strip()
