@@ -95,3 +95,27 @@ def test_the_documented_example_runs(coord, tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "0 accepted, 3 already sent" in second.stdout
+
+
+def test_the_example_keeps_its_key_out_of_the_current_folder(coord, tmp_path):
+    """Before: without --key it wrote ./node.key, a private key in whatever folder it was run
+    from (a repository, say). Now the crowdsft home's node key, as the CLI uses."""
+    import os
+
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    env = dict(os.environ, CROWDSFT_HOME=str(home))
+    script = ROOT / "examples" / "sdk_submit.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--coordinator", coord.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=work,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(work.iterdir()) == []
+    assert (home / "node.key").is_file()
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "*.key" in ignored and "crowdsft-demo/" in ignored
