@@ -366,14 +366,19 @@ def _show_event(ev, as_json: bool) -> None:
             f"round {ev.round_id}: {ev.contributors} contributors in {ev.groups} groups, training"
         )
     else:
-        scores = ", ".join(f"{x:.4f}" for x in ev.scores)
+        if ev.evaluation in ("l2", "l1"):  # negated distances: shown as distances
+            shown = ", ".join(f"{-x:.4f}" for x in ev.scores)
+            scores = f"distances [{shown}] (lower is better; the base {-ev.base_score:.4f})"
+        else:
+            shown = ", ".join(f"{x:.4f}" for x in ev.scores)
+            scores = f"scores [{shown}] (higher is better; the base {ev.base_score:.4f})"
         if not ev.updated:
             result = "no candidate beat the current model"
         elif ev.winner == ev.groups:  # the index after the groups': the consolidated one
             result = "the consolidated candidate (everyone's data) won"
         else:
             result = f"group {ev.winner} won"
-        click.echo(f"round {ev.round_id}: finished, scores [{scores}], {result}")
+        click.echo(f"round {ev.round_id}: finished, {scores}, {result}")
 
 
 @node.command()

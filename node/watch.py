@@ -61,7 +61,8 @@ def follow_rounds(client: CoordinatorClient, after: int = 0) -> Generator[Any, N
 def event_dict(ev: Any) -> dict[str, Any]:
     """A round event as plain data (``node watch --json``, ``Node.watch``): ``round_id``,
     ``kind``, ``groups``, ``contributors``; finished events add ``scores``, ``base_score``,
-    ``updated`` and ``winner``."""
+    ``updated``, ``winner``, ``evaluation`` and, where the evaluation is a negated distance
+    (l2, l1), ``distances`` and ``base_distance`` (lower is better)."""
     info: dict[str, Any] = {
         "round_id": ev.round_id,
         "kind": ev.kind,
@@ -74,7 +75,10 @@ def event_dict(ev: Any) -> dict[str, Any]:
             "base_score": ev.base_score,
             "updated": ev.updated,
             "winner": ev.winner,
+            "evaluation": ev.evaluation,
         }
+        if ev.evaluation in ("l2", "l1"):
+            info |= {"distances": [-x for x in ev.scores], "base_distance": -ev.base_score}
     return info
 
 

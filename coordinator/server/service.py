@@ -285,6 +285,7 @@ class CoordinatorService:
                         base_score=r.base_score or 0.0,
                         updated=r.updated,
                         winner=-1 if r.winner is None else r.winner,
+                        evaluation=self.config.evaluation.function,
                         **common,
                     )
                 )

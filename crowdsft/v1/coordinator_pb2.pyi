@@ -84,7 +84,7 @@ class WatchRoundsRequest(_message.Message):
     def __init__(self, after_round_id: _Optional[int] = ...) -> None: ...
 
 class RoundEvent(_message.Message):
-    __slots__ = ("round_id", "kind", "groups", "contributors", "scores", "base_score", "updated", "winner", "time_ms")
+    __slots__ = ("round_id", "kind", "groups", "contributors", "scores", "base_score", "updated", "winner", "time_ms", "evaluation")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class RoundEvent(_message.Message):
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     WINNER_FIELD_NUMBER: _ClassVar[int]
     TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     kind: str
     groups: int
@@ -103,7 +104,8 @@ class RoundEvent(_message.Message):
     updated: bool
     winner: int
     time_ms: int
-    def __init__(self, round_id: _Optional[int] = ..., kind: _Optional[str] = ..., groups: _Optional[int] = ..., contributors: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ..., base_score: _Optional[float] = ..., updated: _Optional[bool] = ..., winner: _Optional[int] = ..., time_ms: _Optional[int] = ...) -> None: ...
+    evaluation: str
+    def __init__(self, round_id: _Optional[int] = ..., kind: _Optional[str] = ..., groups: _Optional[int] = ..., contributors: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ..., base_score: _Optional[float] = ..., updated: _Optional[bool] = ..., winner: _Optional[int] = ..., time_ms: _Optional[int] = ..., evaluation: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "registered", "contributions", "examples", "points", "registered_at_ms", "display_name", "rounds")

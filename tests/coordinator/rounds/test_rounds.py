@@ -147,6 +147,16 @@ def test_a_round_from_submitted_contributions(rounds_coord, tiny, char_embedder,
     assert out.exit_code == 0, out.output
     lines = [json.loads(x) for x in out.output.splitlines()]
     assert [x["kind"] for x in lines] == ["planned", "finished"]
+    # Before: `node watch` printed the raw scores (negated distances, "scores [-1.0493, ...]")
+    # where every other display shows distances. Now distances, lower is better.
+    assert lines[1]["evaluation"] == "l2"
+    assert lines[1]["distances"] == pytest.approx([-s for s in summary.scores])
+    text = CliRunner().invoke(
+        main, ["node", "watch", "--coordinator", coord.address, "--count", "2"]
+    )
+    assert text.exit_code == 0, text.output
+    finished = text.output.splitlines()[1]
+    assert "distances [" in finished and "lower is better" in finished and "-" not in finished
     # The next round trains on top of the winner, from the data not yet consumed.
     second = runner.run()
     assert second.round_id == 2
