@@ -104,6 +104,13 @@ class VerificationError(CrowdSFTError):
     """``node verify`` found a mismatch between the ledger and what it implies or holds."""
 
 
+class UncheckedError(VerificationError):
+    """``node verify`` found no mismatch but could not check everything (a reward rule from
+    a plugin that is not installed here): exit code 4, apart from a mismatch's 1."""
+
+    exit_code = 4
+
+
 class DuplicateExampleError(ProtocolError):
     """An example of the contribution is already stored (from this node or another): the
     earlier submitter keeps the credit. ``ALREADY_EXISTS`` without a receipt (a duplicate

@@ -424,9 +424,24 @@ def _check_points(
     rid = rec["round_id"]
     name = rec["strategies"]["reward"]
     options = rec["strategies"].get("options", {}).get("reward", {})
+    if name not in plugins.names("reward"):
+        package = rec["strategies"].get("packages", {}).get("reward")
+        where = (
+            f"install {package.rsplit(' ', 1)[0]} (the record names {package})"
+            if isinstance(package, str) and package
+            else "install the plugin that provides it (the record names no package)"
+        )
+        return [
+            Problem(
+                rid,
+                "unchecked",
+                f"cannot check the points: the reward rule {name!r} is not installed here; "
+                f"{where}, then run node verify again",
+            )
+        ]
     try:
         reward = plugins.create("reward", name, **options)
-    except Exception as exc:  # an unknown rule is a finding, not a crash
+    except Exception as exc:  # a rule that cannot be built is a finding, not a crash
         return [Problem(rid, "points", f"cannot recompute: reward rule {name!r}: {exc}")]
     try:
         expected = recompute_points(rec, earlier, awarded, reward)

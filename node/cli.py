@@ -413,10 +413,12 @@ def verify(
     that used it, and compares the points the coordinator reports. Then compares the ledger
     with the last head this node verified (a shorter ledger is a rollback, another record at
     that round a fork) and with other nodes' heads (--peer); the coordinator's signed records
-    that prove a rollback or fork are kept (`crowdsft node evidence`). Exits 1 on any mismatch.
+    that prove a rollback or fork are kept (`crowdsft node evidence`). Exits 1 on any mismatch,
+    4 when nothing mismatched but something could not be checked here (a reward rule from a
+    plugin that is not installed: the message names the package).
     """
     from crowdsft.envelope import now_ms
-    from crowdsft.errors import VerificationError
+    from crowdsft.errors import UncheckedError, VerificationError
     from crowdsft.node.state import NodeState
     from crowdsft.node.verify import held_receipts, verify_node
 
@@ -471,12 +473,19 @@ def verify(
                 fg="red",
                 err=True,
             )
-        for p in result.problems:
+        for p in result.mismatches:
             click.secho(f"  MISMATCH {p}", fg="red", err=True)
+        for p in result.unchecked:
+            click.secho(f"  CANNOT CHECK {p}", fg="yellow", err=True)
         if result.ok:
             click.secho("verified: everything checks out", fg="green")
-    if not result.ok:
-        raise VerificationError(f"{len(result.problems)} mismatch(es) found")
+    if result.mismatches:
+        raise VerificationError(f"{len(result.mismatches)} mismatch(es) found")
+    if result.unchecked:
+        raise UncheckedError(
+            f"no mismatch, but {len(result.unchecked)} round(s) could not be checked here "
+            "(see above for what to install)"
+        )
 
 
 def _read_head(path: Path):

@@ -56,6 +56,15 @@ class NodeVerification:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def mismatches(self) -> list[Problem]:
+        """The problems that are findings against the coordinator (not "cannot check")."""
+        return [p for p in self.problems if p.kind != "unchecked"]
+
+    @property
+    def unchecked(self) -> list[Problem]:
+        return [p for p in self.problems if p.kind == "unchecked"]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,

@@ -325,6 +325,16 @@ class Plugins:
     def names(self, kind: str) -> list[str]:
         return sorted(self.registry()[kind])
 
+    def package_of(self, kind: str, name: str) -> str | None:
+        """The distribution and version ("name 1.2") that provides strategy ``name`` of
+        ``kind``, for a strategy from an installed plugin package; None for crowd-sft's own
+        strategies and ones registered in code."""
+        strategy = self.registry()[kind].get(name)
+        if strategy is None:
+            return None
+        info = self.info(strategy.plugin)
+        return f"{info.package} {info.version}" if info else None
+
     def get(self, kind: str, name: str) -> Strategy:
         if kind not in KINDS:
             raise PluginError(f"unknown strategy kind {kind!r} (kinds: {', '.join(KINDS)})")

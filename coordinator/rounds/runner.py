@@ -225,6 +225,11 @@ class RoundRunner:
             "embedder": self.config.evaluation.embedder,
             "seed": r.seed,
         }
+        # a reward rule from a plugin package: the record names the package (and version),
+        # so that a node without it can say what to install to check the points
+        package = self.plugins.package_of("reward", r.reward)
+        if package:
+            strategies["packages"] = {"reward": package}
         started_ms, base_lineage = now_ms(), self.lineage()
         self.store.write(
             lambda conn: queries.insert_planned_round(

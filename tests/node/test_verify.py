@@ -388,3 +388,62 @@ def test_a_tree_head_that_does_not_describe_the_ledger_is_a_problem():
     assert check_tree_head(SignedTreeHead.sign(COORD, [one.record], 1), [], [one, two], None) == []
     forged = SignedTreeHead(COORD.public_key, head.head, bytes(64))
     assert [k for k, _ in check_tree_head(forged, [], [one, forked], None)] == ["tree-head"]
+
+
+def test_a_reward_rule_not_installed_here_is_cannot_check_naming_its_package():
+    """Before: a node without the operator's reward plugin got `MISMATCH ... no reward
+    strategy named 'decay-rank'` and exit 1, as if the coordinator had cheated."""
+    rec = record(IDS, POINTS)
+    rec["strategies"] = {"reward": "decay-rank", "packages": {"reward": "crowdsft-decay 0.3.1"}}
+    client = FakeClient([entry(rec)], proofs_for(IDS, MINE[:2]), 3.0)
+    result = verify_node(client, ME, COORD.public_key, [receipt(c) for c in MINE])
+    assert [p.kind for p in result.problems] == ["unchecked"]
+    assert result.mismatches == [] and len(result.unchecked) == 1
+    message = result.problems[0].message
+    assert "cannot check" in message and "install crowdsft-decay" in message
+    assert "0.3.1" in message
+
+
+def test_the_cli_says_cannot_check_and_exits_4(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import crowdsft.node.cli as node_cli
+    from crowdsft.cli import main
+    from crowdsft.keys import write_private_key
+
+    rec = record(THEIRS, {OTHER.node_id: [0.0, 2.0], THIRD.node_id: [0.0, 1.0]})
+    rec |= {  # a round without this node (it holds no receipts in this test's state)
+        "strategies": {"reward": "decay-rank"},
+        "population": sorted([OTHER.node_id, THIRD.node_id]),
+        "groups": [[OTHER.node_id], [THIRD.node_id]],
+        "weights": [[1.0], [1.0]],
+        "candidates": [{"group": g, "adapter": f"a{g}", "score": -1.0 - g} for g in range(2)],
+        "ranking": [0, 1],
+        "winner": 0,
+    }
+    client = FakeClient([entry(rec)], [], 0.0)
+
+    class Connected:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def info(self):
+            return coordinator_pb2.CoordinatorInfo(public_key=COORD.public_key)
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+    monkeypatch.setattr(node_cli, "_client", lambda address: Connected())
+    key = tmp_path / "me.key"
+    write_private_key(ME, key)
+    out = CliRunner().invoke(
+        main, ["node", "verify", "--coordinator", "127.0.0.1:1", "--key", str(key)]
+    )
+    assert out.exit_code == 4, out.output
+    assert "CANNOT CHECK" in out.output and "MISMATCH" not in out.output
