@@ -138,6 +138,25 @@ def parse_record(line: str) -> Parsed:
     return parse_object(json.loads(line))
 
 
+# Column names other tools use for our two fields: named in the error, so that a user with a
+# file in another tool's shape learns what to rename.
+SYNONYMS = {
+    "response": ("answer", "completion", "output", "target", "reply"),
+    "prompt": ("question", "instruction", "input", "query"),
+}
+
+
+def _rename_hint(extra: set[str], keys: set[str]) -> str:
+    renames = [
+        f'"{other}" to "{ours}"'
+        for ours, others in SYNONYMS.items()
+        if ours not in keys
+        for other in others
+        if other in extra
+    ]
+    return f" (rename {' and '.join(renames)})" if renames else ""
+
+
 def parse_object(obj: object) -> Parsed:
     """(prompt, response, system, history) of one record (a dict of either shape), or
     ValueError."""
@@ -153,7 +172,8 @@ def parse_object(obj: object) -> Parsed:
         return _from_messages(obj["messages"])
     extra = set(obj) - {"prompt", "response", "system", "history"}
     if extra:
-        raise ValueError(f"unexpected keys: {', '.join(sorted(extra))}")
+        hint = _rename_hint(extra, set(obj))
+        raise ValueError(f"unexpected keys: {', '.join(sorted(extra))}{hint}")
     for key in ("prompt", "response"):
         if key not in obj:
             raise ValueError(f'missing "{key}" (or give "messages" in chat format)')
@@ -245,7 +265,8 @@ def _table_rows(path: Path, fmt: str) -> Iterator[object]:
         import csv
 
         try:
-            with open(path, encoding="utf-8", newline="") as fh:
+            # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not a header
+            with open(path, encoding="utf-8-sig", newline="") as fh:
                 dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
                 for row in csv.DictReader(fh, dialect=dialect):
                     out: dict[str, object] = {k: v for k, v in row.items() if k is not None}
@@ -315,13 +336,18 @@ def read_records(
     entries: Iterable[tuple[int, str, Parse]]
     if fmt == "jsonl":
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not a record
         except FileNotFoundError:
             raise InputError(f"no such file: {path}") from None
         except UnicodeDecodeError as exc:
             raise InputError(
                 f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
             ) from None
+        if text.lstrip().startswith("["):
+            raise InputError(
+                f"{path} holds a JSON array; crowdsft reads JSON Lines, one object per line "
+                f"(convert it with: jq -c '.[]' {path} > {path.with_suffix('.jsonl')})"
+            )
         entries = (
             (n, f"line {n}", partial(parse_record, line))
             for n, line in enumerate(text.splitlines(), 1)

@@ -191,3 +191,32 @@ def test_training_order_depends_on_content_only_even_where_digests_tie():
     ]
     orders = {json.dumps(training_order(list(perm))) for perm in itertools.permutations(examples)}
     assert len(orders) == 1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    """Before: a JSONL or CSV file saved with a UTF-8 byte-order mark (as spreadsheet and
+    Windows editors do) was refused on its first line."""
+    from crowdsft.datafiles import read_records
+
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "p", "response": "r"}\n')
+    assert [(r.prompt, r.response) for r in read_records(jsonl)] == [("p", "r")]
+    csv = tmp_path / "bom.csv"
+    csv.write_bytes(b"\xef\xbb\xbfprompt,response\r\nq,a\r\n")
+    assert [(r.prompt, r.response) for r in read_records(csv)] == [("q", "a")]
+
+
+def test_a_json_array_and_other_tools_column_names_get_a_hint(tmp_path):
+    import pytest
+
+    from crowdsft.datafiles import read_records
+    from crowdsft.errors import InputError
+
+    array = tmp_path / "data.json"
+    array.write_text('[{"prompt": "p", "response": "r"}]')
+    with pytest.raises(InputError, match="JSON array; crowdsft reads JSON Lines"):
+        read_records(array, format="jsonl")
+    csv = tmp_path / "qa.csv"
+    csv.write_text("prompt,answer\nq,a\n")
+    with pytest.raises(InputError, match='rename "answer" to "response"'):
+        read_records(csv)
