@@ -275,7 +275,12 @@ def register(address: str, key_path: Path, passphrase_env: str, name: str, invit
     identity = _load(key_path, passphrase_env)
     with _client(address) as client:
         resp = client.register(identity, name, invite.strip())
-    state = "registered" if resp.newly_registered else "already registered"
+    if resp.newly_registered:
+        state = "registered"
+    elif name.strip():  # the coordinator sets the name of a node it knows (RegisterNode)
+        state = f"already registered; its display name is now {name.strip()!r}"
+    else:
+        state = "already registered"
     click.echo(f"node {resp.node_id} {state} at {address}")
 
 

@@ -94,6 +94,12 @@ def test_node_register_with_an_invite_from_the_cli(make_coordinator, tmp_path):
     assert refused.exit_code != 0 and "invitation" in refused.output
     ok = runner.invoke(main, [*args, "--invite", token])
     assert ok.exit_code == 0 and "registered" in ok.output
+    # Before: registering again with --name said only "already registered", though the
+    # coordinator had set the name. Now it says so.
+    again = runner.invoke(main, [*args, "--name", "alice"])
+    assert again.exit_code == 0, again.output
+    assert "already registered; its display name is now 'alice'" in again.output
+    assert coord.coordinator.store.query("SELECT display_name FROM nodes")[0][0] == "alice"
 
 
 def test_bad_expiry_is_a_usage_error(coord):
