@@ -176,6 +176,23 @@ def lint_plugin(pm: pluggy.PluginManager, plugin: object, name: str) -> list[str
     return found
 
 
+def _option_names(factory: Callable[..., Any]) -> set[str] | None:
+    """The keyword options ``factory`` takes (None: any, or its signature is unknown)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
 def create_plugin_manager(load_entry_points: bool = True) -> PluginManager:
     """The built-in strategies and (``load_entry_points``) every installed plugin. A plugin
     that fails to import or to register is left out and recorded in ``pm.problems``, with
@@ -353,6 +370,14 @@ class Plugins:
     def create(self, kind: str, name: str, **options: Any) -> Any:
         """Build the strategy ``name`` of ``kind`` with its options."""
         strategy = self.get(kind, name)
+        accepted = _option_names(strategy.factory)
+        unknown = sorted(set(options) - accepted) if accepted is not None else []
+        if unknown:
+            valid = ", ".join(sorted(accepted or ())) or "none"
+            raise PluginError(
+                f"{kind} strategy {name!r} has no option {', '.join(map(repr, unknown))} "
+                f"(its options: {valid})"
+            )
         try:
             return strategy.factory(**options)
         except TypeError as exc:

@@ -75,7 +75,7 @@ def test_unknown_names_and_bad_options_are_clear():
         plugins.get("reward", "nope")
     with pytest.raises(PluginError, match="unknown strategy kind"):
         plugins.get("colour", "red")
-    with pytest.raises(PluginError, match="cannot build grouping strategy 'random'"):
+    with pytest.raises(PluginError, match="grouping strategy 'random' has no option 'colour'"):
         plugins.create("grouping", "random", colour=1)
 
 
@@ -375,3 +375,16 @@ def test_a_broken_or_sloppy_plugin_is_reported_and_the_rest_loads(tmp_path, monk
     # disabling it as the line says silences it
     monkeypatch.setenv("CROWDSFT_DISABLE_PLUGINS", "broken")
     assert "broken" not in {p.plugin for p in Plugins(create_plugin_manager()).problems}
+
+
+def test_an_unknown_strategy_option_lists_the_valid_ones():
+    """Before: an unknown option gave Python's "unexpected keyword argument"; now the
+    strategy's own options are listed."""
+    import pytest
+
+    from crowdsft.plugins.manager import PluginError, get_plugins
+
+    plugins = get_plugins()
+    with pytest.raises(PluginError, match=r"has no option 'bogus' \(its options: groups\)"):
+        plugins.create("grouping", "random", groups=3, bogus=1)
+    assert plugins.create("grouping", "random", groups=3) is not None
