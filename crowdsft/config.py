@@ -167,6 +167,12 @@ class ServerConfig:
         "keep sending (or waiting for its answers) at least every idle_s seconds.",
     )
     idle_s: float = setting(60.0)
+    request_s: float = setting(
+        60.0,
+        "A unary call must deliver its whole request within request_s seconds of opening (a "
+        "4 MiB request needs about 1 Mbit/s), else it is ended; calls that never send their "
+        "request hold nothing longer than this.",
+    )
     keepalive_s: float = setting(
         60.0,
         "Keepalive pings every keepalive_s; idle connections close after "
@@ -239,6 +245,7 @@ class ServerConfig:
             "max_connection_idle_s",
             "max_connection_age_s",
             "reflection_per_s",
+            "request_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"server.{name} must be > 0")

@@ -86,13 +86,14 @@ def _char_class(cps: list[int]) -> str:
 
 @functools.cache
 def _expanders() -> tuple[re.Pattern[str], tuple[tuple[int, re.Pattern[str]], ...]]:
-    """Characters that NFKC turns into more than one (U+FDFA into 18), as one pattern for
-    all and one pattern per number of characters added (built once, on first use)."""
+    """Characters whose full compatibility decomposition (NFKD) is longer than one character
+    (U+FDFA: 18), as one pattern for all and one pattern per number of characters added
+    (built once, on first use)."""
     extra: dict[int, list[int]] = {}
     for cp in range(sys.maxunicode + 1):
         ch = chr(cp)
         if unicodedata.decomposition(ch):
-            n = len(unicodedata.normalize("NFKC", ch))
+            n = len(unicodedata.normalize("NFKD", ch))
             if n > 1:
                 extra.setdefault(n - 1, []).append(cp)
     everything = sorted(cp for cps in extra.values() for cp in cps)
@@ -102,10 +103,13 @@ def _expanders() -> tuple[re.Pattern[str], tuple[tuple[int, re.Pattern[str]], ..
 
 def normalised_length(text: str) -> int:
     """An upper bound on the length of ``text`` under Unicode NFKC, found without normalising
-    (a few pattern scans: a small fraction of normalisation's cost on text built to expand;
-    exact unless composition shortens it). Normalising a field that expands far would cost
-    the server up to 18 times its size in work and memory; fields are refused on this
-    bound first."""
+    (a few pattern scans: a small fraction of normalisation's cost on text built to expand).
+    NFKC decomposes every character (NFKD: each character's decomposition, reordered, so the
+    lengths add up) and then composes, which only shortens: the sum of the characters' NFKD
+    lengths bounds it. (Hangul syllables decompose algorithmically and recompose: counted as
+    one.) Normalising a field that expands far would cost the server up to 18 times its size
+    in work and memory; fields are refused on this bound first. Case folding, applied after,
+    adds at most 3 characters per character: bounded work once this bound is."""
     if text.isascii():
         return len(text)
     anything, by_extra = _expanders()

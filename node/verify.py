@@ -154,6 +154,12 @@ def check_inclusion(
     return checked, included, problems
 
 
+def _provable(key: bytes, other: Any) -> bool:
+    """Whether the ledger's side of a finding is the coordinator's signed word (a record
+    altered on the way is reported by verify_ledger, and is no proof of anything)."""
+    return other is None or SignedHead.of(key, other).valid()
+
+
 def check_heads(
     result: NodeVerification,
     entries: list,
@@ -182,8 +188,9 @@ def check_heads(
         found = check_head(known, entries, own=True)
         if found.kind != "consistent":
             result.problems.append(Problem(known.round_id, found.kind, found.message))
-            state.keep_evidence(found.kind, known, found.other, now_ms)
-            result.evidence_kept += 1
+            if _provable(key, found.other):
+                state.keep_evidence(found.kind, known, found.other, now_ms)
+                result.evidence_kept += 1
     for peer in peers:
         if peer.coordinator_key != key:
             continue  # another coordinator's head: nothing to compare
@@ -197,7 +204,7 @@ def check_heads(
         if found.kind == "consistent":
             continue
         result.problems.append(Problem(peer.round_id, found.kind, found.message))
-        if found.kind == "fork" and state is not None:
+        if found.kind == "fork" and state is not None and _provable(key, found.other):
             state.keep_evidence("fork", peer, found.other, now_ms)
             result.evidence_kept += 1
     if state is not None and entries and not result.problems:

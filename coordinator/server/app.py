@@ -170,7 +170,7 @@ class Coordinator:
         config = self.config
         self.peer_calls = PeerCalls(
             config.server.max_calls_per_peer,
-            config.server.first_message_s,
+            config.server.request_s,
             reflection_per_s=config.server.reflection_per_s,
             reflection_burst=5 * config.server.reflection_per_s,
         )

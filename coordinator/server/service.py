@@ -241,7 +241,7 @@ class CoordinatorService:
     def tree_head(self, first_size: int) -> coordinator_pb2.TreeHead:
         """A signed tree head over every ledger record, and the consistency proof from the
         tree of ``first_size`` records where that is smaller (docs/protocol.md 11.8)."""
-        records = [e.record for e in self.ledger(0)]
+        records = [e.record for e in ledger_entries(self.store, 0, limit=-1)]  # all, not a page
         head = SignedTreeHead.sign(self.identity, records, now_ms())
         out = coordinator_pb2.TreeHead(head=head.head, signature=head.signature)
         if 0 < first_size < len(records):

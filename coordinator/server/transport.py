@@ -11,8 +11,8 @@ its first moment:
   opens; an address over ``server.max_calls_per_peer`` is refused at once, so one address
   cannot fill the server-wide limit;
 * a call whose request is a single message is served as a request stream that must deliver
-  that message within ``server.first_message_s``; one that does not is ended then, instead
-  of waiting for the connection to die;
+  that message within ``server.request_s``; one that does not is ended then, instead of
+  waiting for the connection to die;
 * reflection requests are paced per address (``server.reflection_per_s``): a client that
   asks faster waits for its answers.
 
@@ -43,12 +43,12 @@ class PeerCalls(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         per_peer: int,
-        first_message_s: float,
+        request_s: float,
         reflection_per_s: float = 20.0,
         reflection_burst: float = 100.0,
     ) -> None:
         self.per_peer = per_peer
-        self.first_message_s = first_message_s
+        self.request_s = request_s
         self.reflection = Buckets(reflection_per_s, reflection_burst)
         self._open: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -84,14 +84,14 @@ class PeerCalls(grpc.aio.ServerInterceptor):
                 del self._open[host]
 
     async def _first(self, requests: AsyncIterator[Any], context: Any, method: str) -> Any:
-        """The one request of a unary-request call, within ``first_message_s``."""
+        """The one request of a unary-request call, within ``request_s``."""
         try:
-            return await asyncio.wait_for(anext(requests), self.first_message_s)
+            return await asyncio.wait_for(anext(requests), self.request_s)
         except TimeoutError:
             self.timed_out += 1
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no request arrived within {self.first_message_s:g}s of opening {method}",
+                f"no request arrived within {self.request_s:g}s of opening {method}",
             )
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} needs a request")

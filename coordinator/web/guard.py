@@ -97,8 +97,9 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
                 self._disarm()  # a request's headers arrived
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
+            before = getattr(self, "scope", None)
+            super().on_response_complete()  # may start a pipelined request already read
+            if not self.transport.is_closing() and getattr(self, "scope", None) is before:
                 self._arm()  # the next request's headers, in time too
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -184,8 +185,12 @@ class Guard:
                 if not started:
                     await _json(send, 500, {"error": "internal error (logged on the coordinator)"})
                 return
-        if key is not None and sent and sent[0].get("status") == 200:
-            self._cache[key] = (time.monotonic(), sent)
+        size = sum(len(m.get("body", b"")) for m in sent)
+        if key is not None and sent and sent[0].get("status") == 200 and size <= 1 << 20:
+            now = time.monotonic()
+            for stale in [k for k, (at, _) in self._cache.items() if now - at >= self.cache_s]:
+                del self._cache[stale]
+            self._cache[key] = (now, sent)
             self._cache.move_to_end(key)
             while len(self._cache) > self.cache_entries:
                 self._cache.popitem(last=False)

@@ -11,6 +11,7 @@ the pinned files are unpacked, each bounded in size, and the download too.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -75,8 +76,8 @@ def _download(
                 fh.write(chunk)
                 if progress:
                     progress(got, total)
-    except OSError as exc:
-        raise InputError(f"cannot download {url}: {exc}") from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # incl. a cut-off body
+        raise InputError(f"cannot download {url}: {type(exc).__name__}: {exc}") from None
     return h.hexdigest()
 
 
@@ -150,8 +151,13 @@ def fetch_movielens(
                             f"{MOVIELENS_FOLDER}/{name} has SHA-256 {actual}, not the pinned "
                             f"{expected}: refused (the download changed or is corrupt)"
                         )
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
             raise InputError(f"{url} did not send a readable zip archive: {exc}") from None
+        if dest.exists() and not _replaceable(dest, files):
+            raise InputError(
+                f"{dest} exists and is not a MovieLens folder this command wrote (it holds "
+                "other files): refused, nothing was changed; give an empty or new --dest"
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
@@ -164,6 +170,15 @@ def fetch_movielens(
             shutil.rmtree(staged, ignore_errors=True)
             raise
     return dest
+
+
+def _replaceable(folder: Path, files: Mapping[str, str]) -> bool:
+    """Whether ``folder`` may be replaced: an empty folder, or one that holds the pinned
+    files and what a full ml-latest-small archive holds beside them, nothing else."""
+    if not folder.is_dir():
+        return False
+    known = set(files) | {"links.csv", "tags.csv", "README.txt"}
+    return all(p.name in known and p.is_file() for p in folder.iterdir())
 
 
 def _sha256(path: Path) -> str:

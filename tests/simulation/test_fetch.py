@@ -196,3 +196,14 @@ def test_a_corrupt_archive_is_an_input_error_not_a_traceback(server, synthetic_m
         with pytest.raises(InputError, match="readable zip archive"):
             fetch_movielens(dest, url=f"{base}/{name}", files=_pins(synthetic_movielens))
         assert not dest.parent.exists() or _tree(dest.parent) == set()
+
+
+def test_a_folder_that_is_not_movielens_is_never_replaced(server, synthetic_movielens, tmp_path):
+    base, root = server
+    (root / "ml.zip").write_bytes(_archive(synthetic_movielens))
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="not a MovieLens folder"):
+        fetch_movielens(precious, url=f"{base}/ml.zip", files=_pins(synthetic_movielens))
+    assert (precious / "thesis.tex").read_text() == "years of work"

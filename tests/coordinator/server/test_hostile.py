@@ -746,7 +746,7 @@ def test_one_address_cannot_fill_the_server_wide_call_limit(make_coordinator, id
 
 
 def test_a_unary_call_that_never_sends_its_request_is_ended(make_coordinator):
-    coord = make_coordinator(server={"first_message_s": 0.5})
+    coord = make_coordinator(server={"request_s": 0.5})
     release = threading.Event()
     with grpc.insecure_channel(coord.address) as ch:
         started = time.monotonic()
