@@ -19,6 +19,7 @@ each record names.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -630,15 +631,19 @@ class SignedTreeHead:
         return cls(identity.public_key, head, identity.sign(TREE_HEAD_TAG + head))
 
     def data(self) -> dict[str, Any]:
+        return dict(self._parsed)
+
+    @functools.cached_property
+    def _parsed(self) -> dict[str, Any]:  # parsed once: size and root are read often
         return json.loads(self.head)
 
     @property
     def size(self) -> int:
-        return int(self.data()["tree_size"])
+        return int(self._parsed["tree_size"])
 
     @property
     def root(self) -> bytes:
-        return bytes.fromhex(self.data()["root_hash"])
+        return bytes.fromhex(self._parsed["root_hash"])
 
     def valid(self) -> bool:
         """Signed by ``coordinator_key``, naming it, with a size and a 32-byte root."""

@@ -267,45 +267,37 @@ class NodeState:
             (head.coordinator_key, head.head, head.signature, now_ms),
         )
 
-    def keep_tree_evidence(
-        self, kind: str, known: SignedTreeHead, new: SignedTreeHead, now_ms: int
+    def _keep(
+        self,
+        key: bytes,
+        kind: str,
+        round_id: int,
+        signed: tuple[bytes, bytes],
+        other: tuple[bytes, bytes] | None,
+        now_ms: int,
     ) -> None:
-        """Keep two signed tree heads that prove a rollback or a fork (kind "tree-<kind>")."""
+        """One piece of evidence (once): a signed statement, and the one it contradicts."""
         self.conn.execute(
             "INSERT OR IGNORE INTO ledger_evidence(coordinator_key, kind, round_id, record, "
             "signature, other_record, other_signature, found_at_ms) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                known.coordinator_key,
-                f"tree-{kind}",
-                known.size,
-                known.head,
-                known.signature,
-                new.head,
-                new.signature,
-                now_ms,
-            ),
+            (key, kind, round_id, *signed, *(other or (None, None)), now_ms),
         )
+
+    def keep_tree_evidence(
+        self, kind: str, known: SignedTreeHead, new: SignedTreeHead, now_ms: int
+    ) -> None:
+        """Keep two signed tree heads that prove a rollback or a fork (kind "tree-<kind>")."""
+        pair = (known.head, known.signature), (new.head, new.signature)
+        self._keep(known.coordinator_key, f"tree-{kind}", known.size, *pair, now_ms)
 
     def keep_evidence(
         self, kind: str, head: SignedHead, other: LedgerEntry | None, now_ms: int
     ) -> None:
         """Keep the signed records that prove a rollback or a fork (once each)."""
-        self.conn.execute(
-            "INSERT OR IGNORE INTO ledger_evidence(coordinator_key, kind, round_id, record, "
-            "signature, other_record, other_signature, found_at_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                head.coordinator_key,
-                kind,
-                head.round_id,
-                head.record,
-                head.signature,
-                other.record if other else None,
-                other.signature if other else None,
-                now_ms,
-            ),
-        )
+        theirs = (other.record, other.signature) if other else None
+        signed = (head.record, head.signature)
+        self._keep(head.coordinator_key, kind, head.round_id, signed, theirs, now_ms)
 
     def evidence(self, coordinator_key: bytes) -> list[dict[str, object]]:
         """The proof kept against ``coordinator_key``, oldest first, as JSON-ready dicts."""

@@ -156,92 +156,50 @@ class PeerCalls(grpc.aio.ServerInterceptor):
         return self._wrap(handler, method)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler as a request stream (a unary request is read as the stream's one
+        message, within ``request_s``), counted against its peer for as long as it runs."""
+        streaming_request, streaming_response = (
+            handler.request_streaming,
+            handler.response_streaming,
+        )
+        kind = f"{'stream' if streaming_request else 'unary'}_" + (
+            "stream" if streaming_response else "unary"
+        )
+        inner = getattr(handler, kind)
+        meter = method.startswith(REFLECTION_PREFIX)
+
+        async def argument(requests: AsyncIterator[Any], context: Any, host: str) -> Any:
+            """What ``inner`` takes: the one request, or the (checked) request stream."""
+            if not streaming_request:
+                return await self._first(requests, context, method)
+            requests = self._decoded(requests, context, method)
+            return self._metered(requests, context, host) if meter else requests
+
+        async def generated(requests: AsyncIterator[Any], context: Any) -> Any:
+            host = await self._enter(context)
+            try:
+                async for response in inner(await argument(requests, context, host), context):
+                    yield response
+            finally:
+                self._leave(host)
+
+        async def returned(requests: AsyncIterator[Any], context: Any) -> Any:
+            host = await self._enter(context)
+            try:  # a coroutine (or a response stream written with context.write)
+                return await _result(inner(await argument(requests, context, host), context))
+            finally:
+                self._leave(host)
+
         kw = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        if not handler.request_streaming and not handler.response_streaming:
-            inner = handler.unary_unary
-
-            async def unary_unary(requests: AsyncIterator[Any], context: Any) -> Any:
-                host = await self._enter(context)
-                try:
-                    request = await self._first(requests, context, method)
-                    return await _result(inner(request, context))
-                finally:
-                    self._leave(host)
-
-            return grpc.stream_unary_rpc_method_handler(unary_unary, **kw)
-        if not handler.request_streaming:
-            inner = handler.unary_stream
-            if inspect.isasyncgenfunction(inner) or inspect.isasyncgenfunction(
-                getattr(inner, "__func__", None)
-            ):
-
-                async def unary_stream_gen(requests: AsyncIterator[Any], context: Any) -> Any:
-                    host = await self._enter(context)
-                    try:
-                        request = await self._first(requests, context, method)
-                        async for response in inner(request, context):
-                            yield response
-                    finally:
-                        self._leave(host)
-
-                return grpc.stream_stream_rpc_method_handler(unary_stream_gen, **kw)
-
-            async def unary_stream(requests: AsyncIterator[Any], context: Any) -> Any:
-                host = await self._enter(context)
-                try:
-                    request = await self._first(requests, context, method)
-                    return await _result(inner(request, context))  # writes with context.write
-                finally:
-                    self._leave(host)
-
-            return grpc.stream_stream_rpc_method_handler(unary_stream, **kw)
-        meter = method.startswith(REFLECTION_PREFIX)
-        if not handler.response_streaming:
-            inner = handler.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Any], context: Any) -> Any:
-                host = await self._enter(context)
-                try:
-                    requests = self._decoded(requests, context, method)
-                    if meter:
-                        requests = self._metered(requests, context, host)
-                    return await _result(inner(requests, context))
-                finally:
-                    self._leave(host)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-        inner = handler.stream_stream
-        if inspect.isasyncgenfunction(inner) or inspect.isasyncgenfunction(
+        if not streaming_response:
+            return grpc.stream_unary_rpc_method_handler(returned, **kw)
+        is_gen = inspect.isasyncgenfunction(inner) or inspect.isasyncgenfunction(
             getattr(inner, "__func__", None)
-        ):
-
-            async def stream_stream_gen(requests: AsyncIterator[Any], context: Any) -> Any:
-                host = await self._enter(context)
-                try:
-                    requests = self._decoded(requests, context, method)
-                    if meter:
-                        requests = self._metered(requests, context, host)
-                    async for response in inner(requests, context):
-                        yield response
-                finally:
-                    self._leave(host)
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream_gen, **kw)
-
-        async def stream_stream(requests: AsyncIterator[Any], context: Any) -> Any:
-            host = await self._enter(context)
-            try:
-                requests = self._decoded(requests, context, method)
-                if meter:
-                    requests = self._metered(requests, context, host)
-                return await _result(inner(requests, context))
-            finally:
-                self._leave(host)
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+        )
+        return grpc.stream_stream_rpc_method_handler(generated if is_gen else returned, **kw)
 
 
 async def _result(value: Any) -> Any:
