@@ -381,12 +381,23 @@ def stats(config_path: Path, as_json: bool) -> None:
 @coordinator.command("round")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the round's result as JSON.")
-def round_(config_path: Path, as_json: bool) -> None:
+@click.option(
+    "--redecide",
+    is_flag=True,
+    help="Finish the interrupted round under the selection and reward rules the config names "
+    "now, not those it was planned with (e.g. after a reward plugin failed); its groups, "
+    "training and scores are kept, and its ledger record names both.",
+)
+def round_(config_path: Path, as_json: bool, redecide: bool) -> None:
     """Run one fine-tuning round now (or finish an interrupted one).
 
     Groups the contributors with unconsumed data, fine-tunes one LoRA candidate per group
     from the current model, scores each against the target, selects the winner, awards
     points, and records everything in the store.
+
+    A round that stopped after its training (a crash, a failing reward plugin) resumes where
+    it stopped. It is decided under the rules it was planned with; to change the selection or
+    reward rule of such a round, change the config and pass --redecide.
     """
     from crowdsft.config import load_coordinator_config
     from crowdsft.coordinator.rounds.runner import RoundRunner
@@ -398,7 +409,7 @@ def round_(config_path: Path, as_json: bool) -> None:
     from crowdsft.coordinator.training.preflight import check_round
 
     with Store(config.db_path, max_batch=config.storage.max_batch) as store:
-        check_round(config, store)  # before any model loads
+        check_round(config, store, redecide)  # before any model loads
 
     def event(kind: str, info: dict) -> None:
         if not as_json and kind in (
@@ -406,6 +417,7 @@ def round_(config_path: Path, as_json: bool) -> None:
             "candidate_training",
             "candidate_scored",
             "round_resumed",
+            "round_redecided",
         ):
             detail = ", ".join(f"{k}={v}" for k, v in info.items() if k != "groups")
             click.echo(f"  {kind.replace('_', ' ')}: {detail}", err=True)
@@ -414,7 +426,9 @@ def round_(config_path: Path, as_json: bool) -> None:
     executor = make_executor(config)
     try:
         with Store(config.db_path, max_batch=config.storage.max_batch) as store:
-            summary = RoundRunner(config, store, space, on_event=event, executor=executor).run()
+            summary = RoundRunner(config, store, space, on_event=event, executor=executor).run(
+                redecide=redecide
+            )
     finally:
         executor.close()
     if as_json:

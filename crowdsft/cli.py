@@ -43,6 +43,8 @@ class CrowdSFTGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CrowdSFTError as exc:
+            if exc.__cause__ is not None:  # the original traceback, for -vv
+                logging.getLogger("crowdsft").debug("caused by", exc_info=exc.__cause__)
             click.secho(f"error: {exc}", err=True, fg="red")
             ctx.exit(exc.exit_code)
 

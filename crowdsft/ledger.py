@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crowdsft.keys import verify_signature
+from crowdsft.plugins.manager import StrategyFailed
 from crowdsft.tournament import DecidedRound, award, replay_points
 
 LEDGER_TAG = b"crowdsft.v1.LedgerRecord\n"
@@ -446,7 +447,7 @@ def _check_points(
         return [Problem(rid, "points", f"cannot recompute: reward rule {name!r}: {exc}")]
     try:
         expected = recompute_points(rec, earlier, awarded, reward)
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+    except (ValueError, KeyError, IndexError, TypeError, StrategyFailed) as exc:
         return [Problem(rid, "points", f"cannot recompute the points: {exc}")]
     problems = []
     listed = rec["points"]

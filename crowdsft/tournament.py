@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from crowdsft.errors import ConfigError
+from crowdsft.plugins.manager import blame
 from crowdsft.plugins.reward import Consolidated, Reward, RoundOutcome
 
 if TYPE_CHECKING:
@@ -199,8 +200,9 @@ class TournamentState:
 def award(reward: Reward, points: np.ndarray, outcome: RoundOutcome, updated: bool) -> np.ndarray:
     """The reward rule's step for one decided round: it observes every round, and changes
     points only when the round updated the model."""
-    reward.observe(outcome)
-    return reward.update(points, outcome) if updated else points
+    with blame("reward", reward):
+        reward.observe(outcome)
+        return reward.update(points, outcome) if updated else points
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,8 @@ def replay_points(
     decide through this function.
     """
     index = {n: i for i, n in enumerate(population)}
-    reward.reset(len(population))
+    with blame("reward", reward):
+        reward.reset(len(population))
     replayed = np.ones(len(population))
     for old in earlier:
         replayed = award(reward, replayed, old.outcome(index), old.updated)
@@ -360,15 +363,18 @@ class Tournament:
     def plan_consolidated(self, points: np.ndarray) -> np.ndarray:
         """The influence weight of every contributor in ``points`` (the consolidated
         candidate's members) on the consolidated candidate."""
-        return self.strategies.influence.weights(points)
+        with blame("influence", self.strategies.influence):
+            return self.strategies.influence.weights(points)
 
     def plan(
         self, points: np.ndarray, round_index: int, rng: np.random.Generator
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Groups for this round and each member's influence weight."""
         s = self.strategies
-        groups = s.grouping.group(points, round_index, self.rounds, rng)
-        weights = [s.influence.weights(points[g]) for g in groups]
+        with blame("grouping", s.grouping):
+            groups = s.grouping.group(points, round_index, self.rounds, rng)
+        with blame("influence", s.influence):
+            weights = [s.influence.weights(points[g]) for g in groups]
         return groups, weights
 
     def decide(
@@ -394,7 +400,8 @@ class Tournament:
         scores = np.asarray(scores, dtype=float)
         n_groups = len(groups)
         every = scores if consolidated is None else np.append(scores, consolidated.score)
-        ranking = s.selection.select(every, base_score, rng)
+        with blame("selection", s.selection):
+            ranking = s.selection.select(every, base_score, rng)
         full = ranking.order if ranking is not None else np.empty(0, dtype=np.int64)
         order = np.asarray([g for g in full if g < n_groups], dtype=np.int64)
         if consolidated is not None:
@@ -422,7 +429,8 @@ class Tournament:
 
     def start(self, space: ModelSpace, base: Any, initial_points: float = 1.0) -> TournamentState:
         check_credit(self.strategies.reward, space)
-        self.strategies.reward.reset(space.n_contributors)
+        with blame("reward", self.strategies.reward):
+            self.strategies.reward.reset(space.n_contributors)
         score = float(space.score([base])[0])
         points = np.full(space.n_contributors, float(initial_points))
         return TournamentState(base=base, base_score=score, points=points)

@@ -19,6 +19,7 @@ register nothing are warned about.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
@@ -27,7 +28,7 @@ import inspect
 import logging
 import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,41 @@ class PluginError(CrowdSFTError):
     """A strategy name is unknown or registered twice, or a plugin misbehaves."""
 
     exit_code = 2
+
+
+class StrategyFailed(CrowdSFTError):
+    """A strategy raised while the tournament called it: one line naming the strategy, its
+    package and where it failed (the original exception is its ``__cause__``)."""
+
+
+# The attribute through which a strategy built by ``Plugins.create`` knows its name (an
+# instance attribute, so that it survives pickling to a worker process).
+LABEL_ATTR = "_crowdsft_strategy"
+
+
+def strategy_label(strategy: object, kind: str) -> str:
+    """"the reward strategy 'buggy-win' (package buggy 0.1)" for a strategy built by
+    ``Plugins.create``; the class name for one built in code."""
+    label = getattr(strategy, LABEL_ATTR, None)
+    if isinstance(label, str):
+        return label
+    return f"the {kind} strategy {type(strategy).__name__}"
+
+
+@contextlib.contextmanager
+def blame(kind: str, strategy: object) -> Iterator[None]:
+    """Turn an exception from inside ``strategy`` into a StrategyFailed naming it (errors
+    that Crowd-SFT raises on purpose pass through unchanged)."""
+    try:
+        yield
+    except CrowdSFTError:
+        raise
+    except Exception as exc:
+        where = _where_in(exc, strategy)
+        what = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise StrategyFailed(
+            f"{strategy_label(strategy, kind)} failed: {what} (at {where})"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -143,6 +179,17 @@ def _where(exc: BaseException, fallback: str) -> str:
     ours = [f for f in frames if "importlib" not in f.filename and "/pluggy/" not in f.filename]
     chosen = ours or frames
     return f"{chosen[-1].filename}:{chosen[-1].lineno}" if chosen else fallback
+
+
+def _where_in(exc: BaseException, strategy: object) -> str:
+    """The file and line of the last frame of ``exc`` in ``strategy``'s own module (the
+    plugin's code, not the tournament that called it), else of its last frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    module = inspect.getmodule(type(strategy))
+    own = getattr(module, "__file__", None)
+    mine = [f for f in frames if os.path.realpath(f.filename) == os.path.realpath(own)] if own else []
+    chosen = mine or frames
+    return f"{chosen[-1].filename}:{chosen[-1].lineno}" if chosen else "?"
 
 
 def _source(plugin: object) -> str:
@@ -379,9 +426,14 @@ class Plugins:
                 f"(its options: {valid})"
             )
         try:
-            return strategy.factory(**options)
+            built = strategy.factory(**options)
         except TypeError as exc:
             raise PluginError(f"cannot build {kind} strategy {name!r}: {exc}") from None
+        package = self.package_of(kind, name)
+        label = f"the {kind} strategy {name!r}" + (f" (package {package})" if package else "")
+        with contextlib.suppress(AttributeError, TypeError):  # __slots__ or frozen: no label
+            object.__setattr__(built, LABEL_ATTR, label)
+        return built
 
     def validate_contribution(self, node_id: str, examples: Sequence[dict[str, Any]]) -> list[str]:
         """Every plugin's rejection reason for a contribution (empty: accept)."""

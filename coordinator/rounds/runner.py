@@ -50,6 +50,38 @@ logger = logging.getLogger(__name__)
 STEPS = ("planned", "trained", "scored", "finished")
 
 
+# The rules that decide a planned round (after its training and scoring), which
+# ``coordinator round --redecide`` may switch; grouping and influence made the plan itself.
+DECIDING = ("selection", "judging_error", "reward")
+
+
+def decision_changes(planned: dict[str, Any], config: CoordinatorConfig) -> dict[str, list[Any]]:
+    """How the config's deciding rules differ from those an unfinished round was planned
+    with: ``{"reward": [planned, now], "options.reward": [...], ...}`` (empty: no change)."""
+    now = config.rounds.names().as_dict()
+    changes: dict[str, list[Any]] = {}
+    for key in DECIDING:
+        if key in planned and planned[key] != now[key]:
+            changes[key] = [planned[key], now[key]]
+    for kind in ("selection", "reward"):
+        before = planned.get("options", {}).get(kind, {})
+        after = now.get("options", {}).get(kind, {})
+        if before != after:
+            changes[f"options.{kind}"] = [before, after]
+    return changes
+
+
+def changed_rules_message(round_id: int, changes: dict[str, list[Any]]) -> str:
+    planned = ", ".join(f"{k} {v[0]!r}" for k, v in changes.items())
+    now = ", ".join(f"{k} {v[1]!r}" for k, v in changes.items())
+    return (
+        f"round {round_id} was planned under {planned}, and the config now says {now}: set "
+        "rounds back to finish it as planned, or run `crowdsft coordinator round --redecide` "
+        "to decide it under the config's rules (its training and scores are kept; the ledger "
+        "record names the rules it was planned with)"
+    )
+
+
 class NotEnoughContributors(CrowdSFTError):
     """There are fewer contributors with unconsumed data than groups."""
 
@@ -139,9 +171,11 @@ class RoundRunner:
 
     # -- the round ------------------------------------------------------------------------
 
-    def run(self, stop_after: str | None = None) -> RoundSummary:
+    def run(self, stop_after: str | None = None, redecide: bool = False) -> RoundSummary:
         """Run (or resume) one round to its end. ``stop_after`` names a step after which to
-        stop by raising RoundInterrupted (for tests of resumption)."""
+        stop by raising RoundInterrupted (for tests of resumption). ``redecide``: an
+        unfinished round planned under other selection or reward rules than the config's is
+        decided under the config's (see ``_redecide``); without it, such a round is refused."""
         self._stop_after = stop_after
         check_credit(self._strategies().reward, self.space)
         round_id = self.unfinished()
@@ -155,13 +189,12 @@ class RoundRunner:
         if begin is not None:
             begin(round_id)
         row = queries.round_row(self.store, round_id)
-        planned = row.strategies.get("reward")
-        if planned is not None and planned != self.config.rounds.reward:
-            raise ConfigError(
-                f"round {round_id} was planned under reward {planned!r}, and the config now "
-                f"says {self.config.rounds.reward!r}: set rounds.reward back to {planned!r} "
-                "to finish it (the ledger names the rule a round was planned with)"
-            )
+        changes = decision_changes(row.strategies, self.config)
+        if changes:
+            if not redecide:
+                raise ConfigError(changed_rules_message(round_id, changes))
+            self._redecide(round_id, row.strategies, changes)
+            row = queries.round_row(self.store, round_id)
         weights = [np.asarray(w, dtype=float) for w in row.weights]
         base = Candidate(tuple(row.base_lineage))
         contributors = [n for g in row.groups for n in g]
@@ -182,6 +215,48 @@ class RoundRunner:
         base_score, scores = self._score(round_id, base, adapters)
         self._maybe_stop(stop_after, "scored")
         return self._finish(round_id, row, adapters, scores, base_score, base)
+
+    def _redecide(
+        self, round_id: int, planned: dict[str, Any], changes: dict[str, list[Any]]
+    ) -> None:
+        """Switch an unfinished round's deciding rules (selection and reward, with their
+        options) to the config's. Its groups, training and scores stay; its ledger record
+        will name the rules that decided it and, under ``redecided``, the ones it was planned
+        with. Nothing about the plan depends on these rules, so nodes verify the round as any
+        other (the points are recomputed with the rule the record names)."""
+        r = self.config.rounds
+        now = r.names().as_dict()
+        strategies = dict(planned)
+        for key in DECIDING:
+            strategies[key] = now[key]
+        options = {k: dict(v) for k, v in planned.get("options", {}).items()}
+        for kind in ("selection", "reward"):
+            options.pop(kind, None)
+            if now.get("options", {}).get(kind):
+                options[kind] = dict(now["options"][kind])
+        strategies.pop("options", None)
+        if options:
+            strategies["options"] = options
+        packages = dict(planned.get("packages", {}))
+        packages.pop("reward", None)
+        package = self.plugins.package_of("reward", r.reward)
+        if package:
+            packages["reward"] = package
+        strategies.pop("packages", None)
+        if packages:
+            strategies["packages"] = packages
+        earlier = planned.get("redecided", {}).get("from", {})
+        strategies["redecided"] = {
+            "from": {k: v[0] for k, v in changes.items()} | earlier,
+            "at_ms": now_ms(),
+        }
+        self._write(queries.set_round_strategies, round_id, strategies)
+        logger.warning(
+            "round %d: re-decided under the config's rules (%s); the ledger record says so",
+            round_id,
+            "; ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()),
+        )
+        self.on_event("round_redecided", {"round_id": round_id, "changes": changes})
 
     @staticmethod
     def _maybe_stop(stop_after: str | None, step: str) -> None:

@@ -349,6 +349,16 @@ def set_base_score(conn: sqlite3.Connection, round_id: int, score: float) -> Non
     conn.execute("UPDATE rounds SET base_score=? WHERE round_id=?", (score, round_id))
 
 
+def set_round_strategies(
+    conn: sqlite3.Connection, round_id: int, strategies: dict[str, Any]
+) -> None:
+    """Replace the rules of a round that is not finished (``coordinator round --redecide``)."""
+    conn.execute(
+        "UPDATE rounds SET strategies=? WHERE round_id=? AND status != 'finished'",
+        (json.dumps(strategies), round_id),
+    )
+
+
 def advance_status(conn: sqlite3.Connection, round_id: int, before: str, after: str) -> None:
     conn.execute(
         "UPDATE rounds SET status=? WHERE round_id=? AND status=?", (after, round_id, before)

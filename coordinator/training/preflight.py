@@ -13,9 +13,12 @@ from ..store import queries
 from ..store.db import Store
 
 
-def round_problems(config: CoordinatorConfig, store: Store | None = None) -> list[str]:
+def round_problems(
+    config: CoordinatorConfig, store: Store | None = None, redecide: bool = False
+) -> list[str]:
     """Every unmet precondition of a round (empty: ready). ``store``: also check that enough
-    contributors have unconsumed data, unless an interrupted round is waiting to finish."""
+    contributors have unconsumed data, unless an interrupted round is waiting to finish, and
+    that an interrupted round's deciding rules are the config's (or ``redecide``)."""
     from crowdsft.datafiles import read_records
 
     problems: list[str] = []
@@ -57,7 +60,16 @@ def round_problems(config: CoordinatorConfig, store: Store | None = None) -> lis
             break
     if config.training.executor == "ray" and importlib.util.find_spec("ray") is None:
         problems.append("training.executor = \"ray\" needs Ray: pip install -e '.[scale]'")
-    if store is not None and queries.unfinished_round(store) is None:
+    unfinished = queries.unfinished_round(store) if store is not None else None
+    if store is not None and unfinished is not None:
+        from ..rounds.runner import changed_rules_message, decision_changes
+
+        changes = decision_changes(queries.round_row(store, unfinished).strategies, config)
+        if changes and not redecide:
+            problems.append(changed_rules_message(unfinished, changes))
+    elif store is not None and redecide:
+        problems.append("--redecide: there is no unfinished round to decide again")
+    if store is not None and unfinished is None:
         pool = queries.unconsumed_pool(store)
         groups = config.rounds.groups
         if len(pool) < groups:
@@ -69,9 +81,11 @@ def round_problems(config: CoordinatorConfig, store: Store | None = None) -> lis
     return problems
 
 
-def check_round(config: CoordinatorConfig, store: Store | None = None) -> None:
+def check_round(
+    config: CoordinatorConfig, store: Store | None = None, redecide: bool = False
+) -> None:
     """ConfigError listing every unmet precondition (see ``round_problems``)."""
-    problems = round_problems(config, store)
+    problems = round_problems(config, store, redecide)
     if problems:
         where = f" ({config.path})" if config.path else ""
         raise ConfigError(f"cannot run a round{where}:\n  " + "\n  ".join(problems))

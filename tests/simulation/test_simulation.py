@@ -218,3 +218,39 @@ def test_a_sweep_on_ray_gives_the_local_sweeps_summary(tmp_path, synthetic_movie
     ).read_text()
     bad = CliRunner().invoke(main, [*args, "--ray", "127.0.0.1:1", "--out", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "no Ray cluster answers" in bad.output + bad.stderr
+
+
+def test_a_failing_reward_plugin_is_one_line_in_simulate(synthetic_movielens, monkeypatch):
+    from crowdsft import hookimpl
+    from crowdsft.plugins import manager
+    from crowdsft.plugins.testing import registered
+    from crowdsft.simulation import game
+
+    class Broken:
+        def reset(self, n):
+            pass
+
+        def observe(self, outcome):
+            pass
+
+        def update(self, points, outcome):
+            return points + outcome.winner  # no such field
+
+    class Plugin:
+        @hookimpl
+        def crowdsft_register_reward(self, register):
+            register("buggy-win", Broken)
+
+    with registered(Plugin(), name="buggy") as plugins:
+        monkeypatch.setattr(manager, "get_plugins", lambda: plugins)
+        monkeypatch.setattr(game, "get_plugins", lambda: plugins)
+        args = ["simulate", "--users", "6", "--groups", "2", "--runs", "1", "--rounds", "3"]
+        args += ["--valuation", "exact", "--data", str(synthetic_movielens), "--reward"]
+        out = CliRunner().invoke(main, [*args, "buggy-win"])
+    assert out.exit_code == 1, out.output
+    assert "Traceback" not in out.output
+    lines = [line for line in out.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert "the reward strategy 'buggy-win' failed: AttributeError" in lines[0]
+    assert "test_simulation.py:" in lines[0]
+

@@ -287,3 +287,90 @@ def test_a_tampered_consolidated_record_is_caught(consolidating):
     found = verify_ledger([LedgerEntry(1, data, sig)], coord.public_key).problems
     text = " ".join(str(p) for p in found)
     assert "not in the population" in text and "ranking names candidates" in text
+
+
+# -- a reward plugin that fails ----------------------------------------------------------------
+
+
+class BuggyWin:
+    """A reward rule with the bug users hit: it reads a field the outcome does not have."""
+
+    def reset(self, n):
+        pass
+
+    def observe(self, outcome):
+        pass
+
+    def update(self, points, outcome):
+        return points + outcome.winner  # RoundOutcome has no 'winner': AttributeError
+
+
+class BuggyPlugin:
+    @hookimpl
+    def crowdsft_register_reward(self, register):
+        register("buggy-win", BuggyWin)
+
+
+def test_a_failing_reward_plugin_is_named_in_one_line_and_the_round_can_be_redecided(
+    make_runner,
+):
+    import dataclasses
+
+    from crowdsft.errors import ConfigError
+    from crowdsft.plugins.manager import StrategyFailed
+
+    plugins = Plugins(create_plugin_manager(load_entry_points=False))
+    plugins.register(BuggyPlugin(), name="buggy")
+    coord, runner = make_runner(plugins=plugins)
+    working = coord.config
+    runner.config = dataclasses.replace(
+        working, rounds=dataclasses.replace(working.rounds, reward="buggy-win")
+    )
+    fill(coord, 0)
+    trained = []
+    propose = runner.space.propose
+    runner.space.propose = lambda *a: (trained.append(a[1]), propose(*a))[1]
+    with pytest.raises(StrategyFailed) as failed:
+        runner.run()
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "the reward strategy 'buggy-win' failed: AttributeError" in message
+    assert f"{__file__}:" in message  # where in the plugin
+    store = coord.coordinator.store
+    assert queries.round_row(store, 1).status == "scored"  # training and scores kept
+    n_trained = len(trained)
+
+    # the config switched to a working rule: refused without --redecide, with the way out
+    fixed = RoundRunner(working, store, runner.space, plugins=plugins)
+    with pytest.raises(ConfigError, match=r"planned under reward 'buggy-win'.*--redecide"):
+        fixed.run()
+    summary = fixed.run(redecide=True)
+    assert summary.round_id == 1 and len(trained) == n_trained  # nothing trained again
+    entries = ledger_entries(store)
+    record = json.loads(entries[0].record)
+    assert record["strategies"]["reward"] == "rank"
+    assert record["strategies"]["redecided"]["from"] == {"reward": "buggy-win"}
+    report = verify_ledger(entries, coord.public_key)  # nodes verify it as any other round
+    assert report.ok, [str(p) for p in report.problems]
+    # the next round plans under the working rule as usual
+    fill(coord, 1)
+    assert fixed.run().round_id == 2
+
+
+def test_redecide_is_refused_before_a_model_loads_without_an_unfinished_round(make_runner):
+    import dataclasses
+
+    from crowdsft.coordinator.training.preflight import round_problems
+
+    coord, runner = make_runner()
+    fill(coord, 0)
+    store = coord.coordinator.store
+    assert any("no unfinished round" in p for p in round_problems(coord.config, store, True))
+    with pytest.raises(runner_module.RoundInterrupted):
+        runner.run(stop_after="planned")
+    other = dataclasses.replace(
+        coord.config, rounds=dataclasses.replace(coord.config.rounds, judging_error=0.3)
+    )
+    problems = round_problems(other, store)
+    assert any("planned under judging_error 0.05" in p and "--redecide" in p for p in problems)
+    assert not [p for p in round_problems(other, store, True) if "planned" in p]
