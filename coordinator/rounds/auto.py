@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from crowdsft.config import CoordinatorConfig
+from crowdsft.errors import CrowdSFTError
 
 from ..store.db import Store
 from ..store.queries import contributions_since_last_plan
@@ -79,6 +80,9 @@ class AutoRounds:
             self.run_round()
         except NotEnoughContributors as exc:
             logger.info("automatic round skipped: %s", exc)
+            return False
+        except CrowdSFTError as exc:  # a failing plugin, a changed rule: one line says it
+            logger.error("automatic round failed (it will be retried): %s", exc)
             return False
         except Exception:
             logger.exception("automatic round failed; it will be retried")
