@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from crowdsft import __version__
+from crowdsft import __version__, progress
 from crowdsft.errors import CrowdSFTError
 
 
@@ -36,6 +36,10 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantisation bar; we say more
 
 
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 class CrowdSFTGroup(click.Group):
     """Turns CrowdSFTError into a clean one-line message and the error's exit code."""
 
@@ -43,6 +47,7 @@ class CrowdSFTGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CrowdSFTError as exc:
+            progress.clear()
             if exc.__cause__ is not None:  # the original traceback, for -vv
                 logging.getLogger("crowdsft").debug("caused by", exc_info=exc.__cause__)
             click.secho(f"error: {exc}", err=True, fg="red")
@@ -52,14 +57,20 @@ class CrowdSFTGroup(click.Group):
 @click.group(cls=CrowdSFTGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="crowdsft")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def main(verbose: int, quiet: bool) -> None:
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (no progress)."
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Crowd-SFT: crowdsourced supervised fine-tuning of LLMs.
 
     Contributors run `crowdsft node ...` to sign and submit examples; operators run
     `crowdsft coordinator ...` to collect them and run fine-tuning rounds.
     """
     setup_logging(verbose, quiet)
+    ctx.ensure_object(dict)["quiet"] = quiet
+    # progress lines where a person watches: a terminal, and not --quiet
+    progress.install(progress.TerminalProgress() if stderr_is_terminal() and not quiet else None)
 
 
 def _register_commands() -> None:

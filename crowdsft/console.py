@@ -25,3 +25,16 @@ def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Calla
         length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True
     ) as bar:
         yield bar.update
+
+
+def quiet() -> bool:
+    """Whether the command runs with ``crowdsft --quiet`` (outside a command: False)."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("quiet"))
+
+
+def note(line: str) -> None:
+    """A status line for the person watching: on stderr, and not with --quiet."""
+    if not quiet():
+        click.echo(line, err=True)

@@ -349,9 +349,11 @@ def watch(address: str, after: int, count: int, as_json: bool) -> None:
     """Follow the coordinator's fine-tuning rounds live."""
     from crowdsft.node.watch import follow_rounds
 
+    from crowdsft.console import note
+
     seen = 0
     with _client(address) as client:
-        for ev in follow_rounds(client, after):
+        for ev in follow_rounds(client, after, on_status=note):
             _show_event(ev, as_json)
             seen += 1
             if count and seen >= count:

@@ -4,7 +4,7 @@ through coordinator restarts and connection recycling, never showing an event tw
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import grpc
@@ -14,19 +14,34 @@ from crowdsft.errors import CoordinatorError
 from .client import CoordinatorClient
 
 
-def follow_rounds(client: CoordinatorClient, after: int = 0) -> Generator[Any, None, None]:
+def follow_rounds(
+    client: CoordinatorClient,
+    after: int = 0,
+    on_status: Callable[[str], None] | None = None,
+) -> Generator[Any, None, None]:
     """Round events (``crowdsft.v1.RoundEvent``: planned, then finished) after round
     ``after``, as they happen, until the caller stops iterating. The coordinator closes old
     connections now and then (``server.max_connection_age_s``) and may restart: the stream
     is reopened after the last event seen, with backoff; CoordinatorError when it stays
-    unreachable or refuses."""
+    unreachable or refuses. ``on_status`` hears, in words, when the stream is open and
+    waiting, when it was lost and when it is reopened."""
+    status = on_status or (lambda line: None)
     cursor = {"planned": after, "finished": after}
     reconnects = 0
+    lost = False
     address = client.address
     while True:
         stream = client.watch_rounds(min(cursor.values()), timeout=None)
         opened = time.monotonic()
         try:
+            # the coordinator sends its headers when the stream opens (an older one with
+            # the first event): then the node is connected and waiting
+            stream.initial_metadata()
+            if not stream.done():
+                status(
+                    f"{'reconnected' if lost else 'connected'} to {address}; waiting for "
+                    f"{'the next round' if cursor['planned'] or cursor['finished'] else 'a round'}"
+                )
             for ev in stream:
                 if ev.round_id <= cursor[ev.kind]:
                     continue  # shown before the reconnect
@@ -54,7 +69,13 @@ def follow_rounds(client: CoordinatorClient, after: int = 0) -> Generator[Any, N
             raise CoordinatorError(
                 f"watching {address} failed: {failure[0]}: {failure[1]}", failure[0]
             )
-        time.sleep(client.backoff.delay(reconnects))
+        delay = client.backoff.delay(reconnects)
+        status(
+            f"lost the stream ({failure[0]}: {failure[1]}); reconnecting in {delay:.1f} s "
+            f"(try {reconnects + 1} of {client.backoff.attempts})"
+        )
+        lost = True
+        time.sleep(delay)
         reconnects += 1
 
 

@@ -413,6 +413,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def WatchRounds(self, request, context):
         host = await self._open(self.watch_slots, context, request)
         try:
+            # the headers now, not with the first event (which may be hours away): the node
+            # can tell "connected, waiting for a round" from "still connecting"
+            await context.send_initial_metadata(())
             async for event in self.feed.watch(request.after_round_id, self.stopping):
                 yield event
         finally:

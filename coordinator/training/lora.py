@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crowdsft import atomic
+from crowdsft import atomic, progress
 from crowdsft.config import TrainingConfig
 from crowdsft.errors import ConfigError
 
@@ -647,7 +647,14 @@ def fit(
         if front is not None:
             front.compute(tokens)
         done = False
-        for _ in range(config.epochs_for(len(examples))):
+        epochs = config.epochs_for(len(examples))
+        total = epochs * len(examples)
+        if config.max_steps is not None:
+            total = min(total, config.max_steps * config.batch_size)
+        task = f"fine-tuning on {len(examples)} examples x {epochs} epochs"
+        seen = 0
+        progress.report(task, 0, total, "examples")
+        for _ in range(epochs):
             order = torch.randperm(len(examples), generator=gen).tolist()
             for start in range(0, len(order), config.batch_size):
                 idx = order[start : start + config.batch_size]
@@ -679,11 +686,14 @@ def fit(
                 result.losses.append(value)
                 if on_step:
                     on_step(result.steps, value)
+                seen += len(idx)
+                progress.report(task, min(seen, total), total, "examples")
                 if config.max_steps is not None and result.steps >= config.max_steps:
                     done = True
                     break
             if done:
                 break
+        progress.report(task, total, total, "examples")
         peft_model.eval()
         result.adapter = {
             k: v.detach().to("cpu", torch.float32).clone()
@@ -878,6 +888,8 @@ def generate(
         if head is not None
         else None
     )
+    task = f"answering {len(prompts)} prompts"
+    progress.report(task, 0, len(prompts), "answers")
     try:
         for start in range(0, len(prompts), batch_size):
             texts = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
@@ -899,6 +911,7 @@ def generate(
                 cache,
             )
             out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            progress.report(task, len(out), len(prompts), "answers")
     finally:
         if hook is not None:
             hook.remove()

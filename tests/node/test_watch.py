@@ -48,3 +48,19 @@ def test_watch_resumes_after_a_restart_without_repeating_events(coord):
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert [(e["round_id"], e["kind"]) for e in events] == [(1, "planned"), (2, "planned")]
+    # what the node said while it waited, on stderr: connected, lost, reconnected
+    said = [line for line in result.stderr.splitlines() if line.strip()]
+    assert said[0] == f"connected to {coord.address}; waiting for a round"
+    assert any(line.startswith("lost the stream (") and "reconnecting in" in line for line in said)
+    assert f"reconnected to {coord.address}; waiting for the next round" in said
+
+
+def test_watch_says_it_is_connected_and_waiting_unless_quiet(coord):
+    plan(coord, 1)
+    args = ["node", "watch", "--coordinator", coord.address, "--count", "1"]
+    loud = CliRunner().invoke(main, args)
+    assert loud.exit_code == 0, loud.output
+    assert loud.stderr.startswith(f"connected to {coord.address}; waiting")
+    assert loud.stdout.startswith("round 1: 2 contributors in 2 groups")
+    quiet = CliRunner().invoke(main, ["-q", *args])
+    assert quiet.exit_code == 0 and quiet.stderr == ""

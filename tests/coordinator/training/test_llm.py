@@ -554,3 +554,19 @@ def test_each_round_samples_its_answers_afresh(tiny, tmp_path, char_embedder):
     greedy.score([Candidate()])
     greedy.begin_round(5)
     assert greedy.has_score(Candidate()) and greedy.generation.seed == 0
+
+
+def test_fine_tuning_and_answering_report_their_progress(tiny):
+    from crowdsft import progress
+
+    model, tok = tiny
+    seen = []
+    with progress.reporting_to(lambda *a: seen.append(a)):
+        llm.fit(model, tok, EXAMPLES, None, dataclasses.replace(TRAIN, epochs=2))
+        llm.generate(model, tok, [{"prompt": "hi"}] * 5, max_new_tokens=2, batch_size=2)
+    fits = [s for s in seen if s[0].startswith("fine-tuning")]
+    answers = [s for s in seen if s[0].startswith("answering")]
+    total = 2 * len(EXAMPLES)
+    assert fits[0][1:] == (0, total, "examples") and fits[-1][1:] == (total, total, "examples")
+    assert [s[1] for s in fits] == sorted(s[1] for s in fits) and len(fits) > 3
+    assert [s[1] for s in answers] == [0, 2, 4, 5] and answers[-1][2] == 5
