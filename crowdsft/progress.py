@@ -50,7 +50,7 @@ def reporting_to(sink: Sink | None) -> Iterator[None]:
 
 
 def duration(seconds: float) -> str:
-    """"42 s", "3 min 5 s", "1 h 02 min"."""
+    """ "42 s", "3 min 5 s", "1 h 02 min"."""
     s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"

@@ -347,9 +347,8 @@ def status(address: str, key_path: Path, passphrase_env: str, as_json: bool) -> 
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
 def watch(address: str, after: int, count: int, as_json: bool) -> None:
     """Follow the coordinator's fine-tuning rounds live."""
-    from crowdsft.node.watch import follow_rounds
-
     from crowdsft.console import note
+    from crowdsft.node.watch import follow_rounds
 
     seen = 0
     with _client(address) as client:

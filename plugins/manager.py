@@ -86,7 +86,7 @@ LABEL_ATTR = "_crowdsft_strategy"
 
 
 def strategy_label(strategy: object, kind: str) -> str:
-    """"the reward strategy 'buggy-win' (package buggy 0.1)" for a strategy built by
+    """ "the reward strategy 'buggy-win' (package buggy 0.1)" for a strategy built by
     ``Plugins.create``; the class name for one built in code."""
     label = getattr(strategy, LABEL_ATTR, None)
     if isinstance(label, str):
@@ -187,7 +187,8 @@ def _where_in(exc: BaseException, strategy: object) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     module = inspect.getmodule(type(strategy))
     own = getattr(module, "__file__", None)
-    mine = [f for f in frames if os.path.realpath(f.filename) == os.path.realpath(own)] if own else []
+    real = os.path.realpath(own) if own else None
+    mine = [f for f in frames if real and os.path.realpath(f.filename) == real]
     chosen = mine or frames
     return f"{chosen[-1].filename}:{chosen[-1].lineno}" if chosen else "?"
 

@@ -253,4 +253,3 @@ def test_a_failing_reward_plugin_is_one_line_in_simulate(synthetic_movielens, mo
     assert len(lines) == 1
     assert "the reward strategy 'buggy-win' failed: AttributeError" in lines[0]
     assert "test_simulation.py:" in lines[0]
-
