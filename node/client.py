@@ -211,8 +211,10 @@ class CoordinatorClient:
 
     def watch_rounds(
         self, after_round_id: int = 0, timeout: float | None = None
-    ) -> Iterator[coordinator_pb2.RoundEvent]:
-        """Round events as they happen (``timeout=None``: until cancelled)."""
+    ) -> Any:
+        """Round events as they happen (``timeout=None``: until cancelled): gRPC's streaming
+        call, an iterator of ``RoundEvent`` with ``initial_metadata``, ``done`` and
+        ``cancel``."""
         return self.stub.WatchRounds(
             coordinator_pb2.WatchRoundsRequest(after_round_id=after_round_id), timeout=timeout
         )
