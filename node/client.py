@@ -209,9 +209,7 @@ class CoordinatorClient:
         """One upload stream (no retries here: the caller resends what got no final answer)."""
         return self.stub.SubmitContributions(iter(envelopes), timeout=timeout)
 
-    def watch_rounds(
-        self, after_round_id: int = 0, timeout: float | None = None
-    ) -> Any:
+    def watch_rounds(self, after_round_id: int = 0, timeout: float | None = None) -> Any:
         """Round events as they happen (``timeout=None``: until cancelled): gRPC's streaming
         call, an iterator of ``RoundEvent`` with ``initial_metadata``, ``done`` and
         ``cancel``."""

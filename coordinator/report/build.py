@@ -172,13 +172,17 @@ def build_report(
     target_texts: Sequence[str],
     names: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out/index.html``, ``out/report.json`` and the PNG plots; return the data."""
+    """Write ``out/index.html``, ``out/report.json`` and the PNG plots; return the data.
+    ``names``: node id -> name to show (default: the display names nodes registered, else
+    the start of the node id). ``extra``: more figures for the page and report.json, shown
+    under ``labels`` (key -> words; default: the key with spaces)."""
     clash = sorted(set(extra or {}) & set(REPORT_FIELDS))
     if clash:
         raise ValueError(f"extra report fields would replace the report's own: {clash}")
     out.mkdir(parents=True, exist_ok=True)
-    names = names or {}
+    names = names or queries.display_names(store)
     ev = config.evaluation.function
     history = [r.as_dict() for r in queries.finished_rounds(store)]
     points = queries.awarded_points(store)
@@ -220,6 +224,8 @@ def build_report(
                 # len(groups): the consolidated candidate)
                 "winner_group": r["winner"] if r["updated"] else None,
                 "consolidated": r["consolidated"] is not None,
+                # who trained each candidate, by name (the consolidated one: everyone)
+                "members": [[names.get(n, n[:8]) for n in g] for g in r["groups"]],
             }
             for r in history
         ],
@@ -262,7 +268,7 @@ def build_report(
     data.update(extra or {})
     (out / "report.json").write_text(json.dumps(data, indent=2))
     pngs = _plots(data, out)
-    (out / "index.html").write_text(_html(data, pngs))
+    (out / "index.html").write_text(_html(data, pngs, labels or {}))
     data["report_path"] = str(out / "index.html")
     return data
 
@@ -289,10 +295,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _integer_rounds(ax: Any) -> None:
+def _integer_rounds(ax: Any, xs: Sequence[int]) -> None:
+    """Round numbers on the x axis: each round marked where there are few (one round is
+    not a stretch from 0.96 to 1.04), whole numbers where there are many."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if xs and len(xs) <= 15:
+        ax.set_xticks(list(xs))
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -319,7 +331,7 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
         ylabel="target distance (lower is better)",
         title="Target distance per round",
     )
-    _integer_rounds(ax)
+    _integer_rounds(ax, [0, *xs] if xs else [])
     paths["distance"] = save(fig, out / "distance_per_round.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -354,7 +366,7 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
             label=label("base (the round's starting model)"),
         )
     ax.set(xlabel="round", ylabel="target distance (lower is better)", title="Candidates per round")
-    _integer_rounds(ax)
+    _integer_rounds(ax, xs)
     if rounds:
         ax.legend(fontsize=8)
     paths["candidates"] = save(fig, out / "candidates_per_round.png")
@@ -396,7 +408,7 @@ HEADLINE = (
 )
 
 
-def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
+def _html(data: dict[str, Any], pngs: dict[str, Path], labels: dict[str, str]) -> str:
     esc = html.escape
 
     def img(key: str) -> str:
@@ -417,9 +429,15 @@ def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
         won = r.get("winner_group")
         cells = []
         last = len(r["candidates"]) - 1
+        members = r.get("members") or []
         for g, d in enumerate(r["candidates"]):
-            who = "consolidated" if r.get("consolidated") and g == last else f"group {g}"
-            text = f"{who}: {distance(d)}"
+            if r.get("consolidated") and g == last:
+                who = "consolidated (everyone's data)"
+            else:
+                who = f"group {g}"
+                if g < len(members):
+                    who += f" ({', '.join(members[g])})"
+            text = f"{esc(who)}: {distance(d)}"
             cells.append(f'<span class="win">{text} ★</span>' if g == won else text)
         if won is None:
             result = "base kept"
@@ -465,7 +483,8 @@ def _html(data: dict[str, Any], pngs: dict[str, Path]) -> str:
         shown = _fmt(v)
         if key.endswith("_percent") and isinstance(v, int | float):
             shown = f"{v:.1f}%"
-        extras.append(f"<tr><th>{esc(key.replace('_', ' '))}</th><td>{esc(shown)}</td></tr>")
+        label = labels.get(key, key.replace("_", " "))
+        extras.append(f"<tr><th>{esc(label)}</th><td>{esc(shown)}</td></tr>")
     files = " · ".join(
         f'<a href="{name}">{name}</a>' for name in ["report.json", *(p.name for p in pngs.values())]
     )

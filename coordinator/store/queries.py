@@ -628,6 +628,15 @@ def total_examples(store: Store) -> int:
 # -- operator statistics -------------------------------------------------------------------------
 
 
+def display_names(store: Store) -> dict[str, str]:
+    """Node id -> the display name the node registered (nodes without one left out)."""
+    return {
+        n: name
+        for n, name in store.query("SELECT node_id, display_name FROM nodes")
+        if isinstance(name, str) and name.strip()
+    }
+
+
 def stats(conn: sqlite3.Connection) -> dict[str, Any]:
     """Totals and a per-node table, for ``crowdsft coordinator stats``."""
     rows = conn.execute(

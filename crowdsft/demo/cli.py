@@ -73,6 +73,7 @@ def demo(
     )
     click.echo(f"multi-model (tournament) target distance: {result['multi_model_distance']:.4f}")
     click.echo(f"single-model baseline target distance:    {result['single_model_distance']:.4f}")
+    click.echo(f"base model (not fine-tuned) distance:     {result['base_model_distance']:.4f}")
     click.echo(f"reduction:                                {result['reduction_percent']:.1f}%")
     pearson = result["pearson_points_shapley"]
     click.echo(
@@ -86,6 +87,8 @@ def demo(
     )
     kinds = ", ".join(f"{k} {v:g}" for k, v in result["mean_points_by_kind"].items())
     click.echo(f"mean points by kind of contributor:       {kinds}")
+    if result.get("points_note"):
+        click.echo(result["points_note"])
     click.echo(
         f"ledger verified by each node:             {result['nodes_verified_ledger']} of "
         f"{result['contributors']} nodes"

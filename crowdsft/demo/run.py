@@ -206,6 +206,9 @@ def run_demo(
         # grounded values, measured apart from anything that chose).
         space.credit_targets = list(target)
         space.heldout_credit_targets = list(reported)
+        say("the base model (no fine-tuning) on the held-out prompts ...")
+        base_model = held_out_distance(space, None, space.training, reported, config)
+        say(f"  base model target distance {base_model:.4f} (held-out prompts)")
         say(f"single-model baseline: {s.rounds * s.steps} steps on the whole pool ...")
         pool = _round_data(coord.store, space, config)
         say(f"  {len(pool)} examples, the same the rounds can use (near-duplicates left out)")
@@ -235,6 +238,14 @@ def run_demo(
         space.materialise(final)
         multi = held_out_distance(space, None, space.training, reported, config)
         reduction = 100.0 * (single - multi) / single if single else 0.0
+        points = queries.awarded_points(coord.store)
+        by_kind: dict[str, list[float]] = {}
+        for nid, kind in kinds.items():
+            by_kind.setdefault(kind, []).append(points.get(nid, 0.0))
+        mean_by_kind = {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}
+        note = points_note(mean_by_kind, s.rounds)
+        if note:
+            say(note)
         say("valuing contributors and writing the report ...")
         report = build_report(
             config,
@@ -246,17 +257,17 @@ def run_demo(
             extra={
                 "multi_model_distance": multi,
                 "single_model_distance": single,
+                "base_model_distance": base_model,
                 "reduction_percent": reduction,
                 "multi_model_distance_selection_set": multi_selection,
                 "selection_set": len(target),
                 "reported_set": len(reported),
                 "rounds_run": s.rounds,
+                "points_by_kind": ", ".join(f"{k} {v:.3g}" for k, v in mean_by_kind.items()),
+                **({"points_note": note} if note else {}),
             },
+            labels=REPORT_LABELS,
         )
-        points = queries.awarded_points(coord.store)
-    by_kind: dict[str, list[float]] = {}
-    for nid, kind in kinds.items():
-        by_kind.setdefault(kind, []).append(points.get(nid, 0.0))
     result = {
         "rounds": s.rounds,
         "groups": s.groups,
@@ -264,6 +275,7 @@ def run_demo(
         "examples": int(n_examples),
         "multi_model_distance": multi,
         "single_model_distance": single,
+        "base_model_distance": base_model,
         "reduction_percent": reduction,
         "multi_model_distance_selection_set": multi_selection,
         "selection_set": len(target),
@@ -274,13 +286,50 @@ def run_demo(
         "valuation_method": report["valuation_method"],
         "grounded_method": report["grounded_method"],
         "grounded_on": report["grounded_on"],
-        "mean_points_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+        "mean_points_by_kind": mean_by_kind,
+        "points_note": note,
         "report_path": report["report_path"],
         "seconds": round(time.perf_counter() - t0, 1),
         "winners": [sm.winner for sm in summaries],
         "nodes_verified_ledger": verified["ok"] if verified else None,
     }
     return result
+
+
+# The demo's figures in the report, in words (held out: on prompts no choice saw).
+REPORT_LABELS = {
+    "multi_model_distance": "the tournament's model: target distance on the held-out prompts",
+    "single_model_distance": "one fine-tune on all the data: target distance, held out",
+    "base_model_distance": "the base model, not fine-tuned: target distance, held out",
+    "reduction_percent": "how much closer the tournament's model is than the one fine-tune",
+    "multi_model_distance_selection_set": (
+        "the tournament's model on the selection prompts (which chose the winners)"
+    ),
+    "selection_set": "selection prompts (winners chosen on these)",
+    "reported_set": "held-out prompts (every distance above, unless it says otherwise)",
+    "rounds_run": "rounds",
+    "points_by_kind": "mean points by kind of contributor",
+    "points_note": "note on the points",
+}
+
+LOW_QUALITY = ("noisy", "off-style", "spammer")
+
+
+def points_note(mean_by_kind: dict[str, float], rounds: int) -> str | None:
+    """A sentence when a low-quality kind of contributor earned at least as many points on
+    average as the expert-like ones (None otherwise)."""
+    good = mean_by_kind.get("expert-like")
+    if good is None:
+        return None
+    ahead = [(k, v) for k, v in mean_by_kind.items() if k in LOW_QUALITY and v >= good]
+    if not ahead:
+        return None
+    who = " and ".join(f"{k} contributors {v:.3g}" for k, v in ahead)
+    return (
+        f"In this run the points do not reward quality: {who} points on average, against "
+        f"{good:.3g} for expert-like ones. After {rounds} round(s) a contributor's points "
+        "depend mostly on the group it was drawn into (the report's Rounds table lists them)."
+    )
 
 
 DEMO_PARTS = ("coordinator", "nodes", "report")

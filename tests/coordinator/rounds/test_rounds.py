@@ -145,7 +145,7 @@ def test_a_round_from_submitted_contributions(rounds_coord, tiny, char_embedder,
         main, ["node", "watch", "--coordinator", coord.address, "--count", "2", "--json"]
     )
     assert out.exit_code == 0, out.output
-    lines = [json.loads(x) for x in out.output.splitlines()]
+    lines = [json.loads(x) for x in out.stdout.splitlines()]  # stderr: "connected ..."
     assert [x["kind"] for x in lines] == ["planned", "finished"]
     # Before: `node watch` printed the raw scores (negated distances, "scores [-1.0493, ...]")
     # where every other display shows distances. Now distances, lower is better.
@@ -155,7 +155,7 @@ def test_a_round_from_submitted_contributions(rounds_coord, tiny, char_embedder,
         main, ["node", "watch", "--coordinator", coord.address, "--count", "2"]
     )
     assert text.exit_code == 0, text.output
-    finished = text.output.splitlines()[1]
+    finished = text.stdout.splitlines()[1]
     assert "distances [" in finished and "lower is better" in finished and "-" not in finished
     # The next round trains on top of the winner, from the data not yet consumed.
     second = runner.run()
@@ -330,6 +330,56 @@ def test_report_extras_may_not_replace_its_own_fields(rounds_coord, tiny, char_e
             ["yes"],
             extra={"rounds": 3},
         )
+
+
+def test_the_report_names_contributors_and_group_members_and_labels_its_figures(
+    rounds_coord, tiny, char_embedder, tmp_path
+):
+    from crowdsft.coordinator.report.build import build_report
+    from crowdsft.coordinator.store import queries
+
+    coord = rounds_coord()
+    store = coord.coordinator.store
+    summary = make_runner(coord, tiny, char_embedder, tmp_path).run()
+    named = summary.groups[0][0]
+    store.write(lambda conn: queries.set_display_name(conn, named, "Ada <the expert>"))
+    data = build_report(
+        coord.config,
+        store,
+        tmp_path / "r",
+        char_embedder,
+        ["yes"],
+        extra={"base_model_distance": 1.25},
+        labels={"base_model_distance": "the base model, not fine-tuned"},
+    )
+    by_id = {c["node_id"]: c["name"] for c in data["contributors"]}
+    assert by_id[named] == "Ada <the expert>"  # the registered display name, not a cut id
+    assert data["distance_per_round"][0]["members"][0][0] == "Ada <the expert>"
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "group 0 (Ada &lt;the expert&gt;" in page  # members listed, escaped
+    assert "<th>the base model, not fine-tuned</th><td>1.25</td>" in page
+    assert "base model distance" not in page
+
+
+def test_a_single_round_is_one_tick_on_the_x_axis():
+    from crowdsft.coordinator.report.build import _integer_rounds, pyplot
+
+    fig, ax = pyplot().subplots()
+    ax.scatter([1, 1], [0.5, 0.7])
+    _integer_rounds(ax, [1])
+    assert list(ax.get_xticks()) == [1] and ax.get_xlim() == (0.5, 1.5)
+    fig, ax = pyplot().subplots()
+    _integer_rounds(ax, list(range(40)))
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_the_demo_says_when_low_quality_contributors_out_earn_expert_like_ones():
+    from crowdsft.demo.run import points_note
+
+    note = points_note({"expert-like": 2.7, "noisy": 4.7, "off-style": 1.0, "spammer": 3.0}, 3)
+    assert note is not None
+    assert "noisy contributors 4.7 and spammer contributors 3" in note and "2.7" in note
+    assert points_note({"expert-like": 5.0, "noisy": 4.7, "spammer": 3.0}, 3) is None
 
 
 def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny, tmp_path):
