@@ -364,13 +364,16 @@ def test_the_report_names_contributors_and_group_members_and_labels_its_figures(
 def test_a_single_round_is_one_tick_on_the_x_axis():
     from crowdsft.coordinator.report.build import _integer_rounds, pyplot
 
-    fig, ax = pyplot().subplots()
+    plt = pyplot()
+    fig, ax = plt.subplots()
     ax.scatter([1, 1], [0.5, 0.7])
     _integer_rounds(ax, [1])
     assert list(ax.get_xticks()) == [1] and ax.get_xlim() == (0.5, 1.5)
-    fig, ax = pyplot().subplots()
+    plt.close(fig)
+    fig, ax = plt.subplots()
     _integer_rounds(ax, list(range(40)))
     assert all(float(t).is_integer() for t in ax.get_xticks())
+    plt.close(fig)
 
 
 def test_the_demo_says_when_low_quality_contributors_out_earn_expert_like_ones():
