@@ -971,7 +971,12 @@ def check_strategies(config: CoordinatorConfig, plugins: Any = None) -> None:
     from crowdsft.plugins.manager import PluginError, get_plugins
 
     p = plugins or get_plugins()
-    where = f"{config.path}: " if config.path else ""
+
+    def where(section: str, key: str) -> str:  # the variable that set it, else the file
+        if os.environ.get(_env_name(section, key)) is not None:
+            return f"environment variable {_env_name(section, key)}: "
+        return f"{config.path}: " if config.path else ""
+
     for section, key, kind in STRATEGY_SETTINGS:
         name = getattr(getattr(config, section), key)
         if not name:
@@ -979,7 +984,7 @@ def check_strategies(config: CoordinatorConfig, plugins: Any = None) -> None:
         try:
             p.get(kind, name)
         except PluginError as exc:
-            raise ConfigError(f"{where}{section}.{key} = {name!r}: {exc}") from None
+            raise ConfigError(f"{where(section, key)}{section}.{key} = {name!r}: {exc}") from None
     r = config.rounds
     built_with: dict[str, dict[str, Any]] = {
         "grouping": {"groups": r.groups},
@@ -990,8 +995,8 @@ def check_strategies(config: CoordinatorConfig, plugins: Any = None) -> None:
         try:
             p.create(kind, getattr(r, kind), **built_with.get(kind, {}), **options)
         except (PluginError, ValueError, TypeError) as exc:
-            setting = f"rounds.{kind}_options" if options else f"rounds.{kind}"
-            raise ConfigError(f"{where}{setting}: {exc}") from None
+            key = f"{kind}_options" if options else kind
+            raise ConfigError(f"{where('rounds', key)}rounds.{key}: {exc}") from None
 
 
 def _toml(value: Any) -> str:

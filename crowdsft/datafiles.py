@@ -221,6 +221,23 @@ def _collect(
     return records
 
 
+def table_cells(row: dict[str, object]) -> dict[str, object]:
+    """A row whose cells are text (a CSV file's, or ``csv.DictReader`` rows handed to the
+    SDK) as a record: an empty ``system`` or ``history`` cell is none (no system prompt, a
+    single-turn example), and a ``messages`` or ``history`` cell given as text is JSON."""
+    out = dict(row)
+    for key in ("system", "history"):
+        if out.get(key) == "":
+            del out[key]
+    for key in ("messages", "history"):
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = json.loads(str(out[key]))
+            except json.JSONDecodeError as exc:
+                out[key] = NotJSON(exc.msg)
+    return out
+
+
 def records_from_dicts(
     items: Iterable[Mapping[str, Any]], name: str = "examples", limits: Limits | None = None
 ) -> list[Record]:
@@ -231,7 +248,7 @@ def records_from_dicts(
             (
                 i + 1,
                 f"{name}[{i}]",
-                partial(parse_object, dict(obj) if isinstance(obj, Mapping) else obj),
+                partial(parse_object, table_cells(dict(obj)) if isinstance(obj, Mapping) else obj),
             )
             for i, obj in enumerate(items)
         ),
@@ -272,17 +289,7 @@ def _table_rows(path: Path, fmt: str) -> Iterator[object]:
                     out: dict[str, object] = {k: v for k, v in row.items() if k is not None}
                     if None in row:
                         out["(extra cells)"] = row[None]
-                    if "system" in out and out["system"] == "":
-                        del out["system"]  # an empty cell: no system prompt
-                    if out.get("history") == "":
-                        del out["history"]  # an empty cell: a single-turn example
-                    for key in ("messages", "history"):
-                        if isinstance(out.get(key), str):
-                            try:
-                                out[key] = json.loads(str(out[key]))
-                            except json.JSONDecodeError as exc:
-                                out[key] = NotJSON(exc.msg)
-                    yield out
+                    yield table_cells(out)
         except UnicodeDecodeError as exc:
             raise InputError(f"{path} is not UTF-8 text ({exc.reason})") from None
         return

@@ -53,6 +53,10 @@ class Backoff:
     def delay(self, attempt: int, floor: float = 0.0) -> float:
         return max(floor, self.rng.uniform(0, min(self.cap, self.base * 2**attempt)))
 
+    def longest(self) -> float:
+        """The most that all the waits between ``attempts`` tries can add up to."""
+        return sum(min(self.cap, self.base * 2**a) for a in range(self.attempts - 1))
+
 
 def _trailer(err: grpc.RpcError, key: str) -> bytes | str | None:
     trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
@@ -120,7 +124,15 @@ class CoordinatorClient:
                     ) from None
                 hint = _trailer(err, RETRY_AFTER_TRAILER) or _trailer(err, PUSHBACK_TRAILER)
                 wait = self.backoff.delay(attempt, float(hint) / 1000 if hint else 0.0)
-                logger.info("%s: %s; retrying in %.2fs", what, code.name, wait)
+                if attempt == 0:  # one line says it; each retry after it only with -vv
+                    logger.info(
+                        "%s: %s (%s); retrying for up to %.0f s",
+                        what,
+                        code.name,
+                        err.details(),
+                        self.backoff.longest(),
+                    )
+                logger.debug("%s: %s; retry %d in %.2fs", what, code.name, attempt + 1, wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")
 

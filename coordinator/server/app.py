@@ -123,6 +123,42 @@ def load_identity(config: CoordinatorConfig) -> Identity:
     return load_private_key(config.key_path, passphrase_from_env(config.identity.passphrase_env))
 
 
+def check_free(listen: str) -> None:
+    """ConfigError, in one line, where ``listen`` (HOST:PORT) cannot be bound: the port is in
+    use, the address is not this machine's, or the port needs privileges. Port 0 (any free
+    port) and names that do not resolve are left to gRPC."""
+    import errno
+    import socket
+
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) == 0:
+        return
+    host = host.strip("[]")
+    try:
+        found = socket.getaddrinfo(
+            host or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                why = "the port is in use (another coordinator, or another program, holds it)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                why = "the address is not one of this machine's"
+            elif exc.errno == errno.EACCES:
+                why = "ports below 1024 need privileges"
+            else:
+                why = exc.strerror or str(exc)
+            raise ConfigError(
+                f"cannot listen on {listen}: {why}; choose another with --listen or server.listen"
+            ) from None
+
+
 class Coordinator:
     """A running coordinator: the store, the service, and a ``grpc.aio`` server on an event
     loop of its own thread, so that ``start()``/``stop()`` are plain calls. Waiting on clients
@@ -194,6 +230,7 @@ class Coordinator:
             ),
             self.server,
         )
+        check_free(config.server.listen)  # before gRPC's core logs its own bind failure
         try:
             credentials = server_credentials(config)
             if credentials is None:

@@ -191,6 +191,22 @@ def test_environment_variables_override_the_file_and_are_checked(tmp_path, monke
         load_coordinator_config(path)
 
 
+def test_an_unknown_strategy_from_the_environment_is_blamed_on_the_variable(tmp_path, monkeypatch):
+    path = _cfg(tmp_path, DEFAULT_COORDINATOR_TOML)
+    monkeypatch.setenv("CROWDSFT_ROUNDS__REWARD", "per-wn")
+    with pytest.raises(ConfigError) as found:
+        load_coordinator_config(path)
+    message = str(found.value)
+    assert message.startswith("environment variable CROWDSFT_ROUNDS__REWARD: rounds.reward")
+    assert str(path) not in message
+    monkeypatch.delenv("CROWDSFT_ROUNDS__REWARD")
+    monkeypatch.setenv("CROWDSFT_ROUNDS__REWARD_OPTIONS", "{scael = 2}")
+    with pytest.raises(
+        ConfigError, match=r"^environment variable CROWDSFT_ROUNDS__REWARD_OPTIONS: rounds\."
+    ):
+        load_coordinator_config(path)
+
+
 def test_the_template_shows_every_key_with_its_default():
     """The commented template and the sections' defaults cannot drift apart: every key of
     every section is in the template (commented out where it has no default), with the

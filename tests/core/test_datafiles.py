@@ -220,3 +220,26 @@ def test_a_json_array_and_other_tools_column_names_get_a_hint(tmp_path):
     csv.write_text("prompt,answer\nq,a\n")
     with pytest.raises(InputError, match='rename "answer" to "response"'):
         read_records(csv)
+
+
+def test_rows_from_csv_dictreader_are_taken_by_the_sdk_as_the_cli_takes_the_file(tmp_path):
+    """``csv.DictReader`` rows have text cells: an empty history or system cell, and a
+    history cell of JSON text, read as the CLI reads the same CSV file."""
+    import csv
+
+    from crowdsft.datafiles import read_records, records_from_dicts
+
+    path = tmp_path / "examples.csv"
+    path.write_text(
+        "prompt,response,system,history\n"
+        "Hi,Hello!,,\n"
+        'And then?,Then this.,Be brief.,"[{""user"": ""Hi"", ""assistant"": ""Hello!""}]"\n',
+        encoding="utf-8",
+    )
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    from_sdk = records_from_dicts(rows)
+    from_cli = read_records(path)
+    assert [r.as_dict() for r in from_sdk] == [r.as_dict() for r in from_cli]
+    assert from_sdk[0].history == () and from_sdk[0].system is None
+    assert from_sdk[1].history == (("Hi", "Hello!"),)

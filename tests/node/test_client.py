@@ -133,3 +133,21 @@ def test_the_coordinator_signs_tree_heads_over_its_ledger(coord):
         assert head.root == hashlib.sha256(b"").digest()
         later, proof = c.tree_head(5)  # a node that claims to know more gets no proof
         assert later.valid() and later.size == 0 and proof == []
+
+
+def test_an_unreachable_coordinator_is_one_info_line_then_the_error(caplog):
+    import logging
+    import socket
+
+    from crowdsft.errors import CoordinatorError
+    from crowdsft.node.client import Backoff, CoordinatorClient
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level(logging.INFO, logger="crowdsft")
+    client = CoordinatorClient(f"127.0.0.1:{port}", timeout=2, backoff=Backoff(0.01, 0.05, 5))
+    with client, pytest.raises(CoordinatorError, match="UNAVAILABLE"):
+        client.info()
+    said = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(said) == 1 and "retrying for up to" in said[0].getMessage()
