@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -73,6 +74,33 @@ def _check_options(options: dict, names: dict, groups: int, error: float) -> Non
             ) from None
 
 
+def _check_players(valuations: list[str], users: list[int]) -> None:
+    """A valuation that cannot value this many players (``exact`` beyond its
+    ``max_players``) is refused in one line before any work starts."""
+    from crowdsft.plugins.manager import get_plugins
+
+    for name in valuations:
+        limit = getattr(get_plugins().create("valuation", name), "max_players", None)
+        if isinstance(limit, int) and max(users) > limit:
+            raise click.BadParameter(
+                f"{name!r} values at most {limit} players and --users asks for {max(users)} "
+                "(use 'permutation', or fewer users)",
+                param_hint="--valuation",
+            )
+
+
+def _option_option(f):
+    return click.option(
+        "--option",
+        "options",
+        multiple=True,
+        callback=_parse_options,
+        metavar="KIND.KEY=VALUE",
+        help="An option for a strategy's factory, such as reward.scale=5 or "
+        "grouping.jitter=0.1 (repeatable; VALUE is read as JSON where it parses).",
+    )(f)
+
+
 def _data_option(f):
     return click.option(
         "--data",
@@ -106,15 +134,7 @@ def _fmt(v: float, spec: str = ".3f") -> str:
 @click.option("--rounds", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--runs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--option",
-    "options",
-    multiple=True,
-    callback=_parse_options,
-    metavar="KIND.KEY=VALUE",
-    help="An option for a strategy's factory, such as reward.scale=5 (repeatable; VALUE is "
-    "read as JSON where it parses).",
-)
+@_option_option
 @_data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def simulate(
@@ -151,6 +171,7 @@ def simulate(
         ("influence", influence),
     ):
         _check_names(kind, [name])
+    _check_players([valuation], [users])
     _check_options(
         options,
         {"grouping": grouping, "selection": "best", "reward": reward, "influence": influence}
@@ -220,6 +241,7 @@ def simulate(
     help="Run every game and cell as a Ray task: alone, on a local Ray; with 'auto' or "
     "HOST:PORT, on that cluster (its nodes need this package and the data at the same path).",
 )
+@_option_option
 @click.option("--no-plots", is_flag=True, help="Write summary.csv only.")
 @click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
 @_data_option
@@ -241,6 +263,7 @@ def sweep(
     seed,
     workers,
     ray_address,
+    options,
     no_plots,
     no_progress,
     data_dir,
@@ -249,7 +272,8 @@ def sweep(
     """Run the paper's grid of simulations and write DIR/summary.csv and PNG plots.
 
     Every comma-separated value of every option is crossed with all the others. Shapley
-    values are computed once per distinct game and shared by all combinations.
+    values are computed once per distinct game and shared by all combinations. --option
+    passes an option to a strategy of every cell (reward.scale=5, grouping.jitter=0.1).
     """
     from crowdsft.simulation.game import (
         Cell,
@@ -269,6 +293,15 @@ def sweep(
         ("valuation", valuation),
     ):
         _check_names(kind, names)
+    _check_players(valuation, users)
+    for combination in itertools.product(grouping, reward, evaluation, groups):
+        _check_options(
+            options,
+            dict(zip(("grouping", "reward", "evaluation"), combination[:3], strict=True))
+            | {"selection": "best", "influence": "points-squared"},
+            combination[3],
+            0.05,
+        )
     cells = [
         Cell(
             users=u,
@@ -306,6 +339,7 @@ def sweep(
             workers=workers or None,
             progress=bar,
             ray_address=ray_address,
+            strategy_options=options,
         )
     elapsed = time.perf_counter() - t0
     write_summary(results, out / "summary.csv")

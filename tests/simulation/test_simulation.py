@@ -253,3 +253,33 @@ def test_a_failing_reward_plugin_is_one_line_in_simulate(synthetic_movielens, mo
     assert len(lines) == 1
     assert "the reward strategy 'buggy-win' failed: AttributeError" in lines[0]
     assert "test_simulation.py:" in lines[0]
+
+
+def test_sweep_takes_strategy_options_and_refuses_too_many_players_for_exact(
+    tmp_path, synthetic_movielens
+):
+    base = ["sweep", "--users", "10", "--groups", "2", "--grouping", "epsilon-greedy"]
+    base += ["--evaluation", "l2", "--valuation", "exact", "--runs", "2", "--rounds", "10"]
+    base += ["--no-progress", "--no-plots", "--workers", "1", "--data", str(synthetic_movielens)]
+    rows = {}
+    for jitter in (0, 1.5):
+        out = tmp_path / f"j{jitter}"
+        result = CliRunner().invoke(
+            main, [*base, "--option", f"grouping.jitter={jitter}", "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        with (out / "summary.csv").open() as fh:
+            rows[jitter] = next(csv.DictReader(fh))
+    # the option reached the grouping: the games differ
+    assert rows[0]["mean_pearson"] != rows[1.5]["mean_pearson"]
+    typo = CliRunner().invoke(main, [*base, "--option", "grouping.jitr=1", "--out", str(tmp_path)])
+    assert typo.exit_code == 2 and "jitr" in typo.output
+    # 25 players for exact values: one line before any work, no traceback from a worker
+    many = CliRunner().invoke(main, [*base, "--users", "10,25", "--out", str(tmp_path / "many")])
+    assert many.exit_code == 2 and "Traceback" not in many.output
+    assert "'exact' values at most 20 players and --users asks for 25" in many.output
+    assert not (tmp_path / "many").exists()
+    alone = CliRunner().invoke(
+        main, ["simulate", "--users", "25", "--valuation", "exact", "--runs", "1"]
+    )
+    assert alone.exit_code == 2 and "at most 20 players" in alone.output
