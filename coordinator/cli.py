@@ -378,6 +378,36 @@ def stats(config_path: Path, as_json: bool) -> None:
             )
 
 
+def round_event_line(kind: str, info: dict, evaluation: str) -> str | None:
+    """A round's progress event in words (None: not shown); scores as distances where the
+    evaluation is one (lower is better), as every other display shows them."""
+    from crowdsft.coordinator.report.build import distance_of
+
+    if kind == "round_planned":
+        extra = info.get("consolidated")
+        return (
+            f"round {info['round_id']} planned: {sum(len(g) for g in info['groups'])} "
+            f"contributors in {len(info['groups'])} groups"
+            + (f", and a consolidated candidate of all {len(extra)}" if extra else "")
+        )
+    if kind == "round_resumed":
+        return f"resuming round {info['round_id']} where it stopped"
+    if kind == "round_redecided":
+        changes = "; ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in info["changes"].items())
+        return f"round {info['round_id']} decided under the config's rules: {changes}"
+    who = "the consolidated candidate" if info.get("consolidated") else None
+    if kind == "candidate_training":
+        who = who or f"group {info['group']}'s candidate"
+        return f"training {who} ({info['members']} contributors) ..."
+    if kind == "candidate_scored":
+        who = who or f"group {info['group']}'s candidate"
+        if evaluation in ("l2", "l1"):  # a negated distance: shown as the distance
+            value = distance_of(info["score"], evaluation)
+            return f"{who}: distance {value:.4f} (lower is better)"
+        return f"{who}: score {info['score']:.4f} (higher is better)"
+    return None
+
+
 @coordinator.command("round")
 @_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the round's result as JSON.")
@@ -412,15 +442,9 @@ def round_(config_path: Path, as_json: bool, redecide: bool) -> None:
         check_round(config, store, redecide)  # before any model loads
 
     def event(kind: str, info: dict) -> None:
-        if not as_json and kind in (
-            "round_planned",
-            "candidate_training",
-            "candidate_scored",
-            "round_resumed",
-            "round_redecided",
-        ):
-            detail = ", ".join(f"{k}={v}" for k, v in info.items() if k != "groups")
-            click.echo(f"  {kind.replace('_', ' ')}: {detail}", err=True)
+        line = round_event_line(kind, info, config.evaluation.function)
+        if line and not as_json:
+            click.echo(f"  {line}", err=True)
 
     space = build_llm_space(config, on_event=event)
     executor = make_executor(config)

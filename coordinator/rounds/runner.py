@@ -449,7 +449,15 @@ class RoundRunner:
             if s is None:
                 s = float(self.space.score([Candidate(base.lineage, adapter)])[0])
                 self._write(queries.set_candidate_score, round_id, g, s)
-                self.on_event("candidate_scored", {"round_id": round_id, "group": g, "score": s})
+                self.on_event(
+                    "candidate_scored",
+                    {
+                        "round_id": round_id,
+                        "group": g,
+                        "score": s,
+                        "consolidated": row.consolidated is not None and g == len(row.groups),
+                    },
+                )
             scores.append(s)
         self._write(queries.advance_status, round_id, "trained", "scored")
         return base_score, scores

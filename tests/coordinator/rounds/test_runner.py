@@ -374,3 +374,32 @@ def test_redecide_is_refused_before_a_model_loads_without_an_unfinished_round(ma
     problems = round_problems(other, store)
     assert any("planned under judging_error 0.05" in p and "--redecide" in p for p in problems)
     assert not [p for p in round_problems(other, store, True) if "planned" in p]
+
+
+def test_coordinator_round_shows_its_progress_as_distances_in_words(make_coordinator):
+    from crowdsft.coordinator.cli import round_event_line
+
+    coord = make_coordinator(
+        rounds={"groups": 3, "consume": "none"}, admission={"near_duplicate_threshold": 0.0}
+    )
+    events = []
+    runner = RoundRunner(
+        coord.config,
+        coord.coordinator.store,
+        StandInSpace(coord.config.adapter_dir),
+        on_event=lambda kind, info: events.append((kind, info)),
+    )
+    fill(coord, 0)
+    runner.run()
+    lines = [
+        line for kind, info in events if (line := round_event_line(kind, info, "l2")) is not None
+    ]
+    assert lines[0] == (
+        "round 1 planned: 6 contributors in 3 groups, and a consolidated candidate of all 6"
+    )
+    scored = [line for line in lines if "distance" in line]
+    assert len(scored) == 4 and scored[-1].startswith("the consolidated candidate: distance ")
+    shown = [-info["score"] for kind, info in events if kind == "candidate_scored"]
+    for line, d in zip(scored, shown, strict=True):
+        assert f"distance {d:.4f} (lower is better)" in line
+    assert "score=" not in " ".join(lines)
