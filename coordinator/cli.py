@@ -461,15 +461,18 @@ def round_(config_path: Path, as_json: bool, redecide: bool) -> None:
     from crowdsft.coordinator.report.build import distance_of
 
     ev = config.evaluation.function
+    # l2 and l1 scores are negated distances, shown as distances; other evaluations' scores
+    # are similarities, shown as they are
+    what, better = ("distance", "lower") if ev in ("l2", "l1") else ("score", "higher")
     click.echo(
-        f"round {summary.round_id}: the base's distance to the target "
-        f"{distance_of(summary.base_score, ev):.4f} (lower is better)"
+        f"round {summary.round_id}: the base's {what} to the target "
+        f"{distance_of(summary.base_score, ev):.4f} ({better} is better)"
     )
     for g, members in enumerate(summary.groups):  # groups and ranks count from 0
         rank = summary.ranking.index(g) if summary.ranking else None
         mark = " <- winner" if g == summary.winner and summary.updated else ""
         click.echo(
-            f"  group {g}: {len(members)} contributors, distance "
+            f"  group {g}: {len(members)} contributors, {what} "
             f"{distance_of(summary.scores[g], ev):.4f}"
             + (f", rank {rank}" if rank is not None else "")
             + mark
@@ -478,7 +481,7 @@ def round_(config_path: Path, as_json: bool, redecide: bool) -> None:
         n = len(summary.groups)
         rank = summary.ranking.index(n) if summary.ranking else None
         click.echo(
-            f"  consolidated: all {len(summary.consolidated)} contributors, distance "
+            f"  consolidated: all {len(summary.consolidated)} contributors, {what} "
             f"{distance_of(summary.scores[n], ev):.4f}"
             + (f", rank {rank}" if rank is not None else "")
             + (" <- winner" if summary.consolidated_won else "")
