@@ -973,8 +973,10 @@ def check_strategies(config: CoordinatorConfig, plugins: Any = None) -> None:
     p = plugins or get_plugins()
 
     def where(section: str, key: str) -> str:  # the variable that set it, else the file
-        if os.environ.get(_env_name(section, key)) is not None:
-            return f"environment variable {_env_name(section, key)}: "
+        name = _env_name(section, key)
+        for var in os.environ:  # any case, and nested keys (..._OPTIONS__SCALE) too
+            if var.upper() == name or var.upper().startswith(name + "__"):
+                return f"environment variable {var}: "
         return f"{config.path}: " if config.path else ""
 
     for section, key, kind in STRATEGY_SETTINGS:

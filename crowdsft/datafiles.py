@@ -238,6 +238,17 @@ def table_cells(row: dict[str, object]) -> dict[str, object]:
     return out
 
 
+def _sdk_row(obj: object) -> object:
+    """An SDK item as a record: a row of text cells only (what ``csv.DictReader`` gives) is
+    read as the CSV reader reads its rows (``table_cells``); any other dict as it is."""
+    if not isinstance(obj, Mapping):
+        return obj
+    row = dict(obj)
+    if all(isinstance(v, str) for v in row.values()):
+        return table_cells(row)
+    return row
+
+
 def records_from_dicts(
     items: Iterable[Mapping[str, Any]], name: str = "examples", limits: Limits | None = None
 ) -> list[Record]:
@@ -248,7 +259,7 @@ def records_from_dicts(
             (
                 i + 1,
                 f"{name}[{i}]",
-                partial(parse_object, table_cells(dict(obj)) if isinstance(obj, Mapping) else obj),
+                partial(parse_object, _sdk_row(obj)),
             )
             for i, obj in enumerate(items)
         ),

@@ -3,13 +3,16 @@
 Library code calls ``report(task, done, total, unit)`` as it goes; by default nothing listens.
 The ``crowdsft`` command installs a ``TerminalProgress`` when stderr is a terminal and
 ``--quiet`` is not given: one line, rewritten in place, with the rate and the time left, and
-cleared when the step ends. Log lines and the commands' own output are unaffected, so
+cleared when the step ends (or fails). Only the main thread draws: a server's background
+rounds do not write into its log. Log lines and the commands' own output are unaffected, so
 redirected output holds no progress lines at all.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -90,6 +93,8 @@ class TerminalProgress:
         return text
 
     def __call__(self, task: str, done: int, total: int, unit: str = "steps") -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # a server's background rounds: their lines would cut into its log
         now = self.clock()
         if task != self._task:
             self._task, self._started, self._first_done, self._drawn = task, now, done, 0.0
@@ -99,7 +104,8 @@ class TerminalProgress:
         if now - self._drawn < self.interval:
             return
         self._drawn = now
-        text = self.line(task, done, total, unit)
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be redrawn
+        text = self.line(task, done, total, unit)[: max(width, 20)]
         self.stream.write("\r" + text.ljust(self._width))
         self.stream.flush()
         self._width = len(text)

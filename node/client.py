@@ -126,10 +126,12 @@ class CoordinatorClient:
                 wait = self.backoff.delay(attempt, float(hint) / 1000 if hint else 0.0)
                 if attempt == 0:  # one line says it; each retry after it only with -vv
                     logger.info(
-                        "%s: %s (%s); retrying for up to %.0f s",
+                        "%s: %s (%s); retrying up to %d more times (about %.0f s with backoff, "
+                        "longer where the coordinator asks for it)",
                         what,
                         code.name,
                         err.details(),
+                        self.backoff.attempts - 1,
                         self.backoff.longest(),
                     )
                 logger.debug("%s: %s; retry %d in %.2fs", what, code.name, attempt + 1, wait)

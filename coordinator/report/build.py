@@ -182,7 +182,7 @@ def build_report(
     if clash:
         raise ValueError(f"extra report fields would replace the report's own: {clash}")
     out.mkdir(parents=True, exist_ok=True)
-    names = names or queries.display_names(store)
+    names = _distinct(names or queries.display_names(store))
     ev = config.evaluation.function
     history = [r.as_dict() for r in queries.finished_rounds(store)]
     points = queries.awarded_points(store)
@@ -271,6 +271,20 @@ def build_report(
     (out / "index.html").write_text(_html(data, pngs, labels or {}))
     data["report_path"] = str(out / "index.html")
     return data
+
+
+def _distinct(names: dict[str, str]) -> dict[str, str]:
+    """Names as shown: one that several nodes registered gets the start of each node id
+    (two "alice"s are two contributors, not one bar)."""
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {n: f"{name} ({n[:6]})" if counts[name] > 1 else name for n, name in names.items()}
+
+
+def _plain(text: str) -> str:
+    """A name as matplotlib shows it literally ("$" starts its maths mode)."""
+    return text.replace("$", r"\$")
 
 
 def _pairs_line(pairs: list[list[str]] | None) -> str:
@@ -373,7 +387,7 @@ def _plots(data: dict[str, Any], out: Path) -> dict[str, Path]:
 
     contributors = data["contributors"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([c["name"] for c in contributors], [c["points"] for c in contributors])
+    ax.bar([_plain(c["name"]) for c in contributors], [c["points"] for c in contributors])
     ax.set(ylabel="points", title="Points per contributor")
     ax.tick_params(axis="x", rotation=60, labelsize=7)
     paths["points"] = save(fig, out / "points_per_contributor.png")

@@ -83,6 +83,8 @@ class AutoRounds:
             return False
         except CrowdSFTError as exc:  # a failing plugin, a changed rule: one line says it
             logger.error("automatic round failed (it will be retried): %s", exc)
+            if exc.__cause__ is not None:  # the plugin's own traceback, with -vv
+                logger.debug("caused by", exc_info=exc.__cause__)
             return False
         except Exception:
             logger.exception("automatic round failed; it will be retried")

@@ -82,6 +82,25 @@ def changed_rules_message(round_id: int, changes: dict[str, list[Any]]) -> str:
     )
 
 
+def redecide_problem(
+    row: queries.RoundRow, config: CoordinatorConfig, plugins: Plugins
+) -> str | None:
+    """Why the unfinished round ``row`` cannot be decided under the config's reward rule
+    (None: it can): a rule that pays from in-run credit needs it recorded in every candidate
+    trained so far, which happens only where the planned rule (or valuation.in_run) asked."""
+    r = config.rounds
+    reward = plugins.create("reward", r.reward, **r.reward_options)
+    if not getattr(reward, "needs_credit", False):
+        return None
+    if all("member_credit" in (c.training or {}) for c in row.candidates):
+        return None
+    return (
+        f"round {row.round_id}'s candidates were trained without in-run credit, and the reward "
+        f"{r.reward!r} pays from it: --redecide cannot decide this round under it; choose a "
+        "reward that does not need in-run credit for this round"
+    )
+
+
 class NotEnoughContributors(CrowdSFTError):
     """There are fewer contributors with unconsumed data than groups."""
 
@@ -193,6 +212,9 @@ class RoundRunner:
         if changes:
             if not redecide:
                 raise ConfigError(changed_rules_message(round_id, changes))
+            problem = redecide_problem(row, self.config, self.plugins)
+            if problem:  # before anything is written: the round stays as it was planned
+                raise ConfigError(problem)
             self._redecide(round_id, row.strategies, changes)
             row = queries.round_row(self.store, round_id)
         weights = [np.asarray(w, dtype=float) for w in row.weights]

@@ -125,13 +125,15 @@ def load_identity(config: CoordinatorConfig) -> Identity:
 
 def check_free(listen: str) -> None:
     """ConfigError, in one line, where ``listen`` (HOST:PORT) cannot be bound: the port is in
-    use, the address is not this machine's, or the port needs privileges. Port 0 (any free
-    port) and names that do not resolve are left to gRPC."""
+    use, the address is not this machine's, or the port needs privileges. As gRPC binds
+    every address a name resolves to and succeeds where any of them binds, this refuses only
+    where none does. Port 0 (any free port), ports out of range and names that do not
+    resolve are left to gRPC."""
     import errno
     import socket
 
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) == 0:
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         return
     host = host.strip("[]")
     try:
@@ -140,23 +142,29 @@ def check_free(listen: str) -> None:
         )
     except OSError:
         return
-    family, kind, proto, _, address = found[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in found:
         try:
-            probe.bind(address)
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+                probe.bind(address)
+            return  # one address binds: gRPC will serve there
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                why = "the port is in use (another coordinator, or another program, holds it)"
-            elif exc.errno == errno.EADDRNOTAVAIL:
-                why = "the address is not one of this machine's"
-            elif exc.errno == errno.EACCES:
-                why = "ports below 1024 need privileges"
-            else:
-                why = exc.strerror or str(exc)
-            raise ConfigError(
-                f"cannot listen on {listen}: {why}; choose another with --listen or server.listen"
-            ) from None
+            failures.append(exc)
+    if not failures:
+        return
+    codes = {exc.errno for exc in failures}
+    if errno.EADDRINUSE in codes:
+        why = "the port is in use (another coordinator, or another program, holds it)"
+    elif errno.EACCES in codes:
+        why = "ports below 1024 need privileges"
+    elif codes <= {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}:
+        why = "the address is not one of this machine's"
+    else:
+        why = failures[0].strerror or str(failures[0])
+    raise ConfigError(
+        f"cannot listen on {listen}: {why}; choose another with --listen or server.listen"
+    )
 
 
 class Coordinator:

@@ -701,6 +701,7 @@ def fit(
         }
         return result
     finally:
+        progress.clear()  # a fit that fails leaves no progress line behind
         if credit is not None:
             credit.detach()
         peft_model.unload()
@@ -913,6 +914,7 @@ def generate(
             out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
             progress.report(task, len(out), len(prompts), "answers")
     finally:
+        progress.clear()
         if hook is not None:
             hook.remove()
     return out

@@ -62,11 +62,18 @@ def round_problems(
         problems.append("training.executor = \"ray\" needs Ray: pip install -e '.[scale]'")
     unfinished = queries.unfinished_round(store) if store is not None else None
     if store is not None and unfinished is not None:
-        from ..rounds.runner import changed_rules_message, decision_changes
+        from crowdsft.plugins.manager import get_plugins
 
-        changes = decision_changes(queries.round_row(store, unfinished).strategies, config)
+        from ..rounds.runner import changed_rules_message, decision_changes, redecide_problem
+
+        row = queries.round_row(store, unfinished)
+        changes = decision_changes(row.strategies, config)
         if changes and not redecide:
             problems.append(changed_rules_message(unfinished, changes))
+        elif changes:
+            problem = redecide_problem(row, config, get_plugins())
+            if problem:
+                problems.append(problem)
     elif store is not None and redecide:
         problems.append("--redecide: there is no unfinished round to decide again")
     if store is not None and unfinished is None:

@@ -316,12 +316,12 @@ LOW_QUALITY = ("noisy", "off-style", "spammer")
 
 
 def points_note(mean_by_kind: dict[str, float], rounds: int) -> str | None:
-    """A sentence when a low-quality kind of contributor earned at least as many points on
-    average as the expert-like ones (None otherwise)."""
+    """A sentence when a low-quality kind of contributor earned more points on average than
+    the expert-like ones (None otherwise)."""
     good = mean_by_kind.get("expert-like")
     if good is None:
         return None
-    ahead = [(k, v) for k, v in mean_by_kind.items() if k in LOW_QUALITY and v >= good]
+    ahead = [(k, v) for k, v in mean_by_kind.items() if k in LOW_QUALITY and v > good]
     if not ahead:
         return None
     who = " and ".join(f"{k} contributors {v:.3g}" for k, v in ahead)

@@ -205,6 +205,12 @@ def test_an_unknown_strategy_from_the_environment_is_blamed_on_the_variable(tmp_
         ConfigError, match=r"^environment variable CROWDSFT_ROUNDS__REWARD_OPTIONS: rounds\."
     ):
         load_coordinator_config(path)
+    monkeypatch.delenv("CROWDSFT_ROUNDS__REWARD_OPTIONS")
+    monkeypatch.setenv("crowdsft_rounds__reward_options__scael", "2")  # any case, nested
+    with pytest.raises(
+        ConfigError, match=r"^environment variable crowdsft_rounds__reward_options__scael: "
+    ):
+        load_coordinator_config(path)
 
 
 def test_the_template_shows_every_key_with_its_default():

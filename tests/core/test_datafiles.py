@@ -243,3 +243,11 @@ def test_rows_from_csv_dictreader_are_taken_by_the_sdk_as_the_cli_takes_the_file
     assert [r.as_dict() for r in from_sdk] == [r.as_dict() for r in from_cli]
     assert from_sdk[0].history == () and from_sdk[0].system is None
     assert from_sdk[1].history == (("Hi", "Hello!"),)
+
+
+def test_an_sdk_dict_that_is_not_a_row_of_text_cells_is_taken_as_it_is():
+    from crowdsft.datafiles import records_from_dicts
+
+    # an empty system prompt given on purpose, with a list history: not a table row
+    (record,) = records_from_dicts([{"prompt": "p", "response": "r", "system": "", "history": []}])
+    assert record.system == ""

@@ -59,3 +59,19 @@ def test_the_command_reports_progress_only_on_a_terminal_and_not_when_quiet(
         assert isinstance(progress._sink, progress.TerminalProgress) == installed
     finally:
         progress.install(before)
+
+
+def test_only_the_main_thread_draws_and_a_line_fits_the_terminal(monkeypatch):
+    import os
+    import shutil
+    import threading
+
+    out = io.StringIO()
+    bar = progress.TerminalProgress(out, interval=0.0, settle=0.0)
+    worker = threading.Thread(target=bar, args=("background round", 1, 10, "examples"))
+    worker.start()
+    worker.join()
+    assert out.getvalue() == ""  # a server's background rounds stay out of its log
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((40, 24)))
+    bar("fine-tuning on 1200 examples x 3 epochs", 1, 10, "examples")
+    assert max(len(line) for line in out.getvalue().split("\r")) <= 39

@@ -150,4 +150,4 @@ def test_an_unreachable_coordinator_is_one_info_line_then_the_error(caplog):
     with client, pytest.raises(CoordinatorError, match="UNAVAILABLE"):
         client.info()
     said = [r for r in caplog.records if r.levelno >= logging.INFO]
-    assert len(said) == 1 and "retrying for up to" in said[0].getMessage()
+    assert len(said) == 1 and "retrying up to 4 more times" in said[0].getMessage()

@@ -354,6 +354,14 @@ def test_the_report_names_contributors_and_group_members_and_labels_its_figures(
     )
     by_id = {c["node_id"]: c["name"] for c in data["contributors"]}
     assert by_id[named] == "Ada <the expert>"  # the registered display name, not a cut id
+    # two nodes of one name stay two, and a name that matplotlib would read as maths plots
+    a, b, c = [x["node_id"] for x in data["contributors"] if x["node_id"] != named][:3]
+    for node, name in ((a, "alice"), (b, "alice"), (c, "$\\nosuchcmd$")):
+        store.write(lambda conn, node=node, name=name: queries.set_display_name(conn, node, name))
+    again = build_report(coord.config, store, tmp_path / "r2", char_embedder, ["yes"])
+    shown = {x["node_id"]: x["name"] for x in again["contributors"]}
+    assert shown[a] == f"alice ({a[:6]})" and shown[b] == f"alice ({b[:6]})"
+    assert shown[c] == "$\\nosuchcmd$"
     assert data["distance_per_round"][0]["members"][0][0] == "Ada <the expert>"
     page = (tmp_path / "r" / "index.html").read_text()
     assert "group 0 (Ada &lt;the expert&gt;" in page  # members listed, escaped
@@ -383,6 +391,7 @@ def test_the_demo_says_when_low_quality_contributors_out_earn_expert_like_ones()
     assert note is not None
     assert "noisy contributors 4.7 and spammer contributors 3" in note and "2.7" in note
     assert points_note({"expert-like": 5.0, "noisy": 4.7, "spammer": 3.0}, 3) is None
+    assert points_note({"expert-like": 0.0, "noisy": 0.0, "spammer": 0.0}, 1) is None  # a tie
 
 
 def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny, tmp_path):

@@ -403,3 +403,27 @@ def test_coordinator_round_shows_its_progress_as_distances_in_words(make_coordin
     for line, d in zip(scored, shown, strict=True):
         assert f"distance {d:.4f} (lower is better)" in line
     assert "score=" not in " ".join(lines)
+
+
+def test_redecide_to_a_rule_that_pays_from_credit_is_refused_before_anything_changes(
+    make_runner,
+):
+    import dataclasses
+
+    from crowdsft.errors import ConfigError
+
+    coord, runner = make_runner("rank")  # the stand-in space records no in-run credit
+    fill(coord, 0)
+    with pytest.raises(runner_module.RoundInterrupted):
+        runner.run(stop_after="trained")
+    store = coord.coordinator.store
+    planned = queries.round_row(store, 1).strategies
+    credit = dataclasses.replace(
+        coord.config, rounds=dataclasses.replace(coord.config.rounds, reward="credit")
+    )
+    space = StandInSpace(coord.config.adapter_dir)
+    space.records_credit = True  # the space would record credit from now on; round 1's did not
+    with pytest.raises(ConfigError, match="trained without in-run credit"):
+        RoundRunner(credit, store, space).run(redecide=True)
+    assert queries.round_row(store, 1).strategies == planned  # nothing was written
+    assert runner.run().round_id == 1  # under the rule it was planned with, it finishes
