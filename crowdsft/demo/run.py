@@ -321,7 +321,9 @@ def points_note(mean_by_kind: dict[str, float], rounds: int) -> str | None:
     good = mean_by_kind.get("expert-like")
     if good is None:
         return None
-    ahead = [(k, v) for k, v in mean_by_kind.items() if k in LOW_QUALITY and v > good]
+    ahead = [
+        (k, v) for k, v in mean_by_kind.items() if k in LOW_QUALITY and v > good + 1e-9 * (1 + good)
+    ]  # strictly ahead: a tie (4.33 each, to rounding) is not out-earning
     if not ahead:
         return None
     who = " and ".join(f"{k} contributors {v:.3g}" for k, v in ahead)
@@ -469,7 +471,12 @@ def _progress(say: Callable[[str], None]) -> Callable[[str, dict[str, Any]], Non
         elif kind == "candidate_trained":
             say(f"    done in {time.perf_counter() - started.get('t', time.perf_counter()):.0f}s")
         elif kind == "candidate_scored":
-            say(f"  scored group {info['group']}'s candidate")
+            who = (
+                "the consolidated candidate"
+                if info.get("consolidated")
+                else f"group {info['group']}'s candidate"
+            )
+            say(f"  scored {who}")
 
     return event
 

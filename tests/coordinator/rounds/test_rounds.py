@@ -392,6 +392,8 @@ def test_the_demo_says_when_low_quality_contributors_out_earn_expert_like_ones()
     assert "noisy contributors 4.7 and spammer contributors 3" in note and "2.7" in note
     assert points_note({"expert-like": 5.0, "noisy": 4.7, "spammer": 3.0}, 3) is None
     assert points_note({"expert-like": 0.0, "noisy": 0.0, "spammer": 0.0}, 1) is None  # a tie
+    third = 13 / 3  # the demo's seed 0: 4.33 each, equal but for rounding
+    assert points_note({"expert-like": third, "noisy": 4 + 1 / 3, "spammer": 3.0}, 3) is None
 
 
 def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny, tmp_path):
