@@ -50,12 +50,19 @@ class Backoff:
         self.base, self.cap, self.attempts = base, cap, attempts
         self.rng = rng or random.Random()
 
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait before retry ``attempt`` (from 0): ``base * 2**attempt``, capped
+        (the exponent bounded, so that a client retrying for good never overflows)."""
+        return min(self.cap, self.base * 2 ** min(attempt, 64))
+
     def delay(self, attempt: int, floor: float = 0.0) -> float:
-        return max(floor, self.rng.uniform(0, min(self.cap, self.base * 2**attempt)))
+        return max(floor, self.rng.uniform(0, self.ceiling(attempt)))
 
     def longest(self) -> float:
         """The most that all the waits between ``attempts`` tries can add up to."""
-        return sum(min(self.cap, self.base * 2**a) for a in range(self.attempts - 1))
+        waits = self.attempts - 1
+        growing = next((a for a in range(min(waits, 65)) if self.ceiling(a) >= self.cap), waits)
+        return sum(self.ceiling(a) for a in range(growing)) + self.cap * (waits - growing)
 
 
 def _trailer(err: grpc.RpcError, key: str) -> bytes | str | None:

@@ -151,3 +151,14 @@ def test_an_unreachable_coordinator_is_one_info_line_then_the_error(caplog):
         client.info()
     said = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert len(said) == 1 and "retrying up to 4 more times" in said[0].getMessage()
+
+
+def test_backoff_bounds_hold_for_a_client_that_retries_for_good():
+    from crowdsft.node.client import Backoff
+
+    forever = Backoff(0.2, 10.0, 10**6)
+    assert forever.delay(5000) <= 10.0 and forever.ceiling(5000) == 10.0
+    growing = 0.2 + 0.4 + 0.8 + 1.6 + 3.2 + 6.4  # then every wait is the cap
+    assert forever.longest() == pytest.approx(growing + 10.0 * (10**6 - 7))
+    assert Backoff(0.2, 10.0, 8).longest() == pytest.approx(growing + 10.0)
+    assert Backoff(0.2, 10.0, 1).longest() == 0.0
