@@ -448,6 +448,23 @@ def summary(samples: list[tuple[float, bool]]) -> dict:
     }
 
 
+def connlimit_rules(port: int, limit: int) -> list[tuple[str, list[str]]]:
+    """The kernel rules that refuse a source address's connections to ``port`` beyond
+    ``limit`` open ones (IPv4 and IPv6), as (tool, arguments after -I or -D)."""
+    rule = ["INPUT", "-p", "tcp", "--syn", "--dport", str(port), "-m", "connlimit"]
+    rule += ["--connlimit-above", str(limit)]
+    return [
+        (
+            "iptables",
+            [*rule, "--connlimit-mask", "32", "-j", "REJECT", "--reject-with", "tcp-reset"],
+        ),
+        (
+            "ip6tables",
+            [*rule, "--connlimit-mask", "128", "-j", "REJECT", "--reject-with", "tcp-reset"],
+        ),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="per attack and baseline")
@@ -471,6 +488,14 @@ def main() -> int:
         type=int,
         default=20_000,
         help="nodes registered before the run (written into the store), for the HTTP attacks",
+    )
+    parser.add_argument(
+        "--connlimit",
+        type=int,
+        default=0,
+        help="with N > 0, limit each source address to N open TCP connections to the gRPC "
+        "port in the kernel (iptables and ip6tables connlimit, as docs/operators.md shows; "
+        "needs root), for the run",
     )
     args = parser.parse_args()
 
@@ -513,7 +538,10 @@ def main() -> int:
             stdout=log,
             stderr=log,
         )
+        rules = connlimit_rules(port, args.connlimit) if args.connlimit > 0 else []
         try:
+            for tool, rule in rules:
+                subprocess.run([tool, "-I", *rule], check=True)
             wait_ready(f"[::1]:{port}", timeout=60)
             honest = Honest(f"[::1]:{port}")
             honest.start()
@@ -614,12 +642,24 @@ def main() -> int:
             honest.stop.set()
             honest.join(10)
         finally:
+            for tool, rule in rules:
+                subprocess.run([tool, "-D", *rule], check=False)
             server.terminate()
             server.wait(30)
             log.close()
     met = all(r["ok"] == r["calls"] and (r.get("p99_vs_baseline") or 0) <= 2.0 for r in rows[1:])
     if args.json:
-        print(json.dumps({"rows": rows, "target_met": met, "split_cores": split}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "target_met": met,
+                    "split_cores": split,
+                    "connlimit": args.connlimit,
+                },
+                indent=2,
+            )
+        )
     else:
         print(
             "target (every honest call succeeds, p99 within 2x of baseline under each attack): "
