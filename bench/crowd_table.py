@@ -1,0 +1,61 @@
+"""Print the crowd experiment's rows so far as a Markdown table (docs/results.md).
+
+    python bench/crowd_table.py bench/results/crowd.jsonl bench/results/crowd-seed1.jsonl
+
+Reads the rows that ``crowdsft experiment crowd --out FILE`` appends (several files: the
+rows of workers that ran different seeds), one line per (target, seed, bad fraction), in
+target, seed and fraction order; a row that appears twice is shown once. Computes nothing:
+every figure is the row's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def rows_of(paths: list[Path]) -> list[dict]:
+    seen: dict[tuple[str, int, float], dict] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                seen.setdefault((row["target"], row["seed"], row["bad_fraction"]), row)
+    return [seen[k] for k in sorted(seen)]
+
+
+def table(rows: list[dict]) -> list[str]:
+    def auc(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    out = [
+        "| target | seed | bad | base | single-all | single-clean (oracle) | tournament "
+        "| vs single-all | AUC rank / regression / credit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        a = r["auc"]
+        out.append(
+            f"| {r['target']} | {r['seed']} | {round(r['bad_fraction'] * 100)}% | "
+            f"{r['base']:.3f} | {r['single_all']:.3f} | {r['single_clean']:.3f} | "
+            f"**{r['tournament']:.3f}** | {r['reduction_percent']:+.1f}% | "
+            f"{auc(a.get('rank'))} / {auc(a.get('regression'))} / {auc(a.get('credit'))} |"
+        )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args()
+    rows = rows_of(args.files)
+    print("\n".join(table(rows)))
+    print(f"\n{len(rows)} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
