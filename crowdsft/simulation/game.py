@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from crowdsft.config import check_ray_address
-from crowdsft.errors import ConfigError, InputError
+from crowdsft.errors import ConfigError, CrowdSFTError, InputError
 from crowdsft.plots import pyplot, save
 from crowdsft.plugins.evaluation import Evaluation
 from crowdsft.plugins.manager import get_plugins
@@ -401,7 +401,15 @@ def _ray_map(address: str) -> Callable[..., Iterable[Any]]:
         task = tasks.setdefault(fn, ray.remote(fn))
         refs = [task.remote(job) for job in jobs]
         for ref in refs:
-            yield ray.get(ref)
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                # an error Crowd-SFT raised on purpose in the task (a failing plugin, say):
+                # its own one line, not Ray's message with the worker's whole traceback
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, CrowdSFTError):
+                    raise cause from None
+                raise
 
     return mapper
 

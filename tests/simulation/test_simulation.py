@@ -283,3 +283,39 @@ def test_sweep_takes_strategy_options_and_refuses_too_many_players_for_exact(
         main, ["simulate", "--users", "25", "--valuation", "exact", "--runs", "1"]
     )
     assert alone.exit_code == 2 and "at most 20 players" in alone.output
+
+
+def test_a_crowdsft_error_in_a_ray_task_is_its_own_one_line(monkeypatch):
+    """On Ray, a strategy's failure in a task arrives wrapped in Ray's error, whose message
+    holds the worker's whole traceback; the sweep raises the error itself."""
+    import sys
+    import types
+
+    from crowdsft.errors import CrowdSFTError
+    from crowdsft.simulation import game
+
+    class RayTaskError(Exception):
+        def __init__(self, cause):
+            super().__init__("ray.exceptions.RayTaskError: Traceback (most recent call last): ...")
+            self.cause = cause
+
+    def get(ref):
+        if isinstance(ref, Exception):
+            raise RayTaskError(ref)
+        return ref
+
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: True,
+        remote=lambda fn: types.SimpleNamespace(remote=fn),
+        get=get,
+        exceptions=types.SimpleNamespace(RayTaskError=RayTaskError),
+    )
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    mapper = game._ray_map("local")
+    failing = CrowdSFTError("the reward strategy 'buggy-win' failed: AttributeError: x")
+    assert list(mapper(lambda job: job * 2, [1, 2])) == [2, 4]
+    with pytest.raises(CrowdSFTError) as found:
+        list(mapper(lambda job: failing if job else 0, [0, 1]))
+    assert found.value is failing
+    with pytest.raises(RayTaskError):  # anything else stays Ray's
+        list(mapper(lambda job: ValueError("other"), [1]))
