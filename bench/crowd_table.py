@@ -4,8 +4,8 @@
 
 Reads the rows that ``crowdsft experiment crowd --out FILE`` appends (several files: the
 rows of workers that ran different seeds), one line per (target, seed, bad fraction), in
-target, seed and fraction order; a row that appears twice is shown once. Computes nothing:
-every figure is the row's own.
+target, seed and fraction order; a row that appears twice is shown once; then the
+experiment's own means by bad fraction over these rows (``summarise``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,22 @@ def main() -> int:
     rows = rows_of(args.files)
     print("\n".join(table(rows)))
     print(f"\n{len(rows)} rows")
+    # the experiment's own means by bad fraction, over the rows so far
+    from crowdsft.experiment.crowd import summarise
+
+    fractions = sorted({r["bad_fraction"] for r in rows})
+    for f, b in summarise(rows, fractions)["by_fraction"].items():
+        closed = b["room_closed"]
+        aucs = ", ".join(
+            f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in b["mean_auc"].items()
+        )
+        print(
+            f"{float(f):.0%} bad ({b['target_seeds']} target-seeds): single-all "
+            f"{b['single_all']:.3f}, single-clean {b['single_clean']:.3f}, tournament "
+            f"{b['tournament']:.3f}; "
+            + ("" if closed is None else f"room closed {closed:.0%}; ")
+            + f"closer than single-all on {b['closer_than_single_all']}; mean AUC {aucs}"
+        )
     return 0
 
 
