@@ -225,12 +225,16 @@ def shapley_values(
     valuation: str,
     seed: int,
     options: dict[str, Any] | None = None,
+    evaluation_options: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Shapley values of the contributors in the centroid game for one expert."""
+    """Shapley values of the contributors in the centroid game for one expert (``options``:
+    the valuation's; ``evaluation_options``: the evaluation's, as the tournament's)."""
     plugins = get_plugins()
     target = vectors[expert]
     contributors = np.delete(vectors, expert, axis=0)
-    game = CentroidGame(contributors, target, plugins.create("evaluation", evaluation))
+    game = CentroidGame(
+        contributors, target, plugins.create("evaluation", evaluation, **(evaluation_options or {}))
+    )
     method = plugins.create("valuation", valuation, **(options or {}))
     rng = np.random.default_rng([seed, len(contributors), expert, 7])
     return method(game, rng).values
@@ -283,6 +287,7 @@ def run_cell(
                 cell.valuation,
                 cell.seed,
                 opts.get("valuation"),
+                opts.get("evaluation"),
             )
         pr[run] = pearson(state.points, shapley[expert])
         sp[run] = spearman(state.points, shapley[expert])
@@ -295,10 +300,14 @@ def run_cell(
 GameKey = tuple[int, str, str, int]  # users, evaluation, valuation, seed
 
 
-def _shapley_job(args: tuple[int, int, str, str, int, str]) -> tuple[GameKey, int, np.ndarray]:
-    users, expert, evaluation, valuation, seed, data_dir = args
+def _shapley_job(
+    args: tuple[int, int, str, str, int, str, dict[str, Any] | None],
+) -> tuple[GameKey, int, np.ndarray]:
+    users, expert, evaluation, valuation, seed, data_dir, evaluation_options = args
     vectors = population(load_movielens(Path(data_dir)), users)
-    values = shapley_values(vectors, expert, evaluation, valuation, seed)
+    values = shapley_values(
+        vectors, expert, evaluation, valuation, seed, evaluation_options=evaluation_options
+    )
     return (users, evaluation, valuation, seed), expert, values
 
 
@@ -357,7 +366,9 @@ def _sweep_with(
             for run in range(c.runs)
         }
     )
-    jobs = [(*g, str(data_dir)) for g in games]
+    # the Shapley games score coalitions with the evaluation the tournaments use, options too
+    evaluation_options = (strategy_options or {}).get("evaluation")
+    jobs = [(*g, str(data_dir), evaluation_options) for g in games]
     table: dict[GameKey, dict[int, np.ndarray]] = {}
     for key, expert, values in mapper(_shapley_job, jobs):
         table.setdefault(key, {})[expert] = values

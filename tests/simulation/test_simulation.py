@@ -319,3 +319,43 @@ def test_a_crowdsft_error_in_a_ray_task_is_its_own_one_line(monkeypatch):
     assert found.value is failing
     with pytest.raises(RayTaskError):  # anything else stays Ray's
         list(mapper(lambda job: ValueError("other"), [1]))
+
+
+def test_the_shapley_games_score_with_the_evaluation_options_the_tournament_uses(
+    monkeypatch, synthetic_movielens
+):
+    """An evaluation plugin's options (--option evaluation.KEY=VALUE) reach the Shapley games
+    too, not only the tournament: points and values are measured with one evaluation."""
+    import numpy as np
+
+    from crowdsft import hookimpl
+    from crowdsft.plugins.testing import registered
+    from crowdsft.simulation import game
+
+    built = []
+
+    class Scaled:
+        def __init__(self, scale: float = 1.0) -> None:
+            built.append(scale)
+            self.scale = scale
+
+        def __call__(self, candidates, target):
+            return -self.scale * np.linalg.norm(np.asarray(candidates) - target, axis=-1)
+
+    class Plugin:
+        @hookimpl
+        def crowdsft_register_evaluation(self, register):
+            register("scaled-l2", Scaled)
+
+    vectors = np.random.default_rng(0).uniform(0, 5, (7, 4))
+    with registered(Plugin(), name="scaled") as plugins:
+        monkeypatch.setattr(game, "get_plugins", lambda: plugins)
+        plain = game.shapley_values(vectors, 0, "scaled-l2", "exact", 0)
+        scaled = game.shapley_values(
+            vectors, 0, "scaled-l2", "exact", 0, evaluation_options={"scale": 3.0}
+        )
+        args = (6, 0, "scaled-l2", "exact", 0, str(synthetic_movielens), {"scale": 3.0})
+        job = game._shapley_job(args)
+    assert built[:2] == [1.0, 3.0] and built[-1] == 3.0
+    assert np.allclose(scaled, 3.0 * plain)  # exact values scale with the game
+    assert job[0] == (6, "scaled-l2", "exact", 0)
