@@ -651,7 +651,10 @@ def fit(
         total = epochs * len(examples)
         if config.max_steps is not None:
             total = min(total, config.max_steps * config.batch_size)
-        task = f"fine-tuning on {len(examples)} examples x {epochs} epochs"
+        steps = epochs * -(-len(examples) // config.batch_size)
+        if config.max_steps is not None:
+            steps = min(steps, config.max_steps)
+        task = f"fine-tuning on {len(examples)} examples x {epochs} epochs, {steps} steps"
         seen = 0
         progress.report(task, 0, total, "examples")
         for _ in range(epochs):

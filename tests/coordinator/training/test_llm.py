@@ -569,4 +569,6 @@ def test_fine_tuning_and_answering_report_their_progress(tiny):
     total = 2 * len(EXAMPLES)
     assert fits[0][1:] == (0, total, "examples") and fits[-1][1:] == (total, total, "examples")
     assert [s[1] for s in fits] == sorted(s[1] for s in fits) and len(fits) > 3
+    steps = 2 * -(-len(EXAMPLES) // TRAIN.batch_size)
+    assert fits[0][0].endswith(f"x 2 epochs, {steps} steps")
     assert [s[1] for s in answers] == [0, 2, 4, 5] and answers[-1][2] == 5
