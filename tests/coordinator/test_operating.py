@@ -55,3 +55,18 @@ def test_round_refuses_before_loading_a_model_and_names_the_setting(tmp_path, no
     (tmp_path / "c" / "target.example.jsonl").write_text(json.dumps({"prompt": "p"}) + "\n")
     out = runner.invoke(main, ["coordinator", "round", "--config", str(config)])
     assert "evaluation.target_file" in out.output and "line 1" in out.output
+
+
+def test_round_redecide_is_checked_before_a_model_loads(tmp_path, no_model_loading):
+    runner = CliRunner()
+    assert runner.invoke(main, ["coordinator", "init", str(tmp_path / "c")]).exit_code == 0
+    config = tmp_path / "c" / "coordinator.toml"
+    config.write_text(
+        config.read_text().replace(
+            '# target_file = "target.jsonl"', 'target_file = "target.example.jsonl"'
+        )
+    )
+    out = runner.invoke(main, ["coordinator", "round", "--config", str(config), "--redecide"])
+    assert out.exit_code == 2
+    assert "--redecide: there is no unfinished round to decide again" in out.output
+    assert "--redecide" in runner.invoke(main, ["coordinator", "round", "--help"]).output
