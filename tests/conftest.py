@@ -137,6 +137,29 @@ def make_coordinator(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
+def record_winner() -> Any:
+    """``record(coord, digest)``: the store holds a finished round 1 whose winning adapter
+    (``digest``, saved in the adapter folder) is the model's lineage, as `coordinator
+    export` reads it, without running a round."""
+
+    def record(coord: Any, digest: str) -> None:
+        coord.coordinator.store.write(
+            lambda conn: (
+                conn.execute(
+                    "INSERT INTO rounds(round_id, status, seed, started_ms, strategies, "
+                    "base_lineage, groups, weights) VALUES (1, 'finished', 0, 0, '{}', '[]', "
+                    "'[]', '[]')"
+                ),
+                conn.execute(
+                    "INSERT INTO lineage(position, adapter, round_id) VALUES (0, ?, 1)", (digest,)
+                ),
+            )
+        )
+
+    return record
+
+
+@pytest.fixture
 def coord(make_coordinator: Any) -> Harness:
     return make_coordinator()
 

@@ -122,7 +122,9 @@ def test_demo_end_to_end_at_small_scale(tmp_path):
     assert len(chosen_on) == 6 and chosen_on < everything and len(everything) == 12
 
 
-def test_export_of_smollm2_loads_with_plain_transformers_and_generates(make_coordinator, tmp_path):
+def test_export_of_smollm2_loads_with_plain_transformers_and_generates(
+    make_coordinator, record_winner, tmp_path
+):
     """Before: `coordinator export` on the default model (SmolLM2 from its GGUF file) ended in
     "The model is quantized with gguf and is not serializable". Now the merged model is
     written as an ordinary Hugging Face folder: plain transformers loads it, its logits are
@@ -142,18 +144,7 @@ def test_export_of_smollm2_loads_with_plain_transformers_and_generates(make_coor
     examples = [{"prompt": "Say hi.", "response": "Hi there!"}] * 2
     adapter = llm.fit(model, tok, examples, None, config.training).adapter
     digest = llm.save_adapter(adapter, config.adapter_dir)
-    coord.coordinator.store.write(
-        lambda conn: (
-            conn.execute(
-                "INSERT INTO rounds(round_id, status, seed, started_ms, strategies, "
-                "base_lineage, groups, weights) VALUES (1, 'finished', 0, 0, '{}', '[]', "
-                "'[]', '[]')"
-            ),
-            conn.execute(
-                "INSERT INTO lineage(position, adapter, round_id) VALUES (0, ?, 1)", (digest,)
-            ),
-        )
-    )
+    record_winner(coord, digest)
     out = tmp_path / "best-model"
     info = export_model(config, out, adapters=True)  # what `coordinator export` runs
     assert info["lineage"] == [digest] and (out / "adapters").is_dir()

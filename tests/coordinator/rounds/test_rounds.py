@@ -396,7 +396,9 @@ def test_the_demo_says_when_low_quality_contributors_out_earn_expert_like_ones()
     assert points_note({"expert-like": third, "noisy": 4 + 1 / 3, "spammer": 3.0}, 3) is None
 
 
-def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny, tmp_path):
+def test_export_merges_the_lineage_into_a_loadable_model(
+    make_coordinator, record_winner, tiny, tmp_path
+):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -413,18 +415,7 @@ def test_export_merges_the_lineage_into_a_loadable_model(make_coordinator, tiny,
         model, tok, [{"prompt": "p", "response": "yes yes yes"}], None, coord.config.training
     ).adapter
     digest = llm.save_adapter(adapter, coord.config.adapter_dir)
-    coord.coordinator.store.write(
-        lambda conn: (
-            conn.execute(
-                "INSERT INTO rounds(round_id, status, seed, started_ms, strategies, "
-                "base_lineage, groups, weights) VALUES (1, 'finished', 0, 0, '{}', '[]', "
-                "'[]', '[]')"
-            ),
-            conn.execute(
-                "INSERT INTO lineage(position, adapter, round_id) VALUES (0, ?, 1)", (digest,)
-            ),
-        )
-    )
+    record_winner(coord, digest)
     out = tmp_path / "export"
     info = export_model(coord.config, out, adapters=True)
     assert info["lineage"] == [digest]
