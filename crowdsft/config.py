@@ -605,9 +605,11 @@ class RoundsConfig:
         "or a plugin's.",
     )
     judging_error: float = setting(
-        0.05,
-        "The paper's judging error: the probability that the best group swaps places with a "
-        "lower-ranked one.",
+        0.0,
+        "The paper's simulated judging error: the probability that the best candidate swaps "
+        "places with a lower-ranked one. 0 in real rounds, whose scores are measured: a swap "
+        "can install a candidate worse than the current model. The paper's simulation "
+        "(`crowdsft simulate --error`) keeps its 0.05.",
     )
     reward: str = setting(
         "rank",

@@ -16,8 +16,8 @@ For each target emotion of the paper's data and each seed:
   the coordinator accepted and would train on), ``single_clean`` (on the honest contributors'
   part only: the oracle), and ``tournament``: a coordinator with the product's defaults, the
   crowd's contributions signed by each contributor's key and submitted to it, ``rounds``
-  rounds run by its ``RoundRunner`` (grouping, LoRA candidates, the improvement guard and the
-  judging error, the reward, points, consumption, the ledger), the final model its lineage.
+  rounds run by its ``RoundRunner`` (grouping, LoRA candidates, the improvement guard, the
+  reward, points, consumption, the ledger), the final model its lineage.
 - **held out**: rounds choose on ``answers`` sampled answers per candidate (the evaluation
   seed); every reported distance comes from ``answers`` other answers, sampled with seeds no
   choice used. The reported distance is the paper's: the mean L2 distance of the answers'
@@ -582,6 +582,7 @@ class CrowdExperiment:
                     "base_distance": -sm.base_score,
                     "distances": [-x for x in sm.scores],
                     "bad_per_group": [sum(1 for n in g if n in bad_names) for g in sm.groups],
+                    "swapped": sm.swapped,
                 }
                 for sm in summaries
             ],
@@ -597,6 +598,7 @@ class CrowdExperiment:
                 for rule, pts in by_rule.items()
             },
             "reward": config.rounds.reward,
+            "judging_error": config.rounds.judging_error,
             "consolidate_every": config.rounds.consolidate_every,
         }
         if verified is not None:

@@ -18,6 +18,17 @@ def test_default_file_loads_with_defaults(tmp_path):
     assert cfg.protocol.limits().max_examples_per_contribution == 64
 
 
+def test_real_rounds_are_decided_by_their_scores_and_the_simulation_keeps_the_papers_error():
+    """The paper's judging error is a simulated judge's mistake; in the coordinator's rounds
+    the scores are measured, and a swap could install a worse model than the current one."""
+    from crowdsft.config import RoundsConfig
+    from crowdsft.simulation.game import Cell
+
+    assert RoundsConfig().judging_error == 0.0
+    assert RoundsConfig().names().judging_error == 0.0
+    assert Cell(users=10, groups=3).names().judging_error == 0.05
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
@@ -320,7 +331,7 @@ def test_tools_set_keys_through_the_template(tmp_path):
     [
         ("contributions_per_s = 50.0", "contributions_per_s = nan"),
         ("peer_bytes_per_s = 2097152.0", "peer_bytes_per_s = inf"),
-        ("judging_error = 0.05", "judging_error = nan"),
+        ("judging_error = 0.0", "judging_error = nan"),
     ],
 )
 def test_nan_and_infinity_are_refused_where_a_number_belongs(tmp_path, old, new):

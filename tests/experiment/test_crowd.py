@@ -136,6 +136,8 @@ def test_the_crowd_command_on_a_tiny_model_resumes_from_its_rows(records, tmp_pa
             stats = r["answers"][arm]
             assert stats["spread"] >= 0 and 0 < stats["distinct"] <= 1
         assert r["target_spread"] > 0
+        # the product's default: real rounds are decided by their measured scores, unswapped
+        assert r["judging_error"] == 0.0 and not any(rd["swapped"] for rd in r["rounds"])
     clean, dirty = rows
     assert clean["bad"] == 0 and clean["single_all"] == clean["single_clean"]
     assert all(v is None for v in clean["auc"].values())  # nobody bad to tell apart

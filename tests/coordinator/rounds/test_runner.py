@@ -372,7 +372,7 @@ def test_redecide_is_refused_before_a_model_loads_without_an_unfinished_round(ma
         coord.config, rounds=dataclasses.replace(coord.config.rounds, judging_error=0.3)
     )
     problems = round_problems(other, store)
-    assert any("planned under judging_error 0.05" in p and "--redecide" in p for p in problems)
+    assert any("planned under judging_error 0.0" in p and "--redecide" in p for p in problems)
     assert not [p for p in round_problems(other, store, True) if "planned" in p]
 
 
