@@ -6,6 +6,12 @@ Reads the rows that ``crowdsft experiment crowd --out FILE`` appends (several fi
 rows of workers that ran different seeds), one line per (target, seed, bad fraction), in
 target, seed and fraction order; a row that appears twice is shown once; then the
 experiment's own means by bad fraction over these rows (``summarise``).
+
+Rows computed before ``rounds.judging_error`` defaulted to 0 (commit a5c5bf3) ran under the
+paper's simulated 0.05 and do not record it; for each of them the script recomputes the
+draws that the round engine made (``RoundRunner._rng(round_id, 2)`` from the row's rounds
+seed) and names any round that a swap decided: such a row is not what the product gives
+today, and is left out of the table and the means.
 """
 
 from __future__ import annotations
@@ -25,6 +31,23 @@ def rows_of(paths: list[Path]) -> list[dict]:
                 row = json.loads(line)
                 seen.setdefault((row["target"], row["seed"], row["bad_fraction"]), row)
     return [seen[k] for k in sorted(seen)]
+
+
+def swapped_rounds(row: dict) -> list[int]:
+    """The rounds that the paper's 0.05 judging error decided in a row that ran under it
+    (rows that record ``judging_error`` say so themselves, per round)."""
+    import numpy as np
+
+    from crowdsft.experiment.paper_llm import derived_seed
+
+    if "judging_error" in row:
+        return [r["round_id"] for r in row["rounds"] if r.get("swapped")]
+    seed = derived_seed(row["target"], row["seed"], "rounds")
+    return [
+        r["round_id"]
+        for r in row["rounds"]
+        if r["updated"] and np.random.default_rng([seed, r["round_id"], 2]).random() < 0.05
+    ]
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -52,6 +75,14 @@ def main() -> int:
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
     rows = rows_of(args.files)
+    swapped = {id(r): swapped_rounds(r) for r in rows}
+    for r in rows:
+        if swapped[id(r)]:
+            print(
+                f"left out: {r['target']} seed {r['seed']} at {r['bad_fraction']:.0%} bad, "
+                f"round(s) {swapped[id(r)]} decided by a simulated judging error"
+            )
+    rows = [r for r in rows if not swapped[id(r)]]
     print("\n".join(table(rows)))
     print(f"\n{len(rows)} rows")
     # the experiment's own means by bad fraction, over the rows so far
