@@ -353,6 +353,15 @@ class RoundRunner:
                 else ""
             ),
         )
+        if self.config.rounds.judging_error > 0:
+            logger.warning(
+                "round %d: rounds.judging_error is %g, so with that probability the round "
+                "installs a lower-ranked candidate, possibly one worse than the current model "
+                "(the paper's simulated judge; coordinator.toml files written before 0 became "
+                "the default hold 0.05): set it to 0 unless you mean to simulate that",
+                round_id,
+                self.config.rounds.judging_error,
+            )
         self.on_event(
             "round_planned",
             {

@@ -165,6 +165,31 @@ def test_records_verify_and_imply_the_points(make_coordinator, tmp_path, reward)
     assert first["strategies"]["reward"] == reward
 
 
+def test_rounds_a_judging_error_decided_verify_and_say_so(make_coordinator, tmp_path, caplog):
+    """An operator may still simulate the paper's judge (rounds.judging_error > 0): a swapped
+    round is recorded as such, its winner is not the best-scoring candidate, and nodes verify
+    it and its points like any round."""
+    coord = make_coordinator(
+        rounds={"groups": 2, "judging_error": 1.0, "seed": 5, "reward": "rank"}
+    )
+    keys = submit_crowd(coord, tmp_path)
+    with caplog.at_level("WARNING", logger="crowdsft.coordinator.rounds.runner"):
+        run_rounds(coord, 3)
+    warned = [r.getMessage() for r in caplog.records if "judging_error is 1" in r.getMessage()]
+    assert len(warned) == 3 and "set it to 0" in warned[0]
+    with coord.client() as c:
+        entries = c.ledger()
+    records = [e.data() for e in entries]
+    swapped = [r for r in records if r["swapped"]]
+    assert swapped and all(r["updated"] for r in swapped)
+    for r in swapped:
+        best = max(range(len(r["candidates"])), key=lambda i: r["candidates"][i]["score"])
+        assert r["winner"] != best and r["strategies"]["judging_error"] == 1.0
+    report = verify_ledger(entries, coord.public_key)
+    assert report.ok, [str(p) for p in report.problems]
+    assert verify(coord, keys[0])["ok"] is True
+
+
 def test_every_node_verifies_an_honest_ledger(ledger_coord):
     coord, keys = ledger_coord
     stats = json.loads(
