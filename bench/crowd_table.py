@@ -5,7 +5,10 @@
 Reads the rows that ``crowdsft experiment crowd --out FILE`` appends (several files: the
 rows of workers that ran different seeds), one line per (target, seed, bad fraction), in
 target, seed and fraction order; a row that appears twice is shown once; then the
-experiment's own means by bad fraction over these rows (``summarise``).
+experiment's own means by bad fraction over these rows (``summarise``). The column "single-all,
+the lineage's steps" is one fine-tune on everything with as many optimizer steps as the
+tournament's lineage made (its steps against single-all's in brackets); rows from before
+that arm show "–".
 
 Rows computed before ``rounds.judging_error`` defaulted to 0 (commit a5c5bf3) ran under the
 paper's simulated 0.05 and do not record it; for each of them the script recomputes the
@@ -54,16 +57,23 @@ def table(rows: list[dict]) -> list[str]:
     def auc(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
+    def matched(r: dict) -> str:
+        if "lineage_steps" not in r:
+            return "–"  # a row from before this arm
+        if r["single_all_matched"] is None:
+            return "n/a"  # no round updated the model
+        return f"{r['single_all_matched']:.3f} ({r['lineage_steps']} vs {r['single_all_steps']})"
+
     out = [
-        "| target | seed | bad | base | single-all | single-clean (oracle) | tournament "
-        "| vs single-all | AUC rank / regression / credit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| target | seed | bad | base | single-all | single-all, the lineage's steps "
+        "| single-clean (oracle) | tournament | vs single-all | AUC rank / regression / credit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         a = r["auc"]
         out.append(
             f"| {r['target']} | {r['seed']} | {round(r['bad_fraction'] * 100)}% | "
-            f"{r['base']:.3f} | {r['single_all']:.3f} | {r['single_clean']:.3f} | "
+            f"{r['base']:.3f} | {r['single_all']:.3f} | {matched(r)} | {r['single_clean']:.3f} | "
             f"**{r['tournament']:.3f}** | {r['reduction_percent']:+.1f}% | "
             f"{auc(a.get('rank'))} / {auc(a.get('regression'))} / {auc(a.get('credit'))} |"
         )
@@ -101,6 +111,13 @@ def main() -> int:
             + ("" if closed is None else f"room closed {closed:.0%}; ")
             + f"closer than single-all on {b['closer_than_single_all']}; mean AUC {aucs}"
         )
+        m = b.get("matched_steps")
+        if m:
+            print(
+                f"  against single-all with the lineage's steps ({m['target_seeds']} "
+                f"target-seeds): {m['single_all_matched']:.3f} against the tournament's "
+                f"{m['tournament']:.3f}; closer on {m['closer_than_single_all_matched']}"
+            )
     return 0
 
 

@@ -17,7 +17,11 @@ For each target emotion of the paper's data and each seed:
   part only: the oracle), and ``tournament``: a coordinator with the product's defaults, the
   crowd's contributions signed by each contributor's key and submitted to it, ``rounds``
   rounds run by its ``RoundRunner`` (grouping, LoRA candidates, the improvement guard, the
-  reward, points, consumption, the ledger), the final model its lineage.
+  reward, points, consumption, the ledger), the final model its lineage; and
+  ``single_all_matched``: one fine-tune on everything with as many optimizer steps as the
+  tournament's lineage made in all (the steps of each round's winner, summed), so that
+  selection can be told from training longer (a lineage of up to ``rounds`` fine-tunes, a
+  round the consolidated candidate wins training on everything again).
 - **held out**: rounds choose on ``answers`` sampled answers per candidate (the evaluation
   seed); every reported distance comes from ``answers`` other answers, sampled with seeds no
   choice used. The reported distance is the paper's: the mean L2 distance of the answers'
@@ -41,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -314,15 +318,21 @@ class CrowdExperiment:
     def _reset(self) -> None:
         self.model.load_state_dict(self.base_state)
 
-    def _training(self, seed: int) -> Any:
+    def _training(self, seed: int, steps: int | None = None, n: int = 0) -> Any:
+        """The fine-tuning settings; with ``steps``, exactly that many optimizer steps over
+        ``n`` examples (as many epochs as it takes, the last one cut short)."""
         from crowdsft.config import TrainingConfig
 
         s = self.settings
+        epochs: int | Literal["auto"] = "auto"
+        if steps is not None:
+            epochs = max(1, -(-steps // -(-n // s.batch_size)))
         return TrainingConfig(
             rank=s.rank,
             alpha=2 * s.rank,
             learning_rate=s.learning_rate,
-            epochs="auto",
+            epochs=epochs,
+            max_steps=steps,
             batch_size=s.batch_size,
             max_length=s.max_length,
             layers=s.layers,
@@ -350,11 +360,22 @@ class CrowdExperiment:
         self.last_stats = answer_stats(texts, vectors)
         return mean_distance(vectors, goal)
 
-    def _single(self, examples: list[dict[str, str]], seed: int, report_seed: int, goal) -> float:
+    def _single(
+        self,
+        examples: list[dict[str, str]],
+        seed: int,
+        report_seed: int,
+        goal,
+        steps: int | None = None,
+    ) -> float:
+        """One fine-tune from the base on ``examples`` (the paper's epoch rule, or exactly
+        ``steps`` optimizer steps), its held-out distance; its step count in ``last_steps``."""
         from crowdsft.coordinator.training import lora as llm
 
         self._reset()
-        fit = llm.fit(self.model, self.tokenizer, examples, None, self._training(seed))
+        config = self._training(seed, steps, len(examples))
+        fit = llm.fit(self.model, self.tokenizer, examples, None, config)
+        self.last_steps = fit.steps
         return self._reported(fit.adapter, report_seed, goal)
 
     # -- one target and seed, every fraction --------------------------------------------------
@@ -510,6 +531,9 @@ class CrowdExperiment:
                         goal,
                     )
                     all_stats = self.last_stats
+                all_steps = self._training(0).epochs_for(len(everything)) * -(
+                    -len(everything) // s.batch_size
+                )
                 self.say(
                     f"  {fraction:.0%} bad: single-all ({len(everything)} comments): "
                     f"{single_all:.4f}"
@@ -538,11 +562,30 @@ class CrowdExperiment:
                     for r in queries.finished_rounds(store)
                 }
                 by_rule = points_by_rule(records, credits, get_plugins())
+                # the lineage's optimizer steps: each updated round's winning candidate's
+                lineage_steps = 0
+                for done_round in queries.finished_rounds(store):
+                    if done_round.updated and done_round.winner is not None:
+                        won = {c.group: c for c in done_round.candidates}[done_round.winner]
+                        lineage_steps += int(won.training.get("steps", 0))
                 verified = None
                 if self.via_grpc:
                     verified = _verify_nodes(
                         [_as_contributor(m) for m in members], coord.address, root
                     )
+        matched = None
+        if lineage_steps > 0:
+            matched = self._single(
+                everything,
+                derived_seed(*tag, "single-all-matched", fraction),
+                derived_seed(*tag, "report", "single-all-matched", fraction),
+                goal,
+                steps=lineage_steps,
+            )
+            self.say(
+                f"  {fraction:.0%} bad: single-all with the lineage's {lineage_steps} steps: "
+                f"{matched:.4f}"
+            )
         self._reset()
         bad_names = {n for n in names if n not in honest}
         aucs = {
@@ -565,6 +608,9 @@ class CrowdExperiment:
             "single_all": single_all,
             "single_clean": single_clean,
             "tournament": tournament,
+            "single_all_matched": matched,
+            "lineage_steps": lineage_steps,
+            "single_all_steps": all_steps,
             "reduction_percent": reduction,
             "auc": aucs,
             "answers_own": {"single_all": all_stats, "tournament": tournament_stats},
@@ -725,6 +771,26 @@ def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[st
             spread[arm] = statistics.fmean(vals) if vals else None
         targets_spread = [r["target_spread"] for r in mine if "target_spread" in r]
         spread["target_pool"] = statistics.fmean(targets_spread) if targets_spread else None
+        # rows from before the matched arm (or whose rounds never updated) have none
+        paired = [r for r in mine if r.get("single_all_matched") is not None]
+        matched = None
+        if paired:
+            m_closer = 0
+            m_targets = sorted({r["target"] for r in paired})
+            for t in m_targets:
+                of_t = [r for r in paired if r["target"] == t]
+                m_closer += statistics.fmean(r["tournament"] for r in of_t) < statistics.fmean(
+                    r["single_all_matched"] for r in of_t
+                )
+            m_mean, m_ci = mean_ci95([r["tournament"] - r["single_all_matched"] for r in paired])
+            matched = {
+                "target_seeds": len(paired),
+                "single_all_matched": statistics.fmean(r["single_all_matched"] for r in paired),
+                "tournament": statistics.fmean(r["tournament"] for r in paired),
+                "closer_than_single_all_matched": f"{m_closer} of {len(m_targets)} targets",
+                "tournament_minus_single_all_matched": m_mean,
+                "tournament_minus_single_all_matched_ci95": m_ci,
+            }
         out["mean_reduction_percent"][key] = statistics.fmean(r["reduction_percent"] for r in mine)
         out["by_fraction"][key] = {
             "target_seeds": len(mine),
@@ -738,6 +804,7 @@ def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[st
             "tournament_minus_single_all_ci95": diff_ci,
             "mean_auc": aucs,
             "mean_spread": spread,
+            "matched_steps": matched,
         }
     return out
 
@@ -860,6 +927,16 @@ def table(result: dict[str, Any]) -> list[str]:
             + "; answers' spread "
             + ", ".join(f"{k} {fmt(v)}" for k, v in b["mean_spread"].items())
         )
+        m = b.get("matched_steps")
+        if m:
+            lines.append(
+                f"  against single-all trained as many steps as the lineage "
+                f"({m['target_seeds']} target-seeds): {m['single_all_matched']:.4f} against "
+                f"the tournament's {m['tournament']:.4f}; closer on "
+                f"{m['closer_than_single_all_matched']}; tournament - matched "
+                f"{m['tournament_minus_single_all_matched']:+.4f} ± "
+                f"{m['tournament_minus_single_all_matched_ci95']:.4f}"
+            )
     lines.append(
         f"{len(result['targets'])} rows in {result['seconds']:.0f}s on {result['device']} "
         f"({result['dtype']})" + (f", {result['resumed']} reused" if result.get("resumed") else "")

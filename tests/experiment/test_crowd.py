@@ -136,6 +136,13 @@ def test_the_crowd_command_on_a_tiny_model_resumes_from_its_rows(records, tmp_pa
             stats = r["answers"][arm]
             assert stats["spread"] >= 0 and 0 < stats["distinct"] <= 1
         assert r["target_spread"] > 0
+        # single-all again, with exactly the lineage's optimizer steps (selection against
+        # training longer), where some round updated the model
+        assert r["single_all_steps"] > 0 and r["lineage_steps"] >= 0
+        if any(rd["updated"] for rd in r["rounds"]):
+            assert r["lineage_steps"] > 0 and isinstance(r["single_all_matched"], float)
+        else:
+            assert r["lineage_steps"] == 0 and r["single_all_matched"] is None
         # the product's default: real rounds are decided by their measured scores, unswapped
         assert r["judging_error"] == 0.0 and not any(rd["swapped"] for rd in r["rounds"])
     clean, dirty = rows
@@ -164,3 +171,19 @@ def test_bad_fractions_are_checked_before_any_work(records):
         main, ["experiment", "crowd", "--data", str(DATA), "--quick", "--reward", "rnak"]
     )
     assert unknown.exit_code != 0 and "rnak" in unknown.output
+
+
+@pytest.mark.parametrize(
+    ("steps", "n", "epochs"), [(10, 7, 5), (7, 7, 4), (3, 100, 1), (75, 100, 3)]
+)
+def test_the_matched_arm_trains_exactly_the_lineages_steps(steps, n, epochs):
+    """As many epochs as the steps need over ``n`` examples, cut at the step count."""
+    from crowdsft.experiment.crowd import CrowdExperiment, CrowdSettings
+
+    experiment = object.__new__(CrowdExperiment)
+    experiment.settings = CrowdSettings(batch_size=4)
+    config = experiment._training(0, steps, n)
+    assert config.max_steps == steps and config.epochs == epochs
+    per_epoch = -(-n // 4)
+    assert config.epochs_for(n) * per_epoch >= steps > (config.epochs_for(n) - 1) * per_epoch
+    assert experiment._training(0).epochs == "auto" and experiment._training(0).max_steps is None
