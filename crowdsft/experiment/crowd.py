@@ -369,13 +369,12 @@ class CrowdExperiment:
         steps: int | None = None,
     ) -> float:
         """One fine-tune from the base on ``examples`` (the paper's epoch rule, or exactly
-        ``steps`` optimizer steps), its held-out distance; its step count in ``last_steps``."""
+        ``steps`` optimizer steps), and its held-out distance."""
         from crowdsft.coordinator.training import lora as llm
 
         self._reset()
         config = self._training(seed, steps, len(examples))
         fit = llm.fit(self.model, self.tokenizer, examples, None, config)
-        self.last_steps = fit.steps
         return self._reported(fit.adapter, report_seed, goal)
 
     # -- one target and seed, every fraction --------------------------------------------------
@@ -567,7 +566,7 @@ class CrowdExperiment:
                 for done_round in queries.finished_rounds(store):
                     if done_round.updated and done_round.winner is not None:
                         won = {c.group: c for c in done_round.candidates}[done_round.winner]
-                        lineage_steps += int(won.training.get("steps", 0))
+                        lineage_steps += int(won.training["steps"])  # LLMSpace records it
                 verified = None
                 if self.via_grpc:
                     verified = _verify_nodes(
