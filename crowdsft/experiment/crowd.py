@@ -737,6 +737,18 @@ def read_done(path: Path, key: str) -> tuple[dict[tuple[str, int, float], dict[s
     return done, skipped
 
 
+def _closer_on_targets(rows: list[dict[str, Any]], arm: str) -> int:
+    """On how many targets the tournament is closer than ``arm`` (distances averaged over
+    each target's seeds first)."""
+    closer = 0
+    for t in {r["target"] for r in rows}:
+        of_t = [r for r in rows if r["target"] == t]
+        closer += statistics.fmean(r["tournament"] for r in of_t) < statistics.fmean(
+            r[arm] for r in of_t
+        )
+    return closer
+
+
 def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[str, Any]:
     """Means by bad fraction: the reduction against single-all, how much of the oracle's
     room (single-all - single-clean) the tournament closes, on how many targets it is closer
@@ -753,12 +765,7 @@ def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[st
         tour = statistics.fmean(r["tournament"] for r in mine)
         diff_mean, diff_ci = mean_ci95([r["tournament"] - r["single_all"] for r in mine])
         targets = sorted({r["target"] for r in mine})
-        closer = 0
-        for t in targets:
-            of_t = [r for r in mine if r["target"] == t]
-            closer += statistics.fmean(r["tournament"] for r in of_t) < statistics.fmean(
-                r["single_all"] for r in of_t
-            )
+        closer = _closer_on_targets(mine, "single_all")
         room = s_all - s_clean
         aucs = {}
         for rule in REWARDS:
@@ -774,13 +781,8 @@ def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[st
         paired = [r for r in mine if r.get("single_all_matched") is not None]
         matched = None
         if paired:
-            m_closer = 0
-            m_targets = sorted({r["target"] for r in paired})
-            for t in m_targets:
-                of_t = [r for r in paired if r["target"] == t]
-                m_closer += statistics.fmean(r["tournament"] for r in of_t) < statistics.fmean(
-                    r["single_all_matched"] for r in of_t
-                )
+            m_closer = _closer_on_targets(paired, "single_all_matched")
+            m_targets = {r["target"] for r in paired}
             m_mean, m_ci = mean_ci95([r["tournament"] - r["single_all_matched"] for r in paired])
             matched = {
                 "target_seeds": len(paired),
