@@ -8,7 +8,11 @@ target, seed and fraction order; a row that appears twice is shown once; then th
 experiment's own means by bad fraction over these rows (``summarise``). The column "single-all,
 the lineage's steps" is one fine-tune on everything with as many optimizer steps as the
 tournament's lineage made (its steps against single-all's in brackets); rows from before
-that arm show "–".
+that arm show "–", or, given the file of ``bench/crowd_matched.py`` (which recovers the arm
+for them from their recorded rounds), its figure marked with an asterisk:
+
+    python bench/crowd_table.py bench/results/crowd.jsonl bench/results/crowd-seed1.jsonl \
+        bench/results/crowd-matched.jsonl
 
 Rows computed before ``rounds.judging_error`` defaulted to 0 (commit a5c5bf3) ran under the
 paper's simulated 0.05 and do not record it; for each of them the script recomputes the
@@ -23,16 +27,31 @@ import argparse
 import json
 from pathlib import Path
 
+ARM = ("single_all_matched", "lineage_steps", "single_all_steps")
+
 
 def rows_of(paths: list[Path]) -> list[dict]:
+    """The rows of ``paths``, each (target, seed, fraction) once; a file of
+    ``bench/crowd_matched.py`` (lines marked ``replayed``) gives its matched-steps arm to the
+    row of the same key and settings that lacks it (and the row is marked
+    ``matched_replayed``)."""
     seen: dict[tuple[str, int, float], dict] = {}
+    replayed: dict[tuple[str, int, float, str], dict] = {}
     for path in paths:
         if not path.exists():
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 row = json.loads(line)
-                seen.setdefault((row["target"], row["seed"], row["bad_fraction"]), row)
+                key = (row["target"], row["seed"], row["bad_fraction"])
+                if row.get("replayed"):
+                    replayed.setdefault((*key, row["run_key"]), row)
+                else:
+                    seen.setdefault(key, row)
+    for key, row in seen.items():
+        arm = replayed.get((*key, row.get("run_key", "")))
+        if "single_all_matched" not in row and arm is not None:
+            row.update({k: arm[k] for k in ARM}, matched_replayed=True)
     return [seen[k] for k in sorted(seen)]
 
 
@@ -62,7 +81,10 @@ def table(rows: list[dict]) -> list[str]:
             return "–"  # a row from before this arm
         if r["single_all_matched"] is None:
             return "n/a"  # no round updated the model
-        return f"{r['single_all_matched']:.3f} ({r['lineage_steps']} vs {r['single_all_steps']})"
+        mark = "\\*" if r.get("matched_replayed") else ""
+        return (
+            f"{r['single_all_matched']:.3f}{mark} ({r['lineage_steps']} vs {r['single_all_steps']})"
+        )
 
     out = [
         "| target | seed | bad | base | single-all | single-all, the lineage's steps "

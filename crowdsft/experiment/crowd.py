@@ -36,13 +36,14 @@ For each target emotion of the paper's data and each seed:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -377,6 +378,170 @@ class CrowdExperiment:
         fit = llm.fit(self.model, self.tokenizer, examples, None, config)
         return self._reported(fit.adapter, report_seed, goal)
 
+    @contextlib.contextmanager
+    def _crowd_coordinator(
+        self, target: str, seed: int, members: list[Member]
+    ) -> Iterator[CrowdCoordinator]:
+        """A fresh coordinator (the experiment's settings, the product's defaults otherwise)
+        in a temporary folder, with every member's comments signed by its seeded key and
+        submitted (or, ``via_grpc``, by node processes), and the model space its rounds
+        train and score in."""
+        from crowdsft.config import load_coordinator_config, update_config_file
+        from crowdsft.coordinator.server.app import Coordinator
+        from crowdsft.coordinator.server.scaffold import init_coordinator
+        from crowdsft.coordinator.training.space import GenerationConfig, LLMSpace
+        from crowdsft.demo.run import _spawn_nodes, seeded_identity
+        from crowdsft.envelope import sign_contribution
+        from crowdsft.plugins.manager import get_plugins
+
+        s = self.settings
+        tag = (target, seed)
+        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
+            root = Path(tmp)
+            config_path = init_coordinator(root / "coordinator", listen="127.0.0.1:0", force=True)
+            update_config_file(config_path, s.coordinator(derived_seed(*tag, "rounds")))
+            pool = self.data.pool(target)
+            target_rows = [{"prompt": PROMPT, "response": p.text} for p in pool]
+            (config_path.parent / "target.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in target_rows)
+            )
+            config = load_coordinator_config(config_path)
+            with Coordinator(config) as coord:
+                names: dict[str, str] = {}
+                if self.via_grpc:
+                    crowd = [_as_contributor(m) for m in members]
+                    names = _spawn_nodes(crowd, coord.address, root, derived_seed(*tag, "keys"))
+                else:
+                    for m in members:
+                        ident = seeded_identity(derived_seed(*tag, "keys"), m.name)
+                        names[ident.node_id] = m.name
+                        for ex in m.examples:
+                            coord.service.submit(
+                                sign_contribution(
+                                    ident, [ex], coordinator=coord.identity.public_key
+                                )
+                            )
+                honest = {n for n, name in names.items() if name.startswith("honest-")}
+                e = config.evaluation
+                space = LLMSpace(
+                    self.model,
+                    self.tokenizer,
+                    self.embedder,
+                    [],
+                    eval_prompts=[{"prompt": PROMPT}] * len(target_rows),
+                    target_responses=[r["response"] for r in target_rows],
+                    evaluation=get_plugins().create("evaluation", e.function),
+                    training=config.training,
+                    adapter_dir=config.adapter_dir,
+                    generation=GenerationConfig(
+                        e.max_new_tokens, e.batch_size, e.greedy, e.seed, e.samples, e.temperature
+                    ),
+                    # in-run credit only where there is someone to tell apart
+                    credit_targets=(
+                        target_rows[: s.credit_targets]
+                        if s.credit_targets and len(names) > len(honest)
+                        else None
+                    ),
+                    copy_embedder=self.copy_embedder,
+                )
+                yield CrowdCoordinator(root, coord, config, names, honest, space)
+
+    def _members(self, target: str, seed: int, fraction: float) -> list[Member]:
+        """The crowd at ``fraction`` bad: the honest contributors and the first bad ones
+        (``make_crowd`` deals the same comments whatever the number of bad ones)."""
+        s = self.settings
+        pool = self.data.pool(target)
+        far = far_emotions(self.centroids(), target, s.far_pools)
+        n_honest = -(-len({_key(p.text) for p in pool}) // s.per_contributor)
+        return make_crowd(
+            self.data, target, seed, n_bad(n_honest, fraction), far, s.per_contributor
+        )
+
+    # -- the matched arm for rows computed before it ------------------------------------------
+
+    def replay_lineage(self, row: dict[str, Any]) -> tuple[int, list[dict[str, str]]]:
+        """The tournament's lineage steps for a recorded ``row`` without training: the same
+        crowd submitted to a fresh coordinator of the same settings, its rounds run by the
+        product's ``RoundRunner`` with each model's score taken from the row (``Replayed``),
+        each candidate's steps counted as training would make them. Returns them with the
+        data single-all trains on. Raises ``ValueError`` where the replayed rounds differ
+        from the recorded ones in anything the row shows (groups' bad members, winners,
+        updates, swaps), or where the row records steps that the replay does not give."""
+        from crowdsft.coordinator.rounds.runner import NotEnoughContributors, RoundRunner
+
+        target, seed, fraction = row["target"], int(row["seed"]), float(row["bad_fraction"])
+        members = self._members(target, seed, fraction)
+        recorded = row["rounds"]
+        where = f"{target} seed {seed} at {fraction:.0%} bad"
+        with self._crowd_coordinator(target, seed, members) as crowd:
+            by_node = _round_data_by_node(crowd.coord.store, crowd.space, crowd.config)
+            everything = [ex for n in sorted(by_node) for ex in by_node[n]]
+            if len(everything) != row["examples"]:
+                raise ValueError(
+                    f"{where}: {len(everything)} examples to train on, the row says "
+                    f"{row['examples']}"
+                )
+            bad = {n for n in crowd.names if n not in crowd.honest}
+            space = Replayed(crowd.space, recorded)
+            runner = RoundRunner(crowd.config, crowd.coord.store, space)
+            for k, rec in enumerate(recorded):
+                try:
+                    sm = runner.run()
+                except NotEnoughContributors as exc:
+                    raise ValueError(f"{where}: no round {k + 1} in the replay ({exc})") from exc
+                got = {
+                    "updated": sm.updated,
+                    "winner": None
+                    if not sm.updated
+                    else "consolidated"
+                    if sm.consolidated_won
+                    else sm.winner,
+                    "bad_per_group": [sum(1 for n in g if n in bad) for g in sm.groups],
+                    "swapped": sm.swapped,
+                }
+                want = {key: rec.get(key, got[key]) for key in got}
+                if got != want:
+                    raise ValueError(f"{where}, round {k + 1}: replayed {got}, recorded {want}")
+            steps = _lineage_steps(crowd.coord.store)
+        if row.get("lineage_steps") is not None and row["lineage_steps"] != steps:
+            raise ValueError(
+                f"{where}: the replay gives {steps} lineage steps, the row records "
+                f"{row['lineage_steps']}"
+            )
+        return steps, everything
+
+    def matched_arm(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``single_all_matched`` for a row computed before the arm existed: the lineage's
+        steps from ``replay_lineage``, then the very fine-tune and report the full row runs
+        (the same derived seeds, from the untouched base), so that the figure is the one a
+        rerun of the row would give."""
+        target, seed, fraction = row["target"], int(row["seed"]), float(row["bad_fraction"])
+        started = time.monotonic()
+        steps, everything = self.replay_lineage(row)
+        pool = self.data.pool(target)
+        goal = np.asarray(self.embedder.embed([p.text for p in pool])).mean(axis=0)
+        matched = None
+        if steps > 0:
+            tag = (target, seed)
+            matched = self._single(
+                everything,
+                derived_seed(*tag, "single-all-matched", fraction),
+                derived_seed(*tag, "report", "single-all-matched", fraction),
+                goal,
+                steps=steps,
+            )
+            self._reset()
+        return {
+            "target": target,
+            "seed": seed,
+            "bad_fraction": fraction,
+            "single_all_matched": matched,
+            "lineage_steps": steps,
+            "single_all_steps": self._training(0).epochs_for(len(everything))
+            * -(-len(everything) // self.settings.batch_size),
+            "seconds": round(time.monotonic() - started, 1),
+        }
+
     # -- one target and seed, every fraction --------------------------------------------------
 
     def run_target_seed(
@@ -445,133 +610,83 @@ class CrowdExperiment:
         far: list[str],
         single_clean: float | None,
     ) -> dict[str, Any]:
-        from crowdsft.config import load_coordinator_config, update_config_file
         from crowdsft.coordinator.rounds.runner import NotEnoughContributors, RoundRunner
-        from crowdsft.coordinator.server.app import Coordinator
-        from crowdsft.coordinator.server.scaffold import init_coordinator
         from crowdsft.coordinator.store import queries
         from crowdsft.coordinator.store.chain import ledger_entries
-        from crowdsft.coordinator.training.space import Candidate, GenerationConfig, LLMSpace
-        from crowdsft.demo.run import _spawn_nodes, _verify_nodes, seeded_identity
-        from crowdsft.envelope import sign_contribution
+        from crowdsft.coordinator.training.space import Candidate
+        from crowdsft.demo.run import _verify_nodes
         from crowdsft.plugins.manager import get_plugins
 
         s = self.settings
         tag = (target, seed)
-        with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
-            root = Path(tmp)
-            config_path = init_coordinator(root / "coordinator", listen="127.0.0.1:0", force=True)
-            update_config_file(config_path, s.coordinator(derived_seed(*tag, "rounds")))
-            pool = self.data.pool(target)
-            target_rows = [{"prompt": PROMPT, "response": p.text} for p in pool]
-            (config_path.parent / "target.jsonl").write_text(
-                "".join(json.dumps(r) + "\n" for r in target_rows)
+        with self._crowd_coordinator(target, seed, members) as crowd:
+            coord, config, names, honest, space = (
+                crowd.coord,
+                crowd.config,
+                crowd.names,
+                crowd.honest,
+                crowd.space,
             )
-            config = load_coordinator_config(config_path)
-            with Coordinator(config) as coord:
-                names: dict[str, str] = {}
-                if self.via_grpc:
-                    crowd = [_as_contributor(m) for m in members]
-                    names = _spawn_nodes(crowd, coord.address, root, derived_seed(*tag, "keys"))
-                else:
-                    for m in members:
-                        ident = seeded_identity(derived_seed(*tag, "keys"), m.name)
-                        names[ident.node_id] = m.name
-                        for ex in m.examples:
-                            coord.service.submit(
-                                sign_contribution(
-                                    ident, [ex], coordinator=coord.identity.public_key
-                                )
-                            )
-                honest = {n for n, name in names.items() if name.startswith("honest-")}
-                e = config.evaluation
-                space = LLMSpace(
-                    self.model,
-                    self.tokenizer,
-                    self.embedder,
-                    [],
-                    eval_prompts=[{"prompt": PROMPT}] * len(target_rows),
-                    target_responses=[r["response"] for r in target_rows],
-                    evaluation=get_plugins().create("evaluation", e.function),
-                    training=config.training,
-                    adapter_dir=config.adapter_dir,
-                    generation=GenerationConfig(
-                        e.max_new_tokens, e.batch_size, e.greedy, e.seed, e.samples, e.temperature
-                    ),
-                    # in-run credit only where there is someone to tell apart
-                    credit_targets=(
-                        target_rows[: s.credit_targets]
-                        if s.credit_targets and len(names) > len(honest)
-                        else None
-                    ),
-                    copy_embedder=self.copy_embedder,
+            # the data the rounds can use: accepted, near-duplicates left out
+            by_node = _round_data_by_node(coord.store, space, config)
+            everything = [ex for n in sorted(by_node) for ex in by_node[n]]
+            clean = [ex for n in sorted(by_node) if n in honest for ex in by_node[n]]
+            if single_clean is None:
+                single_clean = self._single(
+                    clean,
+                    derived_seed(*tag, "single-clean"),
+                    derived_seed(*tag, "report", "single-clean"),
+                    goal,
                 )
-                # the data the rounds can use: accepted, near-duplicates left out
-                by_node = _round_data_by_node(coord.store, space, config)
-                everything = [ex for n in sorted(by_node) for ex in by_node[n]]
-                clean = [ex for n in sorted(by_node) if n in honest for ex in by_node[n]]
-                if single_clean is None:
-                    single_clean = self._single(
-                        clean,
-                        derived_seed(*tag, "single-clean"),
-                        derived_seed(*tag, "report", "single-clean"),
-                        goal,
-                    )
-                    self._kept_stats["single_clean"] = self.last_stats
-                    self.say(f"  single-clean ({len(clean)} comments): {single_clean:.4f}")
-                if len(everything) == len(clean):
-                    single_all = single_clean  # no bad data: the same model
-                    all_stats = self._kept_stats.get("single_clean")
-                else:
-                    single_all = self._single(
-                        everything,
-                        derived_seed(*tag, "single-all", fraction),
-                        derived_seed(*tag, "report", "single-all", fraction),
-                        goal,
-                    )
-                    all_stats = self.last_stats
-                all_steps = self._training(0).epochs_for(len(everything)) * -(
-                    -len(everything) // s.batch_size
+                self._kept_stats["single_clean"] = self.last_stats
+                self.say(f"  single-clean ({len(clean)} comments): {single_clean:.4f}")
+            if len(everything) == len(clean):
+                single_all = single_clean  # no bad data: the same model
+                all_stats = self._kept_stats.get("single_clean")
+            else:
+                single_all = self._single(
+                    everything,
+                    derived_seed(*tag, "single-all", fraction),
+                    derived_seed(*tag, "report", "single-all", fraction),
+                    goal,
                 )
-                self.say(
-                    f"  {fraction:.0%} bad: single-all ({len(everything)} comments): "
-                    f"{single_all:.4f}"
+                all_stats = self.last_stats
+            all_steps = self._training(0).epochs_for(len(everything)) * -(
+                -len(everything) // s.batch_size
+            )
+            self.say(
+                f"  {fraction:.0%} bad: single-all ({len(everything)} comments): {single_all:.4f}"
+            )
+            self._reset()
+            space.chain = ()
+            runner = RoundRunner(config, coord.store, space, on_event=self._progress())
+            summaries = []
+            for r in range(s.rounds):
+                try:
+                    summaries.append(runner.run())
+                except NotEnoughContributors as exc:
+                    self.say(f"  no round {r + 1}: {exc}")
+                    break
+                self.say("  " + _round_line(summaries[-1], names))
+            final = Candidate(tuple(runner.lineage()))
+            space.materialise(final)
+            tournament = self._reported(
+                None, derived_seed(*tag, "report", "tournament", fraction), goal
+            )
+            tournament_stats = self.last_stats
+            store = coord.store
+            records = [json.loads(x.record) for x in ledger_entries(store)]
+            credits = {
+                r.round_id: [c.training.get("member_credit") for c in r.candidates]
+                for r in queries.finished_rounds(store)
+            }
+            by_rule = points_by_rule(records, credits, get_plugins())
+            lineage_steps = _lineage_steps(store)
+            verified = None
+            if self.via_grpc:
+                verified = _verify_nodes(
+                    [_as_contributor(m) for m in members], coord.address, crowd.root
                 )
-                self._reset()
-                space.chain = ()
-                runner = RoundRunner(config, coord.store, space, on_event=self._progress())
-                summaries = []
-                for r in range(s.rounds):
-                    try:
-                        summaries.append(runner.run())
-                    except NotEnoughContributors as exc:
-                        self.say(f"  no round {r + 1}: {exc}")
-                        break
-                    self.say("  " + _round_line(summaries[-1], names))
-                final = Candidate(tuple(runner.lineage()))
-                space.materialise(final)
-                tournament = self._reported(
-                    None, derived_seed(*tag, "report", "tournament", fraction), goal
-                )
-                tournament_stats = self.last_stats
-                store = coord.store
-                records = [json.loads(x.record) for x in ledger_entries(store)]
-                credits = {
-                    r.round_id: [c.training.get("member_credit") for c in r.candidates]
-                    for r in queries.finished_rounds(store)
-                }
-                by_rule = points_by_rule(records, credits, get_plugins())
-                # the lineage's optimizer steps: each updated round's winning candidate's
-                lineage_steps = 0
-                for done_round in queries.finished_rounds(store):
-                    if done_round.updated and done_round.winner is not None:
-                        won = {c.group: c for c in done_round.candidates}[done_round.winner]
-                        lineage_steps += int(won.training["steps"])  # LLMSpace records it
-                verified = None
-                if self.via_grpc:
-                    verified = _verify_nodes(
-                        [_as_contributor(m) for m in members], coord.address, root
-                    )
         matched = None
         if lineage_steps > 0:
             matched = self._single(
@@ -671,6 +786,76 @@ class CrowdExperiment:
         return event
 
 
+@dataclass
+class CrowdCoordinator:
+    """What ``CrowdExperiment._crowd_coordinator`` sets up: its folder, the running
+    coordinator and its config, each node id's member name, the honest node ids, and the
+    model space."""
+
+    root: Path
+    coord: Any
+    config: Any
+    names: dict[str, str]
+    honest: set[str]
+    space: Any
+
+
+class Replayed:
+    """A model space for the round engine that trains and samples nothing: each candidate's
+    optimizer steps are counted as ``LLMSpace`` training would make them (the epoch rule
+    over the job's examples, in batches), and every score is the one a recorded row's
+    ``rounds`` hold (minus the distance). Given the same crowd and settings, the engine then
+    makes the recorded decisions and plans the recorded candidates, so the steps of the
+    lineage it installs are those of the row's run."""
+
+    def __init__(self, space: Any, rounds: list[dict[str, Any]]) -> None:
+        self.space, self.rounds = space, rounds
+        self.round_id = 0
+        self.n_contributors = 0
+        self._made: dict[str, tuple[int, int]] = {}
+        self._info: dict[str, dict[str, Any]] = {}
+
+    def set_data(self, data: Sequence[Sequence[dict[str, str]]]) -> None:
+        self.space.set_data(data)
+        self.n_contributors = len(data)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.space.embed(texts))
+
+    def begin_round(self, round_id: int) -> None:
+        if not 1 <= round_id <= len(self.rounds):
+            raise ValueError(f"round {round_id} is not among the {len(self.rounds)} recorded")
+        self.round_id = round_id
+
+    def propose(self, base: Any, members: np.ndarray, weights: np.ndarray, rng: Any) -> Any:
+        from crowdsft.coordinator.training.space import Candidate
+
+        job = self.space.job(members, weights, rng)
+        n = len(job.examples)
+        group = sum(1 for r, _ in self._made.values() if r == self.round_id)
+        digest = hashlib.sha256(f"replayed/{self.round_id}/{group}".encode()).hexdigest()
+        self._made[digest] = (self.round_id, group)
+        steps = job.training.epochs_for(n) * -(-n // job.training.batch_size)
+        self._info[digest] = {"steps": steps, "examples": n, "seed": job.training.seed}
+        return Candidate(base.lineage, digest)
+
+    def training_info(self, adapter: str) -> dict[str, Any]:
+        return dict(self._info[adapter])
+
+    def materialise(self, base: Any) -> None:
+        pass
+
+    def score(self, models: Sequence[Any]) -> np.ndarray:
+        out = []
+        for m in models:
+            if m.adapter is None:
+                out.append(-float(self.rounds[self.round_id - 1]["base_distance"]))
+            else:
+                r, g = self._made[m.adapter]
+                out.append(-float(self.rounds[r - 1]["distances"][g]))
+        return np.array(out)
+
+
 def _as_contributor(m: Member) -> Any:
     from crowdsft.demo.crowd import Contributor
 
@@ -696,6 +881,19 @@ def _round_data_by_node(store: Any, space: Any, config: Any) -> dict[str, list[d
         if r.seq not in flagged:
             by_node.setdefault(r.node_id, []).extend(payload_examples(r.payload))
     return {n: training_order(v) for n, v in by_node.items()}
+
+
+def _lineage_steps(store: Any) -> int:
+    """The optimizer steps of the lineage the rounds installed: each updated round's winning
+    candidate's, as its training recorded them."""
+    from crowdsft.coordinator.store import queries
+
+    steps = 0
+    for done in queries.finished_rounds(store):
+        if done.updated and done.winner is not None:
+            won = {c.group: c for c in done.candidates}[done.winner]
+            steps += int(won.training["steps"])
+    return steps
 
 
 def _round_line(summary: Any, names: dict[str, str]) -> str:

@@ -187,3 +187,52 @@ def test_the_matched_arm_trains_exactly_the_lineages_steps(steps, n, epochs):
     per_epoch = -(-n // 4)
     assert config.epochs_for(n) * per_epoch >= steps > (config.epochs_for(n) - 1) * per_epoch
     assert experiment._training(0).epochs == "auto" and experiment._training(0).max_steps is None
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment(records):
+    """A crowd experiment on the tiny random model and the trigram embedder (as --quick)."""
+    import dataclasses
+
+    from crowdsft.testing.standin import TrigramEmbedder
+    from crowdsft.testing.tiny import tiny_model
+
+    model, tokenizer = tiny_model()
+    settings = dataclasses.replace(
+        crowd.CrowdSettings(),
+        answers=4,
+        max_new_tokens=8,
+        per_contributor=25,
+        rounds=2,
+        credit_targets=0,
+        consolidate_every=1,
+    )
+    embedder = TrigramEmbedder()
+    return crowd.CrowdExperiment(
+        records, model, tokenizer, embedder, embedder, settings, say=lambda s: None
+    )
+
+
+def test_a_rows_matched_arm_is_recovered_from_its_recorded_rounds(tiny_experiment):
+    """Rows from before the matched arm get it from a replay of their rounds with the
+    recorded scores: the replay gives the steps the row recorded, and the arm the very
+    distance the full row computed."""
+    (row,) = tiny_experiment.run_target_seed("joy", 0, [0.3])
+    assert any(r["updated"] for r in row["rounds"]) and row["lineage_steps"] > 0
+    old = {k: v for k, v in row.items() if k not in ("single_all_matched", "lineage_steps")}
+    got = tiny_experiment.matched_arm(old)
+    assert got["lineage_steps"] == row["lineage_steps"]
+    assert got["single_all_steps"] == row["single_all_steps"]
+    assert got["single_all_matched"] == row["single_all_matched"]  # exactly
+    # a row whose recorded steps the replay does not give is refused
+    with pytest.raises(ValueError, match="lineage steps"):
+        tiny_experiment.replay_lineage(row | {"lineage_steps": row["lineage_steps"] + 1})
+    # a row whose recorded winner is not the candidate its scores make win is refused
+    tampered = json.loads(json.dumps(row))
+    first = tampered["rounds"][0]
+    if first["updated"]:
+        first["distances"] = [first["base_distance"] + 1.0] * len(first["distances"])
+    else:
+        first["distances"] = [first["base_distance"] - 1.0] * len(first["distances"])
+    with pytest.raises(ValueError, match="round 1: replayed"):
+        tiny_experiment.replay_lineage(tampered)
