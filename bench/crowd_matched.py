@@ -12,8 +12,12 @@ every score from the row (``crowd.Replayed``), checks that the replayed rounds m
 recorded decisions (each group's bad members, winners, updates), counts the steps the
 installed candidates would train, and then runs the arm itself: the same fine-tune, from the
 same derived seeds, that a rerun of the whole row would make. Each result is appended to
-``--out`` as it finishes (``--out`` is also the resume file); ``bench/crowd_table.py`` and the
-experiment's means take the arm from there for the rows that lack it.
+``--out`` as it finishes (``--out`` is also the resume file), with the row's tournament
+distance to tell which run of the row it belongs to; ``bench/crowd_table.py`` and the
+experiment's means take the arm from there for the rows that lack it. The replay also checks
+each rule's mean points of honest and bad contributors against the row's (they pin who was
+in which group) and replays the row's judging error (the paper's 0.05 for rows that do not
+record it).
 
 ``--check N``: first do the same for up to N rows that do record the arm, and stop with an
 error unless the replay gives their recorded steps and the arm their recorded distance
@@ -61,21 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     mine = [r for r in rows if r.get("run_key") == key]
     if len(mine) < len(rows):
         print(f"skipping {len(rows) - len(mine)} row(s) of other settings (run_key != {key})")
+
+    def ident(r: dict) -> tuple:  # a row, and which run of it (a rerun ends elsewhere)
+        return (r["target"], r["seed"], r["bad_fraction"], r["run_key"], r["tournament"])
+
     done = set()
     if args.out.exists():
         for line in args.out.read_text(encoding="utf-8").splitlines():
             if line.strip():
-                r = json.loads(line)
-                if r.get("run_key") == key:
-                    done.add((r["target"], r["seed"], r["bad_fraction"]))
-    todo = [
-        r
-        for r in mine
-        if "single_all_matched" not in r and (r["target"], r["seed"], r["bad_fraction"]) not in done
-    ]
+                done.add(ident(json.loads(line)))
+    todo = [r for r in mine if "single_all_matched" not in r and ident(r) not in done]
     if args.limit is not None:
         todo = todo[: args.limit]
-    checks = [r for r in mine if r.get("single_all_matched") is not None][: args.check]
+    checks = [
+        r for r in mine if r.get("single_all_matched") is not None and not r.get("matched_replayed")
+    ][: args.check]
+    elsewhere = {r.get("device") for r in todo + checks} - {str(dev)}
+    if elsewhere:
+        print(
+            f"note: rows computed on {sorted(elsewhere)}, this runs on {dev}: the arm's "
+            "figures may differ in the last digits from a rerun there"
+        )
     print(f"{len(todo)} row(s) to give the arm, {len(checks)} recorded one(s) to reproduce first")
     if not todo and not checks:
         return 0
@@ -112,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     started = time.monotonic()
     for i, r in enumerate(todo, 1):
-        got = experiment.matched_arm(r) | {"run_key": key, "replayed": True}
+        got = experiment.matched_arm(r) | {
+            "run_key": key,
+            "tournament": r["tournament"],  # which run of the row the arm belongs to
+            "device": str(dev),
+            "replayed": True,
+        }
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(got) + "\n")
         m = got["single_all_matched"]

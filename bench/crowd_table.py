@@ -33,8 +33,8 @@ ARM = ("single_all_matched", "lineage_steps", "single_all_steps")
 def rows_of(paths: list[Path]) -> list[dict]:
     """The rows of ``paths``, each (target, seed, fraction) once; a file of
     ``bench/crowd_matched.py`` (lines marked ``replayed``) gives its matched-steps arm to the
-    row of the same key and settings that lacks it (and the row is marked
-    ``matched_replayed``)."""
+    row of the same key, settings and tournament distance (the same run of the row) that
+    lacks it, and the row is marked ``matched_replayed``."""
     seen: dict[tuple[str, int, float], dict] = {}
     replayed: dict[tuple[str, int, float, str], dict] = {}
     for path in paths:
@@ -50,7 +50,11 @@ def rows_of(paths: list[Path]) -> list[dict]:
                     seen.setdefault(key, row)
     for key, row in seen.items():
         arm = replayed.get((*key, row.get("run_key", "")))
-        if "single_all_matched" not in row and arm is not None:
+        if (
+            "single_all_matched" not in row
+            and arm is not None
+            and arm.get("tournament") == row["tournament"]  # the same run of the row
+        ):
             row.update({k: arm[k] for k in ARM}, matched_replayed=True)
     return [seen[k] for k in sorted(seen)]
 

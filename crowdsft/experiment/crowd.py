@@ -380,12 +380,16 @@ class CrowdExperiment:
 
     @contextlib.contextmanager
     def _crowd_coordinator(
-        self, target: str, seed: int, members: list[Member]
+        self,
+        target: str,
+        seed: int,
+        members: list[Member],
+        rounds: dict[str, Any] | None = None,
     ) -> Iterator[CrowdCoordinator]:
-        """A fresh coordinator (the experiment's settings, the product's defaults otherwise)
-        in a temporary folder, with every member's comments signed by its seeded key and
-        submitted (or, ``via_grpc``, by node processes), and the model space its rounds
-        train and score in."""
+        """A fresh coordinator (the experiment's settings, the product's defaults otherwise,
+        ``rounds`` over both) in a temporary folder, with every member's comments signed by
+        its seeded key and submitted (or, ``via_grpc``, by node processes), and the model
+        space its rounds train and score in."""
         from crowdsft.config import load_coordinator_config, update_config_file
         from crowdsft.coordinator.server.app import Coordinator
         from crowdsft.coordinator.server.scaffold import init_coordinator
@@ -399,7 +403,9 @@ class CrowdExperiment:
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp:
             root = Path(tmp)
             config_path = init_coordinator(root / "coordinator", listen="127.0.0.1:0", force=True)
-            update_config_file(config_path, s.coordinator(derived_seed(*tag, "rounds")))
+            values = s.coordinator(derived_seed(*tag, "rounds"))
+            values["rounds"].update(rounds or {})
+            update_config_file(config_path, values)
             pool = self.data.pool(target)
             target_rows = [{"prompt": PROMPT, "response": p.text} for p in pool]
             (config_path.parent / "target.jsonl").write_text(
@@ -464,16 +470,32 @@ class CrowdExperiment:
         crowd submitted to a fresh coordinator of the same settings, its rounds run by the
         product's ``RoundRunner`` with each model's score taken from the row (``Replayed``),
         each candidate's steps counted as training would make them. Returns them with the
-        data single-all trains on. Raises ``ValueError`` where the replayed rounds differ
-        from the recorded ones in anything the row shows (groups' bad members, winners,
-        updates, swaps), or where the row records steps that the replay does not give."""
+        data single-all trains on. The row's judging error is replayed too (rows from before
+        it was recorded ran under the paper's 0.05; a swap draws from a stream of its own).
+        Raises ``ValueError`` where the row was decided under other rules, or the replay
+        differs from the row in anything the row shows: the number of examples, each round's
+        candidates, groups' bad members, winner, update and swap, each rule's mean points of
+        honest and bad contributors (which pin who was in which group and how the groups
+        ranked), or the steps the row records."""
         from crowdsft.coordinator.rounds.runner import NotEnoughContributors, RoundRunner
+        from crowdsft.coordinator.store.chain import ledger_entries
+        from crowdsft.plugins.manager import get_plugins
 
         target, seed, fraction = row["target"], int(row["seed"]), float(row["bad_fraction"])
         members = self._members(target, seed, fraction)
         recorded = row["rounds"]
         where = f"{target} seed {seed} at {fraction:.0%} bad"
-        with self._crowd_coordinator(target, seed, members) as crowd:
+        judging_error = float(row.get("judging_error", 0.05))
+        with self._crowd_coordinator(
+            target, seed, members, {"judging_error": judging_error}
+        ) as crowd:
+            rules = crowd.config.rounds
+            for name, ran, now in (
+                ("reward", row.get("reward"), rules.reward),
+                ("consolidate_every", row.get("consolidate_every"), rules.consolidate_every),
+            ):
+                if ran is not None and ran != now:
+                    raise ValueError(f"{where}: the row ran with {name} {ran!r}, not {now!r}")
             by_node = _round_data_by_node(crowd.coord.store, crowd.space, crowd.config)
             everything = [ex for n in sorted(by_node) for ex in by_node[n]]
             if len(everything) != row["examples"]:
@@ -498,11 +520,31 @@ class CrowdExperiment:
                     else sm.winner,
                     "bad_per_group": [sum(1 for n in g if n in bad) for g in sm.groups],
                     "swapped": sm.swapped,
+                    "candidates": len(sm.scores),
                 }
                 want = {key: rec.get(key, got[key]) for key in got}
+                want["candidates"] = len(rec["distances"])
                 if got != want:
                     raise ValueError(f"{where}, round {k + 1}: replayed {got}, recorded {want}")
             steps = _lineage_steps(crowd.coord.store)
+            records = [json.loads(x.record) for x in ledger_entries(crowd.coord.store)]
+            by_rule = points_by_rule(records, {}, get_plugins())
+            honest = crowd.honest
+        for rule, pts in by_rule.items():
+            kept = (row.get("points") or {}).get(rule)
+            if pts is None or kept is None:
+                continue  # credit: the replay trains nothing, so it has no in-run credit
+            means = [statistics.fmean(pts.get(n, 1.0) for n in honest)]
+            kept_means = [kept["honest"]]
+            if bad:
+                means.append(statistics.fmean(pts.get(n, 1.0) for n in bad))
+                kept_means.append(kept["bad"])
+            # (the order of a set's members, and so the last bit of a mean, varies by process)
+            if not np.allclose(means, kept_means, rtol=1e-9, atol=0.0):
+                raise ValueError(
+                    f"{where}: the replayed {rule} points (honest, bad means {means}) differ "
+                    f"from the row's {kept_means}"
+                )
         if row.get("lineage_steps") is not None and row["lineage_steps"] != steps:
             raise ValueError(
                 f"{where}: the replay gives {steps} lineage steps, the row records "
@@ -836,6 +878,8 @@ class Replayed:
         digest = hashlib.sha256(f"replayed/{self.round_id}/{group}".encode()).hexdigest()
         self._made[digest] = (self.round_id, group)
         steps = job.training.epochs_for(n) * -(-n // job.training.batch_size)
+        if job.training.max_steps is not None:  # as ``lora.fit`` counts them
+            steps = min(steps, job.training.max_steps)
         self._info[digest] = {"steps": steps, "examples": n, "seed": job.training.seed}
         return Candidate(base.lineage, digest)
 

@@ -236,3 +236,63 @@ def test_a_rows_matched_arm_is_recovered_from_its_recorded_rounds(tiny_experimen
         first["distances"] = [first["base_distance"] - 1.0] * len(first["distances"])
     with pytest.raises(ValueError, match="round 1: replayed"):
         tiny_experiment.replay_lineage(tampered)
+    # points that the replayed groups and rankings do not give (other members) are refused
+    other = json.loads(json.dumps(row))
+    other["points"]["rank"]["honest"] += 0.5
+    with pytest.raises(ValueError, match="rank points"):
+        tiny_experiment.replay_lineage(other)
+    # and so is a row decided under another reward rule
+    with pytest.raises(ValueError, match="reward"):
+        tiny_experiment.replay_lineage(row | {"reward": "regression"})
+
+
+def test_the_replayed_space_counts_steps_and_gives_each_candidate_its_recorded_score():
+    """``Replayed`` maps the k-th candidate proposed in round r to the row's r-th round's
+    k-th distance (the consolidated one last), the starting model to the round's base
+    distance, and counts steps as training does: the epoch rule over the job's examples, in
+    batches, capped at ``max_steps``."""
+    from types import SimpleNamespace
+
+    from crowdsft.config import TrainingConfig
+    from crowdsft.coordinator.training.space import Candidate
+
+    class Inner:
+        def __init__(self, training):
+            self.training = training
+
+        def set_data(self, data):
+            self.data = data
+
+        def job(self, members, weights, rng):
+            examples = [ex for m in members for ex in self.data[int(m)]]
+            return SimpleNamespace(examples=examples, training=self.training)
+
+    rounds = [
+        {"base_distance": 1.0, "distances": [0.9, 0.7, 0.8, 0.6]},
+        {"base_distance": 0.6, "distances": [0.65, 0.61]},
+    ]
+    one = [{"prompt": "p", "response": "r"}]
+    space = crowd.Replayed(Inner(TrainingConfig(epochs="auto", batch_size=4)), rounds)
+    space.set_data([one * 10, one * 10, one * 25, one * 7])
+    assert space.n_contributors == 4
+    space.begin_round(1)
+    base = Candidate(("a",))
+    made = [
+        space.propose(base, np.array(m), np.ones(len(m)), None)
+        for m in ([0], [1, 2], [3], [0, 1, 2, 3])
+    ]
+    # 10 examples: 10 epochs (the rule's min(25, 100 // n) below 34) of 3 batches; 35: 3 x 9;
+    # 7: 14 x 2; 52: 3 x 13
+    assert [space.training_info(c.adapter)["steps"] for c in made] == [30, 27, 28, 39]
+    assert all(c.chain == base.lineage for c in made)
+    assert list(space.score([base, *made])) == [-1.0, -0.9, -0.7, -0.8, -0.6]
+    space.begin_round(2)
+    later = [space.propose(base, np.array([3]), np.ones(1), None) for _ in range(2)]
+    assert list(space.score([Candidate(("b",)), *later, made[1]])) == [-0.6, -0.65, -0.61, -0.7]
+    capped = crowd.Replayed(Inner(TrainingConfig(epochs="auto", batch_size=4, max_steps=5)), rounds)
+    capped.set_data([one * 10])
+    capped.begin_round(1)
+    c = capped.propose(base, np.array([0]), np.ones(1), None)
+    assert capped.training_info(c.adapter)["steps"] == 5
+    with pytest.raises(ValueError, match="not among"):
+        capped.begin_round(3)
