@@ -465,12 +465,13 @@ class CrowdExperiment:
 
     # -- the matched arm for rows computed before it ------------------------------------------
 
-    def replay_lineage(self, row: dict[str, Any]) -> tuple[int, list[dict[str, str]]]:
-        """The tournament's lineage steps for a recorded ``row`` without training: the same
+    def replay(self, row: dict[str, Any]) -> RowReplay:
+        """A recorded ``row``'s rounds again without training: the same
         crowd submitted to a fresh coordinator of the same settings, its rounds run by the
         product's ``RoundRunner`` with each model's score taken from the row (``Replayed``),
-        each candidate's steps counted as training would make them. Returns them with the
-        data single-all trains on. The row's judging error is replayed too (rows from before
+        each candidate's steps counted as training would make them. Returns the steps of the
+        lineage it installs, the data single-all trains on, the ledger records and who is
+        honest and who bad. The row's judging error is replayed too (rows from before
         it was recorded ran under the paper's 0.05; a swap draws from a stream of its own).
         Raises ``ValueError`` where the row was decided under other rules, or the replay
         differs from the row in anything the row shows: the number of examples, each round's
@@ -550,16 +551,17 @@ class CrowdExperiment:
                 f"{where}: the replay gives {steps} lineage steps, the row records "
                 f"{row['lineage_steps']}"
             )
-        return steps, everything
+        return RowReplay(steps, everything, records, set(honest), set(bad))
 
     def matched_arm(self, row: dict[str, Any]) -> dict[str, Any]:
         """``single_all_matched`` for a row computed before the arm existed: the lineage's
-        steps from ``replay_lineage``, then the very fine-tune and report the full row runs
+        steps from ``replay``, then the very fine-tune and report the full row runs
         (the same derived seeds, from the untouched base), so that the figure is the one a
         rerun of the row would give."""
         target, seed, fraction = row["target"], int(row["seed"]), float(row["bad_fraction"])
         started = time.monotonic()
-        steps, everything = self.replay_lineage(row)
+        replayed = self.replay(row)
+        steps, everything = replayed.lineage_steps, replayed.everything
         pool = self.data.pool(target)
         goal = np.asarray(self.embedder.embed([p.text for p in pool])).mean(axis=0)
         matched = None
@@ -840,6 +842,19 @@ class CrowdCoordinator:
     names: dict[str, str]
     honest: set[str]
     space: Any
+
+
+@dataclass
+class RowReplay:
+    """What ``CrowdExperiment.replay`` recovers of a recorded row: the lineage's optimizer
+    steps, the data single-all trains on, the ledger records of the rounds, and the honest
+    and bad contributors' node ids."""
+
+    lineage_steps: int
+    everything: list[dict[str, str]]
+    records: list[dict[str, Any]]
+    honest: set[str]
+    bad: set[str]
 
 
 class Replayed:

@@ -226,7 +226,7 @@ def test_a_rows_matched_arm_is_recovered_from_its_recorded_rounds(tiny_experimen
     assert got["single_all_matched"] == row["single_all_matched"]  # exactly
     # a row whose recorded steps the replay does not give is refused
     with pytest.raises(ValueError, match="lineage steps"):
-        tiny_experiment.replay_lineage(row | {"lineage_steps": row["lineage_steps"] + 1})
+        tiny_experiment.replay(row | {"lineage_steps": row["lineage_steps"] + 1})
     # a row whose recorded winner is not the candidate its scores make win is refused
     tampered = json.loads(json.dumps(row))
     first = tampered["rounds"][0]
@@ -235,15 +235,15 @@ def test_a_rows_matched_arm_is_recovered_from_its_recorded_rounds(tiny_experimen
     else:
         first["distances"] = [first["base_distance"] - 1.0] * len(first["distances"])
     with pytest.raises(ValueError, match="round 1: replayed"):
-        tiny_experiment.replay_lineage(tampered)
+        tiny_experiment.replay(tampered)
     # points that the replayed groups and rankings do not give (other members) are refused
     other = json.loads(json.dumps(row))
     other["points"]["rank"]["honest"] += 0.5
     with pytest.raises(ValueError, match="rank points"):
-        tiny_experiment.replay_lineage(other)
+        tiny_experiment.replay(other)
     # and so is a row decided under another reward rule
     with pytest.raises(ValueError, match="reward"):
-        tiny_experiment.replay_lineage(row | {"reward": "regression"})
+        tiny_experiment.replay(row | {"reward": "regression"})
 
 
 def test_the_replayed_space_counts_steps_and_gives_each_candidate_its_recorded_score():
