@@ -21,7 +21,10 @@ For each target emotion of the paper's data and each seed:
   ``single_all_matched``: one fine-tune on everything with as many optimizer steps as the
   tournament's lineage made in all (the steps of each round's winner, summed), so that
   selection can be told from training longer (a lineage of up to ``rounds`` fine-tunes, a
-  round the consolidated candidate wins training on everything again).
+  round the consolidated candidate wins training on everything again). Rows computed before
+  this arm get it from ``CrowdExperiment.matched_arm``: their recorded rounds replayed
+  through the round engine without training (``Replayed``), which gives the lineage's steps,
+  then the same fine-tune (``bench/crowd_matched.py``).
 - **held out**: rounds choose on ``answers`` sampled answers per candidate (the evaluation
   seed); every reported distance comes from ``answers`` other answers, sampled with seeds no
   choice used. The reported distance is the paper's: the mean L2 distance of the answers'
