@@ -47,11 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many new rows")
     args = ap.parse_args(argv)
 
-    from crowdsft.coordinator.training import lora as llm
     from crowdsft.experiment import data as paper
-    from crowdsft.experiment.crowd import CrowdExperiment, CrowdSettings, run_key
+    from crowdsft.experiment.crowd import CrowdExperiment, CrowdSettings, load_models, run_key
     from crowdsft.experiment.paper_llm import device_and_precision
-    from crowdsft.plugins.manager import get_plugins
 
     sys.path.insert(0, str(ROOT / "bench"))
     from crowd_table import rows_of
@@ -91,14 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(f"loading smollm2 on {dev} ({precision}) and the embedders", flush=True)
-    model, tokenizer = llm.load_base_model("smollm2", dev, dtype)
-    plugins = get_plugins()
     experiment = CrowdExperiment(
         records,
-        model,
-        tokenizer,
-        plugins.create("embedder", "goemotions", device=str(dev)),
-        plugins.create("embedder", "minilm", device=str(dev)),
+        *load_models("smollm2", dev, dtype),
         settings,
         say=lambda s: None,
     )

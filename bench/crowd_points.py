@@ -69,11 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "paper-llm")
     args = ap.parse_args(argv)
 
-    from crowdsft.coordinator.training import lora as llm
     from crowdsft.experiment import data as paper
-    from crowdsft.experiment.crowd import CrowdExperiment, CrowdSettings, auc
+    from crowdsft.experiment.crowd import CrowdExperiment, CrowdSettings, auc, load_models
     from crowdsft.experiment.paper_llm import device_and_precision
-    from crowdsft.plugins.manager import get_plugins
 
     rows = []
     for path in args.rows:
@@ -84,14 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     records = paper.load(args.data)
     dev, dtype = device_and_precision("auto", "auto")
-    model, tokenizer = llm.load_base_model("smollm2", dev, dtype)
-    plugins = get_plugins()
     experiment = CrowdExperiment(
         records,
-        model,
-        tokenizer,
-        plugins.create("embedder", "goemotions", device=str(dev)),
-        plugins.create("embedder", "minilm", device=str(dev)),
+        *load_models("smollm2", dev, dtype),
         CrowdSettings(),
         say=lambda s: None,
     )

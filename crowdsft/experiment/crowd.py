@@ -381,6 +381,32 @@ class CrowdExperiment:
         fit = llm.fit(self.model, self.tokenizer, examples, None, config)
         return self._reported(fit.adapter, report_seed, goal)
 
+    def _steps(self, n: int) -> int:
+        """The optimizer steps of one fine-tune on ``n`` examples (the paper's epoch rule)."""
+        return self._training(0).epochs_for(n) * -(-n // self.settings.batch_size)
+
+    def _matched(
+        self,
+        target: str,
+        seed: int,
+        fraction: float,
+        everything: list[dict[str, str]],
+        steps: int,
+        goal: np.ndarray,
+    ) -> float | None:
+        """``single_all_matched``: single-all trained for exactly ``steps`` optimizer steps,
+        from its own seeds (None when no round updated the model: no steps)."""
+        if steps <= 0:
+            return None
+        tag = (target, seed)
+        return self._single(
+            everything,
+            derived_seed(*tag, "single-all-matched", fraction),
+            derived_seed(*tag, "report", "single-all-matched", fraction),
+            goal,
+            steps=steps,
+        )
+
     @contextlib.contextmanager
     def _crowd_coordinator(
         self,
@@ -567,25 +593,15 @@ class CrowdExperiment:
         steps, everything = replayed.lineage_steps, replayed.everything
         pool = self.data.pool(target)
         goal = np.asarray(self.embedder.embed([p.text for p in pool])).mean(axis=0)
-        matched = None
-        if steps > 0:
-            tag = (target, seed)
-            matched = self._single(
-                everything,
-                derived_seed(*tag, "single-all-matched", fraction),
-                derived_seed(*tag, "report", "single-all-matched", fraction),
-                goal,
-                steps=steps,
-            )
-            self._reset()
+        matched = self._matched(target, seed, fraction, everything, steps, goal)
+        self._reset()
         return {
             "target": target,
             "seed": seed,
             "bad_fraction": fraction,
             "single_all_matched": matched,
             "lineage_steps": steps,
-            "single_all_steps": self._training(0).epochs_for(len(everything))
-            * -(-len(everything) // self.settings.batch_size),
+            "single_all_steps": self._steps(len(everything)),
             "seconds": round(time.monotonic() - started, 1),
         }
 
@@ -698,9 +714,7 @@ class CrowdExperiment:
                     goal,
                 )
                 all_stats = self.last_stats
-            all_steps = self._training(0).epochs_for(len(everything)) * -(
-                -len(everything) // s.batch_size
-            )
+            all_steps = self._steps(len(everything))
             self.say(
                 f"  {fraction:.0%} bad: single-all ({len(everything)} comments): {single_all:.4f}"
             )
@@ -734,15 +748,8 @@ class CrowdExperiment:
                 verified = _verify_nodes(
                     [_as_contributor(m) for m in members], coord.address, crowd.root
                 )
-        matched = None
-        if lineage_steps > 0:
-            matched = self._single(
-                everything,
-                derived_seed(*tag, "single-all-matched", fraction),
-                derived_seed(*tag, "report", "single-all-matched", fraction),
-                goal,
-                steps=lineage_steps,
-            )
+        matched = self._matched(target, seed, fraction, everything, lineage_steps, goal)
+        if matched is not None:
             self.say(
                 f"  {fraction:.0%} bad: single-all with the lineage's {lineage_steps} steps: "
                 f"{matched:.4f}"
@@ -1070,6 +1077,22 @@ def summarise(rows: list[dict[str, Any]], fractions: Sequence[float]) -> dict[st
     return out
 
 
+def load_models(model_spec: str, device: Any, dtype: Any) -> tuple[Any, Any, Any, Any]:
+    """The experiment's model and tokenizer, its embedder (``goemotions``: distances) and
+    the near-duplicate check's (``minilm``), on ``device``."""
+    from crowdsft.coordinator.training import lora as llm
+    from crowdsft.plugins.manager import get_plugins
+
+    model, tokenizer = llm.load_base_model(model_spec, device, dtype)
+    plugins = get_plugins()
+    return (
+        model,
+        tokenizer,
+        plugins.create("embedder", "goemotions", device=str(device)),
+        plugins.create("embedder", "minilm", device=str(device)),
+    )
+
+
 def run(
     data: PaperData,
     targets: list[str],
@@ -1086,9 +1109,7 @@ def run(
     via_grpc: bool = False,
 ) -> dict[str, Any]:
     """Load the model and the embedders once, run every target, seed and fraction."""
-    from crowdsft.coordinator.training import lora as llm
     from crowdsft.experiment.paper_llm import device_and_precision
-    from crowdsft.plugins.manager import get_plugins
 
     started = time.monotonic()
     done = done or {}
@@ -1099,23 +1120,17 @@ def run(
     rows: list[dict[str, Any]] = []
     missing = [(t, s) for t, s in wanted if any((t, s, f) not in done for f in fractions)]
     if missing:
-        if quick:
+        if quick:  # a tiny model and no embedding model either: a machinery check
+            from crowdsft.testing.standin import TrigramEmbedder
             from crowdsft.testing.tiny import tiny_model
 
             model, tokenizer = tiny_model()
             model = model.to(dev, torch_dtype)
             model_spec = "tiny random Llama (--quick)"
-        else:
-            say(f"loading {model_spec} on {dev} ({precision}) and the embedders")
-            model, tokenizer = llm.load_base_model(model_spec, dev, torch_dtype)
-        if quick:  # no embedding model either: a machinery check
-            from crowdsft.testing.standin import TrigramEmbedder
-
             embedder = copy_embedder = TrigramEmbedder()
         else:
-            plugins = get_plugins()
-            embedder = plugins.create("embedder", "goemotions", device=str(dev))
-            copy_embedder = plugins.create("embedder", "minilm", device=str(dev))
+            say(f"loading {model_spec} on {dev} ({precision}) and the embedders")
+            model, tokenizer, embedder, copy_embedder = load_models(model_spec, dev, torch_dtype)
         experiment = CrowdExperiment(
             data, model, tokenizer, embedder, copy_embedder, settings, say, via_grpc
         )
