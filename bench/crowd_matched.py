@@ -1,7 +1,8 @@
 """The crowd experiment's matched-steps arm for rows computed before it existed.
 
-    python bench/crowd_matched.py bench/results/crowd.jsonl bench/results/crowd-seed1.jsonl \
-        --out bench/results/crowd-matched.jsonl
+    python bench/crowd_matched.py bench/results/crowd.jsonl --out bench/results/crowd-matched.jsonl
+
+(several row files may be given: the rows of workers that ran different seeds).
 
 ``single_all_matched`` (one fine-tune on everything with as many optimizer steps as the
 tournament's lineage made) came in at commit 416e39f; the rows before it lack it. It needs

@@ -1,6 +1,6 @@
 """Print the crowd experiment's rows so far as a Markdown table (docs/results.md).
 
-    python bench/crowd_table.py bench/results/crowd.jsonl bench/results/crowd-seed1.jsonl
+    python bench/crowd_table.py bench/results/crowd.jsonl
 
 Reads the rows that ``crowdsft experiment crowd --out FILE`` appends (several files: the
 rows of workers that ran different seeds), one line per (target, seed, bad fraction), in
@@ -11,8 +11,7 @@ tournament's lineage made (its steps against single-all's in brackets); rows fro
 that arm show "–", or, given the file of ``bench/crowd_matched.py`` (which recovers the arm
 for them from their recorded rounds), its figure marked with an asterisk:
 
-    python bench/crowd_table.py bench/results/crowd.jsonl bench/results/crowd-seed1.jsonl \
-        bench/results/crowd-matched.jsonl
+    python bench/crowd_table.py bench/results/crowd.jsonl bench/results/crowd-matched.jsonl
 
 Rows computed before ``rounds.judging_error`` defaulted to 0 (commit a5c5bf3) ran under the
 paper's simulated 0.05 and do not record it; for each of them the script recomputes the
